@@ -1,0 +1,85 @@
+"""Typed configuration of one MoE layer, validated when it is made.
+
+Every error names the field and the offending value, so a bad argument fails at construction
+time, not deep inside a forward pass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Optional
+
+ROUTERS = ("token_choice", "expert_choice")
+DROP_POLICIES = ("position", "score")
+NOISE_POLICIES = (None, "jitter", "gaussian")
+ACTIVATIONS = ("gelu", "relu", "swiglu")
+KERNELS = ("auto", "torch", "triton")
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+@dataclass
+class MoEConfig:
+    """Hyper-parameters of :class:`moesaic.MoE` (see the layer's docstring for their meaning)."""
+
+    d_model: int
+    d_ff: int
+    num_experts: int
+    top_k: int = 1
+    capacity_factor: float = 1.25
+    eval_capacity_factor: float = 2.0
+    min_capacity: int = 4
+    drop_tokens: bool = True
+    drop_policy: str = "position"
+    router: str = "token_choice"
+    noise_policy: Optional[str] = None
+    normalize_weights: Optional[bool] = None
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.0
+    activation: str = "gelu"
+    bias: bool = True
+    residual: bool = False
+    dropout: float = 0.0
+    kernels: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "d_ff", "num_experts"):
+            v = getattr(self, name)
+            _require(_is_int(v) and v >= 1, f"{name} must be a positive int, got {v!r}")
+        _require(_is_int(self.top_k) and 1 <= self.top_k <= self.num_experts,
+                 f"top_k must be in [1, num_experts={self.num_experts}], got {self.top_k!r}")
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            v = getattr(self, name)
+            _require(_is_number(v) and v > 0, f"{name} must be > 0, got {v!r}")
+        _require(_is_int(self.min_capacity) and self.min_capacity >= 0,
+                 f"min_capacity must be an int >= 0, got {self.min_capacity!r}")
+        _require(self.drop_policy in DROP_POLICIES,
+                 f"drop_policy must be one of {DROP_POLICIES}, got {self.drop_policy!r}")
+        _require(self.router in ROUTERS, f"router must be one of {ROUTERS}, got {self.router!r}")
+        _require(self.noise_policy in NOISE_POLICIES,
+                 f"noise_policy must be one of {NOISE_POLICIES}, got {self.noise_policy!r}")
+        _require(self.activation in ACTIVATIONS,
+                 f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        _require(self.kernels in KERNELS, f"kernels must be one of {KERNELS}, got {self.kernels!r}")
+        for name in ("aux_loss_coef", "z_loss_coef"):
+            v = getattr(self, name)
+            _require(_is_number(v) and v >= 0, f"{name} must be >= 0, got {v!r}")
+        _require(_is_number(self.dropout) and 0 <= self.dropout < 1,
+                 f"dropout must be in [0, 1), got {self.dropout!r}")
+        _require(self.normalize_weights in (None, True, False),
+                 f"normalize_weights must be None, True or False, got {self.normalize_weights!r}")
+        if self.normalize_weights is None:
+            self.normalize_weights = self.top_k >= 2
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}

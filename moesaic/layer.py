@@ -1,0 +1,136 @@
+"""The MoE layer: router + dispatcher + experts (+ the PR-MoE dense residual).
+
+No collectives here: the dispatcher object (local by default, all-to-all after
+``moesaic.parallelize``) moves rows between ranks, so ep_size 1 and ep_size N share this code.
+
+Legend: T tokens, D model dim, F ffn dim, E experts, K top-k, N rows of the expert-major buffer.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import routing
+from .config import MoEConfig
+from .dispatch import LocalDispatcher
+from .experts import Experts, _act
+from .ops import select_ops
+from .parallel.layout import expert_layout, next_layer_seed
+
+
+class DenseMLP(nn.Module):
+    """D -> F -> D feed-forward with the experts' activation (the PR-MoE residual branch)."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str = "gelu", bias: bool = True):
+        super().__init__()
+        self.activation = activation
+        gated = activation == "swiglu"
+        self.fc1 = nn.Linear(d_model, d_ff, bias=bias and not gated)
+        self.fc3 = nn.Linear(d_model, d_ff, bias=False) if gated else None
+        self.fc2 = nn.Linear(d_ff, d_model, bias=bias and not gated)
+
+    def forward(self, x: Tensor) -> Tensor:
+        u = self.fc3(x) if self.fc3 is not None else None
+        return self.fc2(_act(self.activation, self.fc1(x), u))
+
+
+class MoE(nn.Module):
+    """Mixture-of-Experts feed-forward: ``y, aux_loss = layer(x)`` for x of shape [..., d_model].
+
+    Token choice sends each token to its ``top_k`` most probable experts; each expert keeps at
+    most C = max(min_capacity, ceil(cf * top_k * T / E)) assignments (cf = capacity_factor in
+    training, eval_capacity_factor in eval), ranked choice-major and then by token position
+    (``drop_policy="position"``) or by the token's top-1 probability (``"score"``);
+    ``drop_tokens=False`` keeps every assignment. Expert choice lets each expert take its
+    ceil(cf * T / E) highest-probability tokens. ``aux_loss = aux_loss_coef * balance +
+    z_loss_coef * z``. With ``residual=True`` (PR-MoE) the output is
+    ``moe(x) * c0 + mlp(x) * c1`` with ``c = softmax(residual_coef(x))`` per token.
+
+    After each forward, ``layer.last_stats`` holds the :class:`~moesaic.routing.RoutingStats`.
+    """
+
+    def __init__(self, d_model: int, d_ff: int, num_experts: int, top_k: int = 1,
+                 capacity_factor: float = 1.25, eval_capacity_factor: float = 2.0,
+                 min_capacity: int = 4, drop_tokens: bool = True, drop_policy: str = "position",
+                 router: str = "token_choice", noise_policy: Optional[str] = None,
+                 normalize_weights: Optional[bool] = None, aux_loss_coef: float = 0.01,
+                 z_loss_coef: float = 0.0, activation: str = "gelu", bias: bool = True,
+                 residual: bool = False, dropout: float = 0.0, kernels: str = "auto"):
+        super().__init__()
+        cfg = MoEConfig(d_model, d_ff, num_experts, top_k, capacity_factor, eval_capacity_factor,
+                        min_capacity, drop_tokens, drop_policy, router, noise_policy,
+                        normalize_weights, aux_loss_coef, z_loss_coef, activation, bias, residual,
+                        dropout, kernels)
+        self.config = cfg
+        self.layout = expert_layout(num_experts)
+        self.router = routing.Router(d_model, num_experts, noise_policy)
+        self.experts = Experts(d_model, d_ff, self.layout.global_ids, activation, bias,
+                               layer_seed=next_layer_seed())
+        self.dispatcher = LocalDispatcher()
+        self.residual = DenseMLP(d_model, d_ff, activation, bias) if residual else None
+        self.residual_coef = nn.Linear(d_model, 2) if residual else None
+        self.dropout = nn.Dropout(dropout)
+        self.last_stats: Optional[routing.RoutingStats] = None
+
+    @classmethod
+    def from_config(cls, cfg: MoEConfig) -> "MoE":
+        return cls(**cfg.as_dict())
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"d_model={c.d_model}, d_ff={c.d_ff}, num_experts={c.num_experts}, "
+                f"top_k={c.top_k}, router={c.router}, drop_tokens={c.drop_tokens}, "
+                f"ep_size={self.layout.ep_size}")
+
+    def _route(self, logits_TE: Tensor, ops):
+        c = self.config
+        T, E = logits_TE.shape
+        cf = c.capacity_factor if self.training else c.eval_capacity_factor
+        if c.router == "expert_choice":
+            capacity = routing.expert_choice_capacity(T, E, cf)
+            plan, probs_TE = routing.expert_choice(logits_TE, capacity)
+            counts_E = plan.counts_E
+            balance = logits_TE.new_zeros(())
+        else:
+            capacity = None
+            if c.drop_tokens:
+                capacity = routing.token_choice_capacity(T, E, c.top_k, cf, c.min_capacity)
+            plan, probs_TE, counts_E = ops.token_choice(
+                logits_TE, c.top_k, capacity, c.drop_policy, c.normalize_weights)
+            balance = routing.balance_loss(probs_TE, counts_E)
+        z = routing.z_loss(logits_TE)
+        aux_loss = c.aux_loss_coef * balance + c.z_loss_coef * z
+        kept = plan.counts_E.sum()
+        self.last_stats = routing.RoutingStats(
+            tokens_per_expert=counts_E.detach(), tokens_per_expert_kept=plan.counts_E.detach(),
+            dropped_fraction=(1 - kept / counts_E.sum().clamp(min=1)).detach(),
+            router_entropy=routing.router_entropy(logits_TE.detach()),
+            balance_loss=balance.detach(), z_loss=z.detach())
+        return plan, aux_loss
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        c = self.config
+        if x.shape[-1] != c.d_model:
+            raise ValueError(f"input's last dim must be d_model={c.d_model}, got shape {tuple(x.shape)}")
+        ops = select_ops(c.kernels, x.device)
+        x_TD = x.reshape(-1, c.d_model)
+        plan, aux_loss = self._route(self.router(x_TD), ops)
+        compute_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(
+            x.device.type) else x.dtype
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            xc_TD = x_TD.to(compute_dtype)
+            x_ND, counts_E, handle = self.dispatcher.dispatch(xc_TD, plan, ops)
+            y_ND = self.experts(x_ND, counts_E)
+            y_TD = self.dispatcher.combine(y_ND, plan, handle, ops)
+        if self.residual is not None:
+            coef_T2 = F.softmax(self.residual_coef(x_TD), dim=-1)
+            y_TD = y_TD * coef_T2[:, :1] + self.residual(x_TD) * coef_T2[:, 1:]
+        y = self.dropout(y_TD).to(x.dtype).reshape(x.shape)
+        return y, aux_loss
+
+
+MoeModule = MoE

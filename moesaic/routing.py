@@ -1,0 +1,196 @@
+"""Routers: token choice (top-k with capacity and drop policies) and expert choice.
+
+A router turns float32 logits into a :class:`RoutingPlan`: the kept assignments laid out in
+expert-major order (the order the experts consume them), their combine weights, and per-expert
+row counts. Plans are built by one stable sort of T*K expert ids, never by one-hot [T, E, C]
+tensors, so memory stays O(T * K).
+
+Legend: T tokens, D model dim, E experts (global), K top-k, A = T*K assignments,
+N kept assignments (rows of the expert-major buffer), C capacity per expert.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+JITTER_EPS = 0.01
+
+
+@dataclass
+class RoutingPlan:
+    """Where every kept assignment goes, in expert-major order."""
+
+    row_token_N: Tensor  # token index of each row of the expert-major buffer
+    row_weight_N: Tensor  # combine weight of each row (float32, carries the router's gradient)
+    counts_E: Tensor  # kept rows per (global) expert, int64; sums to N
+    num_tokens: int
+    capacity: Optional[int]  # None in dropless mode
+    dest_TK: Optional[Tensor] = None  # row of each token-choice assignment, -1 where dropped
+    weight_TK: Optional[Tensor] = None  # combine weight of each token-choice assignment
+
+
+@dataclass
+class RoutingStats:
+    """Router statistics of one forward pass (detached; read them for logging)."""
+
+    tokens_per_expert: Tensor  # assignments per expert before dropping
+    tokens_per_expert_kept: Tensor  # after dropping
+    dropped_fraction: Tensor  # fraction of assignments dropped
+    router_entropy: Tensor  # mean over tokens of the entropy of the router's distribution
+    balance_loss: Tensor
+    z_loss: Tensor
+
+    def as_dict(self) -> dict:
+        return {
+            "tokens_per_expert": self.tokens_per_expert.tolist(),
+            "tokens_per_expert_kept": self.tokens_per_expert_kept.tolist(),
+            "dropped_fraction": float(self.dropped_fraction),
+            "router_entropy": float(self.router_entropy),
+            "balance_loss": float(self.balance_loss),
+            "z_loss": float(self.z_loss),
+        }
+
+
+class Router(nn.Module):
+    """Linear gate ``logits = x W^T`` computed in float32, with optional training noise.
+
+    ``weight`` [E, D] stays float32 whatever dtype the model is cast to.
+    """
+
+    def __init__(self, d_model: int, num_experts: int, noise_policy: Optional[str] = None):
+        super().__init__()
+        self.num_experts = num_experts
+        self.noise_policy = noise_policy
+        self.weight = nn.Parameter(torch.empty(num_experts, d_model, dtype=torch.float32))
+        self.noise_generator: Optional[torch.Generator] = None  # set per rank by moe_set_seed
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.weight.dtype != torch.float32:
+            self.weight.data = self.weight.data.float()
+            if self.weight.grad is not None:
+                self.weight.grad.data = self.weight.grad.data.float()
+        return self
+
+    def _noise(self, shape, device) -> Tensor:
+        gen = self.noise_generator
+        if gen is not None and gen.device.type != device.type:
+            gen = None
+        if self.noise_policy == "jitter":
+            u = torch.rand(shape, generator=gen, device=device, dtype=torch.float32)
+            return 1.0 - JITTER_EPS + 2 * JITTER_EPS * u
+        return torch.randn(shape, generator=gen, device=device, dtype=torch.float32) / self.num_experts
+
+    def forward(self, x_TD: Tensor) -> Tensor:
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            x_TD = x_TD.float()
+            if self.training and self.noise_policy == "jitter":
+                x_TD = x_TD * self._noise(x_TD.shape, x_TD.device)
+            logits_TE = F.linear(x_TD, self.weight)
+            if self.training and self.noise_policy == "gaussian":
+                logits_TE = logits_TE + self._noise(logits_TE.shape, logits_TE.device)
+        return logits_TE
+
+
+def token_choice_capacity(num_tokens: int, num_experts: int, top_k: int,
+                          capacity_factor: float, min_capacity: int) -> int:
+    """C = max(min_capacity, ceil(cf * K * T / E))."""
+    return max(min_capacity, math.ceil(capacity_factor * top_k * num_tokens / num_experts))
+
+
+def expert_choice_capacity(num_tokens: int, num_experts: int, capacity_factor: float) -> int:
+    """C = ceil(cf * T / E), at most T."""
+    return min(num_tokens, math.ceil(capacity_factor * num_tokens / num_experts))
+
+
+def topk_weights(probs_TE: Tensor, top_k: int, normalize: bool) -> tuple[Tensor, Tensor]:
+    """Top-k experts of each token and their combine weights (renormalised when asked)."""
+    topk_prob_TK, topk_idx_TK = probs_TE.topk(top_k, dim=-1)
+    if normalize:
+        return topk_prob_TK / topk_prob_TK.sum(-1, keepdim=True), topk_idx_TK
+    return topk_prob_TK, topk_idx_TK
+
+
+def assignment_slots(topk_idx_TK: Tensor, priority_T: Optional[Tensor], num_experts: int):
+    """Rank assignments choice-major (then by token priority) and give each its expert slot.
+
+    Returns (perm_A, slot_A, counts_E): ``perm_A`` lists flat assignment ids (t * K + k) in
+    expert-major order, ``slot_A`` is each listed assignment's position within its expert, and
+    ``counts_E`` counts assignments per expert before any dropping.
+    """
+    T, K = topk_idx_TK.shape
+    order_T = torch.arange(T, device=topk_idx_TK.device) if priority_T is None else priority_T
+    expert_KT = topk_idx_TK.index_select(0, order_T).t()  # choice-major
+    flat_KT = order_T.unsqueeze(0) * K + torch.arange(K, device=order_T.device).unsqueeze(1)
+    sorted_expert_A, order_A = torch.sort(expert_KT.reshape(-1), stable=True)
+    perm_A = flat_KT.reshape(-1).index_select(0, order_A)
+    counts_E = torch.bincount(sorted_expert_A, minlength=num_experts)
+    starts_E = torch.cumsum(counts_E, 0) - counts_E
+    slot_A = torch.arange(T * K, device=perm_A.device) - starts_E.index_select(0, sorted_expert_A)
+    return perm_A, slot_A, counts_E
+
+
+def token_choice(logits_TE: Tensor, top_k: int, capacity: Optional[int], drop_policy: str,
+                 normalize: bool) -> tuple[RoutingPlan, Tensor, Tensor]:
+    """Top-k token-choice routing. Returns (plan, probs_TE, counts_E before dropping)."""
+    T, E = logits_TE.shape
+    probs_TE = torch.softmax(logits_TE, dim=-1)
+    weight_TK, topk_idx_TK = topk_weights(probs_TE, top_k, normalize)
+    priority_T = None
+    if capacity is not None and drop_policy == "score":
+        priority_T = torch.argsort(probs_TE.detach().amax(-1), descending=True, stable=True)
+    perm_A, slot_A, counts_E = assignment_slots(topk_idx_TK, priority_T, E)
+    if capacity is None:
+        kept_A, kept_counts_E = perm_A, counts_E
+        dest_A = torch.arange(perm_A.numel(), device=perm_A.device)
+    else:
+        keep_A = slot_A < capacity
+        kept_A = perm_A[keep_A]
+        kept_counts_E = counts_E.clamp(max=capacity)
+        dest_A = torch.where(keep_A, torch.cumsum(keep_A, 0) - 1, -1)
+    dest_TK = torch.empty(T * top_k, dtype=torch.long, device=perm_A.device)
+    dest_TK.index_copy_(0, perm_A, dest_A)
+    plan = RoutingPlan(
+        row_token_N=torch.div(kept_A, top_k, rounding_mode="floor"),
+        row_weight_N=weight_TK.reshape(-1).index_select(0, kept_A),
+        counts_E=kept_counts_E, num_tokens=T, capacity=capacity,
+        dest_TK=dest_TK.view(T, top_k), weight_TK=weight_TK,
+    )
+    return plan, probs_TE, counts_E
+
+
+def expert_choice(logits_TE: Tensor, capacity: int) -> tuple[RoutingPlan, Tensor]:
+    """Each expert takes the ``capacity`` tokens it gives the highest probability."""
+    T, E = logits_TE.shape
+    probs_TE = torch.softmax(logits_TE, dim=-1)
+    weight_CE, token_CE = probs_TE.topk(capacity, dim=0)
+    plan = RoutingPlan(
+        row_token_N=token_CE.t().reshape(-1), row_weight_N=weight_CE.t().reshape(-1),
+        counts_E=torch.full((E,), capacity, dtype=torch.long, device=logits_TE.device),
+        num_tokens=T, capacity=capacity,
+    )
+    return plan, probs_TE
+
+
+def balance_loss(probs_TE: Tensor, counts_E: Tensor) -> Tensor:
+    """E * sum_e f_e * P_e: f_e = share of assignments (before dropping), P_e = mean prob."""
+    E = probs_TE.shape[1]
+    f_E = counts_E.to(probs_TE.dtype) / counts_E.sum().clamp(min=1)
+    return E * torch.sum(f_E * probs_TE.mean(0))
+
+
+def z_loss(logits_TE: Tensor) -> Tensor:
+    """Mean over tokens of logsumexp(logits)^2 (ST-MoE)."""
+    return torch.logsumexp(logits_TE, dim=-1).square().mean()
+
+
+def router_entropy(logits_TE: Tensor) -> Tensor:
+    logp_TE = torch.log_softmax(logits_TE, dim=-1)
+    return -(logp_TE.exp() * logp_TE).sum(-1).mean()
