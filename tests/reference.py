@@ -1,0 +1,75 @@
+"""A plain per-token loop implementation of the MoE semantics, to test the layer against.
+
+It reads the layer's weights and recomputes everything with the slowest, most literal code:
+ranking assignments choice by choice, filling each expert's capacity one token at a time.
+
+Legend: T tokens, D model dim, E experts, K top-k.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def expert_ffn(layer, e, x_D):
+    ex = layer.experts
+    h = x_D @ ex.w1[e]
+    if ex.b1 is not None:
+        h = h + ex.b1[e]
+    if ex.activation == "gelu":
+        a = F.gelu(h)
+    elif ex.activation == "relu":
+        a = F.relu(h)
+    else:
+        a = F.silu(h) * (x_D @ ex.w3[e])
+    y = a @ ex.w2[e]
+    if ex.b2 is not None:
+        y = y + ex.b2[e]
+    return y
+
+
+def reference_forward(layer, x):
+    """Returns (y, aux_loss, counts_before_drop, counts_kept) for a layer without noise."""
+    c = layer.config
+    x_TD = x.reshape(-1, c.d_model)
+    T, E = x_TD.shape[0], c.num_experts
+    logits_TE = x_TD.float() @ layer.router.weight.t()
+    probs_TE = torch.softmax(logits_TE, -1)
+    cf = c.capacity_factor if layer.training else c.eval_capacity_factor
+    outputs = [torch.zeros(c.d_model, dtype=x.dtype) for _ in range(T)]
+    counts = [0] * E
+    kept = [0] * E
+    if c.router == "expert_choice":
+        cap = min(T, math.ceil(cf * T / E))
+        for e in range(E):
+            order = sorted(range(T), key=lambda t: -probs_TE[t, e].item())[:cap]
+            for t in order:
+                outputs[t] = outputs[t] + probs_TE[t, e] * expert_ffn(layer, e, x_TD[t])
+                kept[e] += 1
+        counts = kept[:]
+        balance = torch.zeros(())
+    else:
+        K = c.top_k
+        topv, topi = probs_TE.topk(K, dim=-1)
+        w_TK = topv / topv.sum(-1, keepdim=True) if c.normalize_weights else topv
+        cap = max(c.min_capacity, math.ceil(cf * K * T / E)) if c.drop_tokens else None
+        order = list(range(T))
+        if cap is not None and c.drop_policy == "score":
+            order = sorted(order, key=lambda t: -probs_TE[t].max().item())
+        for k in range(K):
+            for t in order:
+                e = int(topi[t, k])
+                counts[e] += 1
+                if cap is not None and kept[e] >= cap:
+                    continue
+                kept[e] += 1
+                outputs[t] = outputs[t] + w_TK[t, k] * expert_ffn(layer, e, x_TD[t])
+        f = torch.tensor(counts, dtype=torch.float32) / (T * K)
+        balance = E * (f * probs_TE.mean(0)).sum()
+    z = (torch.logsumexp(logits_TE, -1) ** 2).mean()
+    y_TD = torch.stack(outputs)
+    if layer.residual is not None:
+        coef = torch.softmax(layer.residual_coef(x_TD), -1)
+        y_TD = y_TD * coef[:, :1] + layer.residual(x_TD) * coef[:, 1:]
+    aux = c.aux_loss_coef * balance + c.z_loss_coef * z
+    return y_TD.reshape(x.shape), aux, counts, kept

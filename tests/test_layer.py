@@ -1,0 +1,282 @@
+"""The MoE layer's equivalence ladder: dense FFN, dropless vs capacity, and a per-token loop."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import moesaic
+from reference import reference_forward
+
+D, FF, E = 12, 20, 4
+
+
+def make(seed=0, **kw):
+    torch.manual_seed(seed)
+    kw.setdefault("z_loss_coef", 0.001)
+    return moesaic.MoE(D, FF, E, **kw)
+
+
+def grads_of(layer, x, fn):
+    layer.zero_grad()
+    x = x.detach().clone().requires_grad_(True)
+    y, aux = fn(layer, x)[:2]
+    g = torch.randn_like(y, generator=torch.Generator().manual_seed(7))
+    ((y * g).sum() + 3 * aux).backward()
+    return y.detach(), aux.detach(), x.grad, {n: p.grad.clone() for n, p in layer.named_parameters()
+                                             if p.grad is not None}
+
+
+def assert_same(a, b, atol=1e-5):
+    ya, auxa, gxa, gpa = a
+    yb, auxb, gxb, gpb = b
+    torch.testing.assert_close(ya, yb, atol=atol, rtol=1e-4)
+    torch.testing.assert_close(auxa, auxb, atol=atol, rtol=1e-4)
+    torch.testing.assert_close(gxa, gxb, atol=atol, rtol=1e-4)
+    assert gpa.keys() == gpb.keys()
+    for name in gpa:
+        torch.testing.assert_close(gpa[name], gpb[name], atol=atol, rtol=1e-4, msg=name)
+
+
+def layer_fn(layer, x):
+    return layer(x)
+
+
+def ref_fn(layer, x):
+    return reference_forward(layer, x)
+
+
+CASES = [
+    dict(top_k=1, capacity_factor=0.6, min_capacity=0),
+    dict(top_k=1, capacity_factor=0.6, min_capacity=0, drop_policy="score"),
+    dict(top_k=2, capacity_factor=0.5, min_capacity=1),
+    dict(top_k=2, capacity_factor=0.5, min_capacity=1, drop_policy="score"),
+    dict(top_k=2, drop_tokens=False),
+    dict(top_k=3, drop_tokens=False, normalize_weights=False),
+    dict(top_k=1, capacity_factor=1.0, activation="relu"),
+    dict(top_k=2, capacity_factor=0.75, activation="swiglu"),
+    dict(router="expert_choice", capacity_factor=1.0),
+    dict(router="expert_choice", capacity_factor=0.5),
+    dict(top_k=1, capacity_factor=0.8, residual=True),
+]
+
+
+@pytest.mark.parametrize("kw", CASES, ids=[str(c) for c in CASES])
+@pytest.mark.parametrize("training", [True, False])
+def test_matches_per_token_loop(kw, training):
+    layer = make(**kw).train(training)
+    x = torch.randn(3, 9, D)
+    assert_same(grads_of(layer, x, layer_fn), grads_of(layer, x, ref_fn))
+
+
+@pytest.mark.parametrize("kw", CASES[:4], ids=[str(c) for c in CASES[:4]])
+def test_tokens_really_dropped_and_counted(kw):
+    layer = make(**kw)
+    x = torch.randn(2, 16, D)
+    _, _, counts, kept = reference_forward(layer, x)
+    layer(x)
+    s = layer.last_stats
+    assert s.tokens_per_expert.tolist() == counts
+    assert s.tokens_per_expert_kept.tolist() == kept
+    assert sum(kept) < sum(counts)
+    assert float(s.dropped_fraction) == pytest.approx(1 - sum(kept) / sum(counts))
+
+
+def test_dense_ffn_equals_one_expert_moe():
+    torch.manual_seed(0)
+    fc1, fc2 = nn.Linear(D, FF), nn.Linear(FF, D)
+    layer = moesaic.MoE(D, FF, 1, drop_tokens=False, aux_loss_coef=0.0)
+    with torch.no_grad():
+        layer.experts.w1[0].copy_(fc1.weight.t())
+        layer.experts.b1[0].copy_(fc1.bias)
+        layer.experts.w2[0].copy_(fc2.weight.t())
+        layer.experts.b2[0].copy_(fc2.bias)
+    x = torch.randn(5, 7, D, requires_grad=True)
+    y, aux = layer(x)
+    y_ref = fc2(F.gelu(fc1(x)))
+    torch.testing.assert_close(y, y_ref)
+    assert aux.item() == 0.0
+    g = torch.randn_like(y)
+    gx, gw1 = torch.autograd.grad((y * g).sum(), (x, layer.experts.w1))
+    gx_ref, gw1_ref = torch.autograd.grad((y_ref * g).sum(), (x, fc1.weight))
+    torch.testing.assert_close(gx, gx_ref)
+    torch.testing.assert_close(gw1[0], gw1_ref.t())
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("policy", ["position", "score"])
+def test_dropless_equals_capacity_with_room(top_k, policy):
+    dropless = make(top_k=top_k, drop_tokens=False)
+    roomy = copy.deepcopy(dropless)
+    roomy.config.drop_tokens, roomy.config.capacity_factor, roomy.config.drop_policy = True, 100.0, policy
+    x = torch.randn(4, 8, D)
+    assert_same(grads_of(dropless, x, layer_fn), grads_of(roomy, x, layer_fn))
+    assert float(roomy.last_stats.dropped_fraction) == 0.0
+
+
+def test_loss_values_by_hand():
+    layer = make(top_k=2, aux_loss_coef=0.1, z_loss_coef=0.01, drop_tokens=False)
+    x = torch.randn(10, D)
+    _, aux = layer(x)
+    logits = x @ layer.router.weight.t()
+    p = logits.softmax(-1)
+    chosen = p.topk(2, -1).indices
+    f = torch.stack([(chosen == e).sum() for e in range(E)]).float() / 20
+    balance = E * (f * p.mean(0)).sum()
+    z = (logits.logsumexp(-1) ** 2).mean()
+    torch.testing.assert_close(aux, 0.1 * balance + 0.01 * z)
+    torch.testing.assert_close(layer.last_stats.balance_loss, balance)
+    entropy = -(p * p.log()).sum(-1).mean()
+    torch.testing.assert_close(layer.last_stats.router_entropy, entropy)
+
+
+def test_expert_choice_has_no_balance_loss():
+    layer = make(router="expert_choice", aux_loss_coef=1.0, z_loss_coef=0.0)
+    _, aux = layer(torch.randn(8, D))
+    assert aux.item() == 0.0
+
+
+def test_residual_mixing():
+    layer = make(residual=True, drop_tokens=False)
+    x = torch.randn(6, D)
+    y, _ = layer(x)
+    plain = copy.deepcopy(layer)
+    plain.residual, plain.residual_coef = None, None
+    y_moe, _ = plain(x)
+    c = torch.softmax(layer.residual_coef(x), -1)
+    mlp = layer.residual.fc2(F.gelu(layer.residual.fc1(x)))
+    torch.testing.assert_close(y, y_moe * c[:, :1] + mlp * c[:, 1:])
+    assert isinstance(layer.residual_coef, nn.Linear) and layer.residual_coef.out_features == 2
+
+
+def test_capacity_formula_and_eval_factor():
+    layer = make(top_k=2, capacity_factor=0.5, eval_capacity_factor=1.0, min_capacity=3)
+    x = torch.randn(20, D)
+    layer.train()(x)
+    assert layer.last_stats.tokens_per_expert_kept.max() <= max(3, math.ceil(0.5 * 2 * 20 / E))
+    layer.eval()(x)
+    assert layer.last_stats.tokens_per_expert_kept.max() <= math.ceil(1.0 * 2 * 20 / E)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs(dtype):
+    layer = make(top_k=2, drop_tokens=False)
+    x = torch.randn(4, 8, D)
+    y32, _ = layer(x)
+    low = copy.deepcopy(layer).to(dtype)
+    assert low.router.weight.dtype == torch.float32
+    assert low.experts.w1.dtype == dtype
+    y, aux = low(x.to(dtype))
+    assert y.dtype == dtype and aux.dtype == torch.float32
+    torch.testing.assert_close(y.float(), y32, atol=5e-2, rtol=5e-2)
+    y.float().sum().backward()
+    assert low.router.weight.grad.dtype == torch.float32
+
+
+def test_bf16_autocast_on_cpu():
+    layer = make(top_k=2, residual=True)
+    x = torch.randn(4, 8, D)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, aux = layer(x)
+    y.float().sum().backward()
+    assert layer.experts.w1.grad is not None and layer.experts.w1.grad.dtype == torch.float32
+
+
+def test_same_seed_same_result():
+    x = torch.randn(3, 5, D)
+    outs = []
+    for _ in range(2):
+        layer = make(seed=3, top_k=2, noise_policy="gaussian").train()
+        torch.manual_seed(11)
+        outs.append(layer(x)[0])
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("policy", ["jitter", "gaussian"])
+def test_noise_only_in_training(policy):
+    layer = make(noise_policy=policy, drop_tokens=False)
+    x = torch.randn(6, D)
+    clean = copy.deepcopy(layer)
+    clean.router.noise_policy = None
+    layer.eval()
+    clean.eval()
+    torch.testing.assert_close(layer.router(x), clean.router(x))
+    layer.train()
+    noisy = layer.router(x)
+    assert not torch.allclose(noisy, clean.router(x))
+    if policy == "jitter":
+        ratio = (x @ layer.router.weight.t()).abs().max()
+        assert (noisy - clean.router(x)).abs().max() <= 0.011 * ratio * D
+
+
+def test_gaussian_noise_scale():
+    layer = make(noise_policy="gaussian")
+    x = torch.zeros(20000, D)
+    noise = layer.train().router(x)
+    assert noise.std().item() == pytest.approx(1 / E, rel=0.05)
+
+
+def test_shapes_and_parameter_names():
+    layer = make(residual=True)
+    assert tuple(layer.router.weight.shape) == (E, D)
+    assert tuple(layer.experts.w1.shape) == (E, D, FF) and tuple(layer.experts.b1.shape) == (E, FF)
+    assert tuple(layer.experts.w2.shape) == (E, FF, D) and tuple(layer.experts.b2.shape) == (E, D)
+    assert layer.experts.global_ids == list(range(E))
+    assert moesaic.MoeModule is moesaic.MoE
+    swiglu = make(activation="swiglu")
+    assert swiglu.experts.b1 is None and tuple(swiglu.experts.w3.shape) == (E, D, FF)
+
+
+def test_single_token_and_single_expert():
+    layer = make(top_k=1)
+    y, _ = layer(torch.randn(1, D))
+    assert y.shape == (1, D)
+    one = moesaic.MoE(D, FF, 1, top_k=1)
+    y, _ = one(torch.randn(2, 3, D))
+    assert y.shape == (2, 3, D)
+
+
+def test_all_tokens_to_one_expert():
+    layer = make(top_k=1, capacity_factor=1.0, min_capacity=0)
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[2] = 1.0
+    x = torch.rand(16, D)
+    y, _ = layer(x)
+    assert layer.last_stats.tokens_per_expert.tolist() == [0, 0, 16, 0]
+    assert layer.last_stats.tokens_per_expert_kept.tolist() == [0, 0, 4, 0]
+    assert (y[4:] == 0).all() and (y[:4] != 0).any()
+
+
+BAD = [
+    (dict(top_k=0), "top_k"), (dict(top_k=5), "top_k"),
+    (dict(capacity_factor=0), "capacity_factor"), (dict(capacity_factor=-1.0), "capacity_factor"),
+    (dict(eval_capacity_factor=0.0), "eval_capacity_factor"),
+    (dict(drop_policy="random"), "drop_policy"), (dict(router="hash"), "router"),
+    (dict(noise_policy="rsample"), "noise_policy"), (dict(activation="tanh"), "activation"),
+    (dict(min_capacity=-1), "min_capacity"), (dict(dropout=1.5), "dropout"),
+    (dict(kernels="cuda"), "kernels"),
+]
+
+
+@pytest.mark.parametrize("kw,field", BAD, ids=[b[1] + str(i) for i, b in enumerate(BAD)])
+def test_bad_arguments_name_field_and_value(kw, field):
+    with pytest.raises(ValueError) as err:
+        moesaic.MoE(D, FF, E, **kw)
+    msg = str(err.value)
+    assert field in msg and repr(list(kw.values())[0]) in msg
+
+
+def test_bad_input_dim():
+    with pytest.raises(ValueError, match=r"d_model=12.*\(2, 5\)"):
+        make()(torch.randn(2, 5))
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    layer = make(kernels="triton")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        layer(torch.randn(4, D))
