@@ -1,0 +1,88 @@
+"""What every vision model here shares: patch + class-token + position embedding in front,
+final norm and linear head on the class token behind, and the ``moe_layers()`` /
+``flops_per_image()`` helpers. Subclasses supply the blocks and ``_run_blocks``.
+
+Legend: B batch, C channels, H/W image size, P patches, S sequence (P + 1), D model dim,
+F ffn dim, E experts, K top-k.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from ..layer import MoE
+from .config import VisionConfig
+from .layers import PatchEmbed
+
+
+class VisionModel(nn.Module):
+    """Base class: ``logits_BC, aux_loss = model(images_BCHW)``."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.config = cfg
+        self.name = type(self).__name__
+        D = cfg.d_model
+        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, D, cfg.patch_bias)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, D))
+        self.pos_drop = nn.Dropout(cfg.drop_rate)
+        self.norm = nn.LayerNorm(D)
+        self.head = nn.Linear(D, cfg.num_classes)
+
+    def _init_embeddings(self) -> None:
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+
+    def _make_moe(self, num_experts: int, top_k: int, noise_policy, residual: bool) -> MoE:
+        c = self.config
+        return MoE(c.d_model, c.d_ff, num_experts, top_k=top_k, capacity_factor=c.capacity_factor,
+                   eval_capacity_factor=c.eval_capacity_factor, noise_policy=noise_policy,
+                   residual=residual, dropout=c.drop_rate, **c.moe_kwargs)
+
+    def _run_blocks(self, x_BSD: Tensor, aux: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def forward(self, images_BCHW: Tensor) -> tuple[Tensor, Tensor]:
+        x_BPD = self.patch_embed(images_BCHW)
+        cls_B1D = self.cls_token.expand(x_BPD.shape[0], -1, -1)
+        x_BSD = self.pos_drop(torch.cat([cls_B1D, x_BPD], dim=1) + self.pos_embed)
+        aux = x_BSD.new_zeros((), dtype=torch.float32)
+        x_BSD, aux = self._run_blocks(x_BSD, aux)
+        return self.head(self.norm(x_BSD[:, 0])), aux
+
+    def moe_layers(self) -> list[MoE]:
+        """The model's distinct MoE layers, in the order they first run."""
+        seen, out = set(), []
+        for m in self.modules():
+            if isinstance(m, MoE) and id(m) not in seen:
+                seen.add(id(m))
+                out.append(m)
+        return out
+
+    def block_experts(self) -> list[int]:
+        """Experts of the feed-forward each block runs (0 = dense)."""
+        raise NotImplementedError
+
+    def flops_per_image(self) -> int:
+        """Forward FLOPs (2 per multiply-add) of one image, counting each token's top_k experts
+        (no drops), the router and the PR-MoE residual; elementwise ops are left out."""
+        c = self.config
+        S, D, Fd, P = c.num_patches + 1, c.d_model, c.d_ff, c.num_patches
+        total = 2 * P * c.in_chans * c.patch_size ** 2 * D + 2 * D * c.num_classes
+        attn = 2 * S * D * 3 * D + 4 * S * S * D + 2 * S * D * D
+        mlp = 4 * S * D * Fd
+        for E, layer in zip(self.block_experts(), self._block_moe_configs()):
+            total += attn
+            if E == 0:
+                total += mlp
+            else:
+                total += 2 * S * D * E + layer.top_k * mlp
+                if layer.residual:
+                    total += mlp + 2 * S * D * 2
+        return total
+
+    def _block_moe_configs(self):
+        """One MoEConfig per block (None for dense blocks), for FLOP counting."""
+        raise NotImplementedError

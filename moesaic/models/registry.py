@@ -1,0 +1,45 @@
+"""Name -> model registry: ``create(name, **overrides)``, ``list_models()``, ``@register(name)``.
+
+A registered builder is a function ``fn(**overrides) -> nn.Module``; ``create`` tags the model
+with its registry name (``model.name``) so summaries and logs can say what was built.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Callable
+
+import torch.nn as nn
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def closest(name: str, choices, n: int = 3) -> list[str]:
+    """Up to ``n`` entries of ``choices`` that look like ``name`` (for error messages)."""
+    choices = list(choices)
+    near = difflib.get_close_matches(name, choices, n=n, cutoff=0.4)
+    return near or [c for c in choices if name.lower() in c.lower()][:n]
+
+
+def register(name: str):
+    """Decorator: register ``fn(**overrides) -> nn.Module`` under ``name``."""
+    def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _REGISTRY:
+            raise ValueError(f"model name {name!r} is already registered")
+        _REGISTRY[name] = fn
+        return fn
+    return wrap
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create(name: str, **overrides) -> nn.Module:
+    """Build the registered model ``name``; keyword overrides replace the preset's values."""
+    if name not in _REGISTRY:
+        near = closest(name, _REGISTRY)
+        hint = f"; did you mean {', '.join(map(repr, near))}?" if near else ""
+        raise ValueError(f"unknown model {name!r}{hint} (known: {', '.join(list_models())})")
+    model = _REGISTRY[name](**overrides)
+    model.name = name
+    return model

@@ -1,0 +1,94 @@
+"""WideNet (Xue et al., "Go Wider Instead of Deeper", AAAI 2022): one attention and one MoE
+feed-forward shared by every block, each block with its own two LayerNorms.
+
+The shared modules are held once (``model.attn``, ``model.moe``) and the per-block norms in
+``norms1`` / ``norms2``, so the state dict has each tensor under one name. Presets route top-2
+with gaussian noise: ``widenet_cifar`` (32x32, patch 4, 6 blocks, d_model 256, 4 heads, MLP
+ratio 2, 4 experts, the ViT-Lite shape) and ``widenet_imagenet`` (WideNet-B shape: 224x224,
+patch 16, 12 blocks, d_model 768, 12 heads, MLP ratio 4, 4 experts, 1000 classes).
+
+Legend: B batch, S sequence, D model dim.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch.nn as nn
+from torch import Tensor
+
+from .base import VisionModel
+from .config import VisionConfig
+from .layers import Attention, DropPath, init_weights
+from .registry import register
+
+
+class WideNet(VisionModel):
+    """``logits, aux_loss = model(images)``; aux_loss sums the shared MoE's loss of every block.
+
+    The shared MoE runs ``depth`` times per forward, so its ``last_stats`` only describe the
+    last block; :meth:`routing_stats` returns one record per block.
+    """
+
+    def __init__(self, img_size: int = 32, patch_size: int = 4, in_chans: int = 3,
+                 num_classes: int = 10, depth: int = 6, d_model: int = 256, num_heads: int = 4,
+                 mlp_ratio: float = 2.0, num_experts: int = 4, top_k: int = 2,
+                 capacity_factor: float = 1.25, eval_capacity_factor: float = 2.0,
+                 noise_policy: Optional[str] = "gaussian", drop_rate: float = 0.0,
+                 attn_drop: float = 0.0, drop_path: float = 0.0, qkv_bias: bool = False,
+                 patch_bias: bool = False, **moe_kwargs):
+        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+            raise ValueError(f"num_experts must be a positive int for WideNet, got {num_experts!r}")
+        cfg = VisionConfig.from_kwargs(
+            img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
+            depth=depth, d_model=d_model, num_heads=num_heads, mlp_ratio=mlp_ratio,
+            num_experts=num_experts, moe_every=1, top_k=top_k, capacity_factor=capacity_factor,
+            eval_capacity_factor=eval_capacity_factor, noise_policy=noise_policy,
+            drop_rate=drop_rate, attn_drop=attn_drop, drop_path=drop_path, qkv_bias=qkv_bias,
+            patch_bias=patch_bias, **moe_kwargs)
+        super().__init__(cfg)
+        D = cfg.d_model
+        self.attn = Attention(D, cfg.num_heads, cfg.qkv_bias, cfg.attn_drop, cfg.drop_rate)
+        self.moe = self._make_moe(num_experts, top_k, noise_policy, residual=False)
+        self.norms1 = nn.ModuleList(nn.LayerNorm(D) for _ in range(depth))
+        self.norms2 = nn.ModuleList(nn.LayerNorm(D) for _ in range(depth))
+        self.drop_paths = nn.ModuleList(
+            DropPath(cfg.drop_path * i / max(depth - 1, 1)) for i in range(depth))
+        self._last_block_stats: list = []
+        self._init_embeddings()
+        init_weights(self)
+
+    def _run_blocks(self, x_BSD: Tensor, aux: Tensor) -> tuple[Tensor, Tensor]:
+        stats = []
+        for n1, n2, dp in zip(self.norms1, self.norms2, self.drop_paths):
+            x_BSD = x_BSD + dp(self.attn(n1(x_BSD)))
+            h_BSD, a = self.moe(n2(x_BSD))
+            stats.append(self.moe.last_stats)
+            x_BSD = x_BSD + dp(h_BSD)
+            aux = aux + a
+        self._last_block_stats = stats
+        return x_BSD, aux
+
+    def routing_stats(self) -> list[dict]:
+        """One dict per block (the shared MoE's statistics at that block) of the last forward."""
+        return [s.as_dict() for s in self._last_block_stats if s is not None]
+
+    def block_experts(self) -> list[int]:
+        return [self.config.num_experts] * self.config.depth
+
+    def _block_moe_configs(self):
+        return [self.moe.config] * self.config.depth
+
+
+def _widenet(**preset):
+    def build(**overrides) -> WideNet:
+        kw = dict(preset)
+        kw.update(overrides)
+        return WideNet(**kw)
+    return build
+
+
+register("widenet_cifar")(_widenet(img_size=32, patch_size=4, depth=6, d_model=256,
+                                   num_heads=4, mlp_ratio=2.0, num_experts=4, top_k=2))
+register("widenet_imagenet")(_widenet(img_size=224, patch_size=16, num_classes=1000, depth=12,
+                                      d_model=768, num_heads=12, mlp_ratio=4.0, num_experts=4,
+                                      top_k=2))
