@@ -1,0 +1,170 @@
+"""Fused token-choice routing: softmax + top-k + capacity slots in Triton.
+
+Pass 1 (one program per block of tokens) reads the float32 logits once, writes the
+probabilities and each token's top-k expert ids, and, for position priority, counts each
+block's assignments per expert and choice (a [K * blocks, E] histogram). Score priority needs
+the tokens sorted by top-1 probability first, so its histogram is a second small pass over the
+ids in that order. An exclusive prefix over the histogram gives every (choice, block) its first
+slot per expert; pass 2 ranks each assignment inside its block with a cumulative sum of the
+one-hot expert ids, adds that base, drops slots past the capacity and scatters the kept
+assignments to their expert-major rows. Index traffic is O(T * K); the only O(T * E) traffic
+is reading the logits and writing the probabilities once.
+
+Ties: on exactly equal probabilities the kernel takes the lowest expert id (torch.topk leaves
+the choice unspecified).
+
+Legend: T tokens, E experts, K top-k, B token blocks, N kept assignments (rows).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..routing import RoutingPlan
+
+
+@triton.jit
+def _softmax_topk_kernel(logits_ptr, probs_ptr, idx_ptr, hist_ptr, T, E, num_blocks,
+                         K: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr,
+                         WRITE_HIST: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BT + tl.arange(0, BT)
+    cols = tl.arange(0, BE)
+    row_ok = rows < T
+    col_ok = cols < E
+    ok = row_ok[:, None] & col_ok[None, :]
+    offs = rows.to(tl.int64)[:, None] * E + cols[None, :]
+    x = tl.load(logits_ptr + offs, mask=ok, other=float("-inf")).to(tl.float32)
+    x_max = tl.where(row_ok, tl.max(x, 1), 0.0)
+    ex = tl.where(ok, tl.exp(x - x_max[:, None]), 0.0)
+    denom = tl.where(row_ok, tl.sum(ex, 1), 1.0)
+    p = ex / denom[:, None]
+    tl.store(probs_ptr + offs, p, mask=ok)
+    work = tl.where(col_ok[None, :], p, -1.0)
+    for k in tl.static_range(K):
+        top = tl.argmax(work, 1)
+        tl.store(idx_ptr + rows.to(tl.int64) * K + k, top.to(tl.int32), mask=row_ok)
+        chosen = cols[None, :] == top[:, None]
+        if WRITE_HIST:
+            cnt = tl.sum((chosen & row_ok[:, None]).to(tl.int32), 0)
+            tl.store(hist_ptr + (k * num_blocks + pid) * E + cols, cnt, mask=col_ok)
+        work = tl.where(chosen, -2.0, work)
+
+
+@triton.jit
+def _ordered_hist_kernel(idx_ptr, order_ptr, hist_ptr, T, E, num_blocks,
+                         K: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr):
+    """Per (block of tokens in priority order, choice k): assignments per expert."""
+    pid = tl.program_id(0)
+    k = tl.program_id(1)
+    pos = pid * BT + tl.arange(0, BT)
+    ok = pos < T
+    tok = tl.load(order_ptr + pos, mask=ok, other=0).to(tl.int64)
+    e = tl.load(idx_ptr + tok * K + k, mask=ok, other=-1)
+    cols = tl.arange(0, BE)
+    cnt = tl.sum((e[:, None] == cols[None, :]).to(tl.int32), 0)
+    tl.store(hist_ptr + (k * num_blocks + pid) * E + cols, cnt, mask=cols < E)
+
+
+@triton.jit
+def _place_kernel(idx_ptr, order_ptr, base_ptr, start_ptr, dest_ptr, row_token_ptr,
+                  row_assign_ptr, T, E, num_blocks, capacity,
+                  K: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr,
+                  HAS_ORDER: tl.constexpr, HAS_CAPACITY: tl.constexpr):
+    """Slot = block base + rank within the block; kept slots go to row start_E[e] + slot."""
+    pid = tl.program_id(0)
+    k = tl.program_id(1)
+    pos = pid * BT + tl.arange(0, BT)
+    ok = pos < T
+    if HAS_ORDER:
+        tok = tl.load(order_ptr + pos, mask=ok, other=0).to(tl.int64)
+    else:
+        tok = pos.to(tl.int64)
+    e = tl.load(idx_ptr + tok * K + k, mask=ok, other=-1)
+    cols = tl.arange(0, BE)
+    onehot = (e[:, None] == cols[None, :]).to(tl.int32)
+    rank = tl.sum(tl.cumsum(onehot, 0) * onehot, 1) - 1
+    e_safe = tl.where(ok, e, 0)
+    base = tl.load(base_ptr + (k * num_blocks + pid) * E + e_safe, mask=ok, other=0)
+    slot = base + rank
+    keep = ok
+    if HAS_CAPACITY:
+        keep = ok & (slot < capacity)
+    start = tl.load(start_ptr + e_safe, mask=ok, other=0)
+    dest = tl.where(keep, start + slot, -1).to(tl.int64)
+    assign = tok * K + k
+    tl.store(dest_ptr + assign, dest, mask=ok)
+    tl.store(row_token_ptr + dest, tok, mask=keep)
+    tl.store(row_assign_ptr + dest, assign, mask=keep)
+
+
+def _blocks(T: int, E: int):
+    BE = triton.next_power_of_2(max(E, 2))
+    BT = max(2, min(128, triton.next_power_of_2(max(T, 2)), 8192 // BE))
+    return BT, BE, triton.cdiv(T, BT)
+
+
+class _SoftmaxTopK(torch.autograd.Function):
+    """probs_TE = softmax(logits_TE) with its top-k ids (and the position-order histogram)."""
+
+    @staticmethod
+    def forward(ctx, logits_TE: Tensor, top_k: int, write_hist: bool):
+        T, E = logits_TE.shape
+        logits_TE = logits_TE.contiguous().float()
+        BT, BE, B = _blocks(T, E)
+        probs_TE = torch.empty_like(logits_TE)
+        idx_TK = torch.empty(T, top_k, dtype=torch.int32, device=logits_TE.device)
+        hist = torch.zeros(top_k * B if write_hist else 1, E, dtype=torch.int32,
+                           device=logits_TE.device)
+        _softmax_topk_kernel[(B,)](logits_TE, probs_TE, idx_TK, hist, T, E, B,
+                                   K=top_k, BT=BT, BE=BE, WRITE_HIST=write_hist)
+        ctx.save_for_backward(probs_TE)
+        ctx.mark_non_differentiable(idx_TK, hist)
+        return probs_TE, idx_TK, hist
+
+    @staticmethod
+    def backward(ctx, grad_probs, _grad_idx, _grad_hist):
+        (p,) = ctx.saved_tensors
+        if grad_probs is None:
+            return None, None, None
+        g = grad_probs.float()
+        return p * (g - (g * p).sum(-1, keepdim=True)), None, None
+
+
+def token_choice(logits_TE: Tensor, top_k: int, capacity: Optional[int], drop_policy: str,
+                 normalize: bool) -> tuple[RoutingPlan, Tensor, Tensor]:
+    """Same contract and results as :func:`moesaic.routing.token_choice`, fused in Triton."""
+    T, E = logits_TE.shape
+    device = logits_TE.device
+    by_score = capacity is not None and drop_policy == "score"
+    probs_TE, idx_TK, hist = _SoftmaxTopK.apply(logits_TE, top_k, not by_score)
+    BT, BE, B = _blocks(T, E)
+    order_T = None
+    if by_score:
+        order_T = torch.argsort(probs_TE.detach().amax(-1), descending=True, stable=True)
+        hist = torch.empty(top_k * B, E, dtype=torch.int32, device=device)
+        _ordered_hist_kernel[(B, top_k)](idx_TK, order_T, hist, T, E, B, K=top_k, BT=BT, BE=BE)
+    counts_E = hist.sum(0, dtype=torch.int64)
+    base = (torch.cumsum(hist, 0, dtype=torch.int32) - hist).contiguous()
+    kept_counts_E = counts_E if capacity is None else counts_E.clamp(max=capacity)
+    start_E = (torch.cumsum(kept_counts_E, 0) - kept_counts_E).to(torch.int32)
+    N = int(kept_counts_E.sum())
+    dest_TK = torch.empty(T, top_k, dtype=torch.int64, device=device)
+    row_token_N = torch.empty(N, dtype=torch.int64, device=device)
+    row_assign_N = torch.empty(N, dtype=torch.int64, device=device)
+    _place_kernel[(B, top_k)](
+        idx_TK, order_T if by_score else idx_TK, base, start_E, dest_TK, row_token_N,
+        row_assign_N, T, E, B, 0 if capacity is None else capacity,
+        K=top_k, BT=BT, BE=BE, HAS_ORDER=by_score, HAS_CAPACITY=capacity is not None)
+    weight_TK = probs_TE.gather(1, idx_TK.long())
+    if normalize:
+        weight_TK = weight_TK / weight_TK.sum(-1, keepdim=True)
+    plan = RoutingPlan(
+        row_token_N=row_token_N, row_weight_N=weight_TK.reshape(-1).index_select(0, row_assign_N),
+        counts_E=kept_counts_E, num_tokens=T, capacity=capacity,
+        dest_TK=dest_TK, weight_TK=weight_TK)
+    return plan, probs_TE, counts_E
