@@ -1,7 +1,11 @@
-"""Which ranks hold which experts. Pure bookkeeping: no process groups, no collectives.
+"""Which ranks hold which experts, and the seeds of each layer's experts. Pure bookkeeping:
+no process groups, no collectives.
 
 The parallel context set by ``moesaic.init_distributed`` decides each layer's ep_size; with no
-context (a single process) every layer holds all its experts.
+context (a single process) every layer holds all its experts. Expert-parallel groups are
+contiguous ranks: rank r is ep_rank ``r % ep_size`` of group ``r // ep_size``.
+
+Legend: E experts of a layer, W world size.
 """
 from __future__ import annotations
 
@@ -13,11 +17,17 @@ import torch
 
 @dataclass(frozen=True)
 class ExpertLayout:
-    """Expert placement of one layer: ``global_ids`` are the experts this rank holds."""
+    """Expert placement of one layer: ``global_ids`` are the experts this rank holds.
+
+    ``edp_size`` is the number of ranks that hold each expert (the expert-data-parallel size,
+    world size / ep_size); ``edp_size > 1`` with ``ep_size == num_experts < max_ep_size`` means
+    replicated experts.
+    """
 
     num_experts: int
     ep_size: int = 1
     ep_rank: int = 0
+    edp_size: int = 1
 
     @property
     def num_local_experts(self) -> int:
@@ -27,6 +37,22 @@ class ExpertLayout:
     def global_ids(self) -> list[int]:
         n = self.num_local_experts
         return list(range(self.ep_rank * n, (self.ep_rank + 1) * n))
+
+
+def ep_size_for(num_experts: int, max_ep_size: int) -> int:
+    """ep_size = max_ep_size when E % max_ep_size == 0; E when max_ep_size % E == 0."""
+    if num_experts % max_ep_size == 0:
+        return max_ep_size
+    if max_ep_size % num_experts == 0:
+        return num_experts
+    raise ValueError(f"num_experts ({num_experts}) and max_ep_size ({max_ep_size}): one must "
+                     "divide the other to lay the experts out over the ranks")
+
+
+def layout_for(num_experts: int, max_ep_size: int, rank: int, world_size: int) -> ExpertLayout:
+    """The layout of a layer with ``num_experts`` experts on ``rank`` of ``world_size``."""
+    ep = ep_size_for(num_experts, max_ep_size)
+    return ExpertLayout(num_experts, ep, rank % ep, world_size // ep)
 
 
 _context: Optional[object] = None
@@ -48,7 +74,36 @@ def expert_layout(num_experts: int) -> ExpertLayout:
     return _context.layout_for(num_experts)
 
 
+_MASK = 2**62 - 1
+_seed_state: Optional[list[int]] = None  # [seed, index of the next layer], set by moe_set_seed
+
+
+def mix_seed(*parts: int) -> int:
+    """A 62-bit seed from integers (splitmix-style), identical on every machine."""
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = (h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & _MASK
+
+
+def set_layer_seed_base(seed: Optional[int]) -> None:
+    """Layer seeds become ``mix_seed(seed, layer index)``, counting layers built from now on."""
+    global _seed_state
+    _seed_state = None if seed is None else [int(seed), 0]
+
+
+def current_seed() -> Optional[int]:
+    return None if _seed_state is None else _seed_state[0]
+
+
 def next_layer_seed() -> int:
-    """A seed for the next layer's experts, drawn from the default generator (identical on
-    every rank when ranks are seeded alike, whatever the layout)."""
-    return int(torch.randint(0, 2**62, (1,)).item())
+    """A seed for the next layer's experts. After ``moe_set_seed(s)`` it depends only on s and
+    the layer's position (its index among MoE layers built since), whatever the layout and
+    whatever else drew from the default generator; otherwise it is drawn from the default
+    generator (identical on every rank when ranks are seeded alike)."""
+    if _seed_state is None:
+        return int(torch.randint(0, 2**62, (1,)).item())
+    seed, index = _seed_state
+    _seed_state[1] += 1
+    return mix_seed(seed, index, 0x1A7E5)

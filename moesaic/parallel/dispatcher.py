@@ -1,0 +1,127 @@
+"""The all-to-all dispatcher: the same ``dispatch``/``combine`` interface as
+:class:`moesaic.dispatch.LocalDispatcher`, with the experts spread over an ep group.
+
+The routing plan lists rows in expert-major order over GLOBAL experts, and rank j of the ep
+group holds the contiguous experts [j * E_local, (j + 1) * E_local), so the rows for each
+destination are one contiguous slice. After the exchange the rows arrive ordered
+[source rank, local expert]; they are reordered to [local expert, source rank] so each local
+expert's rows are contiguous for the grouped FFN, and back again before the return exchange.
+
+- dropless (``plan.capacity is None``): counts are exchanged first ([ep, E_local] int64), then
+  rows with an uneven ``all_to_all_single``;
+- capacity: every rank sends a fixed, zero-padded [E, C, D] block (no counts exchange, static
+  sizes); the experts run on the whole [E_local, ep * C] block. All ranks of the group must
+  route the same number of tokens per call (so C agrees).
+
+Legend: T tokens, D model dim, E global experts, L local experts (E / ep), S source ranks
+(= ep), C capacity per expert, N rows this rank sends, M rows it receives.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ..routing import RoutingPlan
+from .comm import CommStats, all_to_all_rows, exchange
+
+
+def _exclusive_cumsum(x: Tensor) -> Tensor:
+    return torch.cumsum(x, 0) - x
+
+
+def block_order(counts_SL: Tensor) -> Tensor:
+    """Row index that turns a buffer of blocks in [S, L] order into [L, S] order: out[i] =
+    in[idx[i]], where block (s, l) holds ``counts_SL[s, l]`` rows."""
+    S, L = counts_SL.shape
+    start_SL = _exclusive_cumsum(counts_SL.reshape(-1)).view(S, L)
+    counts_LS = counts_SL.t().reshape(-1)
+    start_LS = start_SL.t().reshape(-1)
+    n = int(counts_LS.sum())
+    first = torch.repeat_interleave(start_LS, counts_LS)
+    offset = torch.arange(n, device=counts_SL.device) - torch.repeat_interleave(
+        _exclusive_cumsum(counts_LS), counts_LS)
+    return first + offset
+
+
+def _inverse(perm: Tensor) -> Tensor:
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), device=perm.device)
+    return inv
+
+
+@dataclass
+class _Handle:
+    in_splits: list  # rows sent to each rank of the group
+    out_splits: list  # rows received from each rank
+    order_M: Optional[Tensor]  # [S, L] -> [L, S] row order (dropless)
+    pos_N: Optional[Tensor]  # slot of each kept row in the padded [E * C] block (capacity)
+    shape: Optional[tuple]  # (L, S, C) of the received capacity block
+
+
+class AllToAllDispatcher:
+    """Moves rows to the ranks that hold their experts and brings the outputs back.
+
+    ``stats`` (a :class:`~moesaic.parallel.comm.CommStats`) counts the bytes this rank sends,
+    forward and backward.
+    """
+
+    def __init__(self, group, ranks: Sequence[int], num_experts: int,
+                 stats: Optional[CommStats] = None):
+        self.group, self.ranks = group, tuple(ranks)
+        self.ep_size = len(self.ranks)
+        self.num_experts = num_experts
+        self.num_local = num_experts // self.ep_size
+        self.stats = stats if stats is not None else CommStats()
+
+    def dispatch(self, x_TD: Tensor, plan: RoutingPlan, ops):
+        x_ND = ops.permute(x_TD, plan)
+        if plan.capacity is None:
+            return self._dispatch_dropless(x_ND, plan)
+        return self._dispatch_capacity(x_ND, plan)
+
+    def combine(self, y_ND: Tensor, plan: RoutingPlan, handle: _Handle, ops) -> Tensor:
+        if handle.order_M is not None:
+            y_MD = y_ND.index_select(0, _inverse(handle.order_M))
+        else:
+            L, S, C = handle.shape
+            y_MD = y_ND.reshape(L, S, C, -1).transpose(0, 1).reshape(S * L * C, -1)
+        y_back = all_to_all_rows(y_MD, handle.in_splits, handle.out_splits, self.group,
+                                 self.ranks, self.stats, "MoE combine all-to-all")
+        if handle.pos_N is not None:
+            y_back = y_back.index_select(0, handle.pos_N)
+        return ops.combine(y_back, plan)
+
+    def _dispatch_dropless(self, x_ND: Tensor, plan: RoutingPlan):
+        S, L = self.ep_size, self.num_local
+        send_SL = plan.counts_E.to(torch.int64).reshape(S, L)
+        recv_SL = exchange(send_SL, [1] * S, [1] * S, self.group, self.ranks, self.stats,
+                           "MoE token-count exchange")
+        in_splits = send_SL.sum(1).tolist()
+        out_splits = recv_SL.sum(1).tolist()
+        x_MD = all_to_all_rows(x_ND, out_splits, in_splits, self.group, self.ranks, self.stats,
+                               "MoE dispatch all-to-all")
+        order_M = block_order(recv_SL)
+        counts_L = recv_SL.sum(0)
+        return x_MD.index_select(0, order_M), counts_L, _Handle(in_splits, out_splits, order_M,
+                                                                  None, None)
+
+    def _dispatch_capacity(self, x_ND: Tensor, plan: RoutingPlan):
+        S, L, E, C = self.ep_size, self.num_local, self.num_experts, int(plan.capacity)
+        counts_E = plan.counts_E.to(torch.int64)
+        pos_N = None
+        if x_ND.shape[0] != E * C:
+            start_E = _exclusive_cumsum(counts_E)
+            n = x_ND.shape[0]
+            pos_N = (torch.arange(n, device=x_ND.device)
+                     - torch.repeat_interleave(start_E, counts_E)
+                     + torch.repeat_interleave(torch.arange(E, device=x_ND.device) * C, counts_E))
+            x_ND = torch.index_copy(x_ND.new_zeros(E * C, x_ND.shape[1]), 0, pos_N, x_ND)
+        splits = [L * C] * S
+        x_MD = all_to_all_rows(x_ND, splits, splits, self.group, self.ranks, self.stats,
+                               "MoE dispatch all-to-all (capacity block)")
+        x_LD = x_MD.reshape(S, L, C, -1).transpose(0, 1).reshape(L * S * C, -1)
+        counts_L = torch.full((L,), S * C, dtype=torch.int64)
+        return x_LD, counts_L, _Handle(splits, splits, None, pos_N, (L, S, C))

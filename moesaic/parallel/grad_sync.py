@@ -1,0 +1,136 @@
+"""Bucketed, overlapped gradient all-reduce, launched from gradient hooks during backward.
+
+Parameters are grouped by the process group that averages them (the whole world for shared
+parameters, a layer's expert-data-parallel group for its experts) and packed, in reverse
+registration order (roughly the order backward produces them), into buckets of at most
+``bucket_mb``. A bucket is all-reduced asynchronously as soon as its last gradient is
+accumulated, while backward goes on; buckets launch strictly in index order so every rank issues
+the same collectives in the same order. A callback queued on the autograd engine waits for them
+at the end of backward and writes the averages back into ``.grad``.
+
+Expert gradients are also scaled by 1 / ep_size by a tensor hook (before accumulation): an
+expert on this rank received the tokens of all ep_size ranks of its group, so summing them and
+then averaging over the edp group gives the mean over the whole world.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .comm import run_collective
+
+
+@dataclass
+class _Bucket:
+    params: list
+    group: object
+    ranks: tuple
+    ready: int = 0
+    work: Optional[object] = None
+    flat: Optional[Tensor] = None
+    seen: set = field(default_factory=set)  # id() of parameters already counted
+
+
+class GradSync:
+    """Keeps the hooks and buckets of one parallelized model. ``enabled = False`` skips
+    synchronisation (e.g. for local gradient accumulation steps)."""
+
+    def __init__(self, groups: list, bucket_mb: float = 25.0):
+        """``groups``: list of (process group, ranks, params) to average over."""
+        self.enabled = True
+        self.buckets: list[_Bucket] = []
+        self._index = {}
+        self._next = 0
+        self._queued = False
+        self._handles = []
+        cap = int(bucket_mb * 2**20)
+        for group, ranks, params in groups:
+            params = [p for p in params if p.requires_grad]
+            cur, size = [], 0
+            for p in reversed(params):
+                nbytes = p.numel() * p.element_size()
+                if cur and (size + nbytes > cap or p.dtype != cur[0].dtype):
+                    self._add(cur, group, ranks)
+                    cur, size = [], 0
+                cur.append(p)
+                size += nbytes
+            if cur:
+                self._add(cur, group, ranks)
+        for b in self.buckets:
+            for p in b.params:
+                self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
+
+    def _add(self, params, group, ranks) -> None:
+        b = _Bucket(params, group, tuple(ranks))
+        for p in params:
+            self._index[id(p)] = len(self.buckets)
+        self.buckets.append(b)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _on_grad(self, p: Tensor) -> None:
+        if not self.enabled:
+            return
+        if not self._queued:
+            self._queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._finish)
+        b = self.buckets[self._index[id(p)]]
+        if id(p) in b.seen:
+            return
+        b.seen.add(id(p))
+        b.ready += 1
+        self._launch_ready()
+
+    def _launch(self, b: _Bucket) -> None:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in b.params]
+        b.flat = torch.cat([g.reshape(-1) for g in grads])
+        b.work = run_collective("gradient all-reduce", b.ranks, dist.all_reduce, b.flat,
+                                group=b.group, async_op=True)
+
+    def _launch_ready(self) -> None:
+        while self._next < len(self.buckets):
+            b = self.buckets[self._next]
+            if b.ready < len(b.params):
+                return
+            self._launch(b)
+            self._next += 1
+
+    def _finish(self) -> None:
+        """End of backward: launch what is left (unused parameters count as zero), wait, and
+        write the averages back."""
+        try:
+            while self._next < len(self.buckets):
+                self._launch(self.buckets[self._next])
+                self._next += 1
+            for b in self.buckets:
+                run_collective("gradient all-reduce", b.ranks, b.work.wait)
+                b.flat.div_(len(b.ranks))
+                offset = 0
+                for p in b.params:
+                    n = p.numel()
+                    g = b.flat[offset:offset + n].view_as(p)
+                    if p.grad is None:
+                        p.grad = g.clone()
+                    else:
+                        p.grad.copy_(g)
+                    offset += n
+        finally:
+            for b in self.buckets:
+                b.ready, b.work, b.flat = 0, None, None
+                b.seen.clear()
+            self._next = 0
+            self._queued = False
+
+
+def scale_grad_hooks(params, scale: float) -> list:
+    """Multiply each parameter's incoming gradient by ``scale`` (before accumulation)."""
+    if scale == 1.0:
+        return []
+    return [p.register_hook(lambda g, s=scale: g * s) for p in params if p.requires_grad]

@@ -1,0 +1,150 @@
+"""``parallelize(model)``: check that every rank built the same model, install the all-to-all
+dispatchers, synchronise shared state and attach gradient synchronisation.
+
+The model object is returned as it is (no wrapper), so its attributes and methods stay usable.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from ..experts import Experts
+from ..layer import MoE
+from .comm import CommStats, run_collective
+from .context import ParallelContext
+from .dispatcher import AllToAllDispatcher
+from .grad_sync import GradSync, scale_grad_hooks
+from .layout import get_context
+from .seed import use_rank_streams
+
+
+@dataclass
+class ParallelState:
+    """What ``parallelize`` attached to a model (``model.moesaic_parallel``)."""
+
+    ctx: ParallelContext
+    moe_layers: list
+    grad_sync: Optional[GradSync]
+    stats: CommStats
+    hooks: list = field(default_factory=list)
+
+
+def moe_layers(model: nn.Module) -> list:
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+def expert_param_ids(model: nn.Module) -> set:
+    return {id(p) for m in model.modules() if isinstance(m, Experts) for p in m.parameters()}
+
+
+def _signature(model: nn.Module) -> list:
+    sig = [(f"MoE layer {n!r}", f"num_experts={m.config.num_experts}", f"ep_size={m.layout.ep_size}")
+           for n, m in model.named_modules() if isinstance(m, MoE)]
+    sig += [(f"parameter {n!r}", f"shape={tuple(p.shape)}", str(p.dtype))
+            for n, p in model.named_parameters()]
+    return sig
+
+
+def _check_same_model(model: nn.Module, ctx: ParallelContext) -> None:
+    mine = _signature(model)
+    sigs = [None] * ctx.world_size
+    run_collective("model check (all_gather_object)", range(ctx.world_size),
+                   dist.all_gather_object, sigs, mine)
+    ref = sigs[0]
+    for r, sig in enumerate(sigs):
+        if sig == ref:
+            continue
+        for a, b in zip(ref, sig):
+            if a != b:
+                raise ValueError(f"ranks disagree on the model: rank 0 has {a}, rank {r} has {b}")
+        raise ValueError(f"ranks disagree on the model: rank 0 has {len(ref)} entries "
+                         f"(parameters and MoE layers), rank {r} has {len(sig)}")
+
+
+@torch.no_grad()
+def _broadcast_coalesced(tensors: list, src: int, ctx: ParallelContext) -> None:
+    by_dtype = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for ts in by_dtype.values():
+        flat = torch.cat([t.reshape(-1) for t in ts])
+        run_collective("broadcast of shared parameters", range(ctx.world_size), dist.broadcast,
+                       flat, src)
+        offset = 0
+        for t in ts:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+def parallelize(model: nn.Module, bucket_mb: float = 25.0) -> nn.Module:
+    """Make a model built under ``init_distributed`` train as one model over all ranks.
+
+    Checks that every rank built the same model (a clear ``ValueError`` otherwise), installs an
+    all-to-all dispatcher on every MoE layer whose ep_size > 1, broadcasts shared parameters
+    and buffers from rank 0, attaches bucketed gradient all-reduce (shared parameters over the
+    world, experts over their expert-data-parallel group, both giving the mean over the world's
+    tokens) and moves router noise and dropout to per-rank streams. Returns ``model`` itself.
+    """
+    ctx = get_context() or ParallelContext()
+    layers = moe_layers(model)
+    for name, m in model.named_modules():
+        if isinstance(m, MoE):
+            want = ctx.layout_for(m.config.num_experts)
+            if m.layout != want:
+                raise ValueError(f"MoE layer {name!r} was built with {m.layout}, but the parallel "
+                                 f"context wants {want}: build the model after init_distributed")
+    stats = CommStats()
+    state = ParallelState(ctx, layers, None, stats)
+    if ctx.distributed:
+        _check_same_model(model, ctx)
+        expert_ids = expert_param_ids(model)
+        shared = [p for p in model.parameters() if id(p) not in expert_ids]
+        _broadcast_coalesced(shared + list(model.buffers()), 0, ctx)
+        sync_groups = [(ctx.grad_group(), tuple(range(ctx.world_size)), shared)]
+        by_ep = {}
+        for layer in layers:
+            g = ctx.groups(layer.layout.ep_size)
+            if g.ep_size > 1:
+                layer.dispatcher = AllToAllDispatcher(g.ep_group, g.ep_ranks,
+                                                      layer.config.num_experts, stats)
+            params = list(layer.experts.parameters())
+            state.hooks += scale_grad_hooks(params, 1.0 / g.ep_size)
+            by_ep.setdefault(g.ep_size, (g, []))[1].extend(params)
+        for g, params in by_ep.values():
+            if g.edp_group is not None:
+                sync_groups.append((g.edp_group, g.edp_ranks, params))
+        state.grad_sync = GradSync(sync_groups, bucket_mb)
+    use_rank_streams(layers, ctx.rank)
+    model.moesaic_parallel = state
+    return model
+
+
+def parallel_state(model: nn.Module) -> Optional[ParallelState]:
+    return getattr(model, "moesaic_parallel", None)
+
+
+def comm_stats(model: nn.Module) -> CommStats:
+    """Bytes this rank sent in MoE all-to-alls since the last ``reset()``."""
+    state = parallel_state(model)
+    return state.stats if state is not None else CommStats()
+
+
+@contextlib.contextmanager
+def no_sync(model: nn.Module):
+    """Skip gradient synchronisation inside (local gradient accumulation); the first backward
+    after it averages the accumulated gradients."""
+    state = parallel_state(model)
+    sync = state.grad_sync if state is not None else None
+    if sync is None:
+        yield
+        return
+    sync.enabled = False
+    try:
+        yield
+    finally:
+        sync.enabled = True
