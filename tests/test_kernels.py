@@ -1,0 +1,261 @@
+"""Triton kernels against the PyTorch path, on CPU under the Triton interpreter.
+
+Triton decides at decoration time whether a kernel (its own library functions included) is
+interpreted, so TRITON_INTERPRET=1 is set before triton is first imported. If some earlier test
+module already imported triton without it, this module reruns itself in a subprocess instead.
+The original environment is restored when the module finishes, so other modules keep their
+PyTorch path.
+
+Legend: T tokens, D model dim, E experts, K top-k, N rows of the expert-major buffer.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+_OLD_INTERPRET = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+import moesaic  # noqa: E402
+from moesaic import routing  # noqa: E402
+from moesaic.experts import batched_ffn, grouped_ffn  # noqa: E402
+from moesaic.ops import TorchOps, select_ops  # noqa: E402
+
+
+def _interpreted() -> bool:
+    from triton.runtime.interpreter import InterpretedFunction
+    return isinstance(triton.language.standard.cumsum, InterpretedFunction)
+
+
+IN_PROCESS = _interpreted()
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_environment():
+    yield
+    if _OLD_INTERPRET is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _OLD_INTERPRET
+
+
+@pytest.fixture(scope="module")
+def tops():
+    """TritonOps compiled for the interpreter."""
+    if not IN_PROCESS:
+        pytest.skip("triton was imported without TRITON_INTERPRET; run in a subprocess below")
+    from moesaic.kernels import TritonOps
+    return TritonOps
+
+
+@pytest.mark.skipif(IN_PROCESS, reason="the kernels run in this process")
+def test_kernels_in_a_fresh_interpreter_process():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           str(Path(__file__).resolve())], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
+
+
+def logits_for(T, E, seed, one_expert=False):
+    g = torch.Generator().manual_seed(seed)
+    logits_TE = torch.randn(T, E, generator=g)
+    if one_expert:
+        logits_TE[:, E // 2] += 20.0
+    return logits_TE.requires_grad_(True)
+
+
+# (T, E, K, capacity, drop_policy, one_expert)
+ROUTE_CASES = [
+    (40, 6, 1, 8, "position", False),
+    (40, 6, 2, 12, "position", False),
+    (40, 6, 2, 12, "score", False),
+    (40, 6, 1, 6, "score", False),
+    (40, 6, 2, None, "position", False),
+    (1, 4, 2, 4, "score", False),
+    (1, 1, 1, 4, "position", False),
+    (30, 1, 1, 10, "score", False),
+    (24, 5, 1, 6, "position", True),
+    (24, 5, 2, 6, "score", True),
+    (24, 5, 2, None, "score", True),
+    (300, 3, 2, 150, "position", False),
+]
+
+
+@pytest.mark.parametrize("T,E,K,cap,policy,one_expert", ROUTE_CASES)
+def test_token_choice_matches_torch(tops, T, E, K, cap, policy, one_expert):
+    logits_TE = logits_for(T, E, seed=T + E + K, one_expert=one_expert)
+    outs = {}
+    for name, ops in (("torch", TorchOps), ("triton", tops)):
+        plan, probs_TE, counts_E = ops.token_choice(logits_TE, K, cap, policy, K >= 2)
+        g = torch.Generator().manual_seed(1)
+        loss = ((plan.row_weight_N * torch.rand(plan.row_weight_N.shape, generator=g)).sum()
+                + (plan.weight_TK * torch.rand(plan.weight_TK.shape, generator=g)).sum()
+                + (probs_TE * torch.rand(probs_TE.shape, generator=g)).sum())
+        (grad,) = torch.autograd.grad(loss, logits_TE)
+        outs[name] = (plan, probs_TE.detach(), counts_E, grad)
+    (p0, pr0, c0, g0), (p1, pr1, c1, g1) = outs["torch"], outs["triton"]
+    for field in ("row_token_N", "counts_E", "dest_TK"):
+        a, b = getattr(p0, field), getattr(p1, field)
+        assert a.dtype == b.dtype and torch.equal(a, b), field
+    assert torch.equal(c0, c1) and p1.capacity == cap and p1.num_tokens == T
+    torch.testing.assert_close(p1.row_weight_N, p0.row_weight_N, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(p1.weight_TK, p0.weight_TK, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(pr1, pr0, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(g1, g0, atol=1e-5, rtol=1e-4)
+    if cap is not None and one_expert:
+        assert int(p1.counts_E.sum()) < T * K  # the crowded expert dropped assignments
+
+
+# (T, E, K, capacity, drop_policy, D)
+ROW_CASES = [
+    (13, 4, 1, 3, "position", 19),
+    (13, 4, 2, 5, "score", 19),
+    (13, 4, 2, None, "position", 19),
+    (1, 3, 2, 4, "position", 7),
+    (9, 1, 1, 4, "position", 19),
+    (5, 3, 2, 3, "score", 2100),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T,E,K,cap,policy,D", ROW_CASES)
+def test_permute_and_combine_match_torch(tops, T, E, K, cap, policy, D, dtype):
+    g = torch.Generator().manual_seed(T * D + K)
+    plan, _, _ = TorchOps.token_choice(logits_for(T, E, seed=D, one_expert=T > 10), K, cap,
+                                       policy, K >= 2)
+    x_TD = torch.randn(T, D, generator=g).to(dtype)
+    y_ND = torch.randn(plan.row_token_N.numel(), D, generator=g).to(dtype)
+    grad_TD = torch.randn(T, D, generator=g).to(dtype)
+    w_scale = torch.rand(plan.weight_TK.shape, generator=g)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)
+    res = {}
+    for name, ops in (("torch", TorchOps), ("triton", tops)):
+        x = x_TD.clone().requires_grad_(True)
+        y = y_ND.clone().requires_grad_(True)
+        w_TK = (plan.weight_TK.detach() * w_scale).requires_grad_(True)
+        p = routing.RoutingPlan(
+            row_token_N=plan.row_token_N, num_tokens=T, capacity=cap, counts_E=plan.counts_E,
+            row_weight_N=w_TK.reshape(-1).index_select(
+                0, _row_assignments(plan.dest_TK, plan.row_token_N.numel())),
+            dest_TK=plan.dest_TK, weight_TK=w_TK)
+        x_ND = ops.permute(x, p)
+        out_TD = ops.combine(y, p)
+        (x_ND.float() * y_ND.float()).sum().backward()
+        (out_TD.float() * grad_TD.float()).sum().backward()
+        res[name] = (x_ND.detach(), out_TD.detach(), x.grad, y.grad, w_TK.grad)
+    for name, a, b in zip(("x_ND", "y_TD", "grad_x", "grad_y", "grad_w"), res["torch"],
+                          res["triton"]):
+        assert a.dtype == b.dtype, name
+        torch.testing.assert_close(b, a, **tol, msg=name)
+    assert torch.equal(res["torch"][0], res["triton"][0])  # dispatch is an exact copy
+
+
+def _row_assignments(dest_TK, N):
+    """Flat assignment id of each row (the inverse of dest_TK on kept assignments)."""
+    flat = dest_TK.reshape(-1)
+    kept = (flat >= 0).nonzero().squeeze(1)
+    row_assign_N = torch.empty(N, dtype=torch.long)
+    row_assign_N[flat[kept]] = kept
+    return row_assign_N
+
+
+LAYER_CASES = [
+    dict(top_k=1, drop_policy="position", capacity_factor=1.0),
+    dict(top_k=2, drop_policy="score", capacity_factor=1.0),
+    dict(top_k=2, drop_tokens=False, activation="swiglu"),
+    dict(top_k=1, router="expert_choice"),
+    dict(top_k=2, residual=True, min_capacity=0, capacity_factor=0.5),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kw", LAYER_CASES)
+def test_layer_triton_equals_torch(tops, kw, dtype):
+    results = []
+    for kernels in ("torch", "triton"):
+        torch.manual_seed(0)
+        layer = moesaic.MoE(10, 16, 4, kernels=kernels, z_loss_coef=0.01, **kw).to(dtype)
+        x = torch.randn(3, 7, 10, generator=torch.Generator().manual_seed(3)).to(dtype)
+        x.requires_grad_(True)
+        y, aux = layer(x)
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(4)).to(dtype)
+        ((y * g).sum() + 5 * aux).backward()
+        grads = {n: p.grad for n, p in layer.named_parameters() if p.grad is not None}
+        results.append((y.detach(), aux.detach(), x.grad, grads, layer.last_stats.as_dict()))
+    (y0, a0, gx0, gp0, s0), (y1, a1, gx1, gp1, s1) = results
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=5e-2, rtol=5e-2)
+    torch.testing.assert_close(y1, y0, **tol)
+    torch.testing.assert_close(a1, a0, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(gx1, gx0, **tol)
+    assert gp0.keys() == gp1.keys()
+    for name in gp0:
+        torch.testing.assert_close(gp1[name], gp0[name], **tol, msg=name)
+    assert s0["tokens_per_expert"] == s1["tokens_per_expert"]
+    assert s0["tokens_per_expert_kept"] == s1["tokens_per_expert_kept"]
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        select_ops("triton", torch.device("cpu"))
+    assert select_ops("auto", torch.device("cpu")) is TorchOps
+
+
+def test_import_and_layer_without_triton():
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch, moesaic\n"
+            "y, aux = moesaic.MoE(8, 16, 4, kernels='auto')(torch.randn(5, 8))\n"
+            "assert 'moesaic.kernels' not in sys.modules and y.shape == (5, 8)\n"
+            "try:\n"
+            "    moesaic.MoE(8, 16, 4, kernels='triton')(torch.randn(5, 8))\n"
+            "except RuntimeError as e:\n"
+            "    assert 'pip install' in str(e)\n"
+            "else:\n"
+            "    raise SystemExit('no error')\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=ROOT, env=env)
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="no torch._grouped_mm")
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+@pytest.mark.parametrize("path", ["grouped_mm", "bmm"])
+def test_batched_expert_paths_match_the_loop(activation, path):
+    """The CUDA expert paths (checked here on CPU kernels) equal the per-expert loop."""
+    g = torch.Generator().manual_seed(5)
+    E, D, Fdim, counts = 4, 16, 24, [3, 0, 7, 2]
+    gated = activation == "swiglu"
+    shapes = [(E, D, Fdim), None if gated else (E, Fdim), (E, Fdim, D), None if gated else (E, D),
+              (E, D, Fdim) if gated else None]
+    params = [None if s is None else torch.randn(s, generator=g).requires_grad_(True)
+              for s in shapes]
+    x = torch.randn(sum(counts), D, generator=g).requires_grad_(True)
+    inputs = [x] + [p for p in params if p is not None]
+    y0 = grouped_ffn(x, counts, activation, *params)
+    y1 = batched_ffn(x, torch.tensor(counts), activation, *params, path=path)
+    gy = torch.randn(y0.shape, generator=g)
+    torch.testing.assert_close(y1, y0, atol=1e-5, rtol=1e-5)
+    for a, b in zip(torch.autograd.grad(y0, inputs, gy), torch.autograd.grad(y1, inputs, gy)):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-5)
+
+
+def test_gpu_benchmark_dry_run(tmp_path):
+    """benchmarks/gpu.py's logic end to end on tiny CPU shapes under the interpreter."""
+    out = tmp_path / "gpu.json"
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--dry-run",
+                           "--out", str(out)], capture_output=True, text=True, timeout=240,
+                          cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    import json
+    result = json.loads(out.read_text())
+    assert not result["errors"], result["errors"]
+    assert all(c["ok"] for c in result["checks"]), result["checks"]
+    assert {r["kernels"] for r in result["timings"]} == {"torch", "triton"}
