@@ -1,0 +1,194 @@
+"""Model zoo: every preset builds, runs forward and backward, gives every parameter a gradient;
+ViT-Lite parameter counts match the Compact Transformers paper; WideNet shares its weights;
+summaries, FLOP counts and config errors; expert parallelism gives single-process logits."""
+import math
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import moesaic
+import moesaic.models as M
+from moesaic.models.layers import Attention
+
+PAPER_PARAMS = {"vit_lite6": 3.19e6, "vit_lite7": 3.72e6}  # Hassani et al. 2021, Table 1
+# Small shapes for speed: 16x16 images (17 tokens); ImageNet WideNet keeps its full width but
+# sees 32x32 images (5 tokens) through 2 blocks.
+SMALL = {"widenet_imagenet": dict(img_size=32, depth=2)}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These shapes are tiny: one thread avoids oversubscription on a shared 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _images(model, batch):
+    c = model.config
+    return torch.randn(batch, c.in_chans, c.img_size, c.img_size)
+
+
+@pytest.mark.parametrize("name", M.list_models())
+def test_forward_backward_every_parameter_gets_gradient(name):
+    torch.manual_seed(0)
+    model = M.create(name, drop_tokens=False, **SMALL.get(name, dict(img_size=16)))
+    model.train()
+    logits, aux = model(_images(model, 8))
+    assert logits.shape == (8, model.config.num_classes)
+    assert aux.shape == () and torch.isfinite(aux)
+    assert (aux > 0) == bool(model.moe_layers())
+    (logits.square().mean() + aux).backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None, pname
+        assert torch.isfinite(p.grad).all(), pname
+        assert p.grad.abs().sum() > 0, f"{pname} got an all-zero gradient"
+
+
+def test_digits_shape_override():
+    model = M.create("vit_moe_tiny", img_size=8, in_chans=1, patch_size=2, num_classes=10)
+    logits, aux = model(torch.randn(5, 1, 8, 8))
+    assert logits.shape == (5, 10) and aux.dim() == 0
+    with pytest.raises(ValueError, match="expected images of shape"):
+        model(torch.randn(5, 3, 8, 8))
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_PARAMS))
+def test_vit_lite_parameter_count_matches_paper(name):
+    total, active = M.count_parameters(M.create(name))
+    assert abs(total - PAPER_PARAMS[name]) / PAPER_PARAMS[name] < 0.02
+    assert active == total
+
+
+def test_moe_parameter_counts():
+    dense, _ = M.count_parameters(M.create("vit_lite6"))
+    total, active = M.count_parameters(M.create("vit_moe_lite6"))
+    mlp = 2 * 256 * 512 + 512 + 256
+    router = 8 * 256
+    assert total == dense + 3 * (7 * mlp + router)
+    assert active == dense + 3 * router
+    assert total >= 2 * dense
+    total, active = M.count_parameters(M.create("vit_moe_lite6_prmoe"))
+    residual = mlp + 256 * 2 + 2  # PR-MoE dense branch and its mixing coefficients
+    assert total == dense + (3 + 3 + 7) * mlp + (4 + 4 + 8) * 256 + 3 * residual
+    assert active == dense + (4 + 4 + 8) * 256 + 3 * residual
+
+
+def test_prmoe_pyramid_layout():
+    model = M.create("vit_moe_lite6_prmoe")
+    layers = model.moe_layers()
+    assert [m.config.num_experts for m in layers] == [4, 4, 8]
+    assert [i for i, b in enumerate(model.blocks) if b.is_moe] == [1, 3, 5]
+    assert all(m.residual is not None and m.config.top_k == 1 and
+               m.config.noise_policy == "jitter" for m in layers)
+
+
+def test_widenet_shares_attention_and_moe_with_per_block_norms():
+    model = M.create("widenet_cifar")
+    depth = model.config.depth
+    assert len([m for m in model.modules() if isinstance(m, Attention)]) == 1
+    assert len(model.moe_layers()) == 1
+    moe = model.moe_layers()[0]
+    assert moe.config.top_k == 2 and moe.config.noise_policy == "gaussian"
+    norms = list(model.norms1) + list(model.norms2)
+    assert len(norms) == 2 * depth and len({id(n) for n in norms}) == 2 * depth
+    # Every tensor appears under exactly one name (safe for safetensors) ...
+    sd = model.state_dict()
+    assert len({t.data_ptr() for t in sd.values()}) == len(sd)
+    # ... and the shared modules are used by every block: their gradient sums over blocks.
+    torch.manual_seed(0)
+    x = _images(model, 2)
+    model.eval()
+    logits, _ = model(x)
+    assert len(M.routing_stats(model)) == depth
+    logits.sum().backward()
+    grads = [n.weight.grad for n in norms]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+    attn_params = sum(p.numel() for p in model.attn.parameters())
+    D = model.config.d_model
+    assert attn_params == 3 * D * D + D * D + D
+
+
+def test_routing_stats_and_describe():
+    model = M.create("vit_moe_lite6_prmoe")
+    assert M.routing_stats(model) == []
+    model(torch.randn(2, 3, 32, 32))
+    stats = M.routing_stats(model)
+    assert len(stats) == 3
+    assert [len(s["tokens_per_expert"]) for s in stats] == [4, 4, 8]
+    assert all(sum(s["tokens_per_expert"]) == 2 * 65 for s in stats)
+    text = M.describe(model)
+    for piece in ("vit_moe_lite6_prmoe", "depth 6", "d_model 256", "dense, 4, dense, 4, dense, 8",
+                  "total 7.40M", "active per token 3.98M"):
+        assert piece in text, (piece, text)
+
+
+def test_dense_flops_match_flop_counter():
+    model = M.create("vit_lite6").eval()
+    with FlopCounterMode(display=False) as fc:
+        model(torch.randn(1, 3, 32, 32))
+    # The counter skips CPU scaled-dot-product attention: add its two S x S x D products.
+    S, D = 65, 256
+    counted = fc.get_total_flops() + 6 * 4 * S * S * D
+    assert abs(model.flops_per_image() - counted) / counted < 0.001
+
+
+def test_widenet_imagenet_is_widenet_b_shaped():
+    model = M.create("widenet_imagenet")
+    c = model.config
+    assert (c.img_size, c.patch_size, c.depth, c.d_model, c.num_heads, c.d_ff) == \
+        (224, 16, 12, 768, 12, 3072)
+    assert model.moe_layers()[0].config.num_experts == 4
+    total, active = M.count_parameters(model)
+    assert 22e6 < total < 23e6 and active < total
+
+
+def test_moe_flops_equal_dense_at_top1_plus_router():
+    dense = M.create("vit_lite6").flops_per_image()
+    moe = M.create("vit_moe_lite6").flops_per_image()
+    assert moe == dense + 3 * 2 * 65 * 256 * 8
+
+
+def test_experts_keep_their_own_init():
+    model = M.create("vit_moe_lite6")
+    w1 = model.moe_layers()[0].experts.w1
+    bound = 1 / math.sqrt(256)
+    assert w1.abs().max() <= bound
+    assert abs(w1.std().item() - bound / math.sqrt(3)) < 0.002
+    assert abs(model.blocks[0].ffn.fc1.weight.std().item() - 0.02) < 0.002
+
+
+def test_same_seed_same_model_and_eval_is_deterministic():
+    torch.manual_seed(3)
+    a = M.create("vit_moe_lite6_prmoe").eval()
+    torch.manual_seed(3)
+    b = M.create("vit_moe_lite6_prmoe").eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(a(x)[0], b(x)[0])
+    assert torch.equal(a(x)[0], a(x)[0])
+
+
+def test_errors_name_the_field():
+    with pytest.raises(ValueError, match="did you mean 'vit_moe_lite6'"):
+        M.create("vit_moe_lite_6")
+    with pytest.raises(ValueError, match=r"img_size \(30\) is not divisible by patch_size \(4\)"):
+        M.create("vit_lite6", img_size=30)
+    with pytest.raises(ValueError, match="num_experts has 2 entries but the model has 3 MoE blocks"):
+        M.create("vit_moe_lite6", num_experts=[4, 8])
+    with pytest.raises(ValueError, match="did you mean 'num_heads'"):
+        M.create("vit_lite6", num_head=8)
+    with pytest.raises(ValueError, match="top_k"):
+        M.create("vit_moe_lite6", top_k=9)
+
+
+def test_register_custom_model():
+    @M.register("test_custom_vit")
+    def _custom(**kw):
+        return M.ViTMoE(depth=2, d_model=32, num_heads=2, num_experts=2, **kw)
+    assert "test_custom_vit" in M.list_models()
+    model = M.create("test_custom_vit", num_classes=3)
+    assert model.name == "test_custom_vit" and model(torch.randn(1, 3, 32, 32))[0].shape == (1, 3)
+    with pytest.raises(ValueError, match="already registered"):
+        M.register("test_custom_vit")(_custom)
