@@ -1,0 +1,130 @@
+"""Forward+backward time and peak extra memory of moesaic.MoE against a dense FFN.
+
+Each MoE configuration is compared with k x the dense FFN (D -> F -> D, GELU, bias) on T tokens,
+the dense products of the same FLOPs; memory is compared with the dense FFN on k*T tokens.
+Times are medians over repetitions in one process, side by side. Peak extra memory is the
+high-water mark of live tensor bytes during one fwd+bwd (moesaic.memtrack.LiveMemory: exact and
+independent of machine load), less the parameter gradients the step leaves behind.
+
+Legend: T tokens, D model dim, F ffn dim, E experts, K top-k.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import date
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import moesaic
+from moesaic.memtrack import LiveMemory
+
+CONFIGS = [  # (name, top_k, capacity mode)
+    ("top1 cf1.25", 1, True),
+    ("top1 dropless", 1, False),
+    ("top2 cf1.25", 2, True),
+    ("top2 dropless", 2, False),
+]
+
+
+class DenseFFN(nn.Module):
+    def __init__(self, d_model, d_ff):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d_model, d_ff), nn.Linear(d_ff, d_model)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x))), x.new_zeros(())
+
+
+def build(kind: str, args) -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "dense":
+        return DenseFFN(args.d_model, args.d_ff)
+    _, top_k, capacity = next(c for c in CONFIGS if c[0] == kind)
+    return moesaic.MoE(args.d_model, args.d_ff, args.experts, top_k=top_k, capacity_factor=1.25,
+                       drop_tokens=capacity)
+
+
+def step(module: nn.Module, x: torch.Tensor) -> None:
+    y, aux = module(x)
+    (y.square().mean() + aux).backward()
+
+
+def time_step(module: nn.Module, x: torch.Tensor, reps: int) -> float:
+    step(module, x)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        step(module, x)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peak_extra_bytes(module: nn.Module, x: torch.Tensor) -> int:
+    """Peak live tensor bytes of one fwd+bwd, less the parameter gradients it leaves behind."""
+    module.zero_grad(set_to_none=True)
+    with LiveMemory() as mem:
+        step(module, x)
+    grads = sum(p.grad.untyped_storage().nbytes() for p in module.parameters() if p.grad is not None)
+    return mem.peak_bytes - grads
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, default=8 * 1024, help="tokens per step (T)")
+    p.add_argument("--d-model", type=int, default=512, help="model dim (D)")
+    p.add_argument("--d-ff", type=int, default=2048, help="expert hidden dim (F)")
+    p.add_argument("--experts", type=int, default=8, help="number of experts (E)")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    p.add_argument("--reps", type=int, default=7, help="timed repetitions (median reported)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    T, D, Fd, E = args.tokens, args.d_model, args.d_ff, args.experts
+    print(f"moesaic layer benchmark, {date.today()}: T={T} D={D} F={Fd} E={E} float32, "
+          f"{args.threads} threads, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs; median of {args.reps} fwd+bwd steps")
+    x = torch.randn(T, D)
+    dense = build("dense", args)
+    dense_s = time_step(dense, x, args.reps)
+    dense_mem = {} if args.no_memory else {k: peak_extra_bytes(dense, x.repeat(k, 1)) for k in (1, 2)}
+    print(f"{'config':<16}{'ms':>9}{'k x dense ms':>14}{'time ratio':>12}{'extra MiB':>11}"
+          f"{'dense kT MiB':>14}{'mem ratio':>11}{'dropped':>9}")
+    print(f"{'dense FFN':<16}{dense_s * 1e3:>9.1f}")
+    rows = []
+    for name, top_k, _ in CONFIGS:
+        layer = build(name, args)
+        t = time_step(layer, x, args.reps)
+        dropped = float(layer.last_stats.dropped_fraction)
+        row = dict(config=name, ms=t * 1e3, dense_ms=top_k * dense_s * 1e3,
+                   time_ratio=t / (top_k * dense_s), dropped=dropped)
+        line = f"{name:<16}{t * 1e3:>9.1f}{top_k * dense_s * 1e3:>14.1f}{row['time_ratio']:>12.3f}"
+        if not args.no_memory:
+            mem = peak_extra_bytes(layer, x)
+            row.update(extra_mib=mem / 2**20, dense_mib=dense_mem[top_k] / 2**20,
+                       mem_ratio=mem / dense_mem[top_k])
+            line += f"{row['extra_mib']:>11.1f}{row['dense_mib']:>14.1f}{row['mem_ratio']:>11.3f}"
+        else:
+            line += " " * 36
+        print(line + f"{dropped:>9.3f}")
+        rows.append(row)
+    result = dict(date=str(date.today()), tokens=T, d_model=D, d_ff=Fd, experts=E,
+                  threads=args.threads, dense_ms=dense_s * 1e3, rows=rows)
+    print("targets: time ratio <= 1.0, mem ratio <= 1.1")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
