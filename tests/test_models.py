@@ -192,3 +192,45 @@ def test_register_custom_model():
     assert model.name == "test_custom_vit" and model(torch.randn(1, 3, 32, 32))[0].shape == (1, 3)
     with pytest.raises(ValueError, match="already registered"):
         M.register("test_custom_vit")(_custom)
+
+
+def _ep_worker(rank, world, x_half_per_rank):
+    """One rank: build the PR-MoE ViT under expert parallelism, run its half of the batch."""
+    import moesaic
+    import moesaic.models as zoo
+
+    moesaic.init_distributed(max_ep_size=world, timeout_s=60)
+    try:
+        out = {}
+        for key, kw in (("capacity", {}), ("dropless", {"drop_tokens": False})):
+            torch.manual_seed(0)
+            model = zoo.create("vit_moe_lite6_prmoe", img_size=16, **kw)
+            moesaic.parallelize(model)
+            model.eval()
+            with torch.no_grad():
+                logits, aux = model(x_half_per_rank[rank])
+            out[key] = (logits, aux, [m.layout.ep_size for m in model.moe_layers()],
+                        zoo.count_parameters(model))
+        return out
+    finally:
+        moesaic.destroy()
+
+
+def test_expert_parallel_logits_equal_single_process():
+    from _dist_harness import run_ranks
+
+    torch.manual_seed(1)
+    x = torch.randn(4, 3, 16, 16)
+    halves = [x[:2], x[2:]]
+    results = run_ranks(_ep_worker, 2, halves, timeout=120)
+    for key, kw in (("capacity", {}), ("dropless", {"drop_tokens": False})):
+        torch.manual_seed(0)
+        ref = M.create("vit_moe_lite6_prmoe", img_size=16, **kw).eval()
+        for rank, half in enumerate(halves):
+            logits, aux, ep_sizes, counts = results[rank][key]
+            assert ep_sizes == [2, 2, 2]
+            assert counts == M.count_parameters(ref)
+            with torch.no_grad():
+                want, want_aux = ref(half)
+            torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(aux, want_aux, rtol=1e-5, atol=1e-6)
