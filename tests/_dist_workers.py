@@ -1,0 +1,206 @@
+"""Rank functions for the expert-parallel tests (run by tests/_dist_harness.run_ranks).
+
+Each compares a model run on the ranks, every rank on its slice of the batch, with the same
+model run in one process (no parallel context) on the concatenated batch.
+
+Legend: W world size, B sequences per rank, S sequence length, D model dim.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+import moesaic
+from moesaic.parallel import comm_stats
+from moesaic.parallel.layout import get_context, set_context
+
+D, F, B, S = 8, 16, 2, 6
+TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+class TinyNet(nn.Module):
+    """Linear -> a stack of residual MoE layers -> Linear."""
+
+    def __init__(self, experts=(4, 2), top_k=2, drop_tokens=False, capacity_factor=1.25,
+                 aux_loss_coef=0.0):
+        super().__init__()
+        self.inp = nn.Linear(D, D)
+        self.moes = nn.ModuleList(
+            moesaic.MoE(D, F, e, top_k=min(top_k, e), drop_tokens=drop_tokens,
+                        capacity_factor=capacity_factor, min_capacity=0,
+                        aux_loss_coef=aux_loss_coef) for e in experts)
+        self.out = nn.Linear(D, D)
+
+    def forward(self, x):
+        h = self.inp(x)
+        aux = h.new_zeros(())
+        for moe in self.moes:
+            y, a = moe(h)
+            h, aux = h + y, aux + a
+        return self.out(h), aux
+
+
+def _data(world, seed=123):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(world * B, S, D, generator=g), torch.randn(world * B, S, D, generator=g)
+
+
+def _build_pair(ctx, seed, **kw):
+    """(single-process reference, model built under ctx and parallelized), same seed."""
+    set_context(None)
+    moesaic.moe_set_seed(seed)
+    ref = TinyNet(**kw)
+    set_context(ctx)
+    moesaic.moe_set_seed(seed)
+    model = moesaic.parallelize(TinyNet(**kw))
+    return ref, model
+
+
+def _assert_state_equal(ref, model, what):
+    full = moesaic.full_state_dict(model, all_ranks=True)
+    ref_sd = ref.state_dict()
+    assert full.keys() == ref_sd.keys(), what
+    for k, v in ref_sd.items():
+        torch.testing.assert_close(full[k], v, **TOL, msg=lambda m: f"{what}: {k}: {m}")
+
+
+def _assert_grads_equal(ref, model, what):
+    ref_p = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        g_ref = ref_p[name].grad
+        if name.split(".")[-2] == "experts":
+            layer = model.get_submodule(name.rsplit(".", 2)[0])
+            g_ref = g_ref[layer.experts.global_ids[0]:layer.experts.global_ids[-1] + 1]
+        torch.testing.assert_close(p.grad, g_ref, **TOL, msg=lambda m: f"{what}: grad {name}: {m}")
+
+
+def check_equivalence(rank, world, ctx, seed, steps=3, clip=None, **kw):
+    """Outputs, every gradient and ``steps`` AdamW steps equal the one-process run."""
+    ref, model = _build_pair(ctx, seed, **kw)
+    _assert_state_equal(ref, model, f"{kw} init")
+    x, target = _data(world)
+    lo, hi = rank * B, (rank + 1) * B
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(steps):
+        out_ref, _ = ref(x)
+        (out_ref - target).square().mean().backward()
+        out, _ = model(x[lo:hi])
+        torch.testing.assert_close(out, out_ref[lo:hi], **TOL, msg=lambda m: f"{kw} out: {m}")
+        (out - target[lo:hi]).square().mean().backward()
+        _assert_grads_equal(ref, model, f"{kw} step {step}")
+        if clip is not None:
+            n_ref = torch.nn.utils.clip_grad_norm_(ref.parameters(), clip)
+            n = moesaic.clip_grad_norm_(model, clip)
+            torch.testing.assert_close(n, n_ref, **TOL)
+            _assert_grads_equal(ref, model, f"{kw} step {step} clipped")
+        opt_ref.step()
+        opt.step()
+        opt_ref.zero_grad()
+        opt.zero_grad()
+        _assert_state_equal(ref, model, f"{kw} after step {step}")
+    return model
+
+
+def check_aux_loss(rank, world, ctx, seed):
+    """The balance loss is per rank: each rank's aux loss equals the one-process layer's on
+    that rank's slice, and the synchronised router gradient is the mean over the ranks' slices."""
+    set_context(None)
+    moesaic.moe_set_seed(seed)
+    ref = moesaic.MoE(D, F, 4, top_k=2, drop_tokens=False, z_loss_coef=0.1)
+    set_context(ctx)
+    moesaic.moe_set_seed(seed)
+    layer = moesaic.parallelize(moesaic.MoE(D, F, 4, top_k=2, drop_tokens=False, z_loss_coef=0.1))
+    x, _ = _data(world, seed=7)
+    _, aux = layer(x[rank * B:(rank + 1) * B])
+    aux.backward()
+    grads = []
+    for r in range(world):
+        ref.zero_grad()
+        _, aux_r = ref(x[r * B:(r + 1) * B])
+        aux_r.backward()
+        if r == rank:
+            torch.testing.assert_close(aux, aux_r, **TOL)
+        grads.append(ref.router.weight.grad.clone())
+    torch.testing.assert_close(layer.router.weight.grad, torch.stack(grads).mean(0), **TOL)
+
+
+def two_ranks(rank, world):
+    ctx = moesaic.init_distributed(max_ep_size=2, timeout_s=30)
+    assert (ctx.rank, ctx.world_size, ctx.is_main) == (rank, 2, rank == 0)
+    model = check_equivalence(rank, world, ctx, 1, clip=0.05, experts=(4, 2))
+    assert model.moes[0].experts.global_ids == [[0, 1], [2, 3]][rank]
+    assert model.moes[1].experts.global_ids == [rank]
+    assert comm_stats(model).bytes_sent > 0
+    check_equivalence(rank, world, ctx, 2, experts=(4,), drop_tokens=True, capacity_factor=4.0)
+    check_aux_loss(rank, world, ctx, 3)
+    # one expert, two ranks: replicated, synchronised over the two ranks
+    check_equivalence(rank, world, ctx, 4, steps=1, experts=(1,), top_k=1)
+    # per-rank noise streams
+    moesaic.moe_set_seed(5)
+    noisy = moesaic.parallelize(moesaic.MoE(D, F, 4, noise_policy="gaussian"))
+    seeds = [None] * world
+    dist.all_gather_object(seeds, noisy.router.noise_generator.initial_seed())
+    assert seeds[0] != seeds[1], seeds
+    # ranks that disagree on the model fail at set-up, on every rank
+    moesaic.moe_set_seed(6)
+    try:
+        moesaic.parallelize(moesaic.MoE(D, F, 4 if rank == 0 else 8))
+    except ValueError as e:
+        assert "ranks disagree on the model" in str(e) and "num_experts=8" in str(e), e
+    else:
+        raise AssertionError("parallelize accepted ranks with different expert counts")
+    moesaic.destroy()
+    return True
+
+
+def four_ranks(rank, world):
+    ctx = moesaic.init_distributed(max_ep_size=2, timeout_s=60)
+    model = check_equivalence(rank, world, ctx, 11, steps=2, experts=(4, 2))
+    layout = model.moes[0].layout
+    assert (layout.ep_size, layout.edp_size) == (2, 2)
+    assert model.moes[0].experts.global_ids == [[0, 1], [2, 3]][rank % 2]
+    # PR-MoE pyramid [2, 4] on 4 ranks: the 2-expert layer is replicated twice
+    ctx = moesaic.init_distributed(max_ep_size=4, timeout_s=60)
+    model = check_equivalence(rank, world, ctx, 12, steps=2, experts=(2, 4), top_k=1,
+                              drop_tokens=True, capacity_factor=8.0)
+    assert [m.layout.ep_size for m in model.moes] == [2, 4]
+    assert model.moes[0].experts.global_ids == [rank % 2]
+    assert model.moes[1].experts.global_ids == [rank]
+    # a model built with max_ep_size 1, 2 or 4 holds the same experts
+    states = []
+    for m in (1, 2, 4):
+        moesaic.init_distributed(max_ep_size=m, timeout_s=60)
+        moesaic.moe_set_seed(21)
+        states.append(moesaic.full_state_dict(TinyNet(experts=(4, 8)), all_ranks=True))
+    for s in states[1:]:
+        assert s.keys() == states[0].keys()
+        for k in s:
+            assert torch.equal(s[k], states[0][k]), k
+    moesaic.destroy()
+    return True
+
+
+def dies_mid_step(rank, world, mode="raise", timeout_s=20.0):
+    """Rank 1 raises (``mode="raise"``) or stalls past the timeout (``"hang"``) in its second
+    step; rank 0 must leave its collective with a CommError."""
+    ctx = moesaic.init_distributed(timeout_s=timeout_s)
+    moesaic.moe_set_seed(0)
+    model = moesaic.parallelize(TinyNet(experts=(4,)))
+    x, _ = _data(world)
+    for step in range(2):
+        if rank == 1 and step == 1:
+            if mode == "hang":
+                time.sleep(2 * timeout_s)
+                return ("slept", "", 0.0, ctx.timeout_s)
+            raise RuntimeError("rank 1 fails on purpose")
+        t0 = time.monotonic()
+        try:
+            out, _ = model(x[rank * B:(rank + 1) * B])
+            out.sum().backward()
+        except moesaic.parallel.CommError as e:
+            return ("CommError", str(e), time.monotonic() - t0, ctx.timeout_s)
+    return ("finished", "", 0.0, ctx.timeout_s)
