@@ -258,4 +258,8 @@ def test_gpu_benchmark_dry_run(tmp_path):
     result = json.loads(out.read_text())
     assert not result["errors"], result["errors"]
     assert all(c["ok"] for c in result["checks"]), result["checks"]
-    assert {r["kernels"] for r in result["timings"]} == {"torch", "triton"}
+    ops = {(r["op"], r["kernels"]) for r in result["timings"]}
+    for op in ("routing", "dispatch", "combine", "combine_bwd"):
+        assert {(op, "torch"), (op, "triton")} <= ops
+    assert {("layer_fwd_bwd", "torch+loop"), ("layer_fwd_bwd", "triton+auto")} <= ops
+    assert len(result["speedups"]) == 2

@@ -1,0 +1,443 @@
+"""GPU benchmark of the fused kernels: correctness on the card, then bandwidth, matmul rate and
+timings of routing, dispatch, combine and the whole layer, PyTorch path against Triton.
+
+Run from the checkout on one GPU (no install needed):
+
+    PYTHONPATH=. python3 benchmarks/gpu.py --out benchmarks/results/gpu.json
+
+Sections, each in its own try/except (an error is recorded in ``errors`` and the run goes on;
+the JSON is rewritten after every section so a killed run still leaves its results):
+1. checks: kernels against the PyTorch path on fresh random inputs, float32 and bfloat16;
+2. device-to-device copy bandwidth and the dense bf16 matmul rate;
+3. timings (CUDA events, median after warm-up) at T = 65,536 tokens, D in {1024, 4096},
+   F = 4 D, E in {8, 64}, top_k in {1, 2}, bf16: routing, dispatch, combine (forward and
+   backward) and the layer forward+backward for kernels="torch" (experts as a per-expert loop,
+   and as grouped products) and kernels="triton" (grouped products).
+Each kernel's achieved GB/s is the minimum traffic of its operation divided by its time, shown
+as a fraction of the copy bandwidth; the layer's TFLOP/s counts the expert products on kept
+rows (12 N D F for forward+backward), as a fraction of the matmul rate.
+
+``--dry-run`` runs the same code on tiny CPU shapes under the Triton interpreter (the test
+suite uses it as a smoke test). Budget: the timing loop stops starting new configurations once
+``--budget-s`` seconds (default 420) have passed, so the run stays under 8 minutes.
+
+Legend: T tokens, D model dim, F ffn dim, E experts, K top-k, N kept rows.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+if "--dry-run" in sys.argv:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+import moesaic  # noqa: E402
+from moesaic import experts as experts_mod  # noqa: E402
+from moesaic.ops import TorchOps  # noqa: E402
+from moesaic.routing import token_choice_capacity  # noqa: E402
+
+
+class Run:
+    """Collects results and errors and rewrites the JSON after every section."""
+
+    def __init__(self, out: Path, meta: dict):
+        self.out = out
+        self.t0 = time.perf_counter()
+        self.data = {**meta, "checks": [], "timings": [], "speedups": [], "errors": []}
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def section(self, name, fn, *args):
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001 -- record and go on, by design
+            self.data["errors"].append({"section": name, "error": repr(e)[:2000],
+                                        "traceback": traceback.format_exc()[-3000:]})
+            print(f"[error] {name}: {e!r}"[:500], flush=True)
+            return None
+        finally:
+            self.save()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def save(self):
+        self.data["elapsed_s"] = round(self.elapsed(), 1)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.out.write_text(json.dumps(self.data, indent=1))
+
+
+# ---------------------------------------------------------------- timing helpers
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn, device, warmup: int, iters: int) -> float:
+    """Median wall time of ``fn`` in ms: CUDA events on a GPU, perf_counter elsewhere."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b| (both in float32)."""
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12)) if b.numel() else 0.0
+
+
+# ---------------------------------------------------------------- checks
+
+def check(run: Run, name: str, err: float, tol: float, **extra):
+    ok = bool(err <= tol)
+    run.data["checks"].append({"name": name, "ok": ok, "err": err, "tol": tol, **extra})
+    print(f"[check] {'ok  ' if ok else 'FAIL'} {name}: err {err:.3g} (tol {tol:g})", flush=True)
+
+
+def check_routing(run, tops, device, gen, T, E):
+    for K in (1, 2):
+        for cap, policy in ((None, "position"), ("cf", "position"), ("cf", "score")):
+            capacity = None if cap is None else token_choice_capacity(T, E, K, 1.0, 4)
+            logits = torch.randn(T, E, device=device, generator=gen)
+            p0, pr0, c0 = TorchOps.token_choice(logits, K, capacity, policy, K >= 2)
+            p1, pr1, c1 = tops.token_choice(logits, K, capacity, policy, K >= 2)
+            same_counts = torch.equal(c0, c1)
+            dest_mismatch = float((p0.dest_TK != p1.dest_TK).float().mean())
+            # ULP-level softmax differences may reorder near-ties, so allow a tiny fraction.
+            name = f"routing T={T} E={E} K={K} capacity={capacity} {policy}"
+            check(run, name + " dest mismatch", dest_mismatch + (0 if same_counts else 1), 1e-3,
+                  exact=bool(torch.equal(p0.dest_TK, p1.dest_TK)
+                             and torch.equal(p0.row_token_N, p1.row_token_N)))
+            check(run, name + " probs", rel_err(pr1, pr0), 1e-5)
+
+
+def check_rows(run, tops, device, gen, T, E, D, dtype):
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for K, policy in ((1, "position"), (2, "score")):
+        logits = torch.randn(T, E, device=device, generator=gen)
+        plan, _, _ = TorchOps.token_choice(logits, K, token_choice_capacity(T, E, K, 1.0, 4),
+                                           policy, K >= 2)
+        x = torch.randn(T, D, device=device, generator=gen).to(dtype)
+        y = torch.randn(plan.row_token_N.numel(), D, device=device, generator=gen).to(dtype)
+        g = torch.randn(T, D, device=device, generator=gen).to(dtype)
+        res = []
+        for ops in (TorchOps, tops):
+            xr, yr = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
+            x_ND = ops.permute(xr, plan)
+            x_ND.backward(y)
+            yr_TD = ops.combine(yr, plan)
+            yr_TD.backward(g)
+            res.append((x_ND, xr.grad, yr_TD, yr.grad))
+        tag = f"T={T} E={E} D={D} K={K} {str(dtype)[6:]}"
+        for what, a, b in zip(("dispatch", "dispatch grad", "combine", "combine grad_y"),
+                              res[1], res[0]):
+            check(run, f"{what} {tag}", rel_err(a, b), tol)
+
+
+def layer_grads(layer, x, g):
+    x = x.detach().clone().requires_grad_(True)
+    y, aux = layer(x)
+    torch.autograd.backward([y, aux], [g, torch.ones_like(aux)])
+    grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+    layer.zero_grad(set_to_none=True)
+    return y.detach(), x.grad, grads
+
+
+def check_layer(run, device, gen, T, D, E, K, dtype, policy):
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    x = torch.randn(T, D, device=device, generator=gen).to(dtype)
+    g = torch.randn(T, D, device=device, generator=gen).to(dtype)
+    outs = []
+    for kernels in ("torch", "triton"):
+        torch.manual_seed(0)
+        layer = moesaic.MoE(D, 2 * D, E, top_k=K, drop_policy=policy, capacity_factor=1.0,
+                            z_loss_coef=0.01, kernels=kernels).to(device=device, dtype=dtype)
+        outs.append(layer_grads(layer, x, g))
+    tag = f"layer T={T} D={D} E={E} K={K} {policy} {str(dtype)[6:]}"
+    check(run, tag + " y", rel_err(outs[1][0], outs[0][0]), tol)
+    check(run, tag + " grad x", rel_err(outs[1][1], outs[0][1]), tol)
+    for name in outs[0][2]:
+        check(run, f"{tag} grad {name}", rel_err(outs[1][2][name], outs[0][2][name]), tol)
+
+
+def check_expert_paths(run, device, gen, D, Fdim, dtype):
+    """Grouped products (grouped_mm, padded bmm) against the per-expert loop, with an idle
+    expert (zero rows)."""
+    counts = [37, 0, 120, 5, 64, 1, 0, 29]
+    E, N = len(counts), sum(counts)
+    params = [torch.randn(s, device=device, generator=gen).div(math.sqrt(s[-2] if len(s) == 3 else 1))
+              .to(dtype).requires_grad_(True) for s in ((E, D, Fdim), (E, Fdim), (E, Fdim, D), (E, D))]
+    x = torch.randn(N, D, device=device, generator=gen).to(dtype).requires_grad_(True)
+    gy = torch.randn(N, D, device=device, generator=gen).to(dtype)
+    inputs = [x] + params
+    y0 = experts_mod.grouped_ffn(x, counts, "gelu", *params)
+    ref = torch.autograd.grad(y0, inputs, gy)
+    paths = ["bmm"] + (["grouped_mm"] if dtype == torch.bfloat16 else [])
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    for path in paths:
+        y1 = experts_mod.batched_ffn(x, torch.tensor(counts, device=device), "gelu", *params,
+                                     path=path)
+        got = torch.autograd.grad(y1, inputs, gy)
+        tag = f"experts {path} D={D} F={Fdim} {str(dtype)[6:]}"
+        check(run, tag + " y", rel_err(y1, y0), tol)
+        for name, a, b in zip(("x", "w1", "b1", "w2", "b2"), got, ref):
+            check(run, f"{tag} grad {name}", rel_err(a, b), tol)
+    if device.type == "cuda":
+        run.data["grouped_mm_supported"] = experts_mod.grouped_mm_supported(
+            x.detach().to(torch.bfloat16), params[0].detach().to(torch.bfloat16))
+
+
+# ---------------------------------------------------------------- machine rates
+
+def copy_bandwidth(run, device, nbytes, warmup, iters):
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).uniform_()
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), device, warmup, iters)
+    gbps = 2 * nbytes / ms / 1e6
+    run.data["copy_GBps"] = gbps
+    print(f"[rate] device-to-device copy: {gbps:.0f} GB/s ({nbytes / 2**30:.2f} GiB, read+write)",
+          flush=True)
+
+
+def matmul_rate(run, device, n, warmup, iters):
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms = median_ms(lambda: torch.mm(a, b), device, warmup, iters)
+    tflops = 2 * n**3 / ms / 1e9
+    run.data["matmul_TFLOPs"] = tflops
+    run.data["matmul_dtype"] = str(dtype)[6:]
+    print(f"[rate] dense {str(dtype)[6:]} matmul {n}^3: {tflops:.1f} TFLOP/s", flush=True)
+
+
+# ---------------------------------------------------------------- timings
+
+def record(run, op, kernels, shape, ms, nbytes=None, flops=None, **extra):
+    row = {"op": op, "kernels": kernels, **shape, "ms": ms, **extra}
+    line = f"[time] {op:<15} {kernels:<13} " + " ".join(f"{k}={v}" for k, v in shape.items())
+    line += f"  {ms:8.3f} ms"
+    if nbytes is not None:
+        row["GBps"] = nbytes / ms / 1e6
+        if run.data.get("copy_GBps"):
+            row["frac_copy"] = row["GBps"] / run.data["copy_GBps"]
+        line += f"  {row['GBps']:7.0f} GB/s ({row.get('frac_copy', float('nan')):.2f} of copy)"
+    if flops is not None:
+        row["TFLOPs"] = flops / ms / 1e9
+        if run.data.get("matmul_TFLOPs"):
+            row["frac_matmul"] = row["TFLOPs"] / run.data["matmul_TFLOPs"]
+        line += f"  {row['TFLOPs']:7.1f} TFLOP/s ({row.get('frac_matmul', float('nan')):.2f} of mm)"
+    run.data["timings"].append(row)
+    print(line, flush=True)
+    return row
+
+
+def time_rows(run, tops, device, T, D, E, K, dtype, warmup, iters):
+    """Routing, dispatch and combine (forward, and combine's backward) on one plan."""
+    shape = {"T": T, "D": D, "E": E, "K": K}
+    logits = torch.randn(T, E, device=device)
+    capacity = token_choice_capacity(T, E, K, 1.25, 4)
+    for name, ops in (("torch", TorchOps), ("triton", tops)):
+        ms = median_ms(lambda: ops.token_choice(logits, K, capacity, "position", K >= 2),
+                       device, warmup, iters)
+        record(run, "routing", name, shape, ms, nbytes=2 * T * E * 4 + T * K * 8)
+    plan, _, _ = TorchOps.token_choice(logits, K, capacity, "position", K >= 2)
+    N = plan.row_token_N.numel()
+    el = torch.finfo(dtype).bits // 8
+    x = torch.randn(T, D, device=device, dtype=dtype)
+    y = torch.randn(N, D, device=device, dtype=dtype, requires_grad=True)
+    g = torch.randn(T, D, device=device, dtype=dtype)
+    weight_leaf = plan.weight_TK.detach().requires_grad_(True)
+    shape = {**shape, "N": N}
+    for name, ops in (("torch", TorchOps), ("triton", tops)):
+        with torch.no_grad():
+            ms = median_ms(lambda: ops.permute(x, plan), device, warmup, iters)
+            record(run, "dispatch", name, shape, ms, nbytes=(T + N) * D * el + T * K * 8)
+            ms = median_ms(lambda: ops.combine(y, plan), device, warmup, iters)
+            record(run, "combine", name, shape, ms, nbytes=(T + N) * D * el + T * K * 12)
+        p = _with_weights(plan, weight_leaf)
+        out = ops.combine(y, p)
+        ms = median_ms(lambda: torch.autograd.grad(out, (y, weight_leaf), g, retain_graph=True),
+                       device, warmup, iters)
+        record(run, "combine_bwd", name, shape, ms, nbytes=(T + 2 * N) * D * el + T * K * 16)
+
+
+def _with_weights(plan, weight_TK):
+    """The plan with combine weights that are a leaf (so backward reaches them)."""
+    from dataclasses import replace
+    flat = plan.dest_TK.reshape(-1)
+    kept = (flat >= 0).nonzero().squeeze(1)
+    row_assign_N = torch.empty_like(plan.row_token_N)
+    row_assign_N[flat[kept]] = kept
+    return replace(plan, weight_TK=weight_TK,
+                   row_weight_N=weight_TK.reshape(-1).index_select(0, row_assign_N))
+
+
+def _fast_init(self, layer_seed):
+    """Benchmark-only init on the parameters' own device (the library's per-expert CPU init
+    of 8.6e9 weights would take minutes); values do not change the timings."""
+    with torch.no_grad():
+        for p in (self.w1, self.b1, self.w2, self.b2, self.w3):
+            if p is not None:
+                p.uniform_(-1, 1).mul_(1 / math.sqrt(p.shape[-2] if p.dim() == 3 else p.shape[-1]))
+
+
+def time_layer(run, device, T, D, E, K, dtype, warmup, iters, variants):
+    shape = {"T": T, "D": D, "F": 4 * D, "E": E, "K": K}
+    rows = {}
+    init = experts_mod.Experts.reset_parameters
+    for kernels, cuda_path in variants:
+        label = f"{kernels}+{cuda_path}"
+        layer = x = g = None
+        try:
+            experts_mod.Experts.reset_parameters = _fast_init
+            with torch.device(device):
+                layer = moesaic.MoE(D, 4 * D, E, top_k=K, capacity_factor=1.25,
+                                    kernels=kernels).to(dtype)
+            layer.experts.cuda_path = cuda_path
+            x = torch.randn(T, D, device=device, dtype=dtype, requires_grad=True)
+            g = torch.randn(T, D, device=device, dtype=dtype)
+
+            def step():
+                y, aux = layer(x)
+                torch.autograd.backward([y, aux], [g, torch.ones_like(aux)])
+                layer.zero_grad(set_to_none=True)
+                x.grad = None
+
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            ms = median_ms(step, device, warmup, iters)
+            N = int(layer.last_stats.tokens_per_expert_kept.sum())
+            peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+            rows[label] = record(run, "layer_fwd_bwd", label, {**shape, "N": N}, ms,
+                                 flops=12 * N * D * 4 * D, peak_GiB=peak)
+        except Exception as e:  # noqa: BLE001 -- one variant failing must not stop the others
+            run.data["errors"].append({"section": f"layer {label} {shape}", "error": repr(e)[:2000],
+                                       "traceback": traceback.format_exc()[-3000:]})
+            print(f"[error] layer {label} {shape}: {e!r}"[:500], flush=True)
+        finally:
+            experts_mod.Experts.reset_parameters = init
+            del layer, x, g
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    fast = rows.get("triton+auto")
+    for base in ("torch+loop", "torch+auto"):
+        if fast and base in rows:
+            s = {**shape, "baseline": base, "speedup": rows[base]["ms"] / fast["ms"]}
+            run.data["speedups"].append(s)
+            print(f"[speedup] triton+auto vs {base} at {shape}: {s['speedup']:.2f}x", flush=True)
+
+
+# ---------------------------------------------------------------- main
+
+def machine(device) -> dict:
+    info = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "host": platform.node(), "device": str(device)}
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, capability=list(torch.cuda.get_device_capability(device)),
+                    gpu_memory_GiB=round(props.total_memory / 2**30, 1),
+                    cuda=torch.version.cuda)
+    return info
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="benchmarks/results/gpu.json")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="tiny shapes on CPU under TRITON_INTERPRET=1 (a smoke test)")
+    ap.add_argument("--budget-s", type=float, default=420.0,
+                    help="start no new timing configuration after this many seconds")
+    args = ap.parse_args()
+    if args.dry_run:
+        device = torch.device("cpu")
+        T, Ds, Es, Ks = 12, (24,), (4,), (1, 2)
+        check_T, check_D, check_E = 20, 20, 5
+        warmup, iters, copy_bytes, mm_n = 0, 1, 2**20, 64
+        variants = (("torch", "loop"), ("triton", "auto"))
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("benchmarks/gpu.py needs a CUDA GPU (or --dry-run)")
+        device = torch.device("cuda", torch.cuda.current_device())
+        T, Ds, Es, Ks = 65536, (1024, 4096), (8, 64), (1, 2)
+        check_T, check_D, check_E = 4096, 1000, 64
+        warmup, iters, copy_bytes, mm_n = 3, 10, 2**31, 8192
+        variants = (("torch", "loop"), ("torch", "auto"), ("triton", "auto"))
+    seed = random.SystemRandom().randrange(2**31)
+    run = Run(Path(args.out), {**machine(device), "dry_run": args.dry_run, "seed": seed})
+    print(json.dumps({k: v for k, v in run.data.items() if not isinstance(v, list)}), flush=True)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    tops = run.section("import kernels", lambda: __import__("moesaic.kernels",
+                                                            fromlist=["TritonOps"]).TritonOps)
+    if tops is None:
+        return
+    # 1. correctness on this device
+    run.section("check routing", check_routing, run, tops, device, gen, check_T, check_E)
+    run.section("check routing E=8", check_routing, run, tops, device, gen, check_T, 8)
+    for dtype in (torch.float32, torch.bfloat16):
+        run.section(f"check rows {dtype}", check_rows, run, tops, device, gen, check_T,
+                    check_E, check_D, dtype)
+        for K, policy in ((1, "position"), (2, "score")):
+            run.section(f"check layer {dtype} K={K}", check_layer, run, device, gen,
+                        check_T // 4 if not args.dry_run else check_T, 64 if not args.dry_run
+                        else 16, 8, K, dtype, policy)
+        run.section(f"check experts {dtype}", check_expert_paths, run, device, gen,
+                    256 if not args.dry_run else 16, 512 if not args.dry_run else 24, dtype)
+    # 2. machine rates
+    run.section("copy bandwidth", copy_bandwidth, run, device, copy_bytes, warmup, iters)
+    run.section("matmul rate", matmul_rate, run, device, mm_n, warmup, iters)
+    # 3. timings
+    dtype = torch.bfloat16
+    for D in Ds:
+        for E in Es:
+            for K in Ks:
+                if run.elapsed() > args.budget_s:
+                    run.data["errors"].append({"section": f"timings D={D} E={E} K={K}",
+                                               "error": "skipped: time budget spent"})
+                    continue
+                run.section(f"rows D={D} E={E} K={K}", time_rows, run, tops, device, T, D, E, K,
+                            dtype, warmup, iters)
+                run.section(f"layer D={D} E={E} K={K}", time_layer, run, device, T, D, E, K,
+                            dtype, max(1, warmup - 1), max(1, iters // 2), variants)
+    run.save()
+    failed = [c["name"] for c in run.data["checks"] if not c["ok"]]
+    print(f"done in {run.elapsed():.0f} s: {len(run.data['checks'])} checks, {len(failed)} failed,"
+          f" {len(run.data['errors'])} errors; wrote {args.out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
