@@ -128,6 +128,25 @@ def _zero_empty(g_EXY: Tensor, counts_E: Tensor) -> Tensor:
     return g_EXY.masked_fill_((counts_E == 0).view(-1, 1, 1), 0)
 
 
+_grouped_wgrad_failed = False
+
+
+def _weight_grad(a_NX: Tensor, g_NY: Tensor, offs_E: Tensor, counts_E: Tensor) -> Tensor:
+    """Per-expert a_e^T @ g_e as [E, X, Y]: one grouped product splitting the contraction
+    dimension, or a loop over experts where this torch build rejects that form."""
+    global _grouped_wgrad_failed
+    if not _grouped_wgrad_failed:
+        try:
+            return _zero_empty(torch._grouped_mm(a_NX.t(), g_NY, offs=offs_E), counts_E)
+        except RuntimeError:
+            _grouped_wgrad_failed = True
+    out = a_NX.new_zeros(counts_E.numel(), a_NX.shape[1], g_NY.shape[1])
+    for e, s, t in _bounds(counts_E.tolist()):
+        if s < t:
+            torch.mm(a_NX[s:t].t(), g_NY[s:t], out=out[e])
+    return out
+
+
 class _GroupedMMFFN(torch.autograd.Function):
     """The grouped FFN with every product one ``torch._grouped_mm`` over all experts."""
 
@@ -157,18 +176,18 @@ class _GroupedMMFFN(torch.autograd.Function):
         x_ND, h_NF, u_NF, counts_E, offs_E, w1_EDF, w2_EFD, w3_EDF = ctx.saved_tensors
         gy_ND = grad_ND.contiguous()
         a_NF = _act(ctx.activation, h_NF, u_NF)
-        g_w2 = _zero_empty(mm(a_NF.t(), gy_ND, offs=offs_E), counts_E)
+        g_w2 = _weight_grad(a_NF, gy_ND, offs_E, counts_E)
         g_b2 = _segment_sum(gy_ND, counts_E).to(gy_ND.dtype) if ctx.has_b2 else None
         grad_a = mm(gy_ND, w2_EFD.transpose(1, 2), offs=offs_E)
         grad_h, grad_u = _act_backward(ctx.activation, grad_a, h_NF, u_NF)
         grad_h = grad_h.contiguous()
-        g_w1 = _zero_empty(mm(x_ND.t(), grad_h, offs=offs_E), counts_E)
+        g_w1 = _weight_grad(x_ND, grad_h, offs_E, counts_E)
         g_b1 = _segment_sum(grad_h, counts_E).to(grad_h.dtype) if ctx.has_b1 else None
         grad_x = mm(grad_h, w1_EDF.transpose(1, 2), offs=offs_E)
         g_w3 = None
         if grad_u is not None:
             grad_u = grad_u.contiguous()
-            g_w3 = _zero_empty(mm(x_ND.t(), grad_u, offs=offs_E), counts_E)
+            g_w3 = _weight_grad(x_ND, grad_u, offs_E, counts_E)
             grad_x = grad_x + mm(grad_u, w3_EDF.transpose(1, 2), offs=offs_E)
         return grad_x, None, None, g_w1, g_b1, g_w2, g_b2, g_w3
 
