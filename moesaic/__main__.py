@@ -1,0 +1,152 @@
+"""Command line: ``moesaic train ...`` and ``moesaic models`` (also ``python -m moesaic``).
+
+Under torchrun every rank runs this same command: ``torchrun --nproc_per_node=2 -m moesaic
+train --config configs/NAME.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import textwrap
+from dataclasses import fields
+from typing import Optional
+
+EXAMPLES = """\
+examples:
+  moesaic train                                   # embedded default: ViT-MoE on 8x8 digits
+  moesaic train --config configs/cifar10_vit_moe_lite6_prmoe.py
+  moesaic train --config configs/cifar10_vit_lite6.py --set epochs=50 --set lr=1e-3
+  moesaic train --set model_args.num_experts=8 --set name=digits_e8
+  moesaic train --resume runs/digits_vit_moe/20261130-120000 --set epochs=60
+  torchrun --nproc_per_node=2 -m moesaic train --config configs/cifar10_widenet.py
+  torchrun --nproc_per_node=2 --max-restarts=3 -m moesaic train --config ...   # auto-resume
+"""
+
+
+def _config_keys_help() -> str:
+    from .train.config import TrainConfig, field_help
+
+    docs = field_help()
+    default = TrainConfig()
+    lines = ["config keys (UPPER_CASE in a config file, lower_case with --set; "
+             "model_args.KEY=VALUE sets one model keyword):"]
+    for f in fields(TrainConfig):
+        val = getattr(default, f.name)
+        lines.append(f"  {f.name} = {val!r}")
+        lines += textwrap.wrap(docs.get(f.name, ""), 76, initial_indent="      ",
+                               subsequent_indent="      ")
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moesaic", description="Mixture-of-Experts training and "
+                                "tools. Run `moesaic COMMAND --help` for a command's options.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    t = sub.add_parser(
+        "train", help="train a model from a config file (or the embedded default)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.dedent("""\
+            Train a model on one process or, under torchrun, on many (experts split over the
+            ranks). With no --config, trains the embedded default: a small ViT-MoE on the 1,797
+            8x8 handwritten digits that scikit-learn ships (2 CPU cores, under 2 minutes).
+            Writes runs/<name>/<timestamp>/ with config.json, metrics.jsonl, summary.json,
+            curves.png, expert_load.png and checkpoints/. CIFAR-10 is read from $DATA (see
+            docs/training.md)."""),
+        epilog=EXAMPLES + "\n" + _config_keys_help())
+    t.add_argument("--config", metavar="FILE",
+                   help="config file: plain Python with UPPER_CASE names (BATCH_SIZE = 512) or a "
+                   "config() function returning a TrainConfig; also a run's config.json. "
+                   "Default: the embedded digits config (or, with --resume, the checkpoint's).")
+    t.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
+                   help="override one config key (repeatable); VALUE is a Python literal "
+                   "(3, 1e-3, True, None, (0.9, 0.99)) or else a string, e.g. --set epochs=5 "
+                   "--set model_args.depth=2")
+    t.add_argument("--resume", metavar="PATH_OR_RUN_DIR",
+                   help="continue exactly from a checkpoint folder, or from a run dir's latest "
+                   "checkpoint; the run continues in that run dir unless --run-dir is given. "
+                   "Works under a different world size / max_ep_size.")
+    t.add_argument("--run-dir", metavar="DIR",
+                   help="write the run here instead of runs/<name>/<timestamp>")
+    t.add_argument("--print-config", action="store_true",
+                   help="print the resolved config as JSON and exit")
+    m = sub.add_parser("models", help="list the model registry (moesaic models NAME describes one)")
+    m.add_argument("name", nargs="?", help="describe this model (builds it)")
+    return p
+
+
+def _resolve_config(args):
+    from .train import checkpoint
+    from .train.config import apply_overrides, from_dict, load_file, resolve
+
+    if args.config is None and args.resume is not None:
+        state = checkpoint.read_state(checkpoint.find(args.resume))
+        return apply_overrides(from_dict(state["config"], " (from the checkpoint)"), args.overrides)
+    if args.config is not None and args.config.endswith(".json"):
+        with open(args.config) as f:
+            return apply_overrides(from_dict(json.load(f), f" in {args.config}"), args.overrides)
+    if args.config is not None:
+        return apply_overrides(load_file(args.config), args.overrides)
+    return resolve(None, args.overrides)
+
+
+def _error(msg: str) -> None:
+    rank = os.environ.get("RANK")
+    prefix = f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+    print(f"{prefix}error: {msg}", file=sys.stderr, flush=True)
+
+
+def _train(args) -> int:
+    from .train import checkpoint
+    from .train.config import ConfigError
+    from .train.data import DataError
+    from .train.loop import NonFiniteLoss, train
+
+    try:
+        cfg = _resolve_config(args)
+        if args.print_config:
+            print(json.dumps(cfg.to_dict(), indent=2))
+            return 0
+        train(cfg, run_dir=args.run_dir, resume=args.resume)
+    except ConfigError as e:
+        _error(f"config: {e}")
+        return 2
+    except (DataError, checkpoint.CheckpointError, NonFiniteLoss) as e:
+        _error(str(e))
+        return 1
+    finally:
+        if "moesaic.parallel.context" in sys.modules:
+            from .parallel import destroy
+
+            destroy()
+    return 0
+
+
+def _models(name: Optional[str]) -> int:
+    from . import models
+
+    if name is None:
+        for n in models.list_models():
+            print(n)
+        return 0
+    try:
+        print(models.describe(models.create(name)))
+    except ValueError as e:
+        _error(str(e))
+        return 2
+    return 0
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "train":
+        return _train(args)
+    if args.command == "models":
+        return _models(args.name)
+    _parser().print_help()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""Atomic checkpoints that load under any expert-parallel layout.
+
+A checkpoint is a folder ``<run>/checkpoints/epoch_NNNN/`` holding
+- ``model.safetensors``: the full model, experts stacked by global index (every layout writes
+  the same tensors), shared tensors stored once (aliases in the metadata);
+- ``optimizer.safetensors``: AdamW's ``exp_avg`` / ``exp_avg_sq`` of every parameter, by
+  parameter name, also gathered to global experts, so they too load under another layout;
+- ``state.pt``: epoch, step, scheduler, loss scaler, per-rank RNG states, AdamW step counts,
+  history of per-epoch metrics, and the resolved config.
+It is written into a temporary folder that is renamed into place only when complete, and
+``latest.json`` / ``best.json`` pointers are replaced atomically after it, so a crash at any
+moment leaves the previous checkpoint readable.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from ..parallel import full_state_dict, load_full_state_dict
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+STATE_FILE = "state.pt"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _to_storable(tensors: dict) -> tuple[dict, dict]:
+    """CPU, contiguous, one copy per shared tensor: (tensors, {alias: stored name})."""
+    out, aliases, seen = {}, {}, {}
+    for k, t in tensors.items():
+        key = (t.data_ptr(), tuple(t.shape), t.dtype) if t.numel() else None
+        if key is not None and key in seen:
+            aliases[k] = seen[key]
+            continue
+        if key is not None:
+            seen[key] = k
+        out[k] = t.detach().to("cpu").contiguous().clone()
+    return out, aliases
+
+
+def _save_tensors(tensors: dict, path: str) -> None:
+    stored, aliases = _to_storable(tensors)
+    save_file(stored, path, metadata={"aliases": json.dumps(aliases)})
+
+
+def _load_tensors(path: str) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    out = load_file(path)
+    for alias, name in aliases.items():
+        out[alias] = out[name]
+    return out
+
+
+def _named_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    return dict(model.named_parameters())
+
+
+def gather_moments(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Full (all global experts) AdamW moments by parameter name, and the step counts.
+
+    Collective under expert parallelism: each moment is swapped into the parameters for one
+    ``full_state_dict`` call, which gathers experts by global index exactly like the weights.
+    """
+    named = _named_params(model)
+    moments, steps = {}, {}
+    for m in MOMENTS:
+        saved = {}
+        for n, p in named.items():
+            st = optimizer.state.get(p, {})
+            saved[n] = p.data
+            p.data = st[m] if m in st else torch.zeros_like(p.data)
+        try:
+            full = full_state_dict(model)
+        finally:
+            for n, p in named.items():
+                p.data = saved[n]
+        for n in named:
+            if full is not None and n in full:
+                moments[f"{m}/{n}"] = full[n]
+    for n, p in named.items():
+        st = optimizer.state.get(p, {})
+        if "step" in st:
+            steps[n] = float(st["step"])
+    return moments, steps
+
+
+def scatter_moments(model: nn.Module, optimizer: torch.optim.Optimizer, weights: dict,
+                    moments: dict, steps: dict) -> None:
+    """Inverse of :func:`gather_moments`: give each local parameter its slice of the moments."""
+    named = _named_params(model)
+    if not steps:
+        return
+    loaded = {}
+    for m in MOMENTS:
+        full = dict(weights)
+        full.update({n: moments[f"{m}/{n}"] for n in named if f"{m}/{n}" in moments})
+        saved = {n: p.data.clone() for n, p in named.items()}
+        load_full_state_dict(model, full)
+        loaded[m] = {n: p.data.clone() for n, p in named.items()}
+        with torch.no_grad():
+            for n, p in named.items():
+                p.data.copy_(saved[n])
+    for n, p in named.items():
+        if n not in steps:
+            continue
+        optimizer.state[p] = {
+            "step": torch.tensor(steps[n], dtype=torch.float32),
+            "exp_avg": loaded["exp_avg"][n].to(p.dtype), "exp_avg_sq": loaded["exp_avg_sq"][n].to(p.dtype),
+        }
+
+
+def rng_state(model: nn.Module) -> dict:
+    """This rank's random streams: torch CPU (dropout), CUDA, and the routers' noise."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    gens = {}
+    for n, mod in model.named_modules():
+        g = getattr(mod, "noise_generator", None)
+        if isinstance(g, torch.Generator):
+            gens[n] = g.get_state()
+    state["noise"] = gens
+    return state
+
+
+def set_rng_state(model: nn.Module, state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    mods = dict(model.named_modules())
+    for n, s in state.get("noise", {}).items():
+        g = getattr(mods.get(n), "noise_generator", None)
+        if isinstance(g, torch.Generator):
+            g.set_state(s)
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def save(ckpt_root: str, epoch: int, model: nn.Module, optimizer, state: dict, is_main: bool,
+         is_best: bool, keep: int) -> Optional[str]:
+    """Write ``epoch_NNNN`` (collective: every rank calls it); returns its path on rank 0."""
+    weights = full_state_dict(model)
+    moments, steps = gather_moments(model, optimizer)
+    rng = rng_state(model)
+    if _dist():
+        ranks = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, rng)
+    else:
+        ranks = [rng]
+    path = None
+    if is_main:
+        name = f"epoch_{epoch:04d}"
+        path = os.path.join(ckpt_root, name)
+        tmp = os.path.join(ckpt_root, f".tmp-{name}-{os.getpid()}")
+        os.makedirs(tmp, exist_ok=True)
+        _save_tensors(weights, os.path.join(tmp, "model.safetensors"))
+        _save_tensors(moments, os.path.join(tmp, "optimizer.safetensors"))
+        torch.save({**state, "rng": ranks, "adam_steps": steps}, os.path.join(tmp, STATE_FILE))
+        if os.path.exists(path):
+            old = f"{tmp}-old"
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+        _write_json(os.path.join(ckpt_root, "latest.json"), {"name": name, "epoch": epoch})
+        if is_best:
+            _write_json(os.path.join(ckpt_root, "best.json"), {"name": name, "epoch": epoch})
+        _prune(ckpt_root, keep)
+    if _dist():
+        dist.barrier()
+    return path
+
+
+def _prune(ckpt_root: str, keep: int) -> None:
+    """Keep the newest ``keep`` checkpoints and the best one."""
+    best = None
+    if os.path.exists(os.path.join(ckpt_root, "best.json")):
+        best = _read_json(os.path.join(ckpt_root, "best.json"))["name"]
+    names = sorted(n for n in os.listdir(ckpt_root) if n.startswith("epoch_"))
+    for n in names[:-keep]:
+        if n != best:
+            shutil.rmtree(os.path.join(ckpt_root, n), ignore_errors=True)
+
+
+def find(path: str) -> str:
+    """A checkpoint folder from a checkpoint folder, a ``checkpoints`` folder or a run dir."""
+    if os.path.isfile(os.path.join(path, STATE_FILE)):
+        return path
+    for root in (os.path.join(path, "checkpoints"), path):
+        latest = os.path.join(root, "latest.json")
+        if os.path.isfile(latest):
+            ck = os.path.join(root, _read_json(latest)["name"])
+            if os.path.isfile(os.path.join(ck, STATE_FILE)):
+                return ck
+    raise CheckpointError(f"no checkpoint at {os.path.abspath(path)}: expected a checkpoint "
+                          f"folder (with {STATE_FILE}) or a run dir with checkpoints/latest.json")
+
+
+def latest_in(run_dir: str) -> Optional[str]:
+    try:
+        return find(run_dir)
+    except CheckpointError:
+        return None
+
+
+def read_state(ckpt: str) -> dict:
+    return torch.load(os.path.join(ckpt, STATE_FILE), map_location="cpu", weights_only=True)
+
+
+def load(ckpt: str, model: nn.Module, optimizer=None, rank: int = 0, world_size: int = 1) -> dict:
+    """Load weights (and optimizer moments, this rank's RNG when the world size matches) into
+    a model built under any layout; returns the checkpoint's state dict."""
+    state = read_state(ckpt)
+    weights = _load_tensors(os.path.join(ckpt, "model.safetensors"))
+    load_full_state_dict(model, weights)
+    if optimizer is not None:
+        moments = _load_tensors(os.path.join(ckpt, "optimizer.safetensors"))
+        scatter_moments(model, optimizer, weights, moments, state.get("adam_steps", {}))
+    rngs = state.get("rng") or []
+    if len(rngs) == world_size:
+        set_rng_state(model, rngs[rank])
+    return state

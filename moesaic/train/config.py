@@ -1,0 +1,272 @@
+"""The training configuration: one typed dataclass, loaded from a plain-Python config file.
+
+A config file is either plain Python with UPPER_CASE names (``BATCH_SIZE = 512``; each name is
+the lower-case field name) or defines a function ``config()`` returning a :class:`TrainConfig`
+(or a dict of fields). ``--set key=value`` overrides are applied on top. Everything is validated
+before any work starts: an unknown key names the closest valid ones, a bad value names the field
+and the value.
+"""
+from __future__ import annotations
+
+import ast
+import difflib
+import os
+import runpy
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Optional
+
+DATASETS = ("digits", "cifar10")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+SCHEDULES = ("cosine", "constant")
+AUTO_AUGMENT = (None, "cifar10")
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be turned into a valid :class:`TrainConfig`."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs. Field docs are shown by ``moesaic train --help``."""
+
+    name: str = "digits_vit_moe"  # run name: the run dir is runs/<name>/<timestamp>
+    model: str = "vit_moe_tiny"  # a name from `moesaic models`
+    model_args: dict = field(default_factory=dict)  # keyword overrides for moesaic.models.create
+    dataset: str = "digits"  # digits (scikit-learn's 8x8 digits, embedded) or cifar10
+    data_dir: Optional[str] = None  # cifar10 location; default $DATA
+    batch_size: int = 64  # global batch: split evenly over the ranks
+    eval_batch_size: int = 256  # global evaluation batch
+    epochs: int = 30
+    steps_per_epoch: Optional[int] = None  # cap on optimizer steps per epoch (short smoke runs)
+    max_steps: Optional[int] = None  # stop after this many optimizer steps in total
+    lr: float = 1e-3  # peak learning rate (AdamW)
+    min_lr: float = 0.0  # learning rate at the end of the cosine
+    weight_decay: float = 0.05
+    betas: tuple = (0.9, 0.999)
+    eps: float = 1e-8
+    wd_exclude_norm_bias_embed: bool = False  # no weight decay on norms, biases, embeddings
+    schedule: str = "cosine"  # cosine or constant (after warmup), stepped per optimizer step
+    warmup_epochs: float = 0.0  # linear warmup length, in epochs
+    label_smoothing: float = 0.0
+    aux_loss_weight: float = 0.01  # weight of the MoE auxiliary (load-balance) loss
+    clip_grad: Optional[float] = 1.0  # global gradient-norm clip (each expert counted once)
+    crop_padding: int = 0  # random crop with this zero padding (0: off)
+    hflip: bool = False  # random horizontal flip
+    auto_augment: Optional[str] = None  # None or "cifar10" (AutoAugment's CIFAR-10 policy)
+    randaug_ops: int = 0  # RandAugment: ops per image (0: off)
+    randaug_magnitude: int = 9  # RandAugment magnitude, 0..30
+    mixup_alpha: float = 0.0  # Beta(alpha, alpha) mixup (0: off)
+    cutmix_alpha: float = 0.0  # Beta(alpha, alpha) cutmix (0: off)
+    mix_prob: float = 1.0  # probability that a batch is mixed at all
+    mix_switch_prob: float = 0.5  # with both on: probability of cutmix rather than mixup
+    precision: str = "auto"  # auto (bf16/fp16 on CUDA, fp32 on CPU), fp32, bf16, fp16
+    device: str = "auto"  # auto, cpu or cuda
+    max_ep_size: Optional[int] = None  # expert-parallel size limit (default: world size)
+    seed: int = 0
+    checkpoint_every: int = 10  # save every N epochs (also at the best accuracy and the end)
+    keep_checkpoints: int = 2  # periodic checkpoints kept (the best one is always kept)
+    threads: Optional[int] = None  # torch threads per process (default: cores / local ranks)
+    runs_root: str = "runs"  # parent of runs/<name>/<timestamp>
+    progress: bool = True  # progress bar on rank 0
+    plots: bool = True  # curves.png and expert_load.png, redrawn every epoch
+    timeout_s: float = 300.0  # process-group timeout: a dead rank ends the job, never a hang
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+
+def field_help() -> dict[str, str]:
+    """Each field's one-line description (the comment after it in this file)."""
+    import inspect
+
+    src = inspect.getsource(TrainConfig)
+    out = {}
+    for line in src.splitlines():
+        s = line.strip()
+        if ":" in s and "#" in s and not s.startswith(("#", '"')):
+            name = s.split(":", 1)[0].strip()
+            out[name] = s.split("#", 1)[1].strip()
+    return out
+
+
+def _type_of(f) -> tuple[Any, bool]:
+    """(base type, optional?) of a field annotation."""
+    hints = typing.get_type_hints(TrainConfig)
+    t = hints[f.name]
+    args = typing.get_args(t)
+    if typing.get_origin(t) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return t, False
+
+
+def _coerce(name: str, value: Any, t, optional: bool) -> Any:
+    bad = ConfigError(f"{name}: expected {t.__name__}{' or None' if optional else ''}, "
+                      f"got {value!r} ({type(value).__name__})")
+    if value is None:
+        if optional:
+            return None
+        raise bad
+    if t is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if t is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad
+    if t is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad
+    if t is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    if t is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise bad
+    if t is tuple:
+        if isinstance(value, (list, tuple)):
+            return tuple(value)
+        raise bad
+    return value
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Type-check and range-check every field; returns ``cfg`` (types normalised in place)."""
+    for f in fields(TrainConfig):
+        t, optional = _type_of(f)
+        setattr(cfg, f.name, _coerce(f.name, getattr(cfg, f.name), t, optional))
+    c = cfg
+    _check(c.name != "" and "/" not in c.name, f"name must be a non-empty name without '/', got {c.name!r}")
+    _check(c.dataset in DATASETS, f"dataset must be one of {DATASETS}, got {c.dataset!r}")
+    for n in ("batch_size", "eval_batch_size", "epochs", "checkpoint_every", "keep_checkpoints"):
+        _check(getattr(c, n) >= 1, f"{n} must be >= 1, got {getattr(c, n)!r}")
+    for n in ("steps_per_epoch", "max_steps", "max_ep_size", "threads"):
+        v = getattr(c, n)
+        _check(v is None or v >= 1, f"{n} must be None or >= 1, got {v!r}")
+    _check(c.lr > 0, f"lr must be > 0, got {c.lr!r}")
+    _check(0 <= c.min_lr <= c.lr, f"min_lr must be in [0, lr={c.lr}], got {c.min_lr!r}")
+    _check(c.weight_decay >= 0, f"weight_decay must be >= 0, got {c.weight_decay!r}")
+    _check(len(c.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in c.betas),
+           f"betas must be two numbers in [0, 1), got {c.betas!r}")
+    _check(c.eps > 0, f"eps must be > 0, got {c.eps!r}")
+    _check(c.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {c.schedule!r}")
+    _check(c.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {c.warmup_epochs!r}")
+    _check(0 <= c.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {c.label_smoothing!r}")
+    _check(c.aux_loss_weight >= 0, f"aux_loss_weight must be >= 0, got {c.aux_loss_weight!r}")
+    _check(c.clip_grad is None or c.clip_grad > 0, f"clip_grad must be None or > 0, got {c.clip_grad!r}")
+    _check(c.crop_padding >= 0, f"crop_padding must be >= 0, got {c.crop_padding!r}")
+    _check(c.auto_augment in AUTO_AUGMENT, f"auto_augment must be one of {AUTO_AUGMENT}, got {c.auto_augment!r}")
+    _check(c.randaug_ops >= 0, f"randaug_ops must be >= 0, got {c.randaug_ops!r}")
+    _check(0 <= c.randaug_magnitude <= 30, f"randaug_magnitude must be in [0, 30], got {c.randaug_magnitude!r}")
+    for n in ("mixup_alpha", "cutmix_alpha"):
+        _check(getattr(c, n) >= 0, f"{n} must be >= 0, got {getattr(c, n)!r}")
+    for n in ("mix_prob", "mix_switch_prob"):
+        _check(0 <= getattr(c, n) <= 1, f"{n} must be in [0, 1], got {getattr(c, n)!r}")
+    _check(c.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {c.precision!r}")
+    _check(c.device in DEVICES, f"device must be one of {DEVICES}, got {c.device!r}")
+    _check(c.timeout_s > 0, f"timeout_s must be > 0, got {c.timeout_s!r}")
+    return cfg
+
+
+def _unknown(key: str, where: str) -> ConfigError:
+    names = [f.name for f in fields(TrainConfig)]
+    close = difflib.get_close_matches(key.lower(), names, n=3, cutoff=0.5)
+    upper = key.isupper()
+    hint = ", ".join(n.upper() if upper else n for n in close)
+    msg = f"unknown config key {key!r}{where}"
+    return ConfigError(msg + (f"; did you mean: {hint}?" if close else
+                              "; see `moesaic train --help` for the valid keys"))
+
+
+def from_dict(d: dict, where: str = "") -> TrainConfig:
+    """Build and validate a config from ``{field: value}`` (keys case-insensitive)."""
+    names = {f.name for f in fields(TrainConfig)}
+    kwargs = {}
+    for k, v in d.items():
+        if k.lower() not in names:
+            raise _unknown(k, where)
+        kwargs[k.lower()] = v
+    return validate(TrainConfig(**kwargs))
+
+
+def load_file(path: str) -> TrainConfig:
+    """Run a config file and turn its UPPER_CASE names (or its ``config()``) into a config."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    try:
+        ns = runpy.run_path(path, run_name="moesaic_config")
+    except Exception as e:
+        raise ConfigError(f"config file {path!r} failed to run: {type(e).__name__}: {e}") from e
+    where = f" in {path}"
+    fn = ns.get("config") or ns.get("get_config")
+    upper = {k: v for k, v in ns.items() if k.isupper() and not k.startswith("_")
+             and not isinstance(v, types.ModuleType) and not callable(v)}
+    if callable(fn):
+        if upper:
+            raise ConfigError(f"config file {path!r} defines both config() and UPPER_CASE names "
+                              f"({', '.join(sorted(upper))}); use one style")
+        out = fn()
+        if isinstance(out, TrainConfig):
+            return validate(out)
+        if isinstance(out, dict):
+            return from_dict(out, where)
+        raise ConfigError(f"config() in {path!r} must return a TrainConfig or a dict, "
+                          f"got {type(out).__name__}")
+    return from_dict(upper, where)
+
+
+def parse_value(text: str) -> Any:
+    """A --set value: a Python literal (1e-3, None, True, (0.9, 0.99), {'depth': 2}) or a string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """Apply ``key=value`` strings; ``model_args.KEY=value`` sets one model keyword."""
+    d = cfg.to_dict()
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        value = parse_value(text.strip())
+        if key.lower().startswith("model_args."):
+            d["model_args"] = {**d["model_args"], key.split(".", 1)[1]: value}
+            continue
+        if key.lower() not in d:
+            raise _unknown(key, " (from --set)")
+        d[key.lower()] = value
+    return from_dict(d)
+
+
+def resolve(path: Optional[str], overrides: list[str]) -> TrainConfig:
+    """The config a run uses: the file (or the embedded default) plus overrides."""
+    if path is None:
+        from .defaults import digits_default
+
+        cfg = digits_default()
+    else:
+        cfg = load_file(path)
+    return apply_overrides(cfg, overrides)
+
+
+__all__ = ["TrainConfig", "ConfigError", "validate", "from_dict", "load_file", "apply_overrides",
+           "resolve", "field_help"]

@@ -1,0 +1,386 @@
+"""The training loop: one process or many (torchrun), expert-parallel, resumable exactly.
+
+Per step: this rank's slice of the global batch -> batched augmentation on the device (its
+random streams seeded by (seed, step, rank), so a step is reproducible) -> forward under
+autocast -> cross-entropy (label smoothing, mixup/cutmix) + aux_loss_weight * aux loss -> one
+all-reduce of the step's loss and accuracy (every rank sees a non-finite loss at once) ->
+backward (gradients synchronised by ``moesaic.parallelize``) -> EP-aware clipping -> AdamW ->
+warmup/cosine scheduler. Each epoch ends with an evaluation at the eval capacity factor,
+metrics, plots and, when due, a checkpoint.
+
+Legend: B global batch, b per-rank batch, E experts of a layer.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import signal
+import time
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .. import models
+from ..layer import MoE
+from ..parallel import clip_grad_norm_, init_distributed, moe_set_seed, parallelize
+from . import checkpoint, report, rundir
+from .augment import Augmenter, normalize
+from .config import ConfigError, TrainConfig
+from .data import eval_shard, epoch_order, load_dataset, rank_batch, steps_per_epoch
+from .optim import WarmupCosine, make_optimizer
+
+FAULT_STEP_ENV = "MOESAIC_FAULT_STEP"  # test hook: kill a rank at this global step ...
+FAULT_RANK_ENV = "MOESAIC_FAULT_RANK"  # ... on this rank, on the first attempt only
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; the run stopped before applying that step."""
+
+
+def _seed(*parts: int) -> int:
+    """A 63-bit seed mixed from integers (stable across processes and Python versions)."""
+    h = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") >> 1
+
+
+def _dist() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    if _dist():
+        dist.all_reduce(t)
+    return t
+
+
+def _device(cfg: TrainConfig, ctx) -> torch.device:
+    if cfg.device == "cpu":
+        return torch.device("cpu")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: 'cuda' was asked for, but CUDA is not available")
+    return ctx.device
+
+
+def _precision(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype (None: float32)."""
+    p = cfg.precision
+    if p == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if p == "fp16" and device.type != "cuda":
+        raise ConfigError("precision: 'fp16' needs CUDA (loss scaling); use 'bf16' or 'fp32' on CPU")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[p]
+
+
+def _threads(cfg: TrainConfig) -> None:
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+        return
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if local > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+
+
+def _maybe_fault(step: int, rank: int) -> None:
+    """Test hook: SIGKILL this rank at a given step on torchrun's first attempt."""
+    at = os.environ.get(FAULT_STEP_ENV)
+    if at is None or rundir.restart_count() > 0:
+        return
+    if int(at) == step and int(os.environ.get(FAULT_RANK_ENV, "0")) == rank:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def build_model(cfg: TrainConfig, img_shape: tuple, num_classes: int) -> torch.nn.Module:
+    """The registry model with the dataset's image shape; MoE layers report their raw balance
+    loss (aux_loss_coef 1) so ``aux_loss_weight`` is the one weight applied."""
+    C, H, _ = img_shape
+    kw = {"img_size": H, "in_chans": C, "num_classes": num_classes, "aux_loss_coef": 1.0}
+    kw.update(cfg.model_args)
+    try:
+        return models.create(cfg.model, **kw)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model {cfg.model!r} with model_args {cfg.model_args}: {e}") from e
+
+
+class LoadMeter:
+    """Tokens per expert (before and after dropping) summed over an epoch's steps."""
+
+    def __init__(self):
+        self.names: Optional[list] = None
+        self.total, self.kept, self.entropy, self.n = [], [], [], 0
+
+    def add(self, stats: list[dict]) -> None:
+        if not stats:
+            return
+        if not self.total:
+            self.total = [np.zeros(len(s["tokens_per_expert"])) for s in stats]
+            self.kept = [np.zeros(len(s["tokens_per_expert"])) for s in stats]
+            self.entropy = [0.0 for _ in stats]
+        for i, s in enumerate(stats):
+            self.total[i] += np.asarray(s["tokens_per_expert"], dtype=np.float64)
+            self.kept[i] += np.asarray(s["tokens_per_expert_kept"], dtype=np.float64)
+            self.entropy[i] += s["router_entropy"]
+        self.n += 1
+
+    def result(self, names: list[str]) -> list[dict]:
+        if not self.total:
+            return []
+        flat = np.concatenate([np.concatenate([t, k]) for t, k in zip(self.total, self.kept)]
+                              + [np.asarray(self.entropy + [self.n], dtype=np.float64)])
+        flat = _all_reduce(torch.from_numpy(flat)).numpy()
+        out, off = [], 0
+        for i, t in enumerate(self.total):
+            E = len(t)
+            tot, kept = flat[off:off + E], flat[off + E:off + 2 * E]
+            off += 2 * E
+            out.append({"name": names[i] if i < len(names) else f"moe {i}",
+                        "token_share": (tot / max(tot.sum(), 1)).tolist(),
+                        "dropped_fraction": float(1 - kept.sum() / max(tot.sum(), 1))})
+        n = flat[-1]
+        for i, o in enumerate(out):
+            o["router_entropy"] = float(flat[off + i] / max(n, 1))
+        return out
+
+
+class Trainer:
+    """One run: ``Trainer(cfg, run_dir, resume).run()`` returns summary.json's dict."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Optional[str] = None,
+                 resume: Optional[str] = None, log: Callable[[str], None] = print):
+        self.cfg = cfg
+        self.ctx = init_distributed(max_ep_size=cfg.max_ep_size, timeout_s=cfg.timeout_s)
+        self.rank, self.world, self.is_main = self.ctx.rank, self.ctx.world_size, self.ctx.is_main
+        self._log = log
+        if cfg.batch_size % self.world or cfg.eval_batch_size % self.world:
+            raise ConfigError(f"batch_size ({cfg.batch_size}) and eval_batch_size "
+                              f"({cfg.eval_batch_size}) must be divisible by the world size "
+                              f"({self.world})")
+        _threads(cfg)
+        self.device = _device(cfg, self.ctx)
+        self.amp_dtype = _precision(cfg, self.device)
+        train_set, test_set = load_dataset(cfg.dataset, cfg.data_dir)
+        self.train_set, self.test_set = train_set.to(self.device), test_set.to(self.device)
+        self.spe = steps_per_epoch(len(train_set), cfg.batch_size, cfg.steps_per_epoch)
+        self.run_dir, again = rundir.shared_choice(cfg.runs_root, cfg.name, run_dir, self.is_main)
+        self.ckpt_root = os.path.join(self.run_dir, "checkpoints")
+        ckpt = checkpoint.latest_in(self.run_dir) if again else None
+        if ckpt is None and resume is not None:
+            ckpt = checkpoint.find(resume)
+        moe_set_seed(cfg.seed)
+        model = build_model(cfg, train_set.shape, train_set.num_classes).to(self.device)
+        self.model = parallelize(model)
+        self.moe_names = [n for n, m in self.model.named_modules() if isinstance(m, MoE)]
+        self.opt = make_optimizer(self.model, cfg)
+        self.sched = WarmupCosine(self.opt, cfg.lr, cfg.min_lr, round(cfg.warmup_epochs * self.spe),
+                                  cfg.epochs * self.spe, cfg.schedule)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.augment = Augmenter(cfg, train_set.mean, train_set.std)
+        self.params_total, self.params_active = models.count_parameters(self.model)
+        self.epoch, self.step, self.history = 0, 0, []
+        self.last_ckpt: Optional[str] = None
+        if ckpt is not None:
+            self._load(ckpt)
+
+    def log(self, msg: str) -> None:
+        if self.is_main:
+            from tqdm import tqdm
+
+            tqdm.write(msg)
+
+    def _load(self, ckpt: str) -> None:
+        state = checkpoint.load(ckpt, self.model, self.opt, self.rank, self.world)
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.sched.load_state_dict(state["scheduler"])
+        if state.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        self.history = list(state.get("history", []))[: self.epoch]
+        self.last_ckpt = ckpt
+        self.log(f"resumed from {ckpt} (epoch {self.epoch}, step {self.step})")
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _state(self) -> dict:
+        return {"epoch": self.epoch, "step": self.step, "scheduler": self.sched.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+                "history": self.history, "config": self.cfg.to_dict(), "world_size": self.world}
+
+    def _loss(self, logits, y_a, y_b, lam):
+        ls = self.cfg.label_smoothing
+        logits = logits.float()
+        ce = F.cross_entropy(logits, y_a, label_smoothing=ls)
+        if lam < 1.0:
+            ce = lam * ce + (1 - lam) * F.cross_entropy(logits, y_b, label_smoothing=ls)
+        pred = logits.argmax(-1)
+        correct = lam * (pred == y_a).sum() + (1 - lam) * (pred == y_b).sum()
+        return ce, correct
+
+    def train_step(self, idx_b: torch.Tensor, batch_in_epoch: int) -> torch.Tensor:
+        """One optimizer step on this rank's images ``idx_b``; returns the global [loss, ce,
+        aux, correct, images] of the step."""
+        cfg, dev = self.cfg, self.device
+        gen = torch.Generator(device=dev)
+        gen.manual_seed(_seed(cfg.seed, self.step, self.rank, 0xA06))
+        rng = np.random.default_rng([cfg.seed, self.step, self.rank, 0x313])
+        x, y_a, y_b, lam = self.augment(self.train_set.images_NCHW[idx_b],
+                                        self.train_set.labels_N[idx_b], gen, rng)
+        self.opt.zero_grad(set_to_none=True)
+        with self._autocast():
+            logits, aux = self.model(x)
+        ce, correct = self._loss(logits, y_a, y_b, lam)
+        loss = ce + cfg.aux_loss_weight * aux.float()
+        n = torch.tensor(float(idx_b.numel()), device=dev)
+        sums = _all_reduce(torch.stack([loss.detach() * n, ce.detach() * n,
+                                        aux.detach().float() * n, correct.float(), n]))
+        if not torch.isfinite(sums[:3]).all():
+            where = (f"at step {self.step + 1} (epoch {self.epoch + 1}, batch {batch_in_epoch + 1} "
+                     f"of {self.spe})")
+            keep = (f"the last good checkpoint, {self.last_ckpt}, is left intact" if self.last_ckpt
+                    else "no checkpoint had been written yet")
+            raise NonFiniteLoss(f"non-finite loss ({float(sums[0] / sums[4])}) {where}; stopping "
+                                f"before applying this step: {keep}. Try a lower lr, a longer "
+                                "warmup or precision='fp32'.")
+        self.scaler.scale(loss).backward()
+        if cfg.clip_grad is not None:
+            self.scaler.unscale_(self.opt)
+            clip_grad_norm_(self.model, cfg.clip_grad)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.sched.step()
+        self.step += 1
+        _maybe_fault(self.step, self.rank)
+        return sums
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float]:
+        """(loss, accuracy) on the test set; each rank evaluates its shard in equal-size batches
+        (so all ranks run the same number of forwards, as the all-to-all needs)."""
+        self.model.eval()
+        N = len(self.test_set)
+        per = -(-N // self.world)
+        b = self.cfg.eval_batch_size // self.world
+        idx_all = torch.arange(self.rank * per, (self.rank + 1) * per, device=self.device)
+        sums = torch.zeros(3, device=self.device, dtype=torch.float64)
+        mean, std = self.test_set.mean, self.test_set.std
+        for s in range(0, per, b):
+            idx = idx_all[s:s + b]
+            valid = idx < N
+            idx = idx.clamp(max=N - 1)
+            x = normalize(self.test_set.images_NCHW[idx].float() / 255, mean, std)
+            y = self.test_set.labels_N[idx]
+            with self._autocast():
+                logits, _ = self.model(x)
+            logits = logits.float()
+            loss = F.cross_entropy(logits, y, reduction="none")
+            sums += torch.stack([(loss * valid).sum(), ((logits.argmax(-1) == y) & valid).sum(),
+                                 valid.sum()]).double()
+        _all_reduce(sums)
+        self.model.train()
+        return float(sums[0] / sums[2]), float(sums[1] / sums[2])
+
+    def train_epoch(self):
+        cfg = self.cfg
+        from tqdm import tqdm
+
+        order = epoch_order(len(self.train_set), self.epoch, cfg.seed).to(self.device)
+        meter = LoadMeter()
+        totals = torch.zeros(5, dtype=torch.float64)
+        bar = tqdm(total=self.spe, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", leave=False,
+                   dynamic_ncols=True, unit="step", mininterval=0.5,
+                   disable=not (self.is_main and cfg.progress))
+        t0, stopped, steps = time.perf_counter(), False, 0
+        for i in range(self.spe):
+            if cfg.max_steps is not None and self.step >= cfg.max_steps:
+                stopped = True
+                break
+            idx = rank_batch(order, i, cfg.batch_size, self.rank, self.world)
+            sums = self.train_step(idx, i).double().cpu()
+            totals += sums
+            steps += 1
+            meter.add(models.routing_stats(self.model))
+            if bar.disable:
+                continue
+            rate = totals[4].item() / max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix(loss=f"{sums[0] / sums[4]:.4f}", acc=f"{100 * totals[3] / totals[4]:.1f}%",
+                            img_s=f"{rate:.0f}", refresh=False)
+            bar.update(1)
+        bar.close()
+        train_time = time.perf_counter() - t0
+        if cfg.max_steps is not None and self.step >= cfg.max_steps:
+            stopped = True
+        return totals, meter, train_time, steps, stopped
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        if self.is_main:
+            report.write_json(os.path.join(self.run_dir, "config.json"), cfg.to_dict())
+            report.write_metrics(os.path.join(self.run_dir, "metrics.jsonl"), self.history)
+            layers = {m.layout.ep_size for m in self.model.modules() if isinstance(m, MoE)}
+            self.log(models.describe(self.model))
+            self.log(f"run dir {self.run_dir}; {self.world} process(es), device {self.device}, "
+                     f"precision {self.amp_dtype or torch.float32}, ep_size {sorted(layers) or '-'}, "
+                     f"{self.spe} steps/epoch of {cfg.batch_size} images")
+        summary = None
+        while self.epoch < cfg.epochs:
+            totals, meter, train_time, steps, stopped = self.train_epoch()
+            if steps == 0:
+                break
+            t1 = time.perf_counter()
+            eval_loss, eval_acc = self.evaluate()
+            eval_time = time.perf_counter() - t1
+            self.epoch += 1
+            best = max([r["eval_accuracy"] for r in self.history] + [eval_acc])
+            is_best = not self.history or eval_acc > max(r["eval_accuracy"] for r in self.history)
+            moe = meter.result(self.moe_names)
+            n = float(totals[4])
+            rec = {
+                "epoch": self.epoch, "step": self.step, "lr": self.sched.lr,
+                "train_loss": float(totals[0]) / n, "train_ce": float(totals[1]) / n,
+                "train_aux": float(totals[2]) / n, "train_accuracy": float(totals[3]) / n,
+                "eval_loss": eval_loss, "eval_accuracy": eval_acc, "best_eval_accuracy": best,
+                "images_per_second": n / train_time if train_time > 0 else 0.0,
+                "train_images": int(n), "train_time_s": train_time, "eval_time_s": eval_time,
+                "dropped_fraction": (float(np.mean([m["dropped_fraction"] for m in moe]))
+                                     if moe else None),
+                "moe": moe,
+            }
+            self.history.append(rec)
+            last = self.epoch >= cfg.epochs or stopped
+            if last or is_best or self.epoch % cfg.checkpoint_every == 0:
+                self.last_ckpt = checkpoint.save(self.ckpt_root, self.epoch, self.model, self.opt,
+                                                 self._state(), self.is_main, is_best,
+                                                 cfg.keep_checkpoints) or self.last_ckpt
+            summary = report.summary(self.history, self.params_total, self.params_active)
+            if self.is_main:
+                self._write_epoch(summary)
+                self.log(report.epoch_line(rec, cfg.epochs))
+            if stopped:
+                break
+        if summary is None and self.history:
+            summary = report.summary(self.history, self.params_total, self.params_active)
+        if self.is_main and summary is not None:
+            self.log(report.end_table(summary, self.history, self.run_dir))
+        return summary or {}
+
+    def _write_epoch(self, summary: dict) -> None:
+        d = self.run_dir
+        report.write_metrics(os.path.join(d, "metrics.jsonl"), self.history)
+        report.write_json(os.path.join(d, "summary.json"), summary)
+        if self.cfg.plots:
+            report.plot_curves(os.path.join(d, "curves.png"), self.history)
+            report.plot_expert_load(os.path.join(d, "expert_load.png"), self.history)
+
+
+def train(cfg: TrainConfig, run_dir: Optional[str] = None, resume: Optional[str] = None) -> dict:
+    """Run training as configured; returns the summary (also written to summary.json)."""
+    return Trainer(cfg, run_dir, resume).run()
+
+
+__all__ = ["train", "Trainer", "NonFiniteLoss", "build_model", "FAULT_STEP_ENV", "FAULT_RANK_ENV"]

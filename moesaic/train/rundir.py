@@ -1,0 +1,74 @@
+"""Where a run writes: ``runs/<name>/<timestamp>``, chosen once by rank 0 and shared.
+
+Under torchrun with ``--max-restarts``, restarted workers must find the same run dir to resume
+from its latest checkpoint. Rank 0 tags the dir with a key of the launching agent (torchrun's
+run id, the host and the agent's process id, all unchanged across restarts); a restarted rank 0
+finds the dir by that key.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Optional
+
+import torch.distributed as dist
+
+ELASTIC_FILE = "elastic_key"
+
+
+def elastic_key() -> Optional[str]:
+    """A key that stays the same across torchrun restarts of one job (None outside torchrun)."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_id is None:
+        return None
+    return f"{run_id}:{socket.gethostname()}:{os.getppid()}"
+
+
+def restart_count() -> int:
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
+def _find_by_key(parent: str, key: str) -> Optional[str]:
+    if not os.path.isdir(parent):
+        return None
+    for name in sorted(os.listdir(parent), reverse=True):
+        f = os.path.join(parent, name, ELASTIC_FILE)
+        if os.path.isfile(f):
+            with open(f) as fh:
+                if fh.read().strip() == key:
+                    return os.path.join(parent, name)
+    return None
+
+
+def _new_dir(parent: str) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path, i = os.path.join(parent, stamp), 1
+    while os.path.exists(path):
+        path = os.path.join(parent, f"{stamp}-{i}")
+        i += 1
+    return path
+
+
+def choose(runs_root: str, name: str, given: Optional[str]) -> tuple[str, bool]:
+    """(run dir, found again after a torchrun restart). Rank 0 only."""
+    key = elastic_key()
+    if given is not None:
+        path, again = given, False
+    else:
+        parent = os.path.join(runs_root, name)
+        found = _find_by_key(parent, key) if key is not None else None
+        path, again = (found, True) if found is not None else (_new_dir(parent), False)
+    os.makedirs(os.path.join(path, "checkpoints"), exist_ok=True)
+    if key is not None:
+        with open(os.path.join(path, ELASTIC_FILE), "w") as f:
+            f.write(key)
+    return path, again or (given is not None and restart_count() > 0)
+
+
+def shared_choice(runs_root: str, name: str, given: Optional[str], is_main: bool) -> tuple[str, bool]:
+    """Rank 0 chooses; every rank gets the same answer."""
+    out = [choose(runs_root, name, given) if is_main else None]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(out, src=0)
+    return out[0]

@@ -1,0 +1,140 @@
+"""Data: CIFAR-10 pickles (written here), missing/damaged files, shards, batched augmentation."""
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from moesaic.train import augment as A
+from moesaic.train.data import (DataError, epoch_order, load_cifar10, load_digits, rank_batch,
+                                steps_per_epoch)
+
+
+def write_cifar(root, n_train=40, n_test=40, seed=0):
+    """CIFAR-10-format pickles under root/cifar-10-batches-py (images carry a class-dependent
+    brightness, so a tiny model can learn something)."""
+    d = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(d, exist_ok=True)
+    rng = np.random.default_rng(seed)
+
+    def batch(n):
+        labels = rng.integers(0, 10, n)
+        data = rng.integers(0, 100, (n, 3072)) + labels[:, None] * 15
+        return {b"batch_label": b"x", b"labels": labels.tolist(),
+                b"data": data.astype(np.uint8), b"filenames": [b"f"] * n}
+
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(os.path.join(d, name), "wb") as f:
+            pickle.dump(batch(n_test if name == "test_batch" else n_train), f)
+    return d
+
+
+def test_cifar_pickles_load_from_data_or_folder(tmp_path, monkeypatch):
+    d = write_cifar(str(tmp_path))
+    monkeypatch.setenv("DATA", str(tmp_path))
+    tr, te = load_cifar10()
+    assert tr.images_NCHW.shape == (200, 3, 32, 32) and tr.images_NCHW.dtype == torch.uint8
+    assert te.labels_N.shape == (40,) and tr.num_classes == 10
+    tr2, _ = load_cifar10(d)  # pointing at the folder itself
+    assert torch.equal(tr.images_NCHW, tr2.images_NCHW)
+
+
+def test_missing_cifar_says_where_and_layout(tmp_path, monkeypatch):
+    monkeypatch.setenv("DATA", str(tmp_path))
+    with pytest.raises(DataError) as e:
+        load_cifar10()
+    msg = str(e.value)
+    assert str(tmp_path) in msg and "data_batch_1" in msg and "test_batch" in msg
+    monkeypatch.delenv("DATA")
+    with pytest.raises(DataError, match=r"\$DATA"):
+        load_cifar10()
+
+
+def test_damaged_cifar_names_the_file(tmp_path):
+    d = write_cifar(str(tmp_path))
+    with open(os.path.join(d, "data_batch_3"), "wb") as f:
+        f.write(b"\x80\x04not a pickle")
+    with pytest.raises(DataError, match="data_batch_3.*damaged"):
+        load_cifar10(str(tmp_path))
+    write_cifar(str(tmp_path))
+    with open(os.path.join(d, "test_batch"), "wb") as f:
+        pickle.dump({b"data": np.zeros((5, 100), np.uint8), b"labels": [0] * 5}, f)
+    with pytest.raises(DataError, match=r"test_batch.*uint8 \[N, 3072\]"):
+        load_cifar10(str(tmp_path))
+    os.remove(os.path.join(d, "data_batch_5"))
+    with pytest.raises(DataError, match="missing file .*data_batch_5"):
+        load_cifar10(str(tmp_path))
+
+
+def test_digits_split_is_fixed():
+    tr, te = load_digits()
+    assert len(tr) + len(te) == 1797 and tr.shape == (1, 8, 8)
+    tr2, te2 = load_digits()
+    assert torch.equal(te.labels_N, te2.labels_N)
+
+
+def test_shards_cover_the_global_batch_and_orders_depend_on_epoch_and_seed():
+    n, B = 100, 8
+    o = epoch_order(n, 0, 1)
+    assert torch.equal(o, epoch_order(n, 0, 1))
+    assert not torch.equal(o, epoch_order(n, 1, 1)) and not torch.equal(o, epoch_order(n, 0, 2))
+    parts = [rank_batch(o, 3, B, r, 2) for r in range(2)]
+    assert torch.equal(torch.cat(parts), o[24:32])
+    assert steps_per_epoch(100, 8) == 12 and steps_per_epoch(100, 8, 5) == 5
+
+
+def _gen(seed=0):
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g
+
+
+def test_every_op_keeps_shape_and_range():
+    x = torch.rand(6, 3, 16, 16)
+    v = torch.full((6,), 0.5)
+    for name, op in A.OPS.items():
+        arg = {"Posterize": torch.full((6,), 4.0), "Rotate": torch.full((6,), 20.0),
+               "TranslateX": torch.full((6,), 3.0), "TranslateY": torch.full((6,), 3.0)}.get(name, v)
+        y = op(x, arg)
+        assert y.shape == x.shape, name
+        assert y.min() >= 0 and y.max() <= 1, name
+
+
+def test_ops_do_what_they_say():
+    x = torch.rand(2, 1, 8, 8)
+    assert torch.allclose(A.translate_x(x, torch.tensor([1.0, 1.0]))[..., 1:], x[..., :-1])
+    assert torch.allclose(A.invert(x), 1 - x)
+    assert torch.allclose(A.rotate(x, torch.zeros(2)), x)
+    q = A.posterize(x, torch.tensor([1.0, 8.0]))
+    assert set((q[0] * 255).round().unique().tolist()) <= {0.0, 128.0}
+    assert torch.allclose(q[1], (x[1] * 255).round() / 255)
+    e = A.equalize(torch.linspace(0, 0.5, 1024).view(1, 1, 32, 32))
+    assert e.max() > 0.95  # stretched to the full range
+    ac = A.autocontrast(x * 0.5 + 0.25)
+    assert torch.allclose(ac.amin(dim=(2, 3)), torch.zeros(2, 1), atol=1e-6)
+
+
+def test_policies_are_batched_and_reproducible():
+    x = torch.rand(32, 3, 32, 32)
+    a = A.auto_augment_cifar10(x, _gen(1))
+    assert torch.equal(a, A.auto_augment_cifar10(x, _gen(1)))
+    assert not torch.equal(a, x) and a.shape == x.shape
+    r = A.rand_augment(x, 2, 9, _gen(2))
+    assert torch.equal(r, A.rand_augment(x, 2, 9, _gen(2))) and r.shape == x.shape
+    c = A.random_crop(x, 4, _gen(3))
+    assert c.shape == x.shape
+    f = A.random_hflip(x, _gen(4))
+    flipped = [(torch.equal(f[i], x[i].flip(-1))) for i in range(32)]
+    assert 0 < sum(flipped) < 32
+
+
+def test_mixup_and_cutmix_weights():
+    x, y = torch.rand(8, 3, 16, 16), torch.arange(8)
+    rng = np.random.default_rng(0)
+    xm, ya, yb, lam = A.mix(x, y, 0.8, 0.0, 1.0, 0.5, rng)
+    assert torch.allclose(xm, lam * x + (1 - lam) * x.flip(0)) and torch.equal(yb, y.flip(0))
+    xc, _, _, lam = A.mix(x, y, 0.0, 1.0, 1.0, 0.5, np.random.default_rng(1))
+    from_partner = (xc != x).any(1).float().mean().item()
+    assert abs((1 - lam) - from_partner) < 0.05
+    assert A.mix(x, y, 0.0, 0.0, 1.0, 0.5, rng)[3] == 1.0
