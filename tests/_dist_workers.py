@@ -105,6 +105,24 @@ def check_equivalence(rank, world, ctx, seed, steps=3, clip=None, **kw):
     return model
 
 
+def check_no_sync(rank, world, ctx, seed):
+    """Two micro-batches, the first under no_sync: the gradients equal the one-process
+    gradients of both micro-batches together."""
+    ref, model = _build_pair(ctx, seed, experts=(4,))
+    x, target = _data(world)
+    lo, hi = rank * B, (rank + 1) * B
+    for part in (slice(0, S // 2), slice(S // 2, S)):
+        out_ref, _ = ref(x[:, part])
+        ((out_ref - target[:, part]).square().mean() / 2).backward()
+    with moesaic.no_sync(model):
+        out, _ = model(x[lo:hi, :S // 2])
+        ((out - target[lo:hi, :S // 2]).square().mean() / 2).backward()
+    out, _ = model(x[lo:hi, S // 2:])
+    ((out - target[lo:hi, S // 2:]).square().mean() / 2).backward()
+    _assert_grads_equal(ref, model, "no_sync accumulation")
+    assert moesaic.parallelize(model) is model
+
+
 def check_aux_loss(rank, world, ctx, seed):
     """The balance loss is per rank: each rank's aux loss equals the one-process layer's on
     that rank's slice, and the synchronised router gradient is the mean over the ranks' slices."""
@@ -137,6 +155,7 @@ def two_ranks(rank, world):
     assert comm_stats(model).bytes_sent > 0
     check_equivalence(rank, world, ctx, 2, experts=(4,), drop_tokens=True, capacity_factor=4.0)
     check_aux_loss(rank, world, ctx, 3)
+    check_no_sync(rank, world, ctx, 8)
     # one expert, two ranks: replicated, synchronised over the two ranks
     check_equivalence(rank, world, ctx, 4, steps=1, experts=(1,), top_k=1)
     # per-rank noise streams

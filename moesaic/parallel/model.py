@@ -90,6 +90,8 @@ def parallelize(model: nn.Module, bucket_mb: float = 25.0) -> nn.Module:
     world, experts over their expert-data-parallel group, both giving the mean over the world's
     tokens) and moves router noise and dropout to per-rank streams. Returns ``model`` itself.
     """
+    if parallel_state(model) is not None:
+        return model
     ctx = get_context() or ParallelContext()
     layers = moe_layers(model)
     for name, m in model.named_modules():

@@ -51,12 +51,16 @@ def predicted_alltoall_seconds(bytes_per_rank: float, ep_size: int, gpus_per_nod
 def table(gpus=(8, 64, 512), tokens: int = 8192, d_model: int = 4096, top_k: int = 2,
           capacity_factor: float = 1.25, bytes_per_elem: int = 2) -> str:
     """The predicted-time table of docs/parallelism.md (one expert per GPU, E = ep = GPUs)."""
-    lines = ["| GPUs (= ep) | MB sent per rank per exchange | one exchange (ms) | "
-             "training step, 4 exchanges (ms) |", "|---|---|---|---|"]
+    lines = ["| GPUs (= ep = E) | MB per rank per exchange, cf 1.25 / dropless | one exchange "
+             "(ms), cf 1.25 / dropless | per layer per training step, 4 exchanges (ms), "
+             "cf 1.25 / dropless |", "|---|---|---|---|"]
     for n in gpus:
-        b = alltoall_bytes_per_rank(tokens, d_model, top_k, n, bytes_per_elem, n, capacity_factor)
-        t = predicted_alltoall_seconds(b, n)
-        lines.append(f"| {n} | {b / 1e6:.1f} | {t * 1e3:.2f} | {4 * t * 1e3:.2f} |")
+        b_cap = alltoall_bytes_per_rank(tokens, d_model, top_k, n, bytes_per_elem, n,
+                                        capacity_factor)
+        b_free = alltoall_bytes_per_rank(tokens, d_model, top_k, n, bytes_per_elem)
+        t_cap, t_free = (predicted_alltoall_seconds(b, n) for b in (b_cap, b_free))
+        lines.append(f"| {n} | {b_cap / 1e6:.1f} / {b_free / 1e6:.1f} | {t_cap * 1e3:.2f} / "
+                     f"{t_free * 1e3:.2f} | {4 * t_cap * 1e3:.1f} / {4 * t_free * 1e3:.1f} |")
     return "\n".join(lines)
 
 
