@@ -1,0 +1,99 @@
+"""Config files, overrides, validation errors, and the command line's help."""
+import pytest
+
+from moesaic.__main__ import main
+from moesaic.train import digits_default
+from moesaic.train.config import ConfigError, TrainConfig, apply_overrides, load_file
+
+
+def _write(tmp_path, text, name="cfg.py"):
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+def test_upper_case_file_and_overrides(tmp_path):
+    cfg = load_file(_write(tmp_path, "BATCH_SIZE = 32\nEPOCHS = 3\nLR = 1e-3\n"
+                                     "MODEL_ARGS = {'depth': 2}\nimport os\n_PRIVATE = 1\n"))
+    assert (cfg.batch_size, cfg.epochs, cfg.lr, cfg.model_args) == (32, 3, 1e-3, {"depth": 2})
+    cfg = apply_overrides(cfg, ["epochs=5", "betas=(0.9, 0.99)", "clip_grad=None",
+                                "model_args.num_experts=8", "name=run1", "MIN_LR=1e-5"])
+    assert cfg.epochs == 5 and cfg.betas == (0.9, 0.99) and cfg.clip_grad is None
+    assert cfg.model_args == {"depth": 2, "num_experts": 8} and cfg.name == "run1"
+    assert cfg.min_lr == 1e-5
+
+
+def test_function_style_file(tmp_path):
+    p = _write(tmp_path, "from moesaic.train import TrainConfig\n"
+                         "def config():\n    return TrainConfig(epochs=7, hflip=True)\n")
+    cfg = load_file(p)
+    assert isinstance(cfg, TrainConfig) and cfg.epochs == 7 and cfg.hflip
+
+
+def test_shipped_configs_load():
+    import glob
+
+    files = sorted(glob.glob("configs/*.py"))
+    assert len(files) >= 6
+    for f in files:
+        load_file(f)
+    prmoe = load_file("configs/cifar10_vit_moe_lite6_prmoe.py")
+    assert (prmoe.batch_size, prmoe.lr, prmoe.weight_decay, prmoe.epochs, prmoe.warmup_epochs,
+            prmoe.label_smoothing, prmoe.aux_loss_weight, prmoe.clip_grad, prmoe.crop_padding,
+            prmoe.auto_augment, prmoe.max_ep_size) == (512, 2e-3, 3e-2, 200, 40, 0.1, 0.01, 1.0,
+                                                       4, "cifar10", 1)
+    assert load_file("configs/digits_vit_moe.py") == digits_default()
+
+
+def test_unknown_key_names_the_closest(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key 'BATCH_SIZ'.*did you mean: BATCH_SIZE"):
+        load_file(_write(tmp_path, "BATCH_SIZ = 3\n"))
+    with pytest.raises(ConfigError, match=r"'warmup_epoch'.*warmup_epochs"):
+        apply_overrides(TrainConfig(), ["warmup_epoch=3"])
+
+
+def test_bad_values_name_field_and_value(tmp_path):
+    with pytest.raises(ConfigError, match=r"batch_size: expected int.*'many'"):
+        load_file(_write(tmp_path, "BATCH_SIZE = 'many'\n"))
+    with pytest.raises(ConfigError, match=r"lr must be > 0, got -1"):
+        apply_overrides(TrainConfig(), ["lr=-1"])
+    with pytest.raises(ConfigError, match=r"dataset must be one of .*'mnist'"):
+        apply_overrides(TrainConfig(), ["dataset=mnist"])
+    with pytest.raises(ConfigError, match=r"hflip: expected bool"):
+        apply_overrides(TrainConfig(), ["hflip=1"])
+    with pytest.raises(ConfigError, match=r"--set expects key=value"):
+        apply_overrides(TrainConfig(), ["epochs"])
+    with pytest.raises(ConfigError, match="both config"):
+        load_file(_write(tmp_path, "EPOCHS = 2\ndef config():\n    return {}\n"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_file(str(tmp_path / "nope.py"))
+
+
+def test_cli_reports_config_errors(tmp_path, capsys):
+    assert main(["train", "--set", "batchsize=3"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'batchsize'" in err and "batch_size" in err
+
+
+def test_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for opt in ("--config", "--set", "--resume", "--run-dir", "torchrun"):
+        assert opt in out
+    from dataclasses import fields
+
+    for f in fields(TrainConfig):
+        assert f"  {f.name} = " in out, f.name
+
+
+def test_models_lists_registry(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out.split()
+    assert "vit_moe_lite6_prmoe" in out and "vit_lite6" in out
+
+
+def test_print_config(capsys):
+    assert main(["train", "--set", "epochs=3", "--print-config"]) == 0
+    assert '"epochs": 3' in capsys.readouterr().out

@@ -1,0 +1,127 @@
+"""End-to-end runs in this process: tiny CIFAR-format runs, the embedded default, exact resume,
+a non-finite loss, missing data."""
+import json
+import os
+
+import pytest
+import torch
+
+from moesaic.__main__ import main
+from moesaic.train import checkpoint, loop
+from test_train_data import write_cifar
+
+TINY_MODEL = {"depth": 2, "d_model": 32, "num_heads": 2, "patch_size": 8, "num_experts": 4}
+
+
+def tiny_config(path, data_dir, **extra):
+    """A CIFAR config file for a tiny ViT-MoE: 2 steps per epoch of 40 images."""
+    values = dict(NAME="tiny", MODEL="vit_moe_tiny", MODEL_ARGS=TINY_MODEL, DATASET="cifar10",
+                  DATA_DIR=str(data_dir), BATCH_SIZE=40, EVAL_BATCH_SIZE=40, EPOCHS=2,
+                  STEPS_PER_EPOCH=2, LR=1e-3, WARMUP_EPOCHS=1, CHECKPOINT_EVERY=1,
+                  KEEP_CHECKPOINTS=5, PROGRESS=False, PLOTS=False, THREADS=1)
+    values.update(extra)
+    with open(path, "w") as f:
+        f.writelines(f"{k} = {v!r}\n" for k, v in values.items())
+    return str(path)
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_tiny_cifar_run_writes_the_run_dir(tmp_path):
+    write_cifar(str(tmp_path))
+    cfg = tiny_config(tmp_path / "c.py", tmp_path, PLOTS=True, CROP_PADDING=4, HFLIP=True,
+                      AUTO_AUGMENT="cifar10", RANDAUG_OPS=1, MIXUP_ALPHA=0.8, CUTMIX_ALPHA=1.0,
+                      WD_EXCLUDE_NORM_BIAS_EMBED=True, LABEL_SMOOTHING=0.1)
+    run = str(tmp_path / "run")
+    assert main(["train", "--config", cfg, "--run-dir", run]) == 0
+    for f in ("config.json", "metrics.jsonl", "summary.json", "curves.png", "expert_load.png",
+              "checkpoints/latest.json", "checkpoints/best.json"):
+        assert os.path.exists(os.path.join(run, f)), f
+    with open(os.path.join(run, "summary.json")) as f:
+        summary = json.load(f)
+    assert sorted(summary) == sorted(["best_eval_accuracy", "final_eval_accuracy", "epochs",
+                                      "train_images_per_second", "params_total",
+                                      "params_active_per_token"])
+    assert summary["epochs"] == 2 and summary["params_total"] > summary["params_active_per_token"]
+    recs = read_metrics(run)
+    assert [r["epoch"] for r in recs] == [1, 2]
+    moe = recs[-1]["moe"]
+    assert len(moe) == 1 and len(moe[0]["token_share"]) == 4
+    assert abs(sum(moe[0]["token_share"]) - 1) < 1e-6 and 0 <= moe[0]["dropped_fraction"] < 1
+    for k in ("train_loss", "eval_loss", "train_accuracy", "eval_accuracy", "lr",
+              "images_per_second", "dropped_fraction"):
+        assert k in recs[-1]
+    with open(os.path.join(run, "config.json")) as f:
+        assert json.load(f)["auto_augment"] == "cifar10"
+
+
+def test_missing_data_fails_clearly(tmp_path, capsys):
+    cfg = tiny_config(tmp_path / "c.py", tmp_path / "nowhere")
+    assert main(["train", "--config", cfg, "--run-dir", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert "CIFAR-10 not found" in err and "nowhere" in err and "data_batch_1" in err
+
+
+def test_embedded_default_runs_a_few_steps(tmp_path):
+    run = str(tmp_path / "run")
+    assert main(["train", "--set", "max_steps=3", "--set", "progress=False", "--run-dir", run]) == 0
+    recs = read_metrics(run)
+    assert len(recs) == 1 and recs[0]["step"] == 3 and recs[0]["train_images"] == 3 * 64
+    assert 0 <= recs[0]["eval_accuracy"] <= 1
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    """Noise, dropout and mixup all draw random numbers: resuming from epoch 1 must replay
+    epochs 2 and 3 bit for bit."""
+    write_cifar(str(tmp_path))
+    extra = dict(EPOCHS=3, MIXUP_ALPHA=0.5, CROP_PADDING=2,
+                 MODEL_ARGS={**TINY_MODEL, "noise_policy": "jitter", "drop_rate": 0.1})
+    cfg = tiny_config(tmp_path / "c.py", tmp_path, **extra)
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    assert main(["train", "--config", cfg, "--run-dir", full]) == 0
+    ckpt = os.path.join(full, "checkpoints", "epoch_0001")
+    assert main(["train", "--resume", ckpt, "--run-dir", part]) == 0  # config from checkpoint
+    a, b = read_metrics(full), read_metrics(part)
+    assert len(a) == len(b) == 3
+    keys = ("step", "lr", "train_loss", "train_aux", "train_accuracy", "eval_loss",
+            "eval_accuracy", "moe")
+    for ra, rb in zip(a, b):
+        assert {k: ra[k] for k in keys} == {k: rb[k] for k in keys}
+    wa = checkpoint._load_tensors(os.path.join(full, "checkpoints/epoch_0003/model.safetensors"))
+    wb = checkpoint._load_tensors(os.path.join(part, "checkpoints/epoch_0003/model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch, capsys):
+    write_cifar(str(tmp_path))
+    build = loop.build_model
+
+    def poisoned(*args, **kwargs):
+        model = build(*args, **kwargs)
+        forward, calls = model.forward, [0]
+
+        def nan_after_three(x):
+            logits, aux = forward(x)
+            if model.training:
+                calls[0] += 1
+                if calls[0] >= 4:
+                    logits = logits * float("nan")
+            return logits, aux
+
+        model.forward = nan_after_three
+        return model
+
+    monkeypatch.setattr(loop, "build_model", poisoned)
+    cfg = tiny_config(tmp_path / "c.py", tmp_path, EPOCHS=3)
+    run = str(tmp_path / "run")
+    assert main(["train", "--config", cfg, "--run-dir", run]) == 1
+    err = capsys.readouterr().err
+    assert "non-finite loss" in err and "at step 4 (epoch 2, batch 2 of 2)" in err
+    assert "epoch_0001" in err
+    ck = checkpoint.find(run)
+    assert ck.endswith("epoch_0001") and checkpoint.read_state(ck)["step"] == 2
+    assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == [
+        "best.json", "epoch_0001", "latest.json"]
