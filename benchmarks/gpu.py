@@ -56,6 +56,7 @@ class Run:
     def __init__(self, out: Path, meta: dict):
         self.out = out
         self.t0 = time.perf_counter()
+        self.budget_s = float("inf")
         self.data = {**meta, "checks": [], "timings": [], "speedups": [], "errors": []}
 
     def elapsed(self) -> float:
@@ -315,6 +316,10 @@ def time_layer(run, device, T, D, E, K, dtype, warmup, iters, variants):
     init = experts_mod.Experts.reset_parameters
     for kernels, cuda_path in variants:
         label = f"{kernels}+{cuda_path}"
+        if run.elapsed() > run.budget_s + 45:
+            run.data["errors"].append({"section": f"layer {label} {shape}",
+                                       "error": "skipped: time budget spent"})
+            continue
         layer = x = g = None
         try:
             experts_mod.Experts.reset_parameters = _fast_init
@@ -399,6 +404,7 @@ def main():
         variants = (("torch", "loop"), ("torch", "auto"), ("triton", "auto"))
     seed = random.SystemRandom().randrange(2**31)
     run = Run(Path(args.out), {**machine(device), "dry_run": args.dry_run, "seed": seed})
+    run.budget_s = args.budget_s
     print(json.dumps({k: v for k, v in run.data.items() if not isinstance(v, list)}), flush=True)
     gen = torch.Generator(device=device).manual_seed(seed)
     tops = run.section("import kernels", lambda: __import__("moesaic.kernels",
