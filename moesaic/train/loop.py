@@ -13,6 +13,7 @@ Legend: B global batch, b per-rank batch, E experts of a layer.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import os
 import signal
@@ -86,6 +87,28 @@ def _threads(cfg: TrainConfig) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
 
 
+def _init_for_restarts(timeout_s: float) -> None:
+    """Start the process group on a store namespaced by torchrun's restart count.
+
+    torchrun's workers share the agent's store across restarts, so a restarted group would read
+    the dead attempt's addresses and fail to connect (seen with torch 2.13 and gloo). A
+    per-attempt prefix keeps each attempt's keys apart. ``init_distributed`` then finds the
+    group already started and uses it.
+    """
+    if (dist.is_initialized() or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+            or int(os.environ.get("WORLD_SIZE", "1")) <= 1):
+        return
+    timeout = datetime.timedelta(seconds=timeout_s)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                         is_master=False, timeout=timeout)
+    store = dist.PrefixStore(f"moesaic/attempt_{rundir.restart_count()}", base)
+    dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
+                            world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
+
+
 def _maybe_fault(step: int, rank: int) -> None:
     """Test hook: SIGKILL this rank at a given step on torchrun's first attempt."""
     at = os.environ.get(FAULT_STEP_ENV)
@@ -153,6 +176,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Optional[str] = None,
                  resume: Optional[str] = None, log: Callable[[str], None] = print):
         self.cfg = cfg
+        _init_for_restarts(cfg.timeout_s)
         self.ctx = init_distributed(max_ep_size=cfg.max_ep_size, timeout_s=cfg.timeout_s)
         self.rank, self.world, self.is_main = self.ctx.rank, self.ctx.world_size, self.ctx.is_main
         self._log = log

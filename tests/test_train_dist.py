@@ -1,0 +1,88 @@
+"""Training under torchrun with 2 processes (gloo): expert parallelism (max_ep_size 2), a
+checkpoint that loads in one process, and a rank killed mid-epoch under --max-restarts=1."""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from moesaic.train import checkpoint
+from moesaic.train.config import apply_overrides, load_file
+from moesaic.train.loop import FAULT_RANK_ENV, FAULT_STEP_ENV, Trainer
+from test_train_data import write_cifar
+from test_train_run import TINY_MODEL, read_metrics, tiny_config
+
+TIMING = ("images_per_second", "train_time_s", "eval_time_s")
+
+
+def torchrun(args, extra_env=None, restarts=0, timeout=240):
+    """``torchrun --standalone --nproc_per_node=2`` (it picks a free port) with a time limit."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(extra_env or {})}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           f"--max-restarts={restarts}", "-m", "moesaic", "train", *args]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    return p.stdout + p.stderr
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """CIFAR-format data, a tiny expert-parallel config (4 experts over 2 ranks, eval with room
+    for every token) and one uninterrupted 2-process run of it."""
+    root = tmp_path_factory.mktemp("dist")
+    write_cifar(str(root))
+    cfg = tiny_config(root / "c.py", root, MAX_EP_SIZE=2, PLOTS=True,
+                      MODEL_ARGS={**TINY_MODEL, "eval_capacity_factor": 4.0})
+    run = str(root / "uninterrupted")
+    out = torchrun(["--config", cfg, "--run-dir", run])
+    return root, cfg, run, out
+
+
+def _strip(records):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+def test_two_process_training(setup):
+    root, cfg, run, out = setup
+    assert "2 process(es)" in out and "ep_size [2]" in out
+    recs = read_metrics(run)
+    assert [r["epoch"] for r in recs] == [1, 2] and recs[-1]["step"] == 4
+    assert recs[-1]["train_images"] == 2 * 40  # the global batch, summed over ranks
+    with open(os.path.join(run, "summary.json")) as f:
+        assert json.load(f)["epochs"] == 2
+    assert os.path.exists(os.path.join(run, "curves.png"))
+
+
+def test_checkpoint_from_two_ranks_loads_in_one_process(setup, tmp_path):
+    root, cfg_path, run, _ = setup
+    ck = checkpoint.find(run)
+    cfg = apply_overrides(load_file(cfg_path), ["max_ep_size=1", "epochs=3"])
+    tr = Trainer(cfg, run_dir=str(tmp_path / "one"), resume=ck)
+    assert tr.world == 1 and all(m.layout.ep_size == 1 for m in tr.model.moe_layers())
+    saved = checkpoint._load_tensors(os.path.join(ck, "model.safetensors"))
+    mine = tr.model.state_dict()
+    assert saved.keys() == mine.keys()
+    assert all(torch.equal(saved[k], mine[k]) for k in saved)
+    w1 = tr.model.moe_layers()[0].experts.w1
+    assert w1.shape[0] == 4 and tr.opt.state[w1]["exp_avg"].shape == w1.shape
+    _, acc = tr.evaluate()
+    assert acc == read_metrics(run)[-1]["eval_accuracy"]
+    summary = tr.run()  # one more epoch at max_ep_size 1, from the 2-rank optimizer state
+    assert summary["epochs"] == 3
+
+
+def test_killed_rank_restarts_and_finishes_like_uninterrupted(setup):
+    root, cfg, run, _ = setup
+    runs_root = str(root / "restarted")
+    out = torchrun(["--config", cfg, "--set", f"runs_root={runs_root!r}"],
+                   extra_env={FAULT_STEP_ENV: "3", FAULT_RANK_ENV: "1"}, restarts=1)
+    assert "resumed from" in out and "epoch_0001" in out
+    (again,) = glob.glob(os.path.join(runs_root, "tiny", "*"))
+    assert _strip(read_metrics(again)) == _strip(read_metrics(run))
+    with open(os.path.join(again, "summary.json")) as f, open(os.path.join(run, "summary.json")) as g:
+        a, b = json.load(f), json.load(g)
+    for k in ("best_eval_accuracy", "final_eval_accuracy", "epochs", "params_total"):
+        assert a[k] == b[k]
