@@ -110,7 +110,7 @@ def main():
           f"(fwd+bwd+grad sync) after {a.warmup} warm-up")
     print(f"# load average before: {os.getloadavg()[0]:.2f} (the machine is shared)")
     print(f"{'mode':<10}{'1 rank x1 thr ms':>18}{'1 rank x2 thr ms':>18}{'2 ranks x1 thr ms':>19}"
-          f"{'ratio':>7}{'MB sent/rank/step':>19}{'formula MB':>12}")
+          f"{'ratio/x1':>9}{'ratio/x2':>9}{'MB sent/rank/step':>19}{'formula MB':>12}")
     for capacity in (True, False):
         a.capacity = capacity
         t1_1, _ = run(1, 1, a)
@@ -119,9 +119,10 @@ def main():
         kw = dict(num_experts=a.experts, capacity_factor=1.25) if capacity else {}
         pred = 4 * a.layers * alltoall_bytes_per_rank(a.tokens, a.d_model, a.top_k, 2, 4, **kw)
         name = "cf 1.25" if capacity else "dropless"
-        print(f"{name:<10}{t1_1 * 1e3:>18.1f}{t1 * 1e3:>18.1f}{t2 * 1e3:>19.1f}{t2 / t1:>7.2f}"
+        print(f"{name:<10}{t1_1 * 1e3:>18.1f}{t1 * 1e3:>18.1f}{t2 * 1e3:>19.1f}{t2 / t1_1:>9.2f}{t2 / t1:>9.2f}"
               f"{sent / 1e6:>19.2f}{pred / 1e6:>12.2f}")
-    print("# ratio = 2 ranks x 1 thread / 1 rank x 2 threads (the baseline); MB sent counts "
+    print("# ratio/x1, ratio/x2 = 2-rank step time / 1-rank step time with 1 or 2 threads (the "
+          "baselines; 0.5 vs x1 = perfect scaling); MB sent counts "
           "MoE all-to-all payload (incl. token counts) one rank sends to the other per step; "
           "formula = 4 exchanges x layers x alltoall_bytes_per_rank (balanced routing)")
 

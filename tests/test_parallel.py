@@ -1,5 +1,5 @@
 """Expert parallelism in real processes on gloo: equivalence with one process, layouts,
-replicated experts, a two-agent torchrun job and failing ranks. (~85 s on the 2-core box.)"""
+replicated experts, a two-agent torchrun job and failing ranks. (~100 s on the shared 2-core box.)"""
 import os
 import subprocess
 import sys
@@ -23,6 +23,11 @@ def test_four_ranks_ep2_edp2_and_pyramid():
     """ep 2 x edp 2, the [2, 4] pyramid on 4 ranks (2-expert layer replicated twice), and the
     same experts for max_ep_size 1, 2 and 4."""
     assert run_ranks(workers.four_ranks, 4, timeout=150) == [True] * 4
+
+
+def test_triton_ops_through_all_to_all():
+    pytest.importorskip("triton")
+    assert run_ranks(workers.triton_ops_match_torch, 2, timeout=120) == [True, True]
 
 
 def test_rank_raising_mid_step_ends_the_others():
