@@ -15,7 +15,7 @@ import torch.nn as nn
 
 import moesaic
 from moesaic.parallel import comm_stats
-from moesaic.parallel.layout import get_context, set_context
+from moesaic.parallel.layout import set_context
 
 D, F, B, S = 8, 16, 2, 6
 TOL = dict(rtol=1e-5, atol=1e-6)
