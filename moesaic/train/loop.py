@@ -161,7 +161,8 @@ class LoadMeter:
             E = len(t)
             tot, kept = flat[off:off + E], flat[off + E:off + 2 * E]
             off += 2 * E
-            out.append({"name": names[i] if i < len(names) else f"moe {i}",
+            name = names[i] if len(names) == len(self.total) else f"MoE call {i + 1}"
+            out.append({"name": name,
                         "token_share": (tot / max(tot.sum(), 1)).tolist(),
                         "dropped_fraction": float(1 - kept.sum() / max(tot.sum(), 1))})
         n = flat[-1]

@@ -77,6 +77,7 @@ def plot_curves(path: str, history: list[dict]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     ep = [r["epoch"] for r in history]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -97,6 +98,8 @@ def plot_curves(path: str, history: list[dict]) -> None:
     a2.set_title("accuracy")
     a2.legend(loc="lower right")
     a2.grid(alpha=0.3)
+    for a in (a1, a2):
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     _save_fig(fig, path)
     plt.close(fig)
@@ -108,6 +111,7 @@ def plot_expert_load(path: str, history: list[dict]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     layers = history[-1].get("moe") or []
     n = max(len(layers), 1)
@@ -132,6 +136,7 @@ def plot_expert_load(path: str, history: list[dict]) -> None:
         ax.set_title(f"{layer['name']}: {E} experts, dropped "
                      f"{100 * layer['dropped_fraction']:.1f}%", fontsize=9)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("token share (%)")
         if E <= 8:
             ax.legend(fontsize=6, loc="upper right", ncol=2)
