@@ -4,8 +4,8 @@ Parameters are grouped by the process group that averages them (the whole world 
 parameters, a layer's expert-data-parallel group for its experts) and packed, in reverse
 registration order (roughly the order backward produces them), into buckets of at most
 ``bucket_mb``. A bucket is all-reduced asynchronously as soon as its last gradient is
-accumulated, while backward goes on; buckets launch strictly in index order so every rank issues
-the same collectives in the same order. A callback queued on the autograd engine waits for them
+accumulated, while backward goes on; within one process group buckets launch strictly in order,
+so every rank issues the same collectives on that group in the same order. A callback queued on the autograd engine waits for them
 at the end of backward and writes the averages back into ``.grad``.
 
 Expert gradients are also scaled by 1 / ep_size by a tensor hook (before accumulation): an
@@ -29,6 +29,7 @@ class _Bucket:
     params: list
     group: object
     ranks: tuple
+    lane: int = 0  # index of its process group's launch queue
     ready: int = 0
     work: Optional[object] = None
     flat: Optional[Tensor] = None
@@ -44,12 +45,15 @@ class GradSync:
         self.enabled = True
         self.buckets: list[_Bucket] = []
         self._index = {}
-        self._next = 0
+        self._lanes: list[list[int]] = []  # bucket indices per process group, launch order
+        self._next: list[int] = []
         self._queued = False
         self._handles = []
         cap = int(bucket_mb * 2**20)
         for group, ranks, params in groups:
             params = [p for p in params if p.requires_grad]
+            self._lanes.append([])
+            self._next.append(0)
             cur, size = [], 0
             for p in reversed(params):
                 nbytes = p.numel() * p.element_size()
@@ -65,9 +69,10 @@ class GradSync:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
 
     def _add(self, params, group, ranks) -> None:
-        b = _Bucket(params, group, tuple(ranks))
+        b = _Bucket(params, group, tuple(ranks), lane=len(self._lanes) - 1)
         for p in params:
             self._index[id(p)] = len(self.buckets)
+        self._lanes[-1].append(len(self.buckets))
         self.buckets.append(b)
 
     def remove(self) -> None:
@@ -86,7 +91,7 @@ class GradSync:
             return
         b.seen.add(id(p))
         b.ready += 1
-        self._launch_ready()
+        self._launch_ready(b.lane)
 
     def _launch(self, b: _Bucket) -> None:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in b.params]
@@ -94,21 +99,21 @@ class GradSync:
         b.work = run_collective("gradient all-reduce", b.ranks, dist.all_reduce, b.flat,
                                 group=b.group, async_op=True)
 
-    def _launch_ready(self) -> None:
-        while self._next < len(self.buckets):
-            b = self.buckets[self._next]
-            if b.ready < len(b.params):
+    def _launch_ready(self, lane: int, force: bool = False) -> None:
+        order = self._lanes[lane]
+        while self._next[lane] < len(order):
+            b = self.buckets[order[self._next[lane]]]
+            if b.ready < len(b.params) and not force:
                 return
             self._launch(b)
-            self._next += 1
+            self._next[lane] += 1
 
     def _finish(self) -> None:
         """End of backward: launch what is left (unused parameters count as zero), wait, and
         write the averages back."""
         try:
-            while self._next < len(self.buckets):
-                self._launch(self.buckets[self._next])
-                self._next += 1
+            for lane in range(len(self._lanes)):
+                self._launch_ready(lane, force=True)
             for b in self.buckets:
                 run_collective("gradient all-reduce", b.ranks, b.work.wait)
                 b.flat.div_(len(b.ranks))
@@ -125,7 +130,7 @@ class GradSync:
             for b in self.buckets:
                 b.ready, b.work, b.flat = 0, None, None
                 b.seen.clear()
-            self._next = 0
+            self._next = [0] * len(self._lanes)
             self._queued = False
 
 
