@@ -30,8 +30,10 @@ def _config_keys_help() -> str:
 
     docs = field_help()
     default = TrainConfig()
-    lines = ["config keys (UPPER_CASE in a config file, lower_case with --set; "
-             "model_args.KEY=VALUE sets one model keyword):"]
+    lines = ["config keys, with the value a config file gets when it leaves the key out (the",
+             "embedded default run sets some of them: see configs/digits_vit_moe.py). UPPER_CASE",
+             "in a config file, lower_case with --set; --set model_args.KEY=VALUE sets one",
+             "keyword of the model:"]
     for f in fields(TrainConfig):
         val = getattr(default, f.name)
         lines.append(f"  {f.name} = {val!r}")

@@ -84,8 +84,11 @@ def test_help_explains_every_option(capsys):
         assert opt in out
     from dataclasses import fields
 
+    from moesaic.train.config import field_help
+
+    docs = field_help()
     for f in fields(TrainConfig):
-        assert f"  {f.name} = " in out, f.name
+        assert f"  {f.name} = " in out and docs.get(f.name), f.name
 
 
 def test_models_lists_registry(capsys):

@@ -104,6 +104,9 @@ def test_resume_equals_uninterrupted(tmp_path):
     wa = checkpoint._load_tensors(os.path.join(full, "checkpoints/epoch_0003/model.safetensors"))
     wb = checkpoint._load_tensors(os.path.join(part, "checkpoints/epoch_0003/model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert main(["train", "--resume", part, "--set", "epochs=4"]) == 0  # longer, same run dir
+    c = read_metrics(part)
+    assert [r["epoch"] for r in c] == [1, 2, 3, 4] and c[:3] == b
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch, capsys):

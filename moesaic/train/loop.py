@@ -150,12 +150,13 @@ class LoadMeter:
             self.entropy[i] += s["router_entropy"]
         self.n += 1
 
-    def result(self, names: list[str]) -> list[dict]:
+    def result(self, names: list[str], device: torch.device) -> list[dict]:
+        """Per layer: token share per expert, dropped fraction, router entropy (all ranks)."""
         if not self.total:
             return []
         flat = np.concatenate([np.concatenate([t, k]) for t, k in zip(self.total, self.kept)]
                               + [np.asarray(self.entropy + [self.n], dtype=np.float64)])
-        flat = _all_reduce(torch.from_numpy(flat)).numpy()
+        flat = _all_reduce(torch.from_numpy(flat).to(device)).cpu().numpy()
         out, off = [], 0
         for i, t in enumerate(self.total):
             E = len(t)
@@ -191,6 +192,10 @@ class Trainer:
         train_set, test_set = load_dataset(cfg.dataset, cfg.data_dir)
         self.train_set, self.test_set = train_set.to(self.device), test_set.to(self.device)
         self.spe = steps_per_epoch(len(train_set), cfg.batch_size, cfg.steps_per_epoch)
+        if run_dir is None and resume is not None:
+            parent = os.path.dirname(os.path.abspath(checkpoint.find(resume)))
+            if os.path.basename(parent) == "checkpoints":
+                run_dir = os.path.dirname(parent)  # continue in the checkpoint's run dir
         self.run_dir, again = rundir.shared_choice(cfg.runs_root, cfg.name, run_dir, self.is_main)
         self.ckpt_root = os.path.join(self.run_dir, "checkpoints")
         ckpt = checkpoint.latest_in(self.run_dir) if again else None
@@ -363,7 +368,7 @@ class Trainer:
             self.epoch += 1
             best = max([r["eval_accuracy"] for r in self.history] + [eval_acc])
             is_best = not self.history or eval_acc > max(r["eval_accuracy"] for r in self.history)
-            moe = meter.result(self.moe_names)
+            moe = meter.result(self.moe_names, self.device)
             n = float(totals[4])
             rec = {
                 "epoch": self.epoch, "step": self.step, "lr": self.sched.lr,
