@@ -162,8 +162,3 @@ def rank_batch(order_N: Tensor, step: int, global_batch: int, rank: int, world: 
     start = step * global_batch + rank * b
     return order_N[start:start + b]
 
-
-def eval_shard(num_images: int, rank: int, world: int) -> Tensor:
-    """This rank's contiguous share of the test set (every image evaluated exactly once)."""
-    per = -(-num_images // world)
-    return torch.arange(rank * per, min(num_images, (rank + 1) * per))

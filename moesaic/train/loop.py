@@ -18,7 +18,7 @@ import hashlib
 import os
 import signal
 import time
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ from ..parallel import clip_grad_norm_, init_distributed, moe_set_seed, parallel
 from . import checkpoint, report, rundir
 from .augment import Augmenter, normalize
 from .config import ConfigError, TrainConfig
-from .data import eval_shard, epoch_order, load_dataset, rank_batch, steps_per_epoch
+from .data import epoch_order, load_dataset, rank_batch, steps_per_epoch
 from .optim import WarmupCosine, make_optimizer
 
 FAULT_STEP_ENV = "MOESAIC_FAULT_STEP"  # test hook: kill a rank at this global step ...
@@ -176,12 +176,11 @@ class Trainer:
     """One run: ``Trainer(cfg, run_dir, resume).run()`` returns summary.json's dict."""
 
     def __init__(self, cfg: TrainConfig, run_dir: Optional[str] = None,
-                 resume: Optional[str] = None, log: Callable[[str], None] = print):
+                 resume: Optional[str] = None):
         self.cfg = cfg
         _init_for_restarts(cfg.timeout_s)
         self.ctx = init_distributed(max_ep_size=cfg.max_ep_size, timeout_s=cfg.timeout_s)
         self.rank, self.world, self.is_main = self.ctx.rank, self.ctx.world_size, self.ctx.is_main
-        self._log = log
         if cfg.batch_size % self.world or cfg.eval_batch_size % self.world:
             raise ConfigError(f"batch_size ({cfg.batch_size}) and eval_batch_size "
                               f"({cfg.eval_batch_size}) must be divisible by the world size "
