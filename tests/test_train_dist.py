@@ -66,8 +66,12 @@ def test_checkpoint_from_two_ranks_loads_in_one_process(setup, tmp_path):
     mine = tr.model.state_dict()
     assert saved.keys() == mine.keys()
     assert all(torch.equal(saved[k], mine[k]) for k in saved)
-    w1 = tr.model.moe_layers()[0].experts.w1
-    assert w1.shape[0] == 4 and tr.opt.state[w1]["exp_avg"].shape == w1.shape
+    moments = checkpoint._load_tensors(os.path.join(ck, "optimizer.safetensors"))
+    for name, p in tr.model.named_parameters():  # AdamW state of all 4 experts, from 2 ranks
+        assert torch.equal(tr.opt.state[p]["exp_avg"], moments[f"exp_avg/{name}"]), name
+        assert torch.equal(tr.opt.state[p]["exp_avg_sq"], moments[f"exp_avg_sq/{name}"]), name
+    assert tr.model.moe_layers()[0].experts.w1.shape[0] == 4
+    assert (moments["exp_avg_sq/blocks.1.ffn.experts.w1"][2:] > 0).any()  # rank 1's experts
     _, acc = tr.evaluate()
     assert acc == read_metrics(run)[-1]["eval_accuracy"]
     summary = tr.run()  # one more epoch at max_ep_size 1, from the 2-rank optimizer state
