@@ -84,14 +84,17 @@ class _GroupedFFN(torch.autograd.Function):
     def backward(ctx, grad_ND):
         x_ND, h_NF, u_NF, w1_EDF, w2_EFD, w3_EDF = ctx.saved_tensors
         grad_ND = grad_ND.contiguous()
-        grad_x = torch.zeros_like(x_ND)
-        g_w1, g_w2 = torch.zeros_like(w1_EDF), torch.zeros_like(w2_EFD)
-        g_w3 = torch.zeros_like(w3_EDF) if w3_EDF is not None else None
+        grad_x = torch.empty_like(x_ND)
+        g_w1, g_w2 = torch.empty_like(w1_EDF), torch.empty_like(w2_EFD)
+        g_w3 = torch.empty_like(w3_EDF) if w3_EDF is not None else None
         E, Fdim = w1_EDF.shape[0], w1_EDF.shape[2]
-        g_b1 = x_ND.new_zeros(E, Fdim) if ctx.has_b1 else None
-        g_b2 = x_ND.new_zeros(E, w2_EFD.shape[2]) if ctx.has_b2 else None
+        g_b1 = x_ND.new_empty(E, Fdim) if ctx.has_b1 else None
+        g_b2 = x_ND.new_empty(E, w2_EFD.shape[2]) if ctx.has_b2 else None
         for e, s, t in _bounds(ctx.counts):
             if s == t:
+                for g in (g_w1, g_w2, g_w3, g_b1, g_b2):
+                    if g is not None:
+                        g[e].zero_()
                 continue
             gy, h = grad_ND[s:t], h_NF[s:t]
             u = None if u_NF is None else u_NF[s:t]

@@ -128,7 +128,8 @@ class MoE(nn.Module):
             y_TD = self.dispatcher.combine(y_ND, plan, handle, ops)
         if self.residual is not None:
             coef_T2 = F.softmax(self.residual_coef(x_TD), dim=-1)
-            y_TD = y_TD * coef_T2[:, :1] + self.residual(x_TD) * coef_T2[:, 1:]
+            mlp_TD = self.residual(x_TD).to(y_TD.dtype)
+            y_TD = torch.lerp(mlp_TD, y_TD, coef_T2[:, :1].to(y_TD.dtype))
         y = self.dropout(y_TD).to(x.dtype).reshape(x.shape)
         return y, aux_loss
 
