@@ -95,6 +95,8 @@ class MoE(nn.Module):
             plan, probs_TE = routing.expert_choice(logits_TE, capacity)
             counts_E = plan.counts_E
             balance = logits_TE.new_zeros(())
+            taken_T = torch.zeros(T, dtype=torch.bool, device=logits_TE.device)
+            dropped = 1 - taken_T.index_fill_(0, plan.row_token_N, True).float().mean()
         else:
             capacity = None
             if c.drop_tokens:
@@ -102,12 +104,12 @@ class MoE(nn.Module):
             plan, probs_TE, counts_E = ops.token_choice(
                 logits_TE, c.top_k, capacity, c.drop_policy, c.normalize_weights)
             balance = routing.balance_loss(probs_TE, counts_E)
+            dropped = 1 - plan.counts_E.sum() / counts_E.sum().clamp(min=1)
         z = routing.z_loss(logits_TE)
         aux_loss = c.aux_loss_coef * balance + c.z_loss_coef * z
-        kept = plan.counts_E.sum()
         self.last_stats = routing.RoutingStats(
             tokens_per_expert=counts_E.detach(), tokens_per_expert_kept=plan.counts_E.detach(),
-            dropped_fraction=(1 - kept / counts_E.sum().clamp(min=1)).detach(),
+            dropped_fraction=dropped.detach(),
             router_entropy=routing.router_entropy(logits_TE.detach()),
             balance_loss=balance.detach(), z_loss=z.detach())
         return plan, aux_loss
@@ -127,8 +129,10 @@ class MoE(nn.Module):
             y_ND = self.experts(x_ND, counts_E)
             y_TD = self.dispatcher.combine(y_ND, plan, handle, ops)
         if self.residual is not None:
-            coef_T2 = F.softmax(self.residual_coef(x_TD), dim=-1)
-            mlp_TD = self.residual(x_TD).to(y_TD.dtype)
+            xr_TD = x_TD if torch.is_autocast_enabled(x.device.type) else x_TD.to(
+                self.residual_coef.weight.dtype)
+            coef_T2 = F.softmax(self.residual_coef(xr_TD), dim=-1)
+            mlp_TD = self.residual(xr_TD).to(y_TD.dtype)
             y_TD = torch.lerp(mlp_TD, y_TD, coef_T2[:, :1].to(y_TD.dtype))
         y = self.dropout(y_TD).to(x.dtype).reshape(x.shape)
         return y, aux_loss

@@ -41,7 +41,7 @@ class RoutingStats:
 
     tokens_per_expert: Tensor  # assignments per expert before dropping
     tokens_per_expert_kept: Tensor  # after dropping
-    dropped_fraction: Tensor  # fraction of assignments dropped
+    dropped_fraction: Tensor  # token choice: assignments dropped; expert choice: tokens no expert took
     router_entropy: Tensor  # mean over tokens of the entropy of the router's distribution
     balance_loss: Tensor
     z_loss: Tensor

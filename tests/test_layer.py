@@ -175,6 +175,24 @@ def test_low_precision_inputs(dtype):
     assert low.router.weight.grad.dtype == torch.float32
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_input_to_float32_residual_layer(dtype):
+    layer = make(top_k=1, residual=True)
+    x = torch.randn(4, 8, D)
+    y, _ = layer(x.to(dtype))
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.float(), layer(x)[0], atol=5e-2, rtol=5e-2)
+
+
+def test_expert_choice_dropped_fraction_counts_untaken_tokens():
+    layer = make(router="expert_choice", capacity_factor=0.5)
+    x = torch.randn(16, D)
+    layer(x)
+    probs = (x @ layer.router.weight.t()).softmax(-1)
+    taken = set(probs.topk(2, dim=0).indices.flatten().tolist())
+    assert float(layer.last_stats.dropped_fraction) == pytest.approx(1 - len(taken) / 16)
+
+
 def test_bf16_autocast_on_cpu():
     layer = make(top_k=2, residual=True)
     x = torch.randn(4, 8, D)
