@@ -10,17 +10,6 @@ from moesaic.__main__ import main
 from moesaic.train import checkpoint, loop
 from test_train_data import write_cifar
 
-@pytest.fixture(autouse=True)
-def clean_parallel_state():
-    """In-process runs install a parallel context and a layer-seed base (as a torchrun worker
-    would); remove them so later tests build layers as usual."""
-    yield
-    from moesaic.parallel.layout import set_context, set_layer_seed_base
-
-    set_context(None)
-    set_layer_seed_base(None)
-
-
 TINY_MODEL = {"depth": 2, "d_model": 32, "num_heads": 2, "patch_size": 8, "num_experts": 4}
 
 
