@@ -6,6 +6,7 @@ functions in :mod:`moesaic.routing` and :mod:`moesaic.dispatch`.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
@@ -30,11 +31,7 @@ class TorchOps:
 
 
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("triton") is not None
 
 
 def select_ops(kernels: str, device: torch.device):

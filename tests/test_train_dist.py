@@ -13,7 +13,7 @@ from moesaic.train import checkpoint
 from moesaic.train.config import apply_overrides, load_file
 from moesaic.train.loop import FAULT_RANK_ENV, FAULT_STEP_ENV, Trainer
 from test_train_data import write_cifar
-from test_train_run import TINY_MODEL, clean_parallel_state, read_metrics, tiny_config  # noqa: F401
+from test_train_run import TINY_MODEL, read_metrics, tiny_config
 
 TIMING = ("images_per_second", "train_time_s", "eval_time_s")
 

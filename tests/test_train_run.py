@@ -3,7 +3,6 @@ a non-finite loss, missing data."""
 import json
 import os
 
-import pytest
 import torch
 
 from moesaic.__main__ import main
