@@ -17,7 +17,8 @@ from torch import Tensor
 from . import routing
 from .config import MoEConfig
 from .dispatch import LocalDispatcher
-from .experts import Experts, _act
+from .experts import Experts
+from .grouped import _act
 from .ops import select_ops
 from .parallel.layout import expert_layout, next_layer_seed
 

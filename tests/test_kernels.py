@@ -24,7 +24,7 @@ triton = pytest.importorskip("triton")
 
 import moesaic  # noqa: E402
 from moesaic import routing  # noqa: E402
-from moesaic import experts as experts_mod  # noqa: E402
+from moesaic import grouped_cuda  # noqa: E402
 from moesaic.experts import batched_ffn, grouped_ffn  # noqa: E402
 from moesaic.ops import TorchOps, select_ops  # noqa: E402
 
@@ -232,7 +232,7 @@ def test_batched_expert_paths_match_the_loop(activation, path, monkeypatch):
     """The CUDA expert paths (checked here on CPU kernels) equal the per-expert loop; also
     with the loop fallback for weight gradients (a torch build that rejects 2-D x 2-D)."""
     if path == "grouped_mm_loop_wgrad":
-        monkeypatch.setattr(experts_mod, "_grouped_wgrad_failed", True)
+        monkeypatch.setattr(grouped_cuda, "_grouped_wgrad_failed", True)
         path = "grouped_mm"
     g = torch.Generator().manual_seed(5)
     E, D, Fdim, counts = 4, 16, 24, [3, 0, 7, 2]

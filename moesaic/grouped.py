@@ -1,0 +1,113 @@
+"""The grouped feed-forward over an expert-major buffer: a loop of per-expert products.
+
+One autograd function: forward runs each expert's two matrix products on its contiguous rows;
+backward recomputes the activation from the saved pre-activation instead of storing it, so the
+saved state is x_ND and h_NF only. This is the CPU path and the reference for the CUDA paths.
+
+Legend: E local experts, D model dim, F ffn dim, N rows of the expert-major buffer.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _act(name: str, h: Tensor, u: Optional[Tensor]) -> Tensor:
+    if name == "gelu":
+        return F.gelu(h)
+    if name == "relu":
+        return F.relu(h)
+    return F.silu(h) * u
+
+
+def _act_backward(name: str, grad_a: Tensor, h: Tensor, u: Optional[Tensor]):
+    """Gradients of the activation w.r.t. h (and u for swiglu)."""
+    if name == "gelu":
+        return torch.ops.aten.gelu_backward(grad_a, h), None
+    if name == "relu":
+        return grad_a * (h > 0).to(grad_a.dtype), None
+    sig = torch.sigmoid(h)
+    silu = h * sig
+    grad_h = grad_a * u * (sig * (1 + h * (1 - sig)))
+    return grad_h, grad_a * silu
+
+
+def _bounds(counts_E: Sequence[int]):
+    start = 0
+    for e, n in enumerate(counts_E):
+        yield e, start, start + n
+        start += n
+
+
+class _GroupedFFN(torch.autograd.Function):
+    """y_ND rows of expert e = act(x @ w1[e] + b1[e]) @ w2[e] + b2[e] (swiglu: gated by w3)."""
+
+    @staticmethod
+    def forward(ctx, x_ND, counts, activation, w1_EDF, b1_EF, w2_EFD, b2_ED, w3_EDF):
+        N = x_ND.shape[0]
+        E, D, Fdim = w1_EDF.shape
+        h_NF = x_ND.new_empty(N, Fdim)
+        u_NF = x_ND.new_empty(N, Fdim) if w3_EDF is not None else None
+        y_ND = x_ND.new_empty(N, w2_EFD.shape[2])
+        for e, s, t in _bounds(counts):
+            if s == t:
+                continue
+            x = x_ND[s:t]
+            if b1_EF is not None:
+                torch.addmm(b1_EF[e], x, w1_EDF[e], out=h_NF[s:t])
+            else:
+                torch.mm(x, w1_EDF[e], out=h_NF[s:t])
+            if u_NF is not None:
+                torch.mm(x, w3_EDF[e], out=u_NF[s:t])
+            a = _act(activation, h_NF[s:t], None if u_NF is None else u_NF[s:t])
+            if b2_ED is not None:
+                torch.addmm(b2_ED[e], a, w2_EFD[e], out=y_ND[s:t])
+            else:
+                torch.mm(a, w2_EFD[e], out=y_ND[s:t])
+        ctx.counts, ctx.activation = counts, activation
+        ctx.has_b1, ctx.has_b2 = b1_EF is not None, b2_ED is not None
+        ctx.save_for_backward(x_ND, h_NF, u_NF, w1_EDF, w2_EFD, w3_EDF)
+        return y_ND
+
+    @staticmethod
+    def backward(ctx, grad_ND):
+        x_ND, h_NF, u_NF, w1_EDF, w2_EFD, w3_EDF = ctx.saved_tensors
+        grad_ND = grad_ND.contiguous()
+        grad_x = torch.empty_like(x_ND)
+        g_w1, g_w2 = torch.empty_like(w1_EDF), torch.empty_like(w2_EFD)
+        g_w3 = torch.empty_like(w3_EDF) if w3_EDF is not None else None
+        E, Fdim = w1_EDF.shape[0], w1_EDF.shape[2]
+        g_b1 = x_ND.new_empty(E, Fdim) if ctx.has_b1 else None
+        g_b2 = x_ND.new_empty(E, w2_EFD.shape[2]) if ctx.has_b2 else None
+        for e, s, t in _bounds(ctx.counts):
+            if s == t:
+                for g in (g_w1, g_w2, g_w3, g_b1, g_b2):
+                    if g is not None:
+                        g[e].zero_()
+                continue
+            gy, h = grad_ND[s:t], h_NF[s:t]
+            u = None if u_NF is None else u_NF[s:t]
+            a = _act(ctx.activation, h, u)
+            torch.mm(a.t(), gy, out=g_w2[e])
+            if g_b2 is not None:
+                torch.sum(gy, 0, out=g_b2[e])
+            grad_h, grad_u = _act_backward(ctx.activation, gy @ w2_EFD[e].t(), h, u)
+            x = x_ND[s:t]
+            torch.mm(x.t(), grad_h, out=g_w1[e])
+            if g_b1 is not None:
+                torch.sum(grad_h, 0, out=g_b1[e])
+            torch.mm(grad_h, w1_EDF[e].t(), out=grad_x[s:t])
+            if grad_u is not None:
+                torch.mm(x.t(), grad_u, out=g_w3[e])
+                grad_x[s:t].addmm_(grad_u, w3_EDF[e].t())
+        return grad_x, None, None, g_w1, g_b1, g_w2, g_b2, g_w3
+
+
+def grouped_ffn(x_ND: Tensor, counts: Sequence[int], activation: str, w1_EDF: Tensor,
+                b1_EF: Optional[Tensor], w2_EFD: Tensor, b2_ED: Optional[Tensor],
+                w3_EDF: Optional[Tensor] = None) -> Tensor:
+    """The experts' FFN on an expert-major buffer with ``counts[e]`` rows for expert e."""
+    return _GroupedFFN.apply(x_ND, list(counts), activation, w1_EDF, b1_EF, w2_EFD, b2_ED, w3_EDF)

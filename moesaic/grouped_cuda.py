@@ -1,0 +1,145 @@
+"""The grouped feed-forward on CUDA: grouped matrix products instead of a loop over experts.
+
+``torch._grouped_mm`` does one launch per product for all experts (bf16 on compute capability
+9.0+, feature dimensions multiples of 8); otherwise a padded ``bmm`` over [E, max rows, D].
+The capability flags below remember, per process, a torch build that rejected a form.
+
+Legend: E local experts, D model dim, F ffn dim, N rows of the expert-major buffer.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .grouped import _act, _act_backward, _bounds
+
+
+def _segment_sum(v_NX: Tensor, counts_E: Tensor) -> Tensor:
+    """Per-expert sums of consecutive rows, in float32 (deterministic, no atomics)."""
+    return torch.segment_reduce(v_NX.float(), "sum", lengths=counts_E, axis=0)
+
+
+def _zero_empty(g_EXY: Tensor, counts_E: Tensor) -> Tensor:
+    """Weight gradients of experts with no rows are zero whatever the grouped kernel left."""
+    return g_EXY.masked_fill_((counts_E == 0).view(-1, 1, 1), 0)
+
+
+_grouped_wgrad_failed = False
+
+
+def _weight_grad(a_NX: Tensor, g_NY: Tensor, offs_E: Tensor, counts_E: Tensor) -> Tensor:
+    """Per-expert a_e^T @ g_e as [E, X, Y]: one grouped product splitting the contraction
+    dimension, or a loop over experts where this torch build rejects that form."""
+    global _grouped_wgrad_failed
+    if not _grouped_wgrad_failed:
+        try:
+            return _zero_empty(torch._grouped_mm(a_NX.t(), g_NY, offs=offs_E), counts_E)
+        except RuntimeError:
+            _grouped_wgrad_failed = True
+    out = a_NX.new_zeros(counts_E.numel(), a_NX.shape[1], g_NY.shape[1])
+    for e, s, t in _bounds(counts_E.tolist()):
+        if s < t:
+            torch.mm(a_NX[s:t].t(), g_NY[s:t], out=out[e])
+    return out
+
+
+class _GroupedMMFFN(torch.autograd.Function):
+    """The grouped FFN with every product one ``torch._grouped_mm`` over all experts."""
+
+    @staticmethod
+    def forward(ctx, x_ND, counts_E, activation, w1_EDF, b1_EF, w2_EFD, b2_ED, w3_EDF):
+        mm = torch._grouped_mm
+        E = w1_EDF.shape[0]
+        x_ND = x_ND.contiguous()
+        offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
+        row_expert_N = torch.repeat_interleave(torch.arange(E, device=x_ND.device), counts_E,
+                                               output_size=x_ND.shape[0])
+        h_NF = mm(x_ND, w1_EDF, offs=offs_E)
+        if b1_EF is not None:
+            h_NF = h_NF + b1_EF.index_select(0, row_expert_N)
+        u_NF = mm(x_ND, w3_EDF, offs=offs_E) if w3_EDF is not None else None
+        y_ND = mm(_act(activation, h_NF, u_NF), w2_EFD, offs=offs_E)
+        if b2_ED is not None:
+            y_ND = y_ND + b2_ED.index_select(0, row_expert_N)
+        ctx.activation = activation
+        ctx.has_b1, ctx.has_b2 = b1_EF is not None, b2_ED is not None
+        ctx.save_for_backward(x_ND, h_NF, u_NF, counts_E, offs_E, w1_EDF, w2_EFD, w3_EDF)
+        return y_ND
+
+    @staticmethod
+    def backward(ctx, grad_ND):
+        mm = torch._grouped_mm
+        x_ND, h_NF, u_NF, counts_E, offs_E, w1_EDF, w2_EFD, w3_EDF = ctx.saved_tensors
+        gy_ND = grad_ND.contiguous()
+        a_NF = _act(ctx.activation, h_NF, u_NF)
+        g_w2 = _weight_grad(a_NF, gy_ND, offs_E, counts_E)
+        g_b2 = _segment_sum(gy_ND, counts_E).to(gy_ND.dtype) if ctx.has_b2 else None
+        grad_a = mm(gy_ND, w2_EFD.transpose(1, 2), offs=offs_E)
+        grad_h, grad_u = _act_backward(ctx.activation, grad_a, h_NF, u_NF)
+        grad_h = grad_h.contiguous()
+        g_w1 = _weight_grad(x_ND, grad_h, offs_E, counts_E)
+        g_b1 = _segment_sum(grad_h, counts_E).to(grad_h.dtype) if ctx.has_b1 else None
+        grad_x = mm(grad_h, w1_EDF.transpose(1, 2), offs=offs_E)
+        g_w3 = None
+        if grad_u is not None:
+            grad_u = grad_u.contiguous()
+            g_w3 = _weight_grad(x_ND, grad_u, offs_E, counts_E)
+            grad_x = grad_x + mm(grad_u, w3_EDF.transpose(1, 2), offs=offs_E)
+        return grad_x, None, None, g_w1, g_b1, g_w2, g_b2, g_w3
+
+
+def padded_bmm_ffn(x_ND: Tensor, counts_E: Tensor, activation: str, w1_EDF: Tensor,
+                   b1_EF: Optional[Tensor], w2_EFD: Tensor, b2_ED: Optional[Tensor],
+                   w3_EDF: Optional[Tensor] = None) -> Tensor:
+    """The grouped FFN as batched products over rows padded to the busiest expert's count.
+
+    Padding rows are zero inputs whose outputs are never read, so they add no gradient.
+    """
+    E = w1_EDF.shape[0]
+    N, D = x_ND.shape
+    M = int(counts_E.max()) if N else 0
+    row_expert_N = torch.repeat_interleave(torch.arange(E, device=x_ND.device), counts_E,
+                                           output_size=N)
+    start_E = torch.cumsum(counts_E, 0) - counts_E
+    pos_N = torch.arange(N, device=x_ND.device) - start_E.index_select(0, row_expert_N)
+    x_EMD = x_ND.new_zeros(E, M, D).index_put((row_expert_N, pos_N), x_ND)
+    h_EMF = torch.bmm(x_EMD, w1_EDF)
+    if b1_EF is not None:
+        h_EMF = h_EMF + b1_EF.unsqueeze(1)
+    u_EMF = torch.bmm(x_EMD, w3_EDF) if w3_EDF is not None else None
+    y_EMD = torch.bmm(_act(activation, h_EMF, u_EMF), w2_EFD)
+    if b2_ED is not None:
+        y_EMD = y_EMD + b2_ED.unsqueeze(1)
+    return y_EMD[row_expert_N, pos_N]
+
+
+_grouped_mm_failed = False
+
+
+def grouped_mm_supported(x_ND: Tensor, w1_EDF: Tensor) -> bool:
+    """``torch._grouped_mm`` runs fast here: bf16 on a CUDA card of capability 9.0 or newer."""
+    if _grouped_mm_failed or not hasattr(torch, "_grouped_mm") or not x_ND.is_cuda:
+        return False
+    D, Fdim = w1_EDF.shape[1], w1_EDF.shape[2]
+    return (x_ND.dtype == torch.bfloat16 and D % 8 == 0 and Fdim % 8 == 0
+            and torch.cuda.get_device_capability(x_ND.device) >= (9, 0))
+
+
+def batched_ffn(x_ND: Tensor, counts_E: Tensor, activation: str, w1_EDF: Tensor,
+                b1_EF: Optional[Tensor], w2_EFD: Tensor, b2_ED: Optional[Tensor],
+                w3_EDF: Optional[Tensor] = None, path: str = "auto") -> Tensor:
+    """The grouped FFN through ``torch._grouped_mm`` (``path="grouped_mm"``) or padded
+    ``bmm`` (``"bmm"``); ``"auto"`` takes grouped_mm where supported and falls back to bmm
+    if it raises."""
+    global _grouped_mm_failed
+    args = (x_ND, counts_E, activation, w1_EDF, b1_EF, w2_EFD, b2_ED, w3_EDF)
+    if path == "grouped_mm":
+        return _GroupedMMFFN.apply(*args)
+    if path == "auto" and grouped_mm_supported(x_ND, w1_EDF):
+        try:
+            return _GroupedMMFFN.apply(*args)
+        except RuntimeError:
+            _grouped_mm_failed = True
+    return padded_bmm_ffn(*args)
