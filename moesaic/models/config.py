@@ -8,20 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Optional, Union
 
+from ..config import _is_int, _require
 from .registry import closest
 
 # Keyword arguments that go straight to moesaic.MoE.
 MOE_PASSTHROUGH = ("aux_loss_coef", "z_loss_coef", "drop_tokens", "drop_policy", "router",
                    "min_capacity", "normalize_weights", "kernels", "activation")
-
-
-def _require(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(msg)
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 @dataclass
