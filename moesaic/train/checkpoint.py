@@ -24,6 +24,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from ..parallel import full_state_dict, load_full_state_dict
+from .dist import multi_process
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 STATE_FILE = "state.pt"
@@ -31,10 +32,6 @@ STATE_FILE = "state.pt"
 
 class CheckpointError(RuntimeError):
     pass
-
-
-def _dist() -> bool:
-    return dist.is_available() and dist.is_initialized()
 
 
 def _to_storable(tensors: dict) -> tuple[dict, dict]:
@@ -170,7 +167,7 @@ def save(ckpt_root: str, epoch: int, model: nn.Module, optimizer, state: dict, i
     weights = full_state_dict(model)
     moments, steps = gather_moments(model, optimizer)
     rng = rng_state(model)
-    if _dist():
+    if multi_process():
         ranks = [None] * dist.get_world_size()
         dist.all_gather_object(ranks, rng)
     else:
@@ -195,7 +192,7 @@ def save(ckpt_root: str, epoch: int, model: nn.Module, optimizer, state: dict, i
         if is_best:
             _write_json(os.path.join(ckpt_root, "best.json"), {"name": name, "epoch": epoch})
         _prune(ckpt_root, keep)
-    if _dist():
+    if multi_process():
         dist.barrier()
     return path
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
 import os
 import signal
 import time
@@ -28,10 +27,12 @@ import torch.nn.functional as F
 from .. import models
 from ..layer import MoE
 from ..parallel import clip_grad_norm_, init_distributed, moe_set_seed, parallelize
+from ..parallel.layout import mix_seed
 from . import checkpoint, report, rundir
 from .augment import Augmenter, normalize
 from .config import ConfigError, TrainConfig
 from .data import epoch_order, load_dataset, rank_batch, steps_per_epoch
+from .dist import all_reduce_
 from .optim import WarmupCosine, make_optimizer
 
 FAULT_STEP_ENV = "MOESAIC_FAULT_STEP"  # test hook: kill a rank at this global step ...
@@ -40,22 +41,6 @@ FAULT_RANK_ENV = "MOESAIC_FAULT_RANK"  # ... on this rank, on the first attempt 
 
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite; the run stopped before applying that step."""
-
-
-def _seed(*parts: int) -> int:
-    """A 63-bit seed mixed from integers (stable across processes and Python versions)."""
-    h = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") >> 1
-
-
-def _dist() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _all_reduce(t: torch.Tensor) -> torch.Tensor:
-    if _dist():
-        dist.all_reduce(t)
-    return t
 
 
 def _device(cfg: TrainConfig, ctx) -> torch.device:
@@ -156,7 +141,7 @@ class LoadMeter:
             return []
         flat = np.concatenate([np.concatenate([t, k]) for t, k in zip(self.total, self.kept)]
                               + [np.asarray(self.entropy + [self.n], dtype=np.float64)])
-        flat = _all_reduce(torch.from_numpy(flat).to(device)).cpu().numpy()
+        flat = all_reduce_(torch.from_numpy(flat).to(device)).cpu().numpy()
         out, off = [], 0
         for i, t in enumerate(self.total):
             E = len(t)
@@ -256,7 +241,7 @@ class Trainer:
         aux, correct, images] of the step."""
         cfg, dev = self.cfg, self.device
         gen = torch.Generator(device=dev)
-        gen.manual_seed(_seed(cfg.seed, self.step, self.rank, 0xA06))
+        gen.manual_seed(mix_seed(cfg.seed, self.step, self.rank, 0xA06))
         rng = np.random.default_rng([cfg.seed, self.step, self.rank, 0x313])
         x, y_a, y_b, lam = self.augment(self.train_set.images_NCHW[idx_b],
                                         self.train_set.labels_N[idx_b], gen, rng)
@@ -266,7 +251,7 @@ class Trainer:
         ce, correct = self._loss(logits, y_a, y_b, lam)
         loss = ce + cfg.aux_loss_weight * aux.float()
         n = torch.tensor(float(idx_b.numel()), device=dev)
-        sums = _all_reduce(torch.stack([loss.detach() * n, ce.detach() * n,
+        sums = all_reduce_(torch.stack([loss.detach() * n, ce.detach() * n,
                                         aux.detach().float() * n, correct.float(), n]))
         if not torch.isfinite(sums[:3]).all():
             where = (f"at step {self.step + 1} (epoch {self.epoch + 1}, batch {batch_in_epoch + 1} "
@@ -310,7 +295,7 @@ class Trainer:
             loss = F.cross_entropy(logits, y, reduction="none")
             sums += torch.stack([(loss * valid).sum(), ((logits.argmax(-1) == y) & valid).sum(),
                                  valid.sum()]).double()
-        _all_reduce(sums)
+        all_reduce_(sums)
         self.model.train()
         return float(sums[0] / sums[2]), float(sums[1] / sums[2])
 

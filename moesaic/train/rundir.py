@@ -14,6 +14,8 @@ from typing import Optional
 
 import torch.distributed as dist
 
+from .dist import multi_process
+
 ELASTIC_FILE = "elastic_key"
 
 
@@ -69,6 +71,6 @@ def choose(runs_root: str, name: str, given: Optional[str]) -> tuple[str, bool]:
 def shared_choice(runs_root: str, name: str, given: Optional[str], is_main: bool) -> tuple[str, bool]:
     """Rank 0 chooses; every rank gets the same answer."""
     out = [choose(runs_root, name, given) if is_main else None]
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if multi_process():
         dist.broadcast_object_list(out, src=0)
     return out[0]
