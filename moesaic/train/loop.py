@@ -33,10 +33,12 @@ from .augment import Augmenter, normalize
 from .config import ConfigError, TrainConfig
 from .data import epoch_order, load_dataset, rank_batch, steps_per_epoch
 from .dist import all_reduce_
+from .meters import RoutingMeter
 from .optim import WarmupCosine, make_optimizer
 
 FAULT_STEP_ENV = "MOESAIC_FAULT_STEP"  # test hook: kill a rank at this global step ...
 FAULT_RANK_ENV = "MOESAIC_FAULT_RANK"  # ... on this rank, on the first attempt only
+BAR_EVERY = 10  # steps between progress-bar updates (each reads the device's running sums)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -115,48 +117,6 @@ def build_model(cfg: TrainConfig, img_shape: tuple, num_classes: int) -> torch.n
         raise ConfigError(f"model {cfg.model!r} with model_args {cfg.model_args}: {e}") from e
 
 
-class LoadMeter:
-    """Tokens per expert (before and after dropping) summed over an epoch's steps."""
-
-    def __init__(self):
-        self.names: Optional[list] = None
-        self.total, self.kept, self.entropy, self.n = [], [], [], 0
-
-    def add(self, stats: list[dict]) -> None:
-        if not stats:
-            return
-        if not self.total:
-            self.total = [np.zeros(len(s["tokens_per_expert"])) for s in stats]
-            self.kept = [np.zeros(len(s["tokens_per_expert"])) for s in stats]
-            self.entropy = [0.0 for _ in stats]
-        for i, s in enumerate(stats):
-            self.total[i] += np.asarray(s["tokens_per_expert"], dtype=np.float64)
-            self.kept[i] += np.asarray(s["tokens_per_expert_kept"], dtype=np.float64)
-            self.entropy[i] += s["router_entropy"]
-        self.n += 1
-
-    def result(self, names: list[str], device: torch.device) -> list[dict]:
-        """Per layer: token share per expert, dropped fraction, router entropy (all ranks)."""
-        if not self.total:
-            return []
-        flat = np.concatenate([np.concatenate([t, k]) for t, k in zip(self.total, self.kept)]
-                              + [np.asarray(self.entropy + [self.n], dtype=np.float64)])
-        flat = all_reduce_(torch.from_numpy(flat).to(device)).cpu().numpy()
-        out, off = [], 0
-        for i, t in enumerate(self.total):
-            E = len(t)
-            tot, kept = flat[off:off + E], flat[off + E:off + 2 * E]
-            off += 2 * E
-            name = names[i] if len(names) == len(self.total) else f"MoE call {i + 1}"
-            out.append({"name": name,
-                        "token_share": (tot / max(tot.sum(), 1)).tolist(),
-                        "dropped_fraction": float(1 - kept.sum() / max(tot.sum(), 1))})
-        n = flat[-1]
-        for i, o in enumerate(out):
-            o["router_entropy"] = float(flat[off + i] / max(n, 1))
-        return out
-
-
 class Trainer:
     """One run: ``Trainer(cfg, run_dir, resume).run()`` returns summary.json's dict."""
 
@@ -189,6 +149,7 @@ class Trainer:
         model = build_model(cfg, train_set.shape, train_set.num_classes).to(self.device)
         self.model = parallelize(model)
         self.moe_names = [n for n, m in self.model.named_modules() if isinstance(m, MoE)]
+        self.routing = RoutingMeter(self.model)
         self.opt = make_optimizer(self.model, cfg)
         self.sched = WarmupCosine(self.opt, cfg.lr, cfg.min_lr, round(cfg.warmup_epochs * self.spe),
                                   cfg.epochs * self.spe, cfg.schedule)
@@ -253,6 +214,7 @@ class Trainer:
         n = torch.tensor(float(idx_b.numel()), device=dev)
         sums = all_reduce_(torch.stack([loss.detach() * n, ce.detach() * n,
                                         aux.detach().float() * n, correct.float(), n]))
+        # The one host read per step, on purpose: every rank stops before applying a bad step.
         if not torch.isfinite(sums[:3]).all():
             where = (f"at step {self.step + 1} (epoch {self.epoch + 1}, batch {batch_in_epoch + 1} "
                      f"of {self.spe})")
@@ -300,36 +262,42 @@ class Trainer:
         return float(sums[0] / sums[2]), float(sums[1] / sums[2])
 
     def train_epoch(self):
+        """One epoch of steps. Loss/accuracy sums and routing statistics stay on the device; the
+        progress bar reads them every ``BAR_EVERY`` steps and at the end of the epoch."""
         cfg = self.cfg
         from tqdm import tqdm
 
         order = epoch_order(len(self.train_set), self.epoch, cfg.seed).to(self.device)
-        meter = LoadMeter()
-        totals = torch.zeros(5, dtype=torch.float64)
+        self.routing.reset()
+        totals = torch.zeros(5, dtype=torch.float64, device=self.device)
         bar = tqdm(total=self.spe, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", leave=False,
                    dynamic_ncols=True, unit="step", mininterval=0.5,
                    disable=not (self.is_main and cfg.progress))
+        shown, shown_steps = torch.zeros(5, dtype=torch.float64), 0
         t0, stopped, steps = time.perf_counter(), False, 0
         for i in range(self.spe):
             if cfg.max_steps is not None and self.step >= cfg.max_steps:
                 stopped = True
                 break
             idx = rank_batch(order, i, cfg.batch_size, self.rank, self.world)
-            sums = self.train_step(idx, i).double().cpu()
-            totals += sums
+            totals += self.train_step(idx, i)
+            self.routing.step()
             steps += 1
-            meter.add(models.routing_stats(self.model))
-            if bar.disable:
+            if bar.disable or (steps % BAR_EVERY and i + 1 < self.spe):
                 continue
-            rate = totals[4].item() / max(time.perf_counter() - t0, 1e-9)
-            bar.set_postfix(loss=f"{sums[0] / sums[4]:.4f}", acc=f"{100 * totals[3] / totals[4]:.1f}%",
-                            img_s=f"{rate:.0f}", refresh=False)
-            bar.update(1)
+            now = totals.cpu()
+            recent = now - shown
+            rate = float(now[4]) / max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix(loss=f"{float(recent[0] / recent[4]):.4f}",
+                            acc=f"{100 * float(now[3] / now[4]):.1f}%", img_s=f"{rate:.0f}",
+                            refresh=False)
+            bar.update(steps - shown_steps)
+            shown, shown_steps = now, steps
         bar.close()
         train_time = time.perf_counter() - t0
         if cfg.max_steps is not None and self.step >= cfg.max_steps:
             stopped = True
-        return totals, meter, train_time, steps, stopped
+        return totals.tolist(), train_time, steps, stopped
 
     def run(self) -> dict:
         cfg = self.cfg
@@ -343,7 +311,7 @@ class Trainer:
                      f"{self.spe} steps/epoch of {cfg.batch_size} images")
         summary = None
         while self.epoch < cfg.epochs:
-            totals, meter, train_time, steps, stopped = self.train_epoch()
+            totals, train_time, steps, stopped = self.train_epoch()
             if steps == 0:
                 break
             t1 = time.perf_counter()
@@ -352,7 +320,7 @@ class Trainer:
             self.epoch += 1
             best = max([r["eval_accuracy"] for r in self.history] + [eval_acc])
             is_best = not self.history or eval_acc > max(r["eval_accuracy"] for r in self.history)
-            moe = meter.result(self.moe_names, self.device)
+            moe = self.routing.result(self.moe_names)
             n = float(totals[4])
             rec = {
                 "epoch": self.epoch, "step": self.step, "lr": self.sched.lr,
