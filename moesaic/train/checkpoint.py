@@ -9,7 +9,9 @@ A checkpoint is a folder ``<run>/checkpoints/epoch_NNNN/`` holding
   history of per-epoch metrics, and the resolved config.
 It is written into a temporary folder that is renamed into place only when complete, and
 ``latest.json`` / ``best.json`` pointers are replaced atomically after it, so a crash at any
-moment leaves the previous checkpoint readable.
+moment leaves the previous checkpoint readable. A folder is never replaced in place: an epoch
+written again (after resuming from an earlier checkpoint) goes to ``epoch_NNNN.1`` (``.2``, ...),
+and the older folder of that epoch is deleted only after ``latest.json`` points at the new one.
 """
 from __future__ import annotations
 
@@ -174,35 +176,57 @@ def save(ckpt_root: str, epoch: int, model: nn.Module, optimizer, state: dict, i
         ranks = [rng]
     path = None
     if is_main:
-        name = f"epoch_{epoch:04d}"
+        name = _unused_name(ckpt_root, f"epoch_{epoch:04d}")
         path = os.path.join(ckpt_root, name)
         tmp = os.path.join(ckpt_root, f".tmp-{name}-{os.getpid()}")
         os.makedirs(tmp, exist_ok=True)
         _save_tensors(weights, os.path.join(tmp, "model.safetensors"))
         _save_tensors(moments, os.path.join(tmp, "optimizer.safetensors"))
         torch.save({**state, "rng": ranks, "adam_steps": steps}, os.path.join(tmp, STATE_FILE))
-        if os.path.exists(path):
-            old = f"{tmp}-old"
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        os.replace(tmp, path)
         _write_json(os.path.join(ckpt_root, "latest.json"), {"name": name, "epoch": epoch})
         if is_best:
             _write_json(os.path.join(ckpt_root, "best.json"), {"name": name, "epoch": epoch})
+        _remove_superseded(ckpt_root, epoch, name)
         _prune(ckpt_root, keep)
     if multi_process():
         dist.barrier()
     return path
 
 
+def _epoch_of(name: str) -> int:
+    return int(name.split("_", 1)[1].split(".", 1)[0])
+
+
+def _unused_name(ckpt_root: str, base: str) -> str:
+    """``base``, or ``base.N`` when a folder of that name exists (an epoch written again after
+    resuming from an earlier checkpoint): a new checkpoint never replaces a folder in place."""
+    name, n = base, 0
+    while os.path.exists(os.path.join(ckpt_root, name)):
+        n += 1
+        name = f"{base}.{n}"
+    return name
+
+
+def _remove_superseded(ckpt_root: str, epoch: int, name: str) -> None:
+    """Delete older checkpoints of ``epoch`` once ``latest.json`` names ``name``, except one that
+    ``best.json`` still names."""
+    best = _pointer(ckpt_root, "best.json")
+    for n in os.listdir(ckpt_root):
+        if n.startswith("epoch_") and n not in (name, best) and _epoch_of(n) == epoch:
+            shutil.rmtree(os.path.join(ckpt_root, n), ignore_errors=True)
+
+
+def _pointer(ckpt_root: str, file: str) -> Optional[str]:
+    path = os.path.join(ckpt_root, file)
+    return _read_json(path)["name"] if os.path.exists(path) else None
+
+
 def _prune(ckpt_root: str, keep: int) -> None:
     """Keep the newest ``keep`` checkpoints and the best one."""
-    best = None
-    if os.path.exists(os.path.join(ckpt_root, "best.json")):
-        best = _read_json(os.path.join(ckpt_root, "best.json"))["name"]
-    names = sorted(n for n in os.listdir(ckpt_root) if n.startswith("epoch_"))
+    best = _pointer(ckpt_root, "best.json")
+    names = sorted((n for n in os.listdir(ckpt_root) if n.startswith("epoch_")),
+                   key=lambda n: (_epoch_of(n), n))
     for n in names[:-keep]:
         if n != best:
             shutil.rmtree(os.path.join(ckpt_root, n), ignore_errors=True)

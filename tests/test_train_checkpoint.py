@@ -1,0 +1,69 @@
+"""Checkpoint files: an epoch saved again never leaves latest.json pointing at a missing or
+half-written folder."""
+import os
+import shutil
+
+import torch
+
+from moesaic.train import checkpoint
+
+
+def _save(root, epoch, model, opt, is_best=False):
+    return checkpoint.save(root, epoch, model, opt, {"epoch": epoch, "step": 10 * epoch},
+                           is_main=True, is_best=is_best, keep=5)
+
+
+def test_saving_an_epoch_again_keeps_latest_readable_at_every_moment(tmp_path, monkeypatch):
+    root = str(tmp_path / "checkpoints")
+    os.makedirs(root)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    _save(root, 1, model, opt, is_best=True)
+    _save(root, 2, model, opt)
+    assert checkpoint.find(root).endswith("epoch_0002")
+
+    def readable():
+        ck = checkpoint.find(root)  # latest.json names a complete folder
+        assert checkpoint.read_state(ck)["epoch"] == 2
+        checkpoint._load_tensors(os.path.join(ck, "model.safetensors"))
+
+    replace, rmtree = os.replace, shutil.rmtree
+    seen = []
+
+    def checked_replace(src, dst):
+        readable()
+        replace(src, dst)
+        readable()
+        seen.append(os.path.basename(dst))
+
+    def checked_rmtree(path, *args, **kwargs):
+        readable()
+        rmtree(path, *args, **kwargs)
+        readable()
+        seen.append(f"rm {os.path.basename(path)}")
+
+    monkeypatch.setattr(os, "replace", checked_replace)
+    monkeypatch.setattr(shutil, "rmtree", checked_rmtree)
+    with torch.no_grad():
+        model.weight.add_(1.0)  # the resumed run's epoch 2 differs from the first one
+    path = _save(root, 2, model, opt)
+    assert os.path.basename(path) == "epoch_0002.1" and "rm epoch_0002" in seen
+    assert checkpoint.find(root) == path
+    saved = checkpoint._load_tensors(os.path.join(path, "model.safetensors"))
+    assert torch.equal(saved["weight"], model.weight)
+    assert sorted(os.listdir(root)) == ["best.json", "epoch_0001", "epoch_0002.1", "latest.json"]
+    path = _save(root, 2, model, opt, is_best=True)  # a third time: the plain name is free again
+    assert os.path.basename(path) == "epoch_0002"
+    assert sorted(os.listdir(root)) == ["best.json", "epoch_0001", "epoch_0002", "latest.json"]
+
+
+def test_saving_again_keeps_a_superseded_folder_that_best_names(tmp_path):
+    root = str(tmp_path)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters())
+    _save(root, 1, model, opt, is_best=True)
+    _save(root, 1, model, opt)
+    assert sorted(os.listdir(root)) == ["best.json", "epoch_0001", "epoch_0001.1", "latest.json"]
+    assert checkpoint.find(root).endswith("epoch_0001.1")
