@@ -168,14 +168,16 @@ def cases_deepspeed():
             return _make_step(torch, layer, fwd, x_BSD, dy_BSD)
         return make
 
-    common = ("dense one-hot [T,E,C] einsum dispatch/combine; use_rts=False, "
-              "no noisy gate, top2_2nd_expert_sampling=False")
+    common = ("index dispatch into a padded [E,C,D] buffer, experts run on all C slots; "
+              "use_rts=False, no noisy gate, top2_2nd_expert_sampling=False")
     out = []
     for k in (1, 2):
         for drop in (True, False):
             cap = "cf 1.25" if drop else "dropless"
-            note = common + ("; dropless pads every expert to the largest count"
-                             if not drop else "; C = ceil(cf*K*T/E), choice-major drops")
+            note = common + ("; dropless: C = largest expert count" if not drop else
+                             "; C = ceil(cf*K*T/E); top-1 keeps by topk over a 0/1 mask "
+                             "(tie order, not strictly position)" if k == 1 else
+                             "; C = ceil(cf*K*T/E), choice-major, position order")
             out.append((f"k={k}, {cap}", build(k, drop),
                         dict(top_k=k, capacity_factor=1.25, drop_tokens=drop), note))
     return out
