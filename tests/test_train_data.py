@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from moesaic.train import augment as A
-from moesaic.train.data import (DataError, epoch_order, load_cifar10, load_digits, rank_batch,
-                                steps_per_epoch)
+from moesaic.train.data import (DataError, epoch_order, eval_batches, load_cifar10, load_digits,
+                                rank_batch, steps_per_epoch)
 
 
 def write_cifar(root, n_train=40, n_test=40, seed=0):
@@ -82,6 +82,17 @@ def test_shards_cover_the_global_batch_and_orders_depend_on_epoch_and_seed():
     parts = [rank_batch(o, 3, B, r, 2) for r in range(2)]
     assert torch.equal(torch.cat(parts), o[24:32])
     assert steps_per_epoch(100, 8) == 12 and steps_per_epoch(100, 8, 5) == 5
+
+
+def test_eval_batches_cover_the_test_set_once_without_padding():
+    for n, b, world in [(359, 64, 1), (359, 32, 2), (10, 4, 3), (7, 100, 7), (40, 20, 2)]:
+        per_rank = [eval_batches(n, b, r, world) for r in range(world)]
+        assert len({len(bs) for bs in per_rank}) == 1  # same number of forwards on every rank
+        flat = torch.cat([i for bs in per_rank for i in bs])
+        assert torch.equal(flat, torch.arange(n))  # every image once, none repeated
+        assert all(1 <= len(i) <= b for bs in per_rank for i in bs)
+    with pytest.raises(DataError, match="smaller than the number of processes"):
+        eval_batches(1, 4, 0, 2)
 
 
 def _gen(seed=0):

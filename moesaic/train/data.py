@@ -162,3 +162,16 @@ def rank_batch(order_N: Tensor, step: int, global_batch: int, rank: int, world: 
     start = step * global_batch + rank * b
     return order_N[start:start + b]
 
+
+
+def eval_batches(num_images: int, batch_per_rank: int, rank: int, world: int) -> list[Tensor]:
+    """This rank's evaluation batches: the test set split into ``world`` contiguous shards whose
+    sizes differ by at most one, each shard split into the same number of batches (the
+    all-to-all needs every rank to run the same number of forwards) of at most
+    ``batch_per_rank`` images. Nothing is padded, so no repeated image takes expert capacity."""
+    if num_images < world:
+        raise DataError(f"the test set ({num_images} images) is smaller than the number of "
+                        f"processes ({world})")
+    n_batches = -(-(-(-num_images // world)) // batch_per_rank)
+    shard = torch.tensor_split(torch.arange(num_images), world)[rank]
+    return list(torch.tensor_split(shard, n_batches))

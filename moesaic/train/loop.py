@@ -31,7 +31,7 @@ from ..parallel.layout import mix_seed
 from . import checkpoint, report, rundir
 from .augment import Augmenter, normalize
 from .config import ConfigError, TrainConfig
-from .data import epoch_order, load_dataset, rank_batch, steps_per_epoch
+from .data import epoch_order, eval_batches, load_dataset, rank_batch, steps_per_epoch
 from .dist import all_reduce_
 from .meters import RoutingMeter
 from .optim import WarmupCosine, make_optimizer
@@ -236,27 +236,23 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
-        """(loss, accuracy) on the test set; each rank evaluates its shard in equal-size batches
-        (so all ranks run the same number of forwards, as the all-to-all needs)."""
+        """(loss, accuracy) on the test set. Each rank evaluates a contiguous shard in the same
+        number of batches (the all-to-all needs equal forwards), unpadded: shard sizes differ
+        by at most one image, so no repeated image takes expert capacity from a real one."""
         self.model.eval()
-        N = len(self.test_set)
-        per = -(-N // self.world)
-        b = self.cfg.eval_batch_size // self.world
-        idx_all = torch.arange(self.rank * per, (self.rank + 1) * per, device=self.device)
-        sums = torch.zeros(3, device=self.device, dtype=torch.float64)
         mean, std = self.test_set.mean, self.test_set.std
-        for s in range(0, per, b):
-            idx = idx_all[s:s + b]
-            valid = idx < N
-            idx = idx.clamp(max=N - 1)
-            x = normalize(self.test_set.images_NCHW[idx].float() / 255, mean, std)
-            y = self.test_set.labels_N[idx]
+        sums = torch.zeros(3, device=self.device, dtype=torch.float64)
+        for idx_b in eval_batches(len(self.test_set), self.cfg.eval_batch_size // self.world,
+                                  self.rank, self.world):
+            idx_b = idx_b.to(self.device)
+            x_bCHW = normalize(self.test_set.images_NCHW[idx_b].float() / 255, mean, std)
+            y_b = self.test_set.labels_N[idx_b]
             with self._autocast():
-                logits, _ = self.model(x)
-            logits = logits.float()
-            loss = F.cross_entropy(logits, y, reduction="none")
-            sums += torch.stack([(loss * valid).sum(), ((logits.argmax(-1) == y) & valid).sum(),
-                                 valid.sum()]).double()
+                logits_bL, _ = self.model(x_bCHW)
+            logits_bL = logits_bL.float()
+            loss_b = F.cross_entropy(logits_bL, y_b, reduction="none")
+            sums += torch.stack([loss_b.sum(), (logits_bL.argmax(-1) == y_b).sum(),
+                                 torch.tensor(y_b.numel(), device=self.device)]).double()
         all_reduce_(sums)
         self.model.train()
         return float(sums[0] / sums[2]), float(sums[1] / sums[2])
