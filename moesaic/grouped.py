@@ -23,16 +23,19 @@ def _act(name: str, h: Tensor, u: Optional[Tensor]) -> Tensor:
     return F.silu(h) * u
 
 
-def _act_backward(name: str, grad_a: Tensor, h: Tensor, u: Optional[Tensor]):
-    """Gradients of the activation w.r.t. h (and u for swiglu)."""
+def _act_backward(name: str, grad_a: Tensor, h: Tensor, u: Optional[Tensor],
+                  silu_h: Optional[Tensor] = None):
+    """Gradients of the activation w.r.t. h (and u for swiglu), with fused aten kernels.
+
+    For swiglu, ``silu_h`` (silu(h), if the caller already has it) is reused, and ``grad_a`` is
+    overwritten with the gradient of u.
+    """
     if name == "gelu":
         return torch.ops.aten.gelu_backward(grad_a, h), None
     if name == "relu":
-        return grad_a * (h > 0).to(grad_a.dtype), None
-    sig = torch.sigmoid(h)
-    silu = h * sig
-    grad_h = grad_a * u * (sig * (1 + h * (1 - sig)))
-    return grad_h, grad_a * silu
+        return torch.ops.aten.threshold_backward(grad_a, h, 0), None
+    grad_h = torch.ops.aten.silu_backward(grad_a * u, h)
+    return grad_h, grad_a.mul_(F.silu(h) if silu_h is None else silu_h)
 
 
 def _bounds(counts_E: Sequence[int]):
@@ -90,11 +93,12 @@ class _GroupedFFN(torch.autograd.Function):
                 continue
             gy, h = grad_ND[s:t], h_NF[s:t]
             u = None if u_NF is None else u_NF[s:t]
-            a = _act(ctx.activation, h, u)
+            silu_h = F.silu(h) if u is not None else None
+            a = silu_h * u if u is not None else _act(ctx.activation, h, None)
             torch.mm(a.t(), gy, out=g_w2[e])
             if g_b2 is not None:
                 torch.sum(gy, 0, out=g_b2[e])
-            grad_h, grad_u = _act_backward(ctx.activation, gy @ w2_EFD[e].t(), h, u)
+            grad_h, grad_u = _act_backward(ctx.activation, gy @ w2_EFD[e].t(), h, u, silu_h)
             x = x_ND[s:t]
             torch.mm(x.t(), grad_h, out=g_w1[e])
             if g_b1 is not None:
