@@ -62,6 +62,7 @@ def test_checkpoint_from_two_ranks_loads_in_one_process(setup, tmp_path):
     cfg = apply_overrides(load_file(cfg_path), ["max_ep_size=1", "epochs=3"])
     tr = Trainer(cfg, run_dir=str(tmp_path / "one"), resume=ck)
     assert tr.world == 1 and all(m.layout.ep_size == 1 for m in tr.model.moe_layers())
+    assert tr.opt.defaults["fused"]  # fused AdamW on CPU, its step counts restored too
     saved = checkpoint._load_tensors(os.path.join(ck, "model.safetensors"))
     mine = tr.model.state_dict()
     assert saved.keys() == mine.keys()

@@ -115,11 +115,13 @@ def scatter_moments(model: nn.Module, optimizer: torch.optim.Optimizer, weights:
         with torch.no_grad():
             for n, p in named.items():
                 p.data.copy_(saved[n])
+    on_device = optimizer.defaults.get("fused") or optimizer.defaults.get("capturable")
     for n, p in named.items():
         if n not in steps:
             continue
-        optimizer.state[p] = {
-            "step": torch.tensor(steps[n], dtype=torch.float32),
+        optimizer.state[p] = {  # fused/capturable AdamW keeps its step count on the device
+            "step": torch.tensor(steps[n], dtype=torch.float32,
+                                 device=p.device if on_device else "cpu"),
             "exp_avg": loaded["exp_avg"][n].to(p.dtype), "exp_avg_sq": loaded["exp_avg_sq"][n].to(p.dtype),
         }
 

@@ -20,7 +20,11 @@ def named_trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 
 def make_optimizer(model: nn.Module, cfg) -> torch.optim.AdamW:
-    """AdamW over the model's parameters; with ``wd_exclude_norm_bias_embed`` two groups."""
+    """AdamW over the model's parameters; with ``wd_exclude_norm_bias_embed`` two groups.
+
+    The fused implementation (one kernel over all parameters) where the device has it, CPU and
+    CUDA included: on the 2-core CPU a step of the embedded default's AdamW was about 5x faster
+    than the default ``foreach`` one (see docs/training.md). Otherwise the default."""
     named = named_trainable(model)
     if cfg.wd_exclude_norm_bias_embed:
         decay = [p for n, p in named if not is_no_decay(n, p)]
@@ -30,7 +34,11 @@ def make_optimizer(model: nn.Module, cfg) -> torch.optim.AdamW:
         groups = [g for g in groups if g["params"]]
     else:
         groups = [{"params": [p for _, p in named], "weight_decay": cfg.weight_decay}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kw)
+    except RuntimeError:  # parameters on a device without the fused kernel
+        return torch.optim.AdamW(groups, **kw)
 
 
 class WarmupCosine:
