@@ -72,6 +72,16 @@ def test_embedded_default_runs_a_few_steps(tmp_path):
     assert 0 <= recs[0]["eval_accuracy"] <= 1
 
 
+def test_bf16_autocast_trains_on_cpu(tmp_path, capsys):
+    write_cifar(str(tmp_path))
+    cfg = tiny_config(tmp_path / "c.py", tmp_path, EPOCHS=1, PRECISION="bf16")
+    run = str(tmp_path / "run")
+    assert main(["train", "--config", cfg, "--run-dir", run]) == 0
+    (rec,) = read_metrics(run)
+    assert rec["step"] == 2 and 0 < rec["train_loss"] < 10 and 0 < rec["eval_loss"] < 10
+    assert "device cpu, precision torch.bfloat16" in capsys.readouterr().out
+
+
 def test_resume_equals_uninterrupted(tmp_path):
     """Noise, dropout and mixup all draw random numbers: resuming from epoch 1 must replay
     epochs 2 and 3 bit for bit."""

@@ -54,7 +54,9 @@ def _device(cfg: TrainConfig, ctx) -> torch.device:
 
 
 def _precision(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype (None: float32)."""
+    """The autocast dtype (None: float32). ``auto``: bf16 on CUDA (fp16 with loss scaling where
+    bf16 is unsupported), float32 on CPU, where bf16 autocast (which works) was slower for the
+    embedded default and about even for ViT-Lite-6 (docs/training.md has the numbers)."""
     p = cfg.precision
     if p == "auto":
         if device.type != "cuda":
