@@ -8,7 +8,9 @@ backward (gradients synchronised by ``moesaic.parallelize``) -> EP-aware clippin
 warmup/cosine scheduler. Each epoch ends with an evaluation at the eval capacity factor,
 metrics, plots and, when due, a checkpoint.
 
-Legend: B global batch, b per-rank batch, E experts of a layer.
+Legend: B global batch, b per-rank batch (train or eval), N images of a dataset, C channels,
+H/W image height/width, L classes (logits), E experts of a layer; ``_5`` / ``_3``: the step's
+[loss, ce, aux, correct, images] and eval's [loss, correct, images] sums.
 """
 from __future__ import annotations
 
@@ -189,42 +191,47 @@ class Trainer:
                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
                 "history": self.history, "config": self.cfg.to_dict(), "world_size": self.world}
 
-    def _loss(self, logits, y_a, y_b, lam):
+    def _loss(self, logits_bL, labels_b, partner_labels_b, lam):
+        """(cross-entropy, correct count), both mixed ``lam : 1 - lam`` between the labels and
+        the mixup/cutmix partners' labels."""
         ls = self.cfg.label_smoothing
-        logits = logits.float()
-        ce = F.cross_entropy(logits, y_a, label_smoothing=ls)
+        logits_bL = logits_bL.float()
+        ce = F.cross_entropy(logits_bL, labels_b, label_smoothing=ls)
         if lam < 1.0:
-            ce = lam * ce + (1 - lam) * F.cross_entropy(logits, y_b, label_smoothing=ls)
-        pred = logits.argmax(-1)
-        correct = lam * (pred == y_a).sum() + (1 - lam) * (pred == y_b).sum()
+            ce_partner = F.cross_entropy(logits_bL, partner_labels_b, label_smoothing=ls)
+            ce = lam * ce + (1 - lam) * ce_partner
+        pred_b = logits_bL.argmax(-1)
+        correct = lam * (pred_b == labels_b).sum()
+        correct = correct + (1 - lam) * (pred_b == partner_labels_b).sum()
         return ce, correct
 
     def train_step(self, idx_b: torch.Tensor, batch_in_epoch: int) -> torch.Tensor:
         """One optimizer step on this rank's images ``idx_b``; returns the global [loss, ce,
-        aux, correct, images] of the step."""
+        aux, correct, images] of the step, still on the device."""
         cfg, dev = self.cfg, self.device
         gen = torch.Generator(device=dev)
         gen.manual_seed(mix_seed(cfg.seed, self.step, self.rank, 0xA06))
         rng = np.random.default_rng([cfg.seed, self.step, self.rank, 0x313])
-        x, y_a, y_b, lam = self.augment(self.train_set.images_NCHW[idx_b],
-                                        self.train_set.labels_N[idx_b], gen, rng)
+        x_bCHW, labels_b, partner_labels_b, lam = self.augment(
+            self.train_set.images_NCHW[idx_b], self.train_set.labels_N[idx_b], gen, rng)
         self.opt.zero_grad(set_to_none=True)
         with self._autocast():
-            logits, aux = self.model(x)
-        ce, correct = self._loss(logits, y_a, y_b, lam)
+            logits_bL, aux = self.model(x_bCHW)
+        ce, correct = self._loss(logits_bL, labels_b, partner_labels_b, lam)
         loss = ce + cfg.aux_loss_weight * aux.float()
         n = torch.tensor(float(idx_b.numel()), device=dev)
-        sums = all_reduce_(torch.stack([loss.detach() * n, ce.detach() * n,
-                                        aux.detach().float() * n, correct.float(), n]))
+        sums_5 = all_reduce_(torch.stack([loss.detach() * n, ce.detach() * n,
+                                          aux.detach().float() * n, correct.float(), n]))
         # The one host read per step, on purpose: every rank stops before applying a bad step.
-        if not torch.isfinite(sums[:3]).all():
+        if not torch.isfinite(sums_5[:3]).all():
             where = (f"at step {self.step + 1} (epoch {self.epoch + 1}, batch {batch_in_epoch + 1} "
                      f"of {self.spe})")
             keep = (f"the last good checkpoint, {self.last_ckpt}, is left intact" if self.last_ckpt
                     else "no checkpoint had been written yet")
-            raise NonFiniteLoss(f"non-finite loss ({float(sums[0] / sums[4])}) {where}; stopping "
-                                f"before applying this step: {keep}. Try a lower lr, a longer "
-                                "warmup or precision='fp32'.")
+            loss_now = float(sums_5[0] / sums_5[4])
+            raise NonFiniteLoss(f"non-finite loss ({loss_now}) {where}; stopping before applying "
+                                f"this step: {keep}. Try a lower lr, a longer warmup or "
+                                "precision='fp32'.")
         self.scaler.scale(loss).backward()
         if cfg.clip_grad is not None:
             self.scaler.unscale_(self.opt)
@@ -234,7 +241,7 @@ class Trainer:
         self.sched.step()
         self.step += 1
         _maybe_fault(self.step, self.rank)
-        return sums
+        return sums_5
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
@@ -243,21 +250,21 @@ class Trainer:
         by at most one image, so no repeated image takes expert capacity from a real one."""
         self.model.eval()
         mean, std = self.test_set.mean, self.test_set.std
-        sums = torch.zeros(3, device=self.device, dtype=torch.float64)
+        sums_3 = torch.zeros(3, device=self.device, dtype=torch.float64)
         for idx_b in eval_batches(len(self.test_set), self.cfg.eval_batch_size // self.world,
                                   self.rank, self.world):
             idx_b = idx_b.to(self.device)
             x_bCHW = normalize(self.test_set.images_NCHW[idx_b].float() / 255, mean, std)
-            y_b = self.test_set.labels_N[idx_b]
+            labels_b = self.test_set.labels_N[idx_b]
             with self._autocast():
                 logits_bL, _ = self.model(x_bCHW)
             logits_bL = logits_bL.float()
-            loss_b = F.cross_entropy(logits_bL, y_b, reduction="none")
-            sums += torch.stack([loss_b.sum(), (logits_bL.argmax(-1) == y_b).sum(),
-                                 torch.tensor(y_b.numel(), device=self.device)]).double()
-        all_reduce_(sums)
+            loss_b = F.cross_entropy(logits_bL, labels_b, reduction="none")
+            sums_3 += torch.stack([loss_b.sum(), (logits_bL.argmax(-1) == labels_b).sum(),
+                                   torch.tensor(labels_b.numel(), device=self.device)]).double()
+        all_reduce_(sums_3)
         self.model.train()
-        return float(sums[0] / sums[2]), float(sums[1] / sums[2])
+        return float(sums_3[0] / sums_3[2]), float(sums_3[1] / sums_3[2])
 
     def train_epoch(self):
         """One epoch of steps. Loss/accuracy sums and routing statistics stay on the device; the
@@ -265,37 +272,37 @@ class Trainer:
         cfg = self.cfg
         from tqdm import tqdm
 
-        order = epoch_order(len(self.train_set), self.epoch, cfg.seed).to(self.device)
+        order_N = epoch_order(len(self.train_set), self.epoch, cfg.seed).to(self.device)
         self.routing.reset()
-        totals = torch.zeros(5, dtype=torch.float64, device=self.device)
+        totals_5 = torch.zeros(5, dtype=torch.float64, device=self.device)
         bar = tqdm(total=self.spe, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", leave=False,
                    dynamic_ncols=True, unit="step", mininterval=0.5,
                    disable=not (self.is_main and cfg.progress))
-        shown, shown_steps = torch.zeros(5, dtype=torch.float64), 0
+        shown_5, shown_steps = torch.zeros(5, dtype=torch.float64), 0
         t0, stopped, steps = time.perf_counter(), False, 0
         for i in range(self.spe):
             if cfg.max_steps is not None and self.step >= cfg.max_steps:
                 stopped = True
                 break
-            idx = rank_batch(order, i, cfg.batch_size, self.rank, self.world)
-            totals += self.train_step(idx, i)
+            idx_b = rank_batch(order_N, i, cfg.batch_size, self.rank, self.world)
+            totals_5 += self.train_step(idx_b, i)
             self.routing.step()
             steps += 1
             if bar.disable or (steps % BAR_EVERY and i + 1 < self.spe):
                 continue
-            now = totals.cpu()
-            recent = now - shown
-            rate = float(now[4]) / max(time.perf_counter() - t0, 1e-9)
-            bar.set_postfix(loss=f"{float(recent[0] / recent[4]):.4f}",
-                            acc=f"{100 * float(now[3] / now[4]):.1f}%", img_s=f"{rate:.0f}",
+            now_5 = totals_5.cpu()
+            recent_5 = now_5 - shown_5
+            rate = float(now_5[4]) / max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix(loss=f"{float(recent_5[0] / recent_5[4]):.4f}",
+                            acc=f"{100 * float(now_5[3] / now_5[4]):.1f}%", img_s=f"{rate:.0f}",
                             refresh=False)
             bar.update(steps - shown_steps)
-            shown, shown_steps = now, steps
+            shown_5, shown_steps = now_5, steps
         bar.close()
         train_time = time.perf_counter() - t0
         if cfg.max_steps is not None and self.step >= cfg.max_steps:
             stopped = True
-        return totals.tolist(), train_time, steps, stopped
+        return totals_5.tolist(), train_time, steps, stopped
 
     def run(self) -> dict:
         cfg = self.cfg
