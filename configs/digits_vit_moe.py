@@ -16,4 +16,4 @@ LABEL_SMOOTHING = 0.1
 AUX_LOSS_WEIGHT = 0.01
 CLIP_GRAD = 1.0
 CHECKPOINT_EVERY = 10
-THREADS = 1  # one thread: faster than two for this tiny model, and robust on a busy machine
+THREADS = 1  # one thread for now; to be re-measured on a quiet machine (docs/training.md)
