@@ -54,16 +54,21 @@ def build(kind: str, args) -> nn.Module:
 def step(module: nn.Module, x: torch.Tensor) -> None:
     y, aux = module(x)
     (y.square().mean() + aux).backward()
+    x.grad = None
 
 
-def time_step(module: nn.Module, x: torch.Tensor, reps: int) -> float:
-    step(module, x)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
+def time_interleaved(modules: dict, x: torch.Tensor, reps: int) -> dict:
+    """Median seconds per fwd+bwd of each module, timed round-robin so that drifts in machine
+    load fall on every configuration alike."""
+    for module in modules.values():
         step(module, x)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times = {name: [] for name in modules}
+    for _ in range(reps):
+        for name, module in modules.items():
+            t0 = time.perf_counter()
+            step(module, x)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def peak_extra_bytes(module: nn.Module, x: torch.Tensor) -> int:
@@ -91,18 +96,19 @@ def main(argv=None) -> dict:
     T, D, Fd, E = args.tokens, args.d_model, args.d_ff, args.experts
     print(f"moesaic layer benchmark, {date.today()}: T={T} D={D} F={Fd} E={E} float32, "
           f"{args.threads} threads, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs; median of {args.reps} fwd+bwd steps")
-    x = torch.randn(T, D)
-    dense = build("dense", args)
-    dense_s = time_step(dense, x, args.reps)
-    dense_mem = {} if args.no_memory else {k: peak_extra_bytes(dense, x.repeat(k, 1)) for k in (1, 2)}
+          f"{os.cpu_count()} CPUs; median of {args.reps} fwd+bwd steps, configurations interleaved")
+    x = torch.randn(T, D, requires_grad=True)  # as inside a network: the input needs a gradient
+    modules = {"dense": build("dense", args), **{name: build(name, args) for name, _, _ in CONFIGS}}
+    seconds = time_interleaved(modules, x, args.reps)
+    dense, dense_s = modules["dense"], seconds["dense"]
+    dense_mem = {} if args.no_memory else {
+        k: peak_extra_bytes(dense, x.detach().repeat(k, 1).requires_grad_()) for k in (1, 2)}
     print(f"{'config':<16}{'ms':>9}{'k x dense ms':>14}{'time ratio':>12}{'extra MiB':>11}"
           f"{'dense kT MiB':>14}{'mem ratio':>11}{'dropped':>9}")
     print(f"{'dense FFN':<16}{dense_s * 1e3:>9.1f}")
     rows = []
     for name, top_k, _ in CONFIGS:
-        layer = build(name, args)
-        t = time_step(layer, x, args.reps)
+        layer, t = modules[name], seconds[name]
         dropped = float(layer.last_stats.dropped_fraction)
         row = dict(config=name, ms=t * 1e3, dense_ms=top_k * dense_s * 1e3,
                    time_ratio=t / (top_k * dense_s), dropped=dropped)

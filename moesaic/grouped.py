@@ -79,7 +79,7 @@ class _GroupedFFN(torch.autograd.Function):
     def backward(ctx, grad_ND):
         x_ND, h_NF, u_NF, w1_EDF, w2_EFD, w3_EDF = ctx.saved_tensors
         grad_ND = grad_ND.contiguous()
-        grad_x = torch.empty_like(x_ND)
+        grad_x = torch.empty_like(x_ND) if ctx.needs_input_grad[0] else None
         g_w1, g_w2 = torch.empty_like(w1_EDF), torch.empty_like(w2_EFD)
         g_w3 = torch.empty_like(w3_EDF) if w3_EDF is not None else None
         E, Fdim = w1_EDF.shape[0], w1_EDF.shape[2]
@@ -103,10 +103,12 @@ class _GroupedFFN(torch.autograd.Function):
             torch.mm(x.t(), grad_h, out=g_w1[e])
             if g_b1 is not None:
                 torch.sum(grad_h, 0, out=g_b1[e])
-            torch.mm(grad_h, w1_EDF[e].t(), out=grad_x[s:t])
+            if grad_x is not None:
+                torch.mm(grad_h, w1_EDF[e].t(), out=grad_x[s:t])
             if grad_u is not None:
                 torch.mm(x.t(), grad_u, out=g_w3[e])
-                grad_x[s:t].addmm_(grad_u, w3_EDF[e].t())
+                if grad_x is not None:
+                    grad_x[s:t].addmm_(grad_u, w3_EDF[e].t())
         return grad_x, None, None, g_w1, g_b1, g_w2, g_b2, g_w3
 
 
