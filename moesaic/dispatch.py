@@ -37,7 +37,7 @@ class _Combine(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_y = grad_ND * weight_N.to(grad_ND.dtype).unsqueeze(1)
         if ctx.needs_input_grad[1]:
-            grad_weight = torch.einsum("nd,nd->n", grad_ND.float(), y_ND.float()).to(weight_N.dtype)
+            grad_weight = torch.linalg.vecdot(grad_ND.float(), y_ND.float()).to(weight_N.dtype)
         return grad_y, grad_weight, None, None
 
 

@@ -135,7 +135,9 @@ class MoE(nn.Module):
             coef_T2 = F.softmax(self.residual_coef(xr_TD), dim=-1)
             mlp_TD = self.residual(xr_TD).to(y_TD.dtype)
             y_TD = torch.lerp(mlp_TD, y_TD, coef_T2[:, :1].to(y_TD.dtype))
-        y = self.dropout(y_TD).to(x.dtype).reshape(x.shape)
+        if self.dropout.p > 0:
+            y_TD = self.dropout(y_TD)
+        y = y_TD.to(x.dtype).reshape(x.shape)
         return y, aux_loss
 
 
