@@ -58,8 +58,8 @@ def step(module: nn.Module, x: torch.Tensor) -> None:
 
 
 def time_interleaved(modules: dict, x: torch.Tensor, reps: int) -> dict:
-    """Median seconds per fwd+bwd of each module, timed round-robin so that drifts in machine
-    load fall on every configuration alike."""
+    """Seconds per fwd+bwd of each module in each round, timed round-robin so that drifts in
+    machine load fall on every configuration alike."""
     for module in modules.values():
         step(module, x)
     times = {name: [] for name in modules}
@@ -68,7 +68,12 @@ def time_interleaved(modules: dict, x: torch.Tensor, reps: int) -> dict:
             t0 = time.perf_counter()
             step(module, x)
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
+
+
+def paired_ratio(times: list, dense_times: list, k: int) -> float:
+    """Median over rounds of (this round's time) / (k x the same round's dense time)."""
+    return statistics.median(t / (k * d) for t, d in zip(times, dense_times))
 
 
 def peak_extra_bytes(module: nn.Module, x: torch.Tensor) -> int:
@@ -96,10 +101,12 @@ def main(argv=None) -> dict:
     T, D, Fd, E = args.tokens, args.d_model, args.d_ff, args.experts
     print(f"moesaic layer benchmark, {date.today()}: T={T} D={D} F={Fd} E={E} float32, "
           f"{args.threads} threads, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs; median of {args.reps} fwd+bwd steps, configurations interleaved")
+          f"{os.cpu_count()} CPUs; median of {args.reps} fwd+bwd steps, configurations interleaved; "
+          "time ratio = median over rounds of t / (k x dense t in the same round)")
     x = torch.randn(T, D, requires_grad=True)  # as inside a network: the input needs a gradient
     modules = {"dense": build("dense", args), **{name: build(name, args) for name, _, _ in CONFIGS}}
-    seconds = time_interleaved(modules, x, args.reps)
+    times = time_interleaved(modules, x, args.reps)
+    seconds = {name: statistics.median(ts) for name, ts in times.items()}
     dense, dense_s = modules["dense"], seconds["dense"]
     dense_mem = {} if args.no_memory else {
         k: peak_extra_bytes(dense, x.detach().repeat(k, 1).requires_grad_()) for k in (1, 2)}
@@ -111,7 +118,7 @@ def main(argv=None) -> dict:
         layer, t = modules[name], seconds[name]
         dropped = float(layer.last_stats.dropped_fraction)
         row = dict(config=name, ms=t * 1e3, dense_ms=top_k * dense_s * 1e3,
-                   time_ratio=t / (top_k * dense_s), dropped=dropped)
+                   time_ratio=paired_ratio(times[name], times["dense"], top_k), dropped=dropped)
         line = f"{name:<16}{t * 1e3:>9.1f}{top_k * dense_s * 1e3:>14.1f}{row['time_ratio']:>12.3f}"
         if not args.no_memory:
             mem = peak_extra_bytes(layer, x)
