@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -57,6 +58,15 @@ class RoutingStats:
         }
 
 
+def cpu_uniform(shape, generator: Optional[torch.Generator] = None) -> Tensor:
+    """U[0, 1) float32 on the CPU from numpy's SFC64 generator, seeded by one draw from the torch
+    generator: about twice as fast as torch's CPU generator for the T x D jitter draws, and as
+    reproducible (same torch seed or per-rank generator, same noise)."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    values = np.random.Generator(np.random.SFC64(seed)).random(math.prod(shape), dtype=np.float32)
+    return torch.from_numpy(values).view(shape)
+
+
 class Router(nn.Module):
     """Linear gate ``logits = x W^T`` computed in float32, with optional training noise.
 
@@ -79,23 +89,29 @@ class Router(nn.Module):
                 self.weight.grad.data = self.weight.grad.data.float()
         return self
 
-    def _noise(self, shape, device) -> Tensor:
+    def _generator(self, device) -> Optional[torch.Generator]:
         gen = self.noise_generator
-        if gen is not None and gen.device.type != device.type:
-            gen = None
-        if self.noise_policy == "jitter":
-            u = torch.rand(shape, generator=gen, device=device, dtype=torch.float32)
-            return 1.0 - JITTER_EPS + 2 * JITTER_EPS * u
-        return torch.randn(shape, generator=gen, device=device, dtype=torch.float32) / self.num_experts
+        return gen if gen is not None and gen.device.type == device.type else None
+
+    def _jitter(self, x_TD: Tensor) -> Tensor:
+        """x * U(1 - eps, 1 + eps), elementwise."""
+        gen = self._generator(x_TD.device)
+        if x_TD.device.type == "cpu":
+            u_TD = cpu_uniform(x_TD.shape, gen)
+        else:
+            u_TD = torch.rand(x_TD.shape, generator=gen, device=x_TD.device, dtype=torch.float32)
+        return torch.addcmul(x_TD * (1.0 - JITTER_EPS), x_TD, u_TD, value=2 * JITTER_EPS)
 
     def forward(self, x_TD: Tensor) -> Tensor:
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             x_TD = x_TD.float()
             if self.training and self.noise_policy == "jitter":
-                x_TD = x_TD * self._noise(x_TD.shape, x_TD.device)
+                x_TD = self._jitter(x_TD)
             logits_TE = F.linear(x_TD, self.weight)
             if self.training and self.noise_policy == "gaussian":
-                logits_TE = logits_TE + self._noise(logits_TE.shape, logits_TE.device)
+                noise_TE = torch.randn(logits_TE.shape, generator=self._generator(logits_TE.device),
+                                       device=logits_TE.device, dtype=torch.float32)
+                logits_TE = logits_TE + noise_TE / self.num_experts
         return logits_TE
 
 

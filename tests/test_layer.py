@@ -229,6 +229,18 @@ def test_noise_only_in_training(policy):
         assert (noisy - clean.router(x)).abs().max() <= 0.011 * ratio * D
 
 
+def test_jitter_is_uniform_between_bounds_and_seeded():
+    layer = make(noise_policy="jitter")
+    ones = torch.ones(4000, D)
+    torch.manual_seed(5)
+    u = layer.router._jitter(ones)
+    assert u.min() >= 0.99 and u.max() <= 1.01
+    assert u.mean().item() == pytest.approx(1.0, abs=1e-4)
+    assert u.std().item() == pytest.approx(0.02 / math.sqrt(12), rel=0.02)
+    torch.manual_seed(5)
+    assert torch.equal(layer.router._jitter(ones), u)
+
+
 def test_gaussian_noise_scale():
     layer = make(noise_policy="gaussian")
     x = torch.zeros(20000, D)
