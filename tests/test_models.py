@@ -7,7 +7,6 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import moesaic
 import moesaic.models as M
 from moesaic.models.layers import Attention
 

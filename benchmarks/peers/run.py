@@ -268,7 +268,6 @@ def cases_switch():
 def cases_colossalai():
     def build(k):
         def make(torch, x_BSD, dy_BSD):
-            import torch.distributed as dist
             _init_one_process_group(torch)
             from colossalai.shardformer.modeling.mixtral import EPMixtralSparseMoeBlock
             from colossalai.cluster import ProcessGroupMesh
