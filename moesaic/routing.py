@@ -94,13 +94,13 @@ class Router(nn.Module):
         return gen if gen is not None and gen.device.type == device.type else None
 
     def _jitter(self, x_TD: Tensor) -> Tensor:
-        """x * U(1 - eps, 1 + eps), elementwise."""
+        """x * U(1 - eps, 1 + eps), elementwise; the noise is built in place, outside autograd."""
         gen = self._generator(x_TD.device)
         if x_TD.device.type == "cpu":
             u_TD = cpu_uniform(x_TD.shape, gen)
         else:
             u_TD = torch.rand(x_TD.shape, generator=gen, device=x_TD.device, dtype=torch.float32)
-        return torch.addcmul(x_TD * (1.0 - JITTER_EPS), x_TD, u_TD, value=2 * JITTER_EPS)
+        return x_TD * u_TD.mul_(2 * JITTER_EPS).add_(1.0 - JITTER_EPS)
 
     def forward(self, x_TD: Tensor) -> Tensor:
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
