@@ -11,6 +11,7 @@ Legend: T tokens, D model dim, F ffn dim, E experts, K top-k.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -23,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import moesaic
-from moesaic.memtrack import LiveMemory
+from moesaic.memtrack import peak_extra_bytes
 
 CONFIGS = [  # (name, top_k, capacity mode)
     ("top1 cf1.25", 1, True),
@@ -76,15 +77,6 @@ def paired_ratio(times: list, dense_times: list, k: int) -> float:
     return statistics.median(t / (k * d) for t, d in zip(times, dense_times))
 
 
-def peak_extra_bytes(module: nn.Module, x: torch.Tensor) -> int:
-    """Peak live tensor bytes of one fwd+bwd, less the parameter gradients it leaves behind."""
-    module.zero_grad(set_to_none=True)
-    with LiveMemory() as mem:
-        step(module, x)
-    grads = sum(p.grad.untyped_storage().nbytes() for p in module.parameters() if p.grad is not None)
-    return mem.peak_bytes - grads
-
-
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=8 * 1024, help="tokens per step (T)")
@@ -108,8 +100,11 @@ def main(argv=None) -> dict:
     times = time_interleaved(modules, x, args.reps)
     seconds = {name: statistics.median(ts) for name, ts in times.items()}
     dense, dense_s = modules["dense"], seconds["dense"]
-    dense_mem = {} if args.no_memory else {
-        k: peak_extra_bytes(dense, x.detach().repeat(k, 1).requires_grad_()) for k in (1, 2)}
+    dense_mem = {}
+    if not args.no_memory:
+        for k in (1, 2):
+            x_kTD = x.detach().repeat(k, 1).requires_grad_()
+            dense_mem[k] = peak_extra_bytes(dense, functools.partial(step, dense, x_kTD))
     print(f"{'config':<16}{'ms':>9}{'k x dense ms':>14}{'time ratio':>12}{'extra MiB':>11}"
           f"{'dense kT MiB':>14}{'mem ratio':>11}{'dropped':>9}")
     print(f"{'dense FFN':<16}{dense_s * 1e3:>9.1f}")
@@ -121,7 +116,7 @@ def main(argv=None) -> dict:
                    time_ratio=paired_ratio(times[name], times["dense"], top_k), dropped=dropped)
         line = f"{name:<16}{t * 1e3:>9.1f}{top_k * dense_s * 1e3:>14.1f}{row['time_ratio']:>12.3f}"
         if not args.no_memory:
-            mem = peak_extra_bytes(layer, x)
+            mem = peak_extra_bytes(layer, functools.partial(step, layer, x))
             row.update(extra_mib=mem / 2**20, dense_mib=dense_mem[top_k] / 2**20,
                        mem_ratio=mem / dense_mem[top_k])
             line += f"{row['extra_mib']:>11.1f}{row['dense_mib']:>14.1f}{row['mem_ratio']:>11.3f}"

@@ -26,6 +26,9 @@ def _expert_generator(layer_seed: int, global_id: int) -> torch.Generator:
     return g
 
 
+CUDA_PATHS = ("auto", "grouped_mm", "bmm", "loop")
+
+
 class Experts(nn.Module):
     """The local experts' weights, stacked: ``w1`` [E, D, F], ``b1`` [E, F], ``w2`` [E, F, D],
     ``b2`` [E, D]; swiglu adds ``w3`` [E, D, F] and has no biases.
@@ -38,7 +41,7 @@ class Experts(nn.Module):
                  bias: bool = True, layer_seed: int = 0):
         super().__init__()
         self.d_model, self.d_ff, self.activation = d_model, d_ff, activation
-        self.cuda_path = "auto"
+        self.cuda_path = "auto"  # validated on assignment: see CUDA_PATHS
         self.global_ids = list(global_ids)
         E = len(self.global_ids)
         bias = bias and activation != "swiglu"
@@ -48,6 +51,11 @@ class Experts(nn.Module):
         self.b2 = nn.Parameter(torch.empty(E, d_model)) if bias else None
         self.w3 = nn.Parameter(torch.empty(E, d_model, d_ff)) if activation == "swiglu" else None
         self.reset_parameters(layer_seed)
+
+    def __setattr__(self, name, value):
+        if name == "cuda_path" and value not in CUDA_PATHS:
+            raise ValueError(f"cuda_path must be one of {CUDA_PATHS}, got {value!r}")
+        super().__setattr__(name, value)
 
     @property
     def num_local_experts(self) -> int:

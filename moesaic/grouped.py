@@ -2,7 +2,7 @@
 
 One autograd function: forward runs each expert's two matrix products on its contiguous rows;
 backward recomputes the activation from the saved pre-activation instead of storing it, so the
-saved state is x_ND and h_NF only. This is the CPU path and the reference for the CUDA paths.
+saved state is x_ND and h_NF only (and the gate's u_NF for swiglu). This is the CPU path and the reference for the CUDA paths.
 
 Legend: E local experts, D model dim, F ffn dim, N rows of the expert-major buffer.
 """
@@ -51,7 +51,7 @@ class _GroupedFFN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_ND, counts, activation, w1_EDF, b1_EF, w2_EFD, b2_ED, w3_EDF):
         N = x_ND.shape[0]
-        E, D, Fdim = w1_EDF.shape
+        Fdim = w1_EDF.shape[2]
         h_NF = x_ND.new_empty(N, Fdim)
         u_NF = x_ND.new_empty(N, Fdim) if w3_EDF is not None else None
         y_ND = x_ND.new_empty(N, w2_EFD.shape[2])

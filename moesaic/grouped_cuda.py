@@ -36,6 +36,8 @@ def _weight_grad(a_NX: Tensor, g_NY: Tensor, offs_E: Tensor, counts_E: Tensor) -
     if not _grouped_wgrad_failed:
         try:
             return _zero_empty(torch._grouped_mm(a_NX.t(), g_NY, offs=offs_E), counts_E)
+        except torch.OutOfMemoryError:
+            raise
         except RuntimeError:
             _grouped_wgrad_failed = True
     out = a_NX.new_zeros(counts_E.numel(), a_NX.shape[1], g_NY.shape[1])
@@ -140,6 +142,8 @@ def batched_ffn(x_ND: Tensor, counts_E: Tensor, activation: str, w1_EDF: Tensor,
     if path == "auto" and grouped_mm_supported(x_ND, w1_EDF):
         try:
             return _GroupedMMFFN.apply(*args)
+        except torch.OutOfMemoryError:
+            raise
         except RuntimeError:
             _grouped_mm_failed = True
     return padded_bmm_ffn(*args)

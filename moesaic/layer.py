@@ -62,10 +62,13 @@ class MoE(nn.Module):
                  z_loss_coef: float = 0.0, activation: str = "gelu", bias: bool = True,
                  residual: bool = False, dropout: float = 0.0, kernels: str = "auto"):
         super().__init__()
-        cfg = MoEConfig(d_model, d_ff, num_experts, top_k, capacity_factor, eval_capacity_factor,
-                        min_capacity, drop_tokens, drop_policy, router, noise_policy,
-                        normalize_weights, aux_loss_coef, z_loss_coef, activation, bias, residual,
-                        dropout, kernels)
+        cfg = MoEConfig(
+            d_model=d_model, d_ff=d_ff, num_experts=num_experts, top_k=top_k,
+            capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
+            min_capacity=min_capacity, drop_tokens=drop_tokens, drop_policy=drop_policy,
+            router=router, noise_policy=noise_policy, normalize_weights=normalize_weights,
+            aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef, activation=activation,
+            bias=bias, residual=residual, dropout=dropout, kernels=kernels)
         self.config = cfg
         self.layout = expert_layout(num_experts)
         self.router = routing.Router(d_model, num_experts, noise_policy)
@@ -97,7 +100,7 @@ class MoE(nn.Module):
             counts_E = plan.counts_E
             balance = logits_TE.new_zeros(())
             taken_T = torch.zeros(T, dtype=torch.bool, device=logits_TE.device)
-            dropped = 1 - taken_T.index_fill_(0, plan.row_token_N, True).float().mean()
+            dropped = (T - taken_T.index_fill_(0, plan.row_token_N, True).sum()) / max(T, 1)
         else:
             capacity = None
             if c.drop_tokens:
@@ -105,7 +108,7 @@ class MoE(nn.Module):
             plan, probs_TE, counts_E = ops.token_choice(
                 logits_TE, c.top_k, capacity, c.drop_policy, c.normalize_weights)
             balance = routing.balance_loss(probs_TE, counts_E)
-            dropped = 1 - plan.counts_E.sum() / counts_E.sum().clamp(min=1)
+            dropped = (counts_E.sum() - plan.counts_E.sum()) / counts_E.sum().clamp(min=1)
         z = routing.z_loss(logits_TE)
         aux_loss = c.aux_loss_coef * balance + c.z_loss_coef * z
         self.last_stats = routing.RoutingStats(

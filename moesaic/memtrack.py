@@ -7,7 +7,10 @@ benchmarks use it to compare peak extra memory, tests to pin memory as O(T * K *
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -38,3 +41,13 @@ class LiveMemory(TorchDispatchMode):
                     self.live_bytes += nbytes
         self.peak_bytes = max(self.peak_bytes, self.live_bytes)
         return out
+
+
+def peak_extra_bytes(module: nn.Module, step: Callable[[], None]) -> int:
+    """Peak live tensor bytes of ``step()`` (e.g. one fwd+bwd of ``module``), less the
+    parameter gradients it leaves behind: the activation memory of a training step."""
+    module.zero_grad(set_to_none=True)
+    with LiveMemory() as mem:
+        step()
+    grads = sum(p.grad.untyped_storage().nbytes() for p in module.parameters() if p.grad is not None)
+    return mem.peak_bytes - grads

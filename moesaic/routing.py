@@ -197,16 +197,16 @@ def expert_choice(logits_TE: Tensor, capacity: int) -> tuple[RoutingPlan, Tensor
 
 def balance_loss(probs_TE: Tensor, counts_E: Tensor) -> Tensor:
     """E * sum_e f_e * P_e: f_e = share of assignments (before dropping), P_e = mean prob."""
-    E = probs_TE.shape[1]
+    T, E = probs_TE.shape
     f_E = counts_E.to(probs_TE.dtype) / counts_E.sum().clamp(min=1)
-    return E * torch.sum(f_E * probs_TE.mean(0))
+    return E * torch.sum(f_E * probs_TE.sum(0) / max(T, 1))
 
 
 def z_loss(logits_TE: Tensor) -> Tensor:
-    """Mean over tokens of logsumexp(logits)^2 (ST-MoE)."""
-    return torch.logsumexp(logits_TE, dim=-1).square().mean()
+    """Mean over tokens of logsumexp(logits)^2 (ST-MoE); 0 for no tokens."""
+    return torch.logsumexp(logits_TE, dim=-1).square().sum() / max(logits_TE.shape[0], 1)
 
 
 def router_entropy(logits_TE: Tensor) -> Tensor:
     logp_TE = torch.log_softmax(logits_TE, dim=-1)
-    return -(logp_TE.exp() * logp_TE).sum(-1).mean()
+    return -(logp_TE.exp() * logp_TE).sum() / max(logits_TE.shape[0], 1)

@@ -268,6 +268,22 @@ def test_single_token_and_single_expert():
     assert y.shape == (2, 3, D)
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(top_k=2, drop_tokens=False), dict(router="expert_choice"),
+                                dict(residual=True)])
+def test_no_tokens(kw):
+    layer = make(**kw)
+    x = torch.zeros(0, 3, D, requires_grad=True)
+    y, aux = layer(x)
+    (y.sum() + aux).backward()
+    assert y.shape == x.shape and aux.item() == 0.0
+    assert float(layer.last_stats.dropped_fraction) == 0.0
+
+
+def test_cuda_path_is_validated():
+    with pytest.raises(ValueError, match="cuda_path.*'bmmm'"):
+        make().experts.cuda_path = "bmmm"
+
+
 def test_all_tokens_to_one_expert():
     layer = make(top_k=1, capacity_factor=1.0, min_capacity=0)
     with torch.no_grad():
