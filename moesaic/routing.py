@@ -82,16 +82,24 @@ class Router(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
     def _apply(self, fn, recurse=True):
+        """Keep the weight float32 whatever the model is cast to, and move the per-rank noise
+        generator with the module (re-seeded from its seed: generator state cannot cross devices)."""
         super()._apply(fn, recurse)
         if self.weight.dtype != torch.float32:
             self.weight.data = self.weight.data.float()
             if self.weight.grad is not None:
                 self.weight.grad.data = self.weight.grad.data.float()
+        gen = self.noise_generator
+        if gen is not None and gen.device != self.weight.device:
+            self.noise_generator = torch.Generator(device=self.weight.device)
+            self.noise_generator.manual_seed(gen.initial_seed())
         return self
 
     def _generator(self, device) -> Optional[torch.Generator]:
         gen = self.noise_generator
-        return gen if gen is not None and gen.device.type == device.type else None
+        if gen is not None and gen.device != device:
+            raise ValueError(f"router noise_generator is on {gen.device} but the input is on {device}")
+        return gen
 
     def _jitter(self, x_TD: Tensor) -> Tensor:
         """x * U(1 - eps, 1 + eps), elementwise; the noise is built in place, outside autograd."""

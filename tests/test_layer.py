@@ -1,6 +1,7 @@
 """The MoE layer's equivalence ladder: dense FFN, dropless vs capacity, and a per-token loop."""
 import copy
 import math
+import types
 
 import pytest
 import torch
@@ -239,6 +240,18 @@ def test_jitter_is_uniform_between_bounds_and_seeded():
     assert u.std().item() == pytest.approx(0.02 / math.sqrt(12), rel=0.02)
     torch.manual_seed(5)
     assert torch.equal(layer.router._jitter(ones), u)
+
+
+def test_noise_generator_follows_the_module_and_must_match_the_input():
+    elsewhere = types.SimpleNamespace(device=torch.device("cuda", 0), initial_seed=lambda: 1234)
+    layer = make(noise_policy="gaussian").train()
+    layer.router.noise_generator = elsewhere
+    layer.to("cpu")
+    moved = layer.router.noise_generator
+    assert moved.device == torch.device("cpu") and moved.initial_seed() == 1234
+    layer.router.noise_generator = elsewhere
+    with pytest.raises(ValueError, match="noise_generator is on cuda:0"):
+        layer.router._generator(torch.device("cpu"))
 
 
 def test_gaussian_noise_scale():
