@@ -9,23 +9,73 @@ Legend: T tokens, D model dim, E experts, N rows of the expert-major buffer.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
 from .routing import RoutingPlan
 
 
-def permute(x_TD: Tensor, row_token_N: Tensor) -> Tensor:
-    """Gather token rows into expert-major order: x_ND[n] = x_TD[row_token_N[n]]."""
-    return x_TD.index_select(0, row_token_N)
+def gather_sum(v_ND: Tensor, dest_TK: Tensor, scale_TK: Optional[Tensor] = None) -> Tensor:
+    """out_TD[t] = sum_k scale_TK[t, k] * v_ND[dest_TK[t, k]], skipping dest = -1 (dropped).
+
+    Token-centric: K row gathers, no scatter. On CPUs this is several times faster than the
+    scatter-add (``index_add_``) over rows that it replaces, and it is deterministic.
+    """
+    T, K = dest_TK.shape
+    if v_ND.shape[0] == 0:
+        return v_ND.new_zeros(T, v_ND.shape[1])
+    idx_TK = dest_TK.clamp(min=0)
+    if scale_TK is None:
+        scale_TK = (dest_TK >= 0).to(v_ND.dtype)
+    else:
+        scale_TK = torch.where(dest_TK >= 0, scale_TK, 0).to(v_ND.dtype)
+    out_TD = None
+    for k in range(K):
+        part_TD = v_ND.index_select(0, idx_TK[:, k]).mul_(scale_TK[:, k:k + 1])
+        out_TD = part_TD if out_TD is None else out_TD.add_(part_TD)
+    return out_TD
+
+
+class _Permute(torch.autograd.Function):
+    """x_ND[n] = x_TD[row_token_N[n]]; backward sums each token's rows back by gathering."""
+
+    @staticmethod
+    def forward(ctx, x_TD: Tensor, row_token_N: Tensor, dest_TK: Optional[Tensor]):
+        ctx.save_for_backward(row_token_N, dest_TK)
+        ctx.num_tokens = x_TD.shape[0]
+        return x_TD.index_select(0, row_token_N)
+
+    @staticmethod
+    def backward(ctx, grad_ND: Tensor):
+        row_token_N, dest_TK = ctx.saved_tensors
+        if dest_TK is not None:
+            return gather_sum(grad_ND, dest_TK), None, None
+        grad_TD = grad_ND.new_zeros(ctx.num_tokens, grad_ND.shape[1])
+        return grad_TD.index_add_(0, row_token_N, grad_ND), None, None
+
+
+def permute(x_TD: Tensor, row_token_N: Tensor, dest_TK: Optional[Tensor] = None) -> Tensor:
+    """Gather token rows into expert-major order: x_ND[n] = x_TD[row_token_N[n]].
+
+    With ``dest_TK`` (token choice) the backward gathers instead of scatter-adding."""
+    return _Permute.apply(x_TD, row_token_N, dest_TK)
 
 
 class _Combine(torch.autograd.Function):
-    """y_TD[t] = sum over rows n of token t of weight_N[n] * y_ND[n] (weights in float32)."""
+    """y_TD[t] = sum over rows n of token t of weight_N[n] * y_ND[n] (weights in float32).
+
+    Forward is token-centric when ``dest_TK``/``weight_TK`` are given (token choice), a
+    scatter-add over rows otherwise (expert choice); backward gathers per row either way.
+    """
 
     @staticmethod
-    def forward(ctx, y_ND: Tensor, weight_N: Tensor, row_token_N: Tensor, num_tokens: int):
+    def forward(ctx, y_ND: Tensor, weight_N: Tensor, row_token_N: Tensor, num_tokens: int,
+                dest_TK: Optional[Tensor], weight_TK: Optional[Tensor]):
         ctx.save_for_backward(y_ND, weight_N, row_token_N)
+        if dest_TK is not None:
+            return gather_sum(y_ND, dest_TK, weight_TK)
         out_TD = y_ND.new_zeros(num_tokens, y_ND.shape[1])
         return out_TD.index_add_(0, row_token_N, y_ND * weight_N.to(y_ND.dtype).unsqueeze(1))
 
@@ -38,12 +88,14 @@ class _Combine(torch.autograd.Function):
             grad_y = grad_ND * weight_N.to(grad_ND.dtype).unsqueeze(1)
         if ctx.needs_input_grad[1]:
             grad_weight = torch.linalg.vecdot(grad_ND.float(), y_ND.float()).to(weight_N.dtype)
-        return grad_y, grad_weight, None, None
+        return grad_y, grad_weight, None, None, None, None
 
 
 def combine(y_ND: Tensor, plan: RoutingPlan) -> Tensor:
     """Weighted sum of each token's expert outputs, in token order ([T, D], y_ND's dtype)."""
-    return _Combine.apply(y_ND, plan.row_weight_N, plan.row_token_N, plan.num_tokens)
+    weight_TK = None if plan.weight_TK is None else plan.weight_TK.detach()
+    return _Combine.apply(y_ND, plan.row_weight_N, plan.row_token_N, plan.num_tokens,
+                          plan.dest_TK, weight_TK)
 
 
 class LocalDispatcher:

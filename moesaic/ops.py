@@ -23,7 +23,7 @@ class TorchOps:
 
     @staticmethod
     def permute(x_TD, plan):
-        return dispatch.permute(x_TD, plan.row_token_N)
+        return dispatch.permute(x_TD, plan.row_token_N, plan.dest_TK)
 
     @staticmethod
     def combine(y_ND, plan):
