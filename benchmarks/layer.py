@@ -53,6 +53,8 @@ def build(kind: str, args) -> nn.Module:
 
 
 def step(module: nn.Module, x: torch.Tensor) -> None:
+    """One training step's fwd+bwd; gradients start from None, as after zero_grad()."""
+    module.zero_grad(set_to_none=True)
     y, aux = module(x)
     (y.square().mean() + aux).backward()
     x.grad = None
