@@ -4,7 +4,8 @@ One autograd function: forward runs each expert's two matrix products on its con
 backward recomputes the activation from the saved pre-activation instead of storing it, so the
 saved state is x_ND and h_NF only (and the gate's u_NF for swiglu). This is the CPU path and the reference for the CUDA paths.
 
-Legend: E local experts, D model dim, F ffn dim, N rows of the expert-major buffer.
+Legend: E local experts, D model dim, F ffn dim, N rows of the expert-major buffer,
+M rows of one expert.
 """
 from __future__ import annotations
 
@@ -58,18 +59,18 @@ class _GroupedFFN(torch.autograd.Function):
         for e, s, t in _bounds(counts):
             if s == t:
                 continue
-            x = x_ND[s:t]
+            x_MD = x_ND[s:t]
             if b1_EF is not None:
-                torch.addmm(b1_EF[e], x, w1_EDF[e], out=h_NF[s:t])
+                torch.addmm(b1_EF[e], x_MD, w1_EDF[e], out=h_NF[s:t])
             else:
-                torch.mm(x, w1_EDF[e], out=h_NF[s:t])
+                torch.mm(x_MD, w1_EDF[e], out=h_NF[s:t])
             if u_NF is not None:
-                torch.mm(x, w3_EDF[e], out=u_NF[s:t])
-            a = _act(activation, h_NF[s:t], None if u_NF is None else u_NF[s:t])
+                torch.mm(x_MD, w3_EDF[e], out=u_NF[s:t])
+            a_MF = _act(activation, h_NF[s:t], None if u_NF is None else u_NF[s:t])
             if b2_ED is not None:
-                torch.addmm(b2_ED[e], a, w2_EFD[e], out=y_ND[s:t])
+                torch.addmm(b2_ED[e], a_MF, w2_EFD[e], out=y_ND[s:t])
             else:
-                torch.mm(a, w2_EFD[e], out=y_ND[s:t])
+                torch.mm(a_MF, w2_EFD[e], out=y_ND[s:t])
         ctx.counts, ctx.activation = counts, activation
         ctx.has_b1, ctx.has_b2 = b1_EF is not None, b2_ED is not None
         ctx.save_for_backward(x_ND, h_NF, u_NF, w1_EDF, w2_EFD, w3_EDF)
@@ -79,37 +80,38 @@ class _GroupedFFN(torch.autograd.Function):
     def backward(ctx, grad_ND):
         x_ND, h_NF, u_NF, w1_EDF, w2_EFD, w3_EDF = ctx.saved_tensors
         grad_ND = grad_ND.contiguous()
-        grad_x = torch.empty_like(x_ND) if ctx.needs_input_grad[0] else None
-        g_w1, g_w2 = torch.empty_like(w1_EDF), torch.empty_like(w2_EFD)
-        g_w3 = torch.empty_like(w3_EDF) if w3_EDF is not None else None
+        grad_x_ND = torch.empty_like(x_ND) if ctx.needs_input_grad[0] else None
+        g_w1_EDF, g_w2_EFD = torch.empty_like(w1_EDF), torch.empty_like(w2_EFD)
+        g_w3_EDF = torch.empty_like(w3_EDF) if w3_EDF is not None else None
         E, Fdim = w1_EDF.shape[0], w1_EDF.shape[2]
-        g_b1 = x_ND.new_empty(E, Fdim) if ctx.has_b1 else None
-        g_b2 = x_ND.new_empty(E, w2_EFD.shape[2]) if ctx.has_b2 else None
+        g_b1_EF = x_ND.new_empty(E, Fdim) if ctx.has_b1 else None
+        g_b2_ED = x_ND.new_empty(E, w2_EFD.shape[2]) if ctx.has_b2 else None
         for e, s, t in _bounds(ctx.counts):
             if s == t:
-                for g in (g_w1, g_w2, g_w3, g_b1, g_b2):
+                for g in (g_w1_EDF, g_w2_EFD, g_w3_EDF, g_b1_EF, g_b2_ED):
                     if g is not None:
                         g[e].zero_()
                 continue
-            gy, h = grad_ND[s:t], h_NF[s:t]
-            u = None if u_NF is None else u_NF[s:t]
-            silu_h = F.silu(h) if u is not None else None
-            a = silu_h * u if u is not None else _act(ctx.activation, h, None)
-            torch.mm(a.t(), gy, out=g_w2[e])
-            if g_b2 is not None:
-                torch.sum(gy, 0, out=g_b2[e])
-            grad_h, grad_u = _act_backward(ctx.activation, gy @ w2_EFD[e].t(), h, u, silu_h)
-            x = x_ND[s:t]
-            torch.mm(x.t(), grad_h, out=g_w1[e])
-            if g_b1 is not None:
-                torch.sum(grad_h, 0, out=g_b1[e])
-            if grad_x is not None:
-                torch.mm(grad_h, w1_EDF[e].t(), out=grad_x[s:t])
-            if grad_u is not None:
-                torch.mm(x.t(), grad_u, out=g_w3[e])
-                if grad_x is not None:
-                    grad_x[s:t].addmm_(grad_u, w3_EDF[e].t())
-        return grad_x, None, None, g_w1, g_b1, g_w2, g_b2, g_w3
+            gy_MD, h_MF = grad_ND[s:t], h_NF[s:t]
+            u_MF = None if u_NF is None else u_NF[s:t]
+            silu_h_MF = F.silu(h_MF) if u_MF is not None else None
+            a_MF = silu_h_MF * u_MF if u_MF is not None else _act(ctx.activation, h_MF, None)
+            torch.mm(a_MF.t(), gy_MD, out=g_w2_EFD[e])
+            if g_b2_ED is not None:
+                torch.sum(gy_MD, 0, out=g_b2_ED[e])
+            grad_h_MF, grad_u_MF = _act_backward(ctx.activation, gy_MD @ w2_EFD[e].t(), h_MF, u_MF,
+                                                 silu_h_MF)
+            x_MD = x_ND[s:t]
+            torch.mm(x_MD.t(), grad_h_MF, out=g_w1_EDF[e])
+            if g_b1_EF is not None:
+                torch.sum(grad_h_MF, 0, out=g_b1_EF[e])
+            if grad_x_ND is not None:
+                torch.mm(grad_h_MF, w1_EDF[e].t(), out=grad_x_ND[s:t])
+            if grad_u_MF is not None:
+                torch.mm(x_MD.t(), grad_u_MF, out=g_w3_EDF[e])
+                if grad_x_ND is not None:
+                    grad_x_ND[s:t].addmm_(grad_u_MF, w3_EDF[e].t())
+        return grad_x_ND, None, None, g_w1_EDF, g_b1_EF, g_w2_EFD, g_b2_ED, g_w3_EDF
 
 
 def grouped_ffn(x_ND: Tensor, counts: Sequence[int], activation: str, w1_EDF: Tensor,
