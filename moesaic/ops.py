@@ -3,6 +3,8 @@
 An ops object has ``token_choice(logits_TE, top_k, capacity, drop_policy, normalize)``,
 ``permute(x_TD, plan)`` and ``combine(y_ND, plan)``, with the semantics of the PyTorch
 functions in :mod:`moesaic.routing` and :mod:`moesaic.dispatch`.
+
+Legend: T tokens, D model dim, E experts, N rows of the expert-major buffer.
 """
 from __future__ import annotations
 

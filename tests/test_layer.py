@@ -1,4 +1,7 @@
-"""The MoE layer's equivalence ladder: dense FFN, dropless vs capacity, and a per-token loop."""
+"""The MoE layer's equivalence ladder: dense FFN, dropless vs capacity, and a per-token loop.
+
+Legend: T tokens, D model dim, FF ffn dim, E experts, K top-k.
+"""
 import copy
 import math
 import types
