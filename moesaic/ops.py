@@ -8,6 +8,7 @@ Legend: T tokens, D model dim, E experts, N rows of the expert-major buffer.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -32,6 +33,7 @@ class TorchOps:
         return dispatch.combine(y_ND, plan)
 
 
+@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
