@@ -145,3 +145,8 @@ class MoE(nn.Module):
 
 
 MoeModule = MoE
+
+
+def moe_layers(module: nn.Module) -> list[MoE]:
+    """The distinct MoE layers inside ``module``, in registration order (shared layers once)."""
+    return [m for m in module.modules() if isinstance(m, MoE)]

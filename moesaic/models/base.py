@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..layer import MoE
+from ..layer import MoE, moe_layers
 from .config import VisionConfig
 from .layers import PatchEmbed
 
@@ -53,13 +53,8 @@ class VisionModel(nn.Module):
         return self.head(self.norm(x_BSD[:, 0])), aux
 
     def moe_layers(self) -> list[MoE]:
-        """The model's distinct MoE layers, in the order they first run."""
-        seen, out = set(), []
-        for m in self.modules():
-            if isinstance(m, MoE) and id(m) not in seen:
-                seen.add(id(m))
-                out.append(m)
-        return out
+        """The model's distinct MoE layers, in registration order."""
+        return moe_layers(self)
 
     def block_experts(self) -> list[int]:
         """Experts of the feed-forward each block runs (0 = dense)."""

@@ -7,19 +7,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from ..layer import MoE
-
-
-def moe_layers(model: nn.Module) -> list[MoE]:
-    """The model's distinct MoE layers (``model.moe_layers()`` when it has one)."""
-    if hasattr(model, "moe_layers"):
-        return list(model.moe_layers())
-    seen, out = set(), []
-    for m in model.modules():
-        if isinstance(m, MoE) and id(m) not in seen:
-            seen.add(id(m))
-            out.append(m)
-    return out
+from ..layer import MoE, moe_layers
 
 
 def routing_stats(model: nn.Module) -> list[dict]:

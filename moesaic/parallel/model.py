@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..experts import Experts
-from ..layer import MoE
+from ..layer import MoE, moe_layers
 from .comm import CommStats, run_collective
 from .context import ParallelContext
 from .dispatcher import AllToAllDispatcher
@@ -32,10 +32,6 @@ class ParallelState:
     grad_sync: Optional[GradSync]
     stats: CommStats
     hooks: list = field(default_factory=list)
-
-
-def moe_layers(model: nn.Module) -> list:
-    return [m for m in model.modules() if isinstance(m, MoE)]
 
 
 def expert_param_ids(model: nn.Module) -> set:
