@@ -125,22 +125,19 @@ class MoE(nn.Module):
         ops = select_ops(c.kernels, x.device)
         x_TD = x.reshape(-1, c.d_model)
         plan, aux_loss = self._route(self.router(x_TD), ops)
-        compute_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(
-            x.device.type) else x.dtype
+        autocast_on = torch.is_autocast_enabled(x.device.type)
+        compute_dtype = torch.get_autocast_dtype(x.device.type) if autocast_on else x.dtype
         with torch.autocast(device_type=x.device.type, enabled=False):
             xc_TD = x_TD.to(compute_dtype)
             x_ND, counts_E, handle = self.dispatcher.dispatch(xc_TD, plan, ops)
             y_ND = self.experts(x_ND, counts_E)
             y_TD = self.dispatcher.combine(y_ND, plan, handle, ops)
         if self.residual is not None:
-            xr_TD = x_TD if torch.is_autocast_enabled(x.device.type) else x_TD.to(
-                self.residual_coef.weight.dtype)
+            xr_TD = x_TD if autocast_on else x_TD.to(self.residual_coef.weight.dtype)
             coef_T2 = F.softmax(self.residual_coef(xr_TD), dim=-1)
             mlp_TD = self.residual(xr_TD).to(y_TD.dtype)
             y_TD = torch.lerp(mlp_TD, y_TD, coef_T2[:, :1].to(y_TD.dtype))
-        if self.dropout.p > 0:
-            y_TD = self.dropout(y_TD)
-        y = y_TD.to(x.dtype).reshape(x.shape)
+        y = self.dropout(y_TD).to(x.dtype).reshape(x.shape)
         return y, aux_loss
 
 
