@@ -21,21 +21,34 @@ def gather_sum(v_ND: Tensor, dest_TK: Tensor, scale_TK: Optional[Tensor] = None)
     """out_TD[t] = sum_k scale_TK[t, k] * v_ND[dest_TK[t, k]], skipping dest = -1 (dropped).
 
     Token-centric: K row gathers, no scatter. On CPUs this is several times faster than the
-    scatter-add (``index_add_``) over rows that it replaces, and it is deterministic.
+    scatter-add (``index_add_``) over rows that it replaces, and it is deterministic. Without
+    scales, the rows of dropped assignments are zeroed one by one instead of multiplying the
+    whole gather by a 0/1 mask.
     """
     T, K = dest_TK.shape
     if v_ND.shape[0] == 0:
         return v_ND.new_zeros(T, v_ND.shape[1])
     idx_TK = dest_TK.clamp(min=0)
-    if scale_TK is None:
-        scale_TK = (dest_TK >= 0).to(v_ND.dtype)
-    else:
+    if scale_TK is not None:
         scale_TK = torch.where(dest_TK >= 0, scale_TK, 0).to(v_ND.dtype)
     out_TD = None
     for k in range(K):
-        part_TD = v_ND.index_select(0, idx_TK[:, k]).mul_(scale_TK[:, k:k + 1])
+        part_TD = v_ND.index_select(0, idx_TK[:, k])
+        if scale_TK is not None:
+            part_TD.mul_(scale_TK[:, k:k + 1])
+        else:
+            part_TD.index_fill_(0, (dest_TK[:, k] < 0).nonzero().squeeze(1), 0)
         out_TD = part_TD if out_TD is None else out_TD.add_(part_TD)
     return out_TD
+
+
+def row_dot(a_ND: Tensor, b_ND: Tensor, block: int = 512) -> Tensor:
+    """out_N[n] = <a_ND[n], b_ND[n]> in float32, a block of rows at a time so that the
+    elementwise product stays in cache instead of filling an [N, D] temporary."""
+    out_N = torch.empty(a_ND.shape[0], dtype=torch.float32, device=a_ND.device)
+    for s in range(0, a_ND.shape[0], block):
+        torch.sum(a_ND[s:s + block].float() * b_ND[s:s + block].float(), 1, out=out_N[s:s + block])
+    return out_N
 
 
 class _Permute(torch.autograd.Function):
@@ -84,10 +97,10 @@ class _Combine(torch.autograd.Function):
         y_ND, weight_N, row_token_N = ctx.saved_tensors
         grad_ND = grad_TD.index_select(0, row_token_N)
         grad_y = grad_weight = None
-        if ctx.needs_input_grad[0]:
-            grad_y = grad_ND * weight_N.to(grad_ND.dtype).unsqueeze(1)
         if ctx.needs_input_grad[1]:
-            grad_weight = torch.linalg.vecdot(grad_ND.float(), y_ND.float()).to(weight_N.dtype)
+            grad_weight = row_dot(grad_ND, y_ND).to(weight_N.dtype)
+        if ctx.needs_input_grad[0]:
+            grad_y = grad_ND.mul_(weight_N.to(grad_ND.dtype).unsqueeze(1))
         return grad_y, grad_weight, None, None, None, None
 
 

@@ -2,7 +2,12 @@
 
 One autograd function: forward runs each expert's two matrix products on its contiguous rows;
 backward recomputes the activation from the saved pre-activation instead of storing it, so the
-saved state is x_ND and h_NF only (and the gate's u_NF for swiglu). This is the CPU path and the reference for the CUDA paths.
+saved state is x_ND and the pre-activation h (and the gate u for swiglu), one [M, F] tensor per
+expert. The activation and its gradient live in one [M, F] work buffer reused by every expert.
+Why blocks of one expert's rows: the allocator recycles blocks of that size, while every fresh
+[T, F] tensor of tens of MiB is mapped and page-faulted anew (the dense FFN allocates four per
+step), and elementwise passes over one expert's rows stay in cache. This is the CPU path and
+the reference for the CUDA paths.
 
 Legend: E local experts, D model dim, F ffn dim, N rows of the expert-major buffer,
 M rows of one expert.
@@ -24,19 +29,24 @@ def _act(name: str, h: Tensor, u: Optional[Tensor]) -> Tensor:
     return F.silu(h) * u
 
 
-def _act_backward(name: str, grad_a: Tensor, h: Tensor, u: Optional[Tensor],
-                  silu_h: Optional[Tensor] = None):
-    """Gradients of the activation w.r.t. h (and u for swiglu), with fused aten kernels.
-
-    For swiglu, ``silu_h`` (silu(h), if the caller already has it) is reused, and ``grad_a`` is
-    overwritten with the gradient of u.
-    """
+def _act_into(name: str, h: Tensor, u: Optional[Tensor], out: Tensor) -> Tensor:
+    """act(h) (swiglu: silu(h) * u) written into ``out``, which has h's shape."""
     if name == "gelu":
-        return torch.ops.aten.gelu_backward(grad_a, h), None
+        return torch.ops.aten.gelu.out(h, out=out)
     if name == "relu":
-        return torch.ops.aten.threshold_backward(grad_a, h, 0), None
-    grad_h = torch.ops.aten.silu_backward(grad_a * u, h)
-    return grad_h, grad_a.mul_(F.silu(h) if silu_h is None else silu_h)
+        return torch.clamp_min(h, 0, out=out)
+    return torch.ops.aten.silu.out(h, out=out).mul_(u)
+
+
+def _act_backward_(name: str, grad_a: Tensor, h: Tensor, u: Optional[Tensor]):
+    """Gradients of the activation w.r.t. h (and u for swiglu) with fused aten kernels; the
+    gradient of h is written over ``grad_a``."""
+    if name == "gelu":
+        return torch.ops.aten.gelu_backward.grad_input(grad_a, h, grad_input=grad_a), None
+    if name == "relu":
+        return torch.ops.aten.threshold_backward.grad_input(grad_a, h, 0, grad_input=grad_a), None
+    grad_u = grad_a * F.silu(h)
+    return torch.ops.aten.silu_backward.grad_input(grad_a.mul_(u), h, grad_input=grad_a), grad_u
 
 
 def _bounds(counts_E: Sequence[int]):
@@ -51,57 +61,59 @@ class _GroupedFFN(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_ND, counts, activation, w1_EDF, b1_EF, w2_EFD, b2_ED, w3_EDF):
-        N = x_ND.shape[0]
-        Fdim = w1_EDF.shape[2]
-        h_NF = x_ND.new_empty(N, Fdim)
-        u_NF = x_ND.new_empty(N, Fdim) if w3_EDF is not None else None
+        N, Fdim = x_ND.shape[0], w1_EDF.shape[2]
+        h_chunks = [x_ND.new_empty(n, Fdim) for n in counts]
+        u_chunks = [x_ND.new_empty(n, Fdim) for n in counts] if w3_EDF is not None else []
         y_ND = x_ND.new_empty(N, w2_EFD.shape[2])
+        work_MF = x_ND.new_empty(max(counts, default=0), Fdim)  # the activation, expert by expert
         for e, s, t in _bounds(counts):
             if s == t:
                 continue
             x_MD = x_ND[s:t]
+            h_MF, u_MF = h_chunks[e], u_chunks[e] if u_chunks else None
             if b1_EF is not None:
-                torch.addmm(b1_EF[e], x_MD, w1_EDF[e], out=h_NF[s:t])
+                torch.addmm(b1_EF[e], x_MD, w1_EDF[e], out=h_MF)
             else:
-                torch.mm(x_MD, w1_EDF[e], out=h_NF[s:t])
-            if u_NF is not None:
-                torch.mm(x_MD, w3_EDF[e], out=u_NF[s:t])
-            a_MF = _act(activation, h_NF[s:t], None if u_NF is None else u_NF[s:t])
+                torch.mm(x_MD, w1_EDF[e], out=h_MF)
+            if u_MF is not None:
+                torch.mm(x_MD, w3_EDF[e], out=u_MF)
+            a_MF = _act_into(activation, h_MF, u_MF, work_MF[:t - s])
             if b2_ED is not None:
                 torch.addmm(b2_ED[e], a_MF, w2_EFD[e], out=y_ND[s:t])
             else:
                 torch.mm(a_MF, w2_EFD[e], out=y_ND[s:t])
         ctx.counts, ctx.activation = counts, activation
         ctx.has_b1, ctx.has_b2 = b1_EF is not None, b2_ED is not None
-        ctx.save_for_backward(x_ND, h_NF, u_NF, w1_EDF, w2_EFD, w3_EDF)
+        ctx.save_for_backward(x_ND, w1_EDF, w2_EFD, w3_EDF, *h_chunks, *u_chunks)
         return y_ND
 
     @staticmethod
     def backward(ctx, grad_ND):
-        x_ND, h_NF, u_NF, w1_EDF, w2_EFD, w3_EDF = ctx.saved_tensors
+        x_ND, w1_EDF, w2_EFD, w3_EDF, *chunks = ctx.saved_tensors
+        E = w1_EDF.shape[0]
+        h_chunks, u_chunks = chunks[:E], chunks[E:]
         grad_ND = grad_ND.contiguous()
         grad_x_ND = torch.empty_like(x_ND) if ctx.needs_input_grad[0] else None
         g_w1_EDF, g_w2_EFD = torch.empty_like(w1_EDF), torch.empty_like(w2_EFD)
         g_w3_EDF = torch.empty_like(w3_EDF) if w3_EDF is not None else None
-        E, Fdim = w1_EDF.shape[0], w1_EDF.shape[2]
+        Fdim = w1_EDF.shape[2]
         g_b1_EF = x_ND.new_empty(E, Fdim) if ctx.has_b1 else None
         g_b2_ED = x_ND.new_empty(E, w2_EFD.shape[2]) if ctx.has_b2 else None
+        work_MF = x_ND.new_empty(max(ctx.counts, default=0), Fdim)  # a, then its gradient
         for e, s, t in _bounds(ctx.counts):
             if s == t:
                 for g in (g_w1_EDF, g_w2_EFD, g_w3_EDF, g_b1_EF, g_b2_ED):
                     if g is not None:
                         g[e].zero_()
                 continue
-            gy_MD, h_MF = grad_ND[s:t], h_NF[s:t]
-            u_MF = None if u_NF is None else u_NF[s:t]
-            silu_h_MF = F.silu(h_MF) if u_MF is not None else None
-            a_MF = silu_h_MF * u_MF if u_MF is not None else _act(ctx.activation, h_MF, None)
+            gy_MD, h_MF, x_MD = grad_ND[s:t], h_chunks[e], x_ND[s:t]
+            u_MF = u_chunks[e] if u_chunks else None
+            a_MF = _act_into(ctx.activation, h_MF, u_MF, work_MF[:t - s])
             torch.mm(a_MF.t(), gy_MD, out=g_w2_EFD[e])
             if g_b2_ED is not None:
                 torch.sum(gy_MD, 0, out=g_b2_ED[e])
-            grad_h_MF, grad_u_MF = _act_backward(ctx.activation, gy_MD @ w2_EFD[e].t(), h_MF, u_MF,
-                                                 silu_h_MF)
-            x_MD = x_ND[s:t]
+            grad_a_MF = torch.mm(gy_MD, w2_EFD[e].t(), out=a_MF)
+            grad_h_MF, grad_u_MF = _act_backward_(ctx.activation, grad_a_MF, h_MF, u_MF)
             torch.mm(x_MD.t(), grad_h_MF, out=g_w1_EDF[e])
             if g_b1_EF is not None:
                 torch.sum(grad_h_MF, 0, out=g_b1_EF[e])

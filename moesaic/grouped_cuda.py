@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .grouped import _act, _act_backward, _bounds
+from .grouped import _act, _act_backward_, _bounds
 
 
 def _segment_sum(v_NX: Tensor, counts_E: Tensor) -> Tensor:
@@ -79,7 +79,7 @@ class _GroupedMMFFN(torch.autograd.Function):
         g_w2 = _weight_grad(a_NF, gy_ND, offs_E, counts_E)
         g_b2 = _segment_sum(gy_ND, counts_E).to(gy_ND.dtype) if ctx.has_b2 else None
         grad_a = mm(gy_ND, w2_EFD.transpose(1, 2), offs=offs_E)
-        grad_h, grad_u = _act_backward(ctx.activation, grad_a, h_NF, u_NF)
+        grad_h, grad_u = _act_backward_(ctx.activation, grad_a, h_NF, u_NF)
         grad_h = grad_h.contiguous()
         g_w1 = _weight_grad(x_ND, grad_h, offs_E, counts_E)
         g_b1 = _segment_sum(grad_h, counts_E).to(grad_h.dtype) if ctx.has_b1 else None
