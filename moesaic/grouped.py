@@ -38,14 +38,17 @@ def _act_into(name: str, h: Tensor, u: Optional[Tensor], out: Tensor) -> Tensor:
     return torch.ops.aten.silu.out(h, out=out).mul_(u)
 
 
-def _act_backward_(name: str, grad_a: Tensor, h: Tensor, u: Optional[Tensor]):
+def _act_backward_(name: str, grad_a: Tensor, h: Tensor, u: Optional[Tensor],
+                   grad_u_out: Optional[Tensor] = None):
     """Gradients of the activation w.r.t. h (and u for swiglu) with fused aten kernels; the
-    gradient of h is written over ``grad_a``."""
+    gradient of h is written over ``grad_a``, the gradient of u into ``grad_u_out`` if given."""
     if name == "gelu":
         return torch.ops.aten.gelu_backward.grad_input(grad_a, h, grad_input=grad_a), None
     if name == "relu":
         return torch.ops.aten.threshold_backward.grad_input(grad_a, h, 0, grad_input=grad_a), None
-    grad_u = grad_a * F.silu(h)
+    if grad_u_out is None:
+        grad_u_out = torch.empty_like(h)
+    grad_u = torch.ops.aten.silu.out(h, out=grad_u_out).mul_(grad_a)
     return torch.ops.aten.silu_backward.grad_input(grad_a.mul_(u), h, grad_input=grad_a), grad_u
 
 
@@ -100,6 +103,7 @@ class _GroupedFFN(torch.autograd.Function):
         g_b1_EF = x_ND.new_empty(E, Fdim) if ctx.has_b1 else None
         g_b2_ED = x_ND.new_empty(E, w2_EFD.shape[2]) if ctx.has_b2 else None
         work_MF = x_ND.new_empty(max(ctx.counts, default=0), Fdim)  # a, then its gradient
+        gate_MF = torch.empty_like(work_MF) if w3_EDF is not None else None  # u's gradient
         for e, s, t in _bounds(ctx.counts):
             if s == t:
                 for g in (g_w1_EDF, g_w2_EFD, g_w3_EDF, g_b1_EF, g_b2_ED):
@@ -113,7 +117,8 @@ class _GroupedFFN(torch.autograd.Function):
             if g_b2_ED is not None:
                 torch.sum(gy_MD, 0, out=g_b2_ED[e])
             grad_a_MF = torch.mm(gy_MD, w2_EFD[e].t(), out=a_MF)
-            grad_h_MF, grad_u_MF = _act_backward_(ctx.activation, grad_a_MF, h_MF, u_MF)
+            grad_h_MF, grad_u_MF = _act_backward_(ctx.activation, grad_a_MF, h_MF, u_MF,
+                                                  None if gate_MF is None else gate_MF[:t - s])
             torch.mm(x_MD.t(), grad_h_MF, out=g_w1_EDF[e])
             if g_b1_EF is not None:
                 torch.sum(grad_h_MF, 0, out=g_b1_EF[e])
