@@ -24,29 +24,16 @@ import time
 from datetime import date
 
 import torch
-import torch.nn as nn
 
 import moesaic
+from moesaic.models import MoEStack
 from moesaic.parallel import comm_stats
 from moesaic.parallel.volume import alltoall_bytes_per_rank
 
 
-class Net(nn.Module):
-    def __init__(self, a):
-        super().__init__()
-        self.inp = nn.Linear(a.d_model, a.d_model)
-        self.moes = nn.ModuleList(
-            moesaic.MoE(a.d_model, a.d_ff, a.experts, top_k=a.top_k, drop_tokens=a.capacity,
-                        capacity_factor=1.25) for _ in range(a.layers))
-        self.out = nn.Linear(a.d_model, a.d_model)
-
-    def forward(self, x):
-        h = self.inp(x)
-        aux = h.new_zeros(())
-        for moe in self.moes:
-            y, a = moe(h)
-            h, aux = h + y, aux + a
-        return self.out(h), aux
+def build_model(a) -> MoEStack:
+    return MoEStack(a.d_model, a.d_ff, [a.experts] * a.layers, top_k=a.top_k,
+                    drop_tokens=a.capacity, capacity_factor=1.25)
 
 
 def _worker(rank, world, port, a, queue):
@@ -55,7 +42,7 @@ def _worker(rank, world, port, a, queue):
     torch.set_num_threads(a.threads)
     moesaic.init_distributed(timeout_s=120)
     moesaic.moe_set_seed(0)
-    model = moesaic.parallelize(Net(a))
+    model = moesaic.parallelize(build_model(a))
     T = a.tokens * 2 // world
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(T, a.d_model, generator=g)

@@ -11,9 +11,9 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 
 import moesaic
+from moesaic.models import MoEStack
 from moesaic.parallel import comm_stats
 from moesaic.parallel.layout import set_context
 
@@ -21,26 +21,10 @@ D, F, B, S = 8, 16, 2, 6
 TOL = dict(rtol=1e-5, atol=1e-6)
 
 
-class TinyNet(nn.Module):
-    """Linear -> a stack of residual MoE layers -> Linear."""
-
-    def __init__(self, experts=(4, 2), top_k=2, drop_tokens=False, capacity_factor=1.25,
-                 aux_loss_coef=0.0):
-        super().__init__()
-        self.inp = nn.Linear(D, D)
-        self.moes = nn.ModuleList(
-            moesaic.MoE(D, F, e, top_k=min(top_k, e), drop_tokens=drop_tokens,
-                        capacity_factor=capacity_factor, min_capacity=0,
-                        aux_loss_coef=aux_loss_coef) for e in experts)
-        self.out = nn.Linear(D, D)
-
-    def forward(self, x):
-        h = self.inp(x)
-        aux = h.new_zeros(())
-        for moe in self.moes:
-            y, a = moe(h)
-            h, aux = h + y, aux + a
-        return self.out(h), aux
+def TinyNet(experts=(4, 2), top_k=2, drop_tokens=False, capacity_factor=1.25, aux_loss_coef=0.0):
+    """Linear -> a stack of residual MoE layers -> Linear, at the test's tiny sizes."""
+    return MoEStack(D, F, experts, top_k=top_k, drop_tokens=drop_tokens,
+                    capacity_factor=capacity_factor, min_capacity=0, aux_loss_coef=aux_loss_coef)
 
 
 def _data(world, seed=123):

@@ -1,6 +1,7 @@
 """Model zoo: every preset builds, runs forward and backward, gives every parameter a gradient;
 ViT-Lite parameter counts match the Compact Transformers paper; WideNet shares its weights;
-summaries, FLOP counts and config errors; expert parallelism gives single-process logits."""
+summaries, FLOP counts and config errors; expert parallelism gives single-process logits;
+the MoEStack test model."""
 import math
 
 import pytest
@@ -233,3 +234,16 @@ def test_expert_parallel_logits_equal_single_process():
                 want, want_aux = ref(half)
             torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(aux, want_aux, rtol=1e-5, atol=1e-6)
+
+
+def test_moe_stack_pyramid_caps_top_k_and_sums_aux_losses():
+    model = M.MoEStack(8, 16, experts=(1, 4), top_k=2, aux_loss_coef=0.5)
+    assert [m.config.top_k for m in model.moes] == [1, 2]
+    assert [m.config.num_experts for m in model.moes] == [1, 4]
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    y, aux = model(x)
+    assert y.shape == x.shape
+    expected = sum(m.config.aux_loss_coef * m.last_stats.balance_loss for m in model.moes)
+    torch.testing.assert_close(aux, expected)
+    (y.sum() + aux).backward()
+    assert all(p.grad is not None for p in model.parameters())
