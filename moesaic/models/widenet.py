@@ -5,7 +5,8 @@ The shared modules are held once (``model.attn``, ``model.moe``) and the per-blo
 ``norms1`` / ``norms2``, so the state dict has each tensor under one name. Presets route top-2
 with gaussian noise: ``widenet_cifar`` (32x32, patch 4, 6 blocks, d_model 256, 4 heads, MLP
 ratio 2, 4 experts, the ViT-Lite shape) and ``widenet_imagenet`` (WideNet-B shape: 224x224,
-patch 16, 12 blocks, d_model 768, 12 heads, MLP ratio 4, 4 experts, 1000 classes).
+patch 16, 12 blocks, d_model 768, 12 heads, expert hidden size 4096, 4 experts, 1000 classes:
+29M parameters, as in the paper).
 
 Legend: B batch, S sequence, D model dim.
 """
@@ -89,6 +90,8 @@ def _widenet(**preset):
 
 register("widenet_cifar")(_widenet(img_size=32, patch_size=4, depth=6, d_model=256,
                                    num_heads=4, mlp_ratio=2.0, num_experts=4, top_k=2))
+# WideNet-B: the experts' hidden size is 4096 (moe_mlp_dim of the authors' ViT-MoE-B config), not
+# ViT-B's 3072; that gives the paper's 29M parameters.
 register("widenet_imagenet")(_widenet(img_size=224, patch_size=16, num_classes=1000, depth=12,
-                                      d_model=768, num_heads=12, mlp_ratio=4.0, num_experts=4,
-                                      top_k=2))
+                                      d_model=768, num_heads=12, mlp_ratio=4096 / 768,
+                                      num_experts=4, top_k=2))
