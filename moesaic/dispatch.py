@@ -22,7 +22,8 @@ def gather_sum(v_ND: Tensor, dest_TK: Tensor, scale_TK: Optional[Tensor] = None)
 
     Token-centric: K row gathers, no scatter. On CPUs this is several times faster than the
     scatter-add (``index_add_``) over rows that it replaces, and it is deterministic. Without
-    scales, the rows of dropped assignments are zeroed one by one instead of multiplying the
+    scales, the rows of dropped assignments are zeroed (one ``index_fill_`` per choice on the
+    CPU, a mask on GPUs, where finding the rows would synchronise) instead of multiplying the
     whole gather by a 0/1 mask.
     """
     T, K = dest_TK.shape
@@ -36,18 +37,25 @@ def gather_sum(v_ND: Tensor, dest_TK: Tensor, scale_TK: Optional[Tensor] = None)
         part_TD = v_ND.index_select(0, idx_TK[:, k])
         if scale_TK is not None:
             part_TD.mul_(scale_TK[:, k:k + 1])
-        else:
+        elif v_ND.device.type == "cpu":
             part_TD.index_fill_(0, (dest_TK[:, k] < 0).nonzero().squeeze(1), 0)
+        else:
+            part_TD.masked_fill_(dest_TK[:, k:k + 1] < 0, 0)
         out_TD = part_TD if out_TD is None else out_TD.add_(part_TD)
     return out_TD
 
 
 def row_dot(a_ND: Tensor, b_ND: Tensor, block: int = 512) -> Tensor:
-    """out_N[n] = <a_ND[n], b_ND[n]> in float32, a block of rows at a time so that the
-    elementwise product stays in cache instead of filling an [N, D] temporary."""
-    out_N = torch.empty(a_ND.shape[0], dtype=torch.float32, device=a_ND.device)
+    """out_N[n] = <a_ND[n], b_ND[n]> in float32 (float64 for float64 rows), a block of rows at a
+    time on the CPU so that the elementwise product stays in cache instead of filling an [N, D]
+    temporary (one block on GPUs, where each block costs kernel launches). Not differentiable
+    (``out=``)."""
+    acc = torch.promote_types(a_ND.dtype, torch.float32)
+    out_N = torch.empty(a_ND.shape[0], dtype=acc, device=a_ND.device)
+    if a_ND.device.type != "cpu":
+        block = max(a_ND.shape[0], 1)
     for s in range(0, a_ND.shape[0], block):
-        torch.sum(a_ND[s:s + block].float() * b_ND[s:s + block].float(), 1, out=out_N[s:s + block])
+        torch.sum(a_ND[s:s + block].to(acc) * b_ND[s:s + block].to(acc), 1, out=out_N[s:s + block])
     return out_N
 
 
@@ -80,7 +88,9 @@ class _Combine(torch.autograd.Function):
     """y_TD[t] = sum over rows n of token t of weight_N[n] * y_ND[n] (weights in float32).
 
     Forward is token-centric when ``dest_TK``/``weight_TK`` are given (token choice), a
-    scatter-add over rows otherwise (expert choice); backward gathers per row either way.
+    scatter-add over rows otherwise (expert choice); backward gathers per row either way. The
+    backward works in place for speed, and out of place (so it can itself be differentiated,
+    e.g. for a gradient penalty) when it runs with ``create_graph=True``.
     """
 
     @staticmethod
@@ -97,6 +107,14 @@ class _Combine(torch.autograd.Function):
         y_ND, weight_N, row_token_N = ctx.saved_tensors
         grad_ND = grad_TD.index_select(0, row_token_N)
         grad_y = grad_weight = None
+        if torch.is_grad_enabled():
+            w_N1 = weight_N.to(grad_ND.dtype).unsqueeze(1)
+            if ctx.needs_input_grad[1]:
+                acc = torch.promote_types(grad_ND.dtype, torch.float32)
+                grad_weight = (grad_ND.to(acc) * y_ND.to(acc)).sum(1).to(weight_N.dtype)
+            if ctx.needs_input_grad[0]:
+                grad_y = grad_ND * w_N1
+            return grad_y, grad_weight, None, None, None, None
         if ctx.needs_input_grad[1]:
             grad_weight = row_dot(grad_ND, y_ND).to(weight_N.dtype)
         if ctx.needs_input_grad[0]:

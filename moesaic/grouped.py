@@ -2,8 +2,9 @@
 
 One autograd function: forward runs each expert's two matrix products on its contiguous rows;
 backward recomputes the activation from the saved pre-activation instead of storing it, so the
-saved state is x_ND and the pre-activation h (and the gate u for swiglu), one [M, F] tensor per
-expert. The activation and its gradient live in one [M, F] work buffer reused by every expert.
+saved state is x_ND and the pre-activation h (and the up-projection u for swiglu), one [M, F]
+tensor per expert. The activation and its gradient live in one [M, F] work buffer reused by
+every expert (swiglu's backward adds a second, for the gradient of u).
 Why blocks of one expert's rows: the allocator recycles blocks of that size, while every fresh
 [T, F] tensor of tens of MiB is mapped and page-faulted anew (the dense FFN allocates four per
 step), and elementwise passes over one expert's rows stay in cache. This is the CPU path and
@@ -17,6 +18,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+from torch.autograd.function import once_differentiable
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -60,7 +62,8 @@ def _bounds(counts_E: Sequence[int]):
 
 
 class _GroupedFFN(torch.autograd.Function):
-    """y_ND rows of expert e = act(x @ w1[e] + b1[e]) @ w2[e] + b2[e] (swiglu: gated by w3)."""
+    """y_ND rows of expert e = act(x @ w1[e] + b1[e]) @ w2[e] + b2[e]; swiglu: the activation is
+    silu(x @ w1[e]) * (x @ w3[e]), without biases."""
 
     @staticmethod
     def forward(ctx, x_ND, counts, activation, w1_EDF, b1_EF, w2_EFD, b2_ED, w3_EDF):
@@ -91,9 +94,10 @@ class _GroupedFFN(torch.autograd.Function):
         return y_ND
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_ND):
         x_ND, w1_EDF, w2_EFD, w3_EDF, *chunks = ctx.saved_tensors
-        E = w1_EDF.shape[0]
+        E = len(ctx.counts)
         h_chunks, u_chunks = chunks[:E], chunks[E:]
         grad_ND = grad_ND.contiguous()
         grad_x_ND = torch.empty_like(x_ND) if ctx.needs_input_grad[0] else None
@@ -103,7 +107,7 @@ class _GroupedFFN(torch.autograd.Function):
         g_b1_EF = x_ND.new_empty(E, Fdim) if ctx.has_b1 else None
         g_b2_ED = x_ND.new_empty(E, w2_EFD.shape[2]) if ctx.has_b2 else None
         work_MF = x_ND.new_empty(max(ctx.counts, default=0), Fdim)  # a, then its gradient
-        gate_MF = torch.empty_like(work_MF) if w3_EDF is not None else None  # u's gradient
+        work_u_MF = torch.empty_like(work_MF) if w3_EDF is not None else None  # u's gradient
         for e, s, t in _bounds(ctx.counts):
             if s == t:
                 for g in (g_w1_EDF, g_w2_EFD, g_w3_EDF, g_b1_EF, g_b2_ED):
@@ -118,7 +122,7 @@ class _GroupedFFN(torch.autograd.Function):
                 torch.sum(gy_MD, 0, out=g_b2_ED[e])
             grad_a_MF = torch.mm(gy_MD, w2_EFD[e].t(), out=a_MF)
             grad_h_MF, grad_u_MF = _act_backward_(ctx.activation, grad_a_MF, h_MF, u_MF,
-                                                  None if gate_MF is None else gate_MF[:t - s])
+                                                  None if work_u_MF is None else work_u_MF[:t - s])
             torch.mm(x_MD.t(), grad_h_MF, out=g_w1_EDF[e])
             if g_b1_EF is not None:
                 torch.sum(grad_h_MF, 0, out=g_b1_EF[e])

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch import Tensor
 
 from .grouped import _act, _act_backward_, _bounds
@@ -71,6 +72,7 @@ class _GroupedMMFFN(torch.autograd.Function):
         return y_ND
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_ND):
         mm = torch._grouped_mm
         x_ND, h_NF, u_NF, counts_E, offs_E, w1_EDF, w2_EFD, w3_EDF = ctx.saved_tensors

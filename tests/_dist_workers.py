@@ -21,7 +21,7 @@ D, F, B, S = 8, 16, 2, 6
 TOL = dict(rtol=1e-5, atol=1e-6)
 
 
-def TinyNet(experts=(4, 2), top_k=2, drop_tokens=False, capacity_factor=1.25, aux_loss_coef=0.0):
+def tiny_net(experts=(4, 2), top_k=2, drop_tokens=False, capacity_factor=1.25, aux_loss_coef=0.0):
     """Linear -> a stack of residual MoE layers -> Linear, at the test's tiny sizes."""
     return MoEStack(D, F, experts, top_k=top_k, drop_tokens=drop_tokens,
                     capacity_factor=capacity_factor, min_capacity=0, aux_loss_coef=aux_loss_coef)
@@ -36,10 +36,10 @@ def _build_pair(ctx, seed, **kw):
     """(single-process reference, model built under ctx and parallelized), same seed."""
     set_context(None)
     moesaic.moe_set_seed(seed)
-    ref = TinyNet(**kw)
+    ref = tiny_net(**kw)
     set_context(ctx)
     moesaic.moe_set_seed(seed)
-    model = moesaic.parallelize(TinyNet(**kw))
+    model = moesaic.parallelize(tiny_net(**kw))
     return ref, model
 
 
@@ -178,7 +178,7 @@ def four_ranks(rank, world):
     for m in (1, 2, 4):
         moesaic.init_distributed(max_ep_size=m, timeout_s=60)
         moesaic.moe_set_seed(21)
-        states.append(moesaic.full_state_dict(TinyNet(experts=(4, 8)), all_ranks=True))
+        states.append(moesaic.full_state_dict(tiny_net(experts=(4, 8)), all_ranks=True))
     for s in states[1:]:
         assert s.keys() == states[0].keys()
         for k in s:
@@ -192,7 +192,7 @@ def dies_mid_step(rank, world, mode="raise", timeout_s=20.0):
     step; rank 0 must leave its collective with a CommError."""
     ctx = moesaic.init_distributed(timeout_s=timeout_s)
     moesaic.moe_set_seed(0)
-    model = moesaic.parallelize(TinyNet(experts=(4,)))
+    model = moesaic.parallelize(tiny_net(experts=(4,)))
     x, _ = _data(world)
     for step in range(2):
         if rank == 1 and step == 1:

@@ -305,7 +305,7 @@ for K in (1, 2):
     for dt in ("*bf16", "*fp32"):
         build(rows._scatter_rows_kernel, rows_sig(dt), dict(K=K, BD=2048, HAS_W=True), 8)
         build(rows._gather_sum_kernel, rows_sig(dt), dict(K=K, BD=1024, HAS_W=True), 4)
-        build(rows._combine_backward_kernel, rows_sig(dt), dict(K=K, KP=2, BD=1024), 4)
+        build(rows._combine_backward_kernel, rows_sig(dt), dict(K=K, KP=2, BD=1024, NB=4), 4)
 print("compiled")
 '''
 

@@ -342,3 +342,28 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     layer = make(kernels="triton")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         layer(torch.randn(4, D))
+
+
+def test_combine_is_twice_differentiable_and_the_layer_says_it_is_not():
+    """A gradient penalty through dispatch.combine works (its backward runs out of place under
+    create_graph); the experts' backward is marked once-differentiable, so the whole layer
+    raises a clear error instead of giving wrong second derivatives."""
+    from moesaic.dispatch import _Combine
+    g = torch.Generator().manual_seed(0)
+    y_ND = torch.randn(5, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    w_N = torch.rand(5, dtype=torch.float64, generator=g, requires_grad=True)
+    row_token_N = torch.tensor([0, 2, 1, 2, 3])
+    dest_TK = torch.tensor([[0, -1], [2, -1], [1, 3], [4, -1]])
+    weight_TK = torch.rand(4, 2, dtype=torch.float64, generator=g)
+    # Expert-choice form: the forward reads w_N itself, so check both inputs.
+    assert torch.autograd.gradgradcheck(
+        lambda y, w: _Combine.apply(y, w, row_token_N, 4, None, None), (y_ND, w_N))
+    # Token-choice form: the forward reads the (detached) weight_TK; check the rows.
+    assert torch.autograd.gradgradcheck(
+        lambda y: _Combine.apply(y, w_N.detach(), row_token_N, 4, dest_TK, weight_TK), (y_ND,))
+    layer = moesaic.MoE(8, 16, 4)
+    x = torch.randn(6, 8, requires_grad=True)
+    y, _ = layer(x)
+    (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gx.sum().backward()

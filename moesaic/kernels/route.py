@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -130,6 +131,7 @@ class _SoftmaxTopK(torch.autograd.Function):
         return probs_TE, idx_TK, hist
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_probs, _grad_idx, _grad_hist):
         (p,) = ctx.saved_tensors
         if grad_probs is None:

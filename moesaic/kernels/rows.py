@@ -16,6 +16,7 @@ Legend: T tokens, D model dim, K top-k, N rows of the expert-major buffer.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -57,12 +58,13 @@ def _gather_sum_kernel(y_ptr, dest_ptr, w_ptr, out_ptr, D,
 
 @triton.jit
 def _combine_backward_kernel(g_ptr, y_ptr, dest_ptr, w_ptr, gy_ptr, gw_ptr, D,
-                             K: tl.constexpr, KP: tl.constexpr, BD: tl.constexpr):
+                             K: tl.constexpr, KP: tl.constexpr, BD: tl.constexpr,
+                             NB: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     ks = tl.arange(0, KP)
     dots = tl.zeros([KP], dtype=tl.float32)
-    for d0 in range(0, D, BD):
-        cols = d0 + tl.arange(0, BD)
+    for b in range(NB):  # NB = cdiv(D, BD) column blocks; a constexpr trip count
+        cols = b * BD + tl.arange(0, BD)
         col_ok = cols < D
         g = tl.load(g_ptr + t * D + cols, mask=col_ok, other=0.0)
         g32 = g.to(tl.float32)
@@ -114,9 +116,9 @@ def combine_backward(grad_TD: Tensor, y_ND: Tensor, dest_TK: Tensor, weight_TK: 
     grad_w_TK = torch.empty(T, K, dtype=torch.float32, device=y_ND.device)
     if T == 0:
         return grad_y_ND, grad_w_TK
-    BD, _, warps = _row_launch(D, cap=1024)
+    BD, nb, warps = _row_launch(D, cap=1024)
     _combine_backward_kernel[(T,)](grad_TD, y_ND, dest_TK, weight_TK, grad_y_ND, grad_w_TK, D,
-                                   K=K, KP=triton.next_power_of_2(max(K, 2)), BD=BD,
+                                   K=K, KP=triton.next_power_of_2(max(K, 2)), BD=BD, NB=nb,
                                    num_warps=warps)
     return grad_y_ND, grad_w_TK
 
@@ -130,6 +132,7 @@ class Permute(torch.autograd.Function):
         return scatter_rows(x_TD.contiguous(), dest_TK, None, num_rows)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_ND: Tensor):
         (dest_TK,) = ctx.saved_tensors
         return gather_sum(grad_ND.contiguous(), dest_TK, None), None, None
@@ -146,6 +149,7 @@ class Combine(torch.autograd.Function):
         return gather_sum(y_ND, dest_TK, weight_TK)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_TD: Tensor):
         y_ND, weight_TK, dest_TK = ctx.saved_tensors
         grad_y, grad_w = combine_backward(grad_TD.contiguous(), y_ND, dest_TK, weight_TK)

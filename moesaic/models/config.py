@@ -76,7 +76,7 @@ class VisionConfig:
 
     @property
     def d_ff(self) -> int:
-        return int(round(self.d_model * self.mlp_ratio))
+        return round(self.d_model * self.mlp_ratio)
 
     @property
     def num_patches(self) -> int:

@@ -91,7 +91,8 @@ def _widenet(**preset):
 register("widenet_cifar")(_widenet(img_size=32, patch_size=4, depth=6, d_model=256,
                                    num_heads=4, mlp_ratio=2.0, num_experts=4, top_k=2))
 # WideNet-B: the experts' hidden size is 4096 (moe_mlp_dim of the authors' ViT-MoE-B config), not
-# ViT-B's 3072; that gives the paper's 29M parameters.
+# ViT-B's 3072; that gives the paper's 29M parameters. Stored as a ratio, so a d_model override
+# keeps d_ff = d_model * 16 / 3.
 register("widenet_imagenet")(_widenet(img_size=224, patch_size=16, num_classes=1000, depth=12,
                                       d_model=768, num_heads=12, mlp_ratio=4096 / 768,
                                       num_experts=4, top_k=2))
