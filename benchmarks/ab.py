@@ -1,0 +1,164 @@
+"""A/B: the MoE layer at two code versions, side by side, against the same dense FFN.
+
+Each version is exported (``git archive``) to a temporary directory, or taken from the working
+tree, and timed in its own short-lived process; processes alternate base, head, base, head...
+so that machine drift falls on both alike. Inside a process the MoE layer and the dense FFN
+(D -> F -> D, GELU, bias) are timed round-robin on the same input, as in benchmarks/layer.py.
+Reported per configuration: each version's time ratio to k x dense (median over processes of
+the process's median ratio) and head / base time (median over adjacent base-head pairs).
+
+Run: flock /tmp/moesaic-bench.lock python3 benchmarks/ab.py --base dad2f9d
+
+Legend: T tokens, D model dim, F ffn dim, E experts, K top-k.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from datetime import datetime, timezone
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CONFIGS = {  # name: (top_k, drop_tokens)
+    "top1 cf1.25": (1, True), "top1 dropless": (1, False),
+    "top2 cf1.25": (2, True), "top2 dropless": (2, False),
+}
+
+WORKER = r'''
+import json, statistics, sys, time
+import torch, torch.nn as nn, torch.nn.functional as F
+import moesaic
+a = json.loads(sys.argv[1])
+torch.set_num_threads(a["threads"])
+torch.manual_seed(0)
+class Dense(nn.Module):
+    def __init__(s):
+        super().__init__()
+        s.fc1, s.fc2 = nn.Linear(a["d_model"], a["d_ff"]), nn.Linear(a["d_ff"], a["d_model"])
+    def forward(s, x):
+        return s.fc2(F.gelu(s.fc1(x))), x.new_zeros(())
+mods = {"dense": Dense()}
+for name in a["configs"]:
+    k, drop = a["all_configs"][name]
+    mods[name] = moesaic.MoE(a["d_model"], a["d_ff"], a["experts"], top_k=k,
+                             capacity_factor=1.25, drop_tokens=drop)
+x = torch.randn(a["tokens"], a["d_model"], requires_grad=True)
+def step(m):
+    m.zero_grad(set_to_none=True)
+    y, aux = m(x)
+    (y.square().mean() + aux).backward()
+    x.grad = None
+for m in mods.values():
+    step(m)
+times = {n: [] for n in mods}
+for _ in range(a["steps"]):
+    for n, m in mods.items():
+        t0 = time.perf_counter(); step(m); times[n].append(time.perf_counter() - t0)
+print(json.dumps({"moesaic": moesaic.__file__, "times": times}))
+'''
+
+
+def export(rev: str, tmp: str) -> str:
+    """A directory holding ``rev``'s tree; the working tree for rev == "WORKTREE"."""
+    if rev == "WORKTREE":
+        return ROOT
+    out = os.path.join(tmp, rev.replace("/", "_"))
+    os.makedirs(out)
+    archive = subprocess.run(["git", "-C", ROOT, "archive", rev], check=True, capture_output=True)
+    subprocess.run(["tar", "-x", "-C", out], input=archive.stdout, check=True)
+    return out
+
+
+def describe(rev: str) -> str:
+    if rev == "WORKTREE":
+        head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "moesaic"],
+                               capture_output=True, text=True).stdout.strip()
+        return f"working tree (HEAD {head}{', moesaic/ modified' if dirty else ''})"
+    sha = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", rev], capture_output=True,
+                         text=True, check=True).stdout.strip()
+    return f"{rev} ({sha})"
+
+
+def run_worker(src: str, args: dict) -> dict:
+    env = dict(os.environ, PYTHONPATH=src)
+    proc = subprocess.run([sys.executable, "-c", WORKER, json.dumps(args)], env=env, cwd=src,
+                          capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise SystemExit(f"worker for {src} failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if not result["moesaic"].startswith(src):
+        raise SystemExit(f"worker imported {result['moesaic']}, not the copy in {src}")
+    return result["times"]
+
+
+def ratio_to_dense(times: dict, name: str) -> float:
+    k = CONFIGS[name][0]
+    return statistics.median(t / (k * d) for t, d in zip(times[name], times["dense"]))
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--base", required=True, help="git revision to compare against")
+    p.add_argument("--head", default="WORKTREE",
+                   help="git revision to test (default: the working tree as it is)")
+    p.add_argument("--configs", default="top1 cf1.25,top2 cf1.25",
+                   help=f"comma-separated MoE configurations, from: {', '.join(CONFIGS)}")
+    p.add_argument("--rounds", type=int, default=4, help="processes per version")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per process and module")
+    p.add_argument("--tokens", type=int, default=8192, help="tokens per step (T)")
+    p.add_argument("--d-model", type=int, default=512, help="model dim (D)")
+    p.add_argument("--d-ff", type=int, default=2048, help="expert hidden dim (F)")
+    p.add_argument("--experts", type=int, default=8, help="number of experts (E)")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    a = p.parse_args(argv)
+    configs = [c.strip() for c in a.configs.split(",")]
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        p.error(f"unknown configuration(s) {unknown}; choose from {list(CONFIGS)}")
+    wargs = dict(configs=configs, all_configs=CONFIGS, steps=a.steps, tokens=a.tokens,
+                 d_model=a.d_model, d_ff=a.d_ff, experts=a.experts, threads=a.threads)
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    print(f"moesaic A/B, {when}: base {describe(a.base)} vs head {describe(a.head)}; "
+          f"T={a.tokens} D={a.d_model} F={a.d_ff} E={a.experts} float32, {a.threads} threads, "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average "
+          f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}; {a.rounds} alternating processes "
+          f"per version x {a.steps} steps")
+    with tempfile.TemporaryDirectory(prefix="moesaic-ab-") as tmp:
+        srcs = {"base": export(a.base, tmp), "head": export(a.head, tmp)}
+        runs = {"base": [], "head": []}
+        for r in range(a.rounds):
+            for side in ("base", "head"):
+                runs[side].append(run_worker(srcs[side], wargs))
+                print(f"  round {r + 1}/{a.rounds} {side} done", file=sys.stderr, flush=True)
+    rows = []
+    print(f"{'config':<16}{'base / k x dense':>18}{'head / k x dense':>18}{'head / base':>13}")
+    for name in configs:
+        base = statistics.median(ratio_to_dense(t, name) for t in runs["base"])
+        head = statistics.median(ratio_to_dense(t, name) for t in runs["head"])
+        speed = statistics.median(statistics.median(h[name]) / statistics.median(b[name])
+                                  for b, h in zip(runs["base"], runs["head"]))
+        per = {side: [round(ratio_to_dense(t, name), 3) for t in runs[side]] for side in runs}
+        rows.append(dict(config=name, base_ratio=base, head_ratio=head, head_over_base=speed,
+                         per_process=per))
+        print(f"{name:<16}{base:>18.3f}{head:>18.3f}{speed:>13.3f}   per process: base "
+              f"{min(per['base']):.3f}-{max(per['base']):.3f}, head "
+              f"{min(per['head']):.3f}-{max(per['head']):.3f}")
+    print("head / base < 1: head is faster")
+    result = dict(date=when, base=describe(a.base), head=describe(a.head), rows=rows)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
