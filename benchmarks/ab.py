@@ -70,7 +70,10 @@ def export(rev: str, tmp: str) -> str:
         return ROOT
     out = os.path.join(tmp, rev.replace("/", "_"))
     os.makedirs(out)
-    archive = subprocess.run(["git", "-C", ROOT, "archive", rev], check=True, capture_output=True)
+    archive = subprocess.run(["git", "-C", ROOT, "archive", rev], capture_output=True)
+    if archive.returncode != 0:
+        raise SystemExit(f"--base/--head {rev!r}: git archive failed: "
+                         f"{archive.stderr.decode().strip()}")
     subprocess.run(["tar", "-x", "-C", out], input=archive.stdout, check=True)
     return out
 
@@ -82,9 +85,11 @@ def describe(rev: str) -> str:
         dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "moesaic"],
                                capture_output=True, text=True).stdout.strip()
         return f"working tree (HEAD {head}{', moesaic/ modified' if dirty else ''})"
-    sha = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", rev], capture_output=True,
-                         text=True, check=True).stdout.strip()
-    return f"{rev} ({sha})"
+    proc = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "--verify",
+                           rev + "^{commit}"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"--base/--head {rev!r} is not a commit of this repository")
+    return f"{rev} ({proc.stdout.strip()})"
 
 
 def run_worker(src: str, args: dict) -> dict:

@@ -18,9 +18,9 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-from torch.autograd.function import once_differentiable
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 
 def _act(name: str, h: Tensor, u: Optional[Tensor]) -> Tensor:

@@ -11,8 +11,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch.autograd.function import once_differentiable
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .grouped import _act, _act_backward_, _bounds
 

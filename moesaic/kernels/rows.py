@@ -16,10 +16,10 @@ Legend: T tokens, D model dim, K top-k, N rows of the expert-major buffer.
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 
 @triton.jit
