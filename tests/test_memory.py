@@ -1,4 +1,5 @@
-"""Memory stays O(T * K * D): no one-hot or dense [T, E, C] dispatch tensors anywhere."""
+"""Memory stays O(T * K * D): no one-hot or dense [T, E, C] dispatch tensors anywhere; the
+experts keep one [N, F] activation and work in blocks of one expert's rows."""
 import pytest
 import torch
 
@@ -42,3 +43,18 @@ def test_memory_linear_in_tokens():
     layer = moesaic.MoE(32, 64, 8, top_k=2, drop_tokens=False)
     small, large = (peak_extra(layer, torch.randn(T, 32)) for T in (1024, 4096))
     assert large < 4.5 * small
+
+
+@pytest.mark.parametrize("activation, saved_NF, work_MF", [("gelu", 1, 2), ("swiglu", 2, 4)])
+def test_experts_hold_one_ffn_activation_plus_one_expert_of_work(activation, saved_NF, work_MF):
+    """The grouped FFN saves the pre-activation ([N, F], twice for swiglu) and otherwise works in
+    [M, F] buffers of the busiest expert, reused by every expert: no further [N, F] tensor."""
+    T, D, F, E = 1024, 16, 1024, 4
+    torch.manual_seed(0)
+    layer = moesaic.MoE(D, F, E, drop_tokens=False, activation=activation)
+    x = torch.randn(T, D, requires_grad=True)
+    extra = peak_extra(layer, x)
+    max_M = int(layer.last_stats.tokens_per_expert_kept.max())
+    bound = (saved_NF * T + work_MF * max_M) * F * 4 + 16 * T * D * 4
+    assert extra < bound
+    assert extra > saved_NF * T * F * 4
