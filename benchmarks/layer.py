@@ -4,7 +4,10 @@ Each MoE configuration is compared with k x the dense FFN (D -> F -> D, GELU, bi
 the dense products of the same FLOPs; memory is compared with the dense FFN on k*T tokens.
 Times are medians over repetitions in one process, side by side. Peak extra memory is the
 high-water mark of live tensor bytes during one fwd+bwd (moesaic.memtrack.LiveMemory: exact and
-independent of machine load), less the parameter gradients the step leaves behind.
+independent of machine load), less the parameter gradients the step leaves behind. On Linux it
+also counts the memory page-faulted per step (minor faults: fresh pages the kernel maps and
+zeroes), and times filling a fresh 64 MiB tensor against filling one that is reused, which is
+what such faults cost on this machine.
 
 Legend: T tokens, D model dim, F ffn dim, E experts, K top-k.
 """
@@ -16,6 +19,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from datetime import date
 
@@ -60,18 +64,44 @@ def step(module: nn.Module, x: torch.Tensor) -> None:
     x.grad = None
 
 
-def time_interleaved(modules: dict, x: torch.Tensor, reps: int) -> dict:
+def minor_faults() -> int:
+    """Minor page faults of this process so far (0 where getrusage does not count them)."""
+    if sys.platform != "linux":
+        return 0
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def time_interleaved(modules: dict, x: torch.Tensor, reps: int) -> tuple[dict, dict]:
     """Seconds per fwd+bwd of each module in each round, timed round-robin so that drifts in
-    machine load fall on every configuration alike."""
+    machine load fall on every configuration alike; and MiB page-faulted per step."""
     for module in modules.values():
         step(module, x)
     times = {name: [] for name in modules}
+    faults = {name: 0 for name in modules}
     for _ in range(reps):
         for name, module in modules.items():
-            t0 = time.perf_counter()
+            f0, t0 = minor_faults(), time.perf_counter()
             step(module, x)
             times[name].append(time.perf_counter() - t0)
-    return times
+            faults[name] += minor_faults() - f0
+    page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+    return times, {name: n * page / reps / 2**20 for name, n in faults.items()}
+
+
+def fresh_vs_reused_ms(mib: int = 64, reps: int = 9) -> tuple[float, float]:
+    """Median ms to fill a freshly allocated ``mib`` MiB tensor, and one allocated once."""
+    n = mib * 2**20 // 4
+    kept = torch.empty(n)
+    fresh, reused = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.empty(n).fill_(1.0)
+        fresh.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        kept.fill_(1.0)
+        reused.append(time.perf_counter() - t0)
+    return statistics.median(fresh) * 1e3, statistics.median(reused) * 1e3
 
 
 def paired_ratio(times: list, dense_times: list, k: int) -> float:
@@ -99,7 +129,7 @@ def main(argv=None) -> dict:
           "time ratio = median over rounds of t / (k x dense t in the same round)")
     x = torch.randn(T, D, requires_grad=True)  # as inside a network: the input needs a gradient
     modules = {"dense": build("dense", args), **{name: build(name, args) for name, _, _ in CONFIGS}}
-    times = time_interleaved(modules, x, args.reps)
+    times, fault_mib = time_interleaved(modules, x, args.reps)
     seconds = {name: statistics.median(ts) for name, ts in times.items()}
     dense, dense_s = modules["dense"], seconds["dense"]
     dense_mem = {}
@@ -107,15 +137,19 @@ def main(argv=None) -> dict:
         for k in (1, 2):
             x_kTD = x.detach().repeat(k, 1).requires_grad_()
             dense_mem[k] = peak_extra_bytes(dense, functools.partial(step, dense, x_kTD))
+    fresh_ms, reused_ms = fresh_vs_reused_ms()
+    print(f"filling a 64 MiB tensor: {fresh_ms:.1f} ms freshly allocated, {reused_ms:.1f} ms "
+          "reused (the difference is the page faults)")
     print(f"{'config':<16}{'ms':>9}{'k x dense ms':>14}{'time ratio':>12}{'extra MiB':>11}"
-          f"{'dense kT MiB':>14}{'mem ratio':>11}{'dropped':>9}")
-    print(f"{'dense FFN':<16}{dense_s * 1e3:>9.1f}")
+          f"{'dense kT MiB':>14}{'mem ratio':>11}{'dropped':>9}{'faulted MiB':>13}")
+    print(f"{'dense FFN':<16}{dense_s * 1e3:>9.1f}{'':>67}{fault_mib['dense']:>13.0f}")
     rows = []
     for name, top_k, _ in CONFIGS:
         layer, t = modules[name], seconds[name]
         dropped = float(layer.last_stats.dropped_fraction)
         row = dict(config=name, ms=t * 1e3, dense_ms=top_k * dense_s * 1e3,
-                   time_ratio=paired_ratio(times[name], times["dense"], top_k), dropped=dropped)
+                   time_ratio=paired_ratio(times[name], times["dense"], top_k), dropped=dropped,
+                   faulted_mib_per_step=fault_mib[name])
         line = f"{name:<16}{t * 1e3:>9.1f}{top_k * dense_s * 1e3:>14.1f}{row['time_ratio']:>12.3f}"
         if not args.no_memory:
             mem = peak_extra_bytes(layer, functools.partial(step, layer, x))
@@ -124,10 +158,12 @@ def main(argv=None) -> dict:
             line += f"{row['extra_mib']:>11.1f}{row['dense_mib']:>14.1f}{row['mem_ratio']:>11.3f}"
         else:
             line += " " * 36
-        print(line + f"{dropped:>9.3f}")
+        print(line + f"{dropped:>9.3f}{fault_mib[name]:>13.0f}")
         rows.append(row)
     result = dict(date=str(date.today()), tokens=T, d_model=D, d_ff=Fd, experts=E,
-                  threads=args.threads, dense_ms=dense_s * 1e3, rows=rows)
+                  threads=args.threads, dense_ms=dense_s * 1e3,
+                  dense_faulted_mib_per_step=fault_mib["dense"], fill_64mib_fresh_ms=fresh_ms,
+                  fill_64mib_reused_ms=reused_ms, rows=rows)
     print("targets: time ratio <= 1.0, mem ratio <= 1.1")
     if args.json:
         with open(args.json, "w") as f:

@@ -1,9 +1,10 @@
 """Exact peak of live tensor memory during a block of code, on any device.
 
 ``with LiveMemory() as mem: step()`` counts every tensor storage created inside the block (by
-forward and backward alike) until it is freed; ``mem.peak_bytes`` is the high-water mark. It sees
-tensors, not allocator caches or scratch buffers, so it is deterministic and load-independent:
-benchmarks use it to compare peak extra memory, tests to pin memory as O(T * K * D).
+forward and backward alike; views and in-place results of older tensors are not new) until it
+is freed; ``mem.peak_bytes`` is the high-water mark. It sees tensors, not allocator caches or
+scratch buffers, so it is deterministic and load-independent: benchmarks use it to compare
+peak extra memory, tests to pin memory as O(T * K * D).
 """
 from __future__ import annotations
 
@@ -32,7 +33,11 @@ class LiveMemory(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         self._purge()
-        for t in tree_flatten(out)[0]:
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        # A view, in-place or out= result (an aliasing return) has no new storage; counting it
+        # would count the parameters whenever the block takes a view of one.
+        fresh = [o for r, o in zip(func._schema.returns, outs) if r.alias_info is None]
+        for t in tree_flatten(fresh)[0]:
             if isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()
                 key, nbytes = storage.data_ptr(), storage.nbytes()

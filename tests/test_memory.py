@@ -58,3 +58,14 @@ def test_experts_hold_one_ffn_activation_plus_one_expert_of_work(activation, sav
     bound = (saved_NF * T + work_MF * max_M) * F * 4 + 16 * T * D * 4
     assert extra < bound
     assert extra > saved_NF * T * F * 4
+
+
+def test_live_memory_does_not_count_views_or_in_place_results_of_older_tensors():
+    w = torch.randn(256, 256)
+    with LiveMemory() as mem:
+        w.t()
+        w[0]
+        w.add_(1.0)
+        torch.add(w, 1.0, out=w)
+        torch.randn(16, 16).max(dim=0)  # a tuple of fresh results
+    assert mem.peak_bytes == 16 * 16 * 4 + 16 * 4 + 16 * 8
