@@ -48,9 +48,11 @@ def gather_sum(v_ND: Tensor, dest_TK: Tensor, scale_TK: Optional[Tensor] = None)
 def row_dot(a_ND: Tensor, b_ND: Tensor, block: int = 512) -> Tensor:
     """out_N[n] = <a_ND[n], b_ND[n]> in float32 (float64 for float64 rows), a block of rows at a
     time on the CPU so that the elementwise product stays in cache instead of filling an [N, D]
-    temporary (one block on GPUs, where each block costs kernel launches). Not differentiable
-    (``out=``)."""
+    temporary (one block on GPUs, where each block costs kernel launches). When autograd records
+    (e.g. a backward under ``create_graph``) it is one differentiable product and sum."""
     acc = torch.promote_types(a_ND.dtype, torch.float32)
+    if torch.is_grad_enabled() and (a_ND.requires_grad or b_ND.requires_grad):
+        return (a_ND.to(acc) * b_ND.to(acc)).sum(1)
     out_N = torch.empty(a_ND.shape[0], dtype=acc, device=a_ND.device)
     if a_ND.device.type != "cpu":
         block = max(a_ND.shape[0], 1)
@@ -107,18 +109,12 @@ class _Combine(torch.autograd.Function):
         y_ND, weight_N, row_token_N = ctx.saved_tensors
         grad_ND = grad_TD.index_select(0, row_token_N)
         grad_y = grad_weight = None
-        if torch.is_grad_enabled():
-            w_N1 = weight_N.to(grad_ND.dtype).unsqueeze(1)
-            if ctx.needs_input_grad[1]:
-                acc = torch.promote_types(grad_ND.dtype, torch.float32)
-                grad_weight = (grad_ND.to(acc) * y_ND.to(acc)).sum(1).to(weight_N.dtype)
-            if ctx.needs_input_grad[0]:
-                grad_y = grad_ND * w_N1
-            return grad_y, grad_weight, None, None, None, None
         if ctx.needs_input_grad[1]:
             grad_weight = row_dot(grad_ND, y_ND).to(weight_N.dtype)
         if ctx.needs_input_grad[0]:
-            grad_y = grad_ND.mul_(weight_N.to(grad_ND.dtype).unsqueeze(1))
+            w_N1 = weight_N.to(grad_ND.dtype).unsqueeze(1)
+            # In place (grad_ND is ours) unless autograd records this backward.
+            grad_y = grad_ND * w_N1 if torch.is_grad_enabled() else grad_ND.mul_(w_N1)
         return grad_y, grad_weight, None, None, None, None
 
 
