@@ -25,41 +25,26 @@ from datetime import datetime, timezone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-CONFIGS = {  # name: (top_k, drop_tokens)
-    "top1 cf1.25": (1, True), "top1 dropless": (1, False),
-    "top2 cf1.25": (2, True), "top2 dropless": (2, False),
-}
+BENCH_DIR = os.path.join(ROOT, "benchmarks")
+sys.path.insert(0, BENCH_DIR)
+from layer import CONFIGS as LAYER_CONFIGS  # noqa: E402  (the layer benchmark's harness)
 
+TOP_K = {name: top_k for name, top_k, _ in LAYER_CONFIGS}
+
+# This checkout's benchmarks/layer.py builds and times the modules; only ``moesaic`` comes from
+# the version under test (PYTHONPATH), so both versions run the same harness.
 WORKER = r'''
-import json, statistics, sys, time
-import torch, torch.nn as nn, torch.nn.functional as F
-import moesaic
+import json, sys, types
 a = json.loads(sys.argv[1])
+sys.path.insert(0, a["bench_dir"])
+import torch
+import layer
+import moesaic
 torch.set_num_threads(a["threads"])
-torch.manual_seed(0)
-class Dense(nn.Module):
-    def __init__(s):
-        super().__init__()
-        s.fc1, s.fc2 = nn.Linear(a["d_model"], a["d_ff"]), nn.Linear(a["d_ff"], a["d_model"])
-    def forward(s, x):
-        return s.fc2(F.gelu(s.fc1(x))), x.new_zeros(())
-mods = {"dense": Dense()}
-for name in a["configs"]:
-    k, drop = a["all_configs"][name]
-    mods[name] = moesaic.MoE(a["d_model"], a["d_ff"], a["experts"], top_k=k,
-                             capacity_factor=1.25, drop_tokens=drop)
+args = types.SimpleNamespace(d_model=a["d_model"], d_ff=a["d_ff"], experts=a["experts"])
+modules = {name: layer.build(name, args) for name in ["dense", *a["configs"]]}
 x = torch.randn(a["tokens"], a["d_model"], requires_grad=True)
-def step(m):
-    m.zero_grad(set_to_none=True)
-    y, aux = m(x)
-    (y.square().mean() + aux).backward()
-    x.grad = None
-for m in mods.values():
-    step(m)
-times = {n: [] for n in mods}
-for _ in range(a["steps"]):
-    for n, m in mods.items():
-        t0 = time.perf_counter(); step(m); times[n].append(time.perf_counter() - t0)
+times, _ = layer.time_interleaved(modules, x, a["steps"])
 print(json.dumps({"moesaic": moesaic.__file__, "times": times}))
 '''
 
@@ -105,7 +90,7 @@ def run_worker(src: str, args: dict) -> dict:
 
 
 def ratio_to_dense(times: dict, name: str) -> float:
-    k = CONFIGS[name][0]
+    k = TOP_K[name]
     return statistics.median(t / (k * d) for t, d in zip(times[name], times["dense"]))
 
 
@@ -115,7 +100,7 @@ def main(argv=None) -> dict:
     p.add_argument("--head", default="WORKTREE",
                    help="git revision to test (default: the working tree as it is)")
     p.add_argument("--configs", default="top1 cf1.25,top2 cf1.25",
-                   help=f"comma-separated MoE configurations, from: {', '.join(CONFIGS)}")
+                   help=f"comma-separated MoE configurations, from: {', '.join(TOP_K)}")
     p.add_argument("--rounds", type=int, default=4, help="processes per version")
     p.add_argument("--steps", type=int, default=5, help="timed steps per process and module")
     p.add_argument("--tokens", type=int, default=8192, help="tokens per step (T)")
@@ -126,10 +111,10 @@ def main(argv=None) -> dict:
     p.add_argument("--json", help="also write the results to this JSON file")
     a = p.parse_args(argv)
     configs = [c.strip() for c in a.configs.split(",")]
-    unknown = [c for c in configs if c not in CONFIGS]
+    unknown = [c for c in configs if c not in TOP_K]
     if unknown:
-        p.error(f"unknown configuration(s) {unknown}; choose from {list(CONFIGS)}")
-    wargs = dict(configs=configs, all_configs=CONFIGS, steps=a.steps, tokens=a.tokens,
+        p.error(f"unknown configuration(s) {unknown}; choose from {list(TOP_K)}")
+    wargs = dict(configs=configs, bench_dir=BENCH_DIR, steps=a.steps, tokens=a.tokens,
                  d_model=a.d_model, d_ff=a.d_ff, experts=a.experts, threads=a.threads)
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"moesaic A/B, {when}: base {describe(a.base)} vs head {describe(a.head)}; "

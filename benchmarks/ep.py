@@ -31,18 +31,14 @@ from moesaic.parallel import comm_stats
 from moesaic.parallel.volume import alltoall_bytes_per_rank
 
 
-def build_model(a) -> MoEStack:
-    return MoEStack(a.d_model, a.d_ff, [a.experts] * a.layers, top_k=a.top_k,
-                    drop_tokens=a.capacity, capacity_factor=1.25)
-
-
 def _worker(rank, world, port, a, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(a.threads)
     moesaic.init_distributed(timeout_s=120)
     moesaic.moe_set_seed(0)
-    model = moesaic.parallelize(build_model(a))
+    model = moesaic.parallelize(MoEStack(a.d_model, a.d_ff, [a.experts] * a.layers, top_k=a.top_k,
+                                         drop_tokens=a.capacity, capacity_factor=1.25))
     T = a.tokens * 2 // world
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(T, a.d_model, generator=g)

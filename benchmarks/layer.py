@@ -28,7 +28,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import moesaic
-from moesaic.memtrack import peak_extra_bytes
 
 CONFIGS = [  # (name, top_k, capacity mode)
     ("top1 cf1.25", 1, True),
@@ -120,6 +119,9 @@ def main(argv=None) -> dict:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args(argv)
+    # Imported here, not at the top: benchmarks/ab.py imports this module to time older moesaic
+    # versions, which may predate memtrack.
+    from moesaic.memtrack import peak_extra_bytes
 
     torch.set_num_threads(args.threads)
     T, D, Fd, E = args.tokens, args.d_model, args.d_ff, args.experts
