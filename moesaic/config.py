@@ -5,6 +5,7 @@ time, not deep inside a forward pass.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Optional
 
@@ -60,7 +61,8 @@ class MoEConfig:
                  f"top_k must be in [1, num_experts={self.num_experts}], got {self.top_k!r}")
         for name in ("capacity_factor", "eval_capacity_factor"):
             v = getattr(self, name)
-            _require(_is_number(v) and v > 0, f"{name} must be > 0, got {v!r}")
+            _require(_is_number(v) and v > 0 and math.isfinite(v),
+                     f"{name} must be a finite number > 0, got {v!r}")
         _require(_is_int(self.min_capacity) and self.min_capacity >= 0,
                  f"min_capacity must be an int >= 0, got {self.min_capacity!r}")
         _require(self.drop_policy in DROP_POLICIES,
@@ -76,7 +78,10 @@ class MoEConfig:
             _require(_is_number(v) and v >= 0, f"{name} must be >= 0, got {v!r}")
         _require(_is_number(self.dropout) and 0 <= self.dropout < 1,
                  f"dropout must be in [0, 1), got {self.dropout!r}")
-        _require(self.normalize_weights in (None, True, False),
+        for name in ("drop_tokens", "bias", "residual"):
+            v = getattr(self, name)
+            _require(isinstance(v, bool), f"{name} must be True or False, got {v!r}")
+        _require(self.normalize_weights is None or isinstance(self.normalize_weights, bool),
                  f"normalize_weights must be None, True or False, got {self.normalize_weights!r}")
         if self.normalize_weights is None:
             self.normalize_weights = self.top_k >= 2

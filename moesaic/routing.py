@@ -11,6 +11,7 @@ N kept assignments (rows of the expert-major buffer), C capacity per expert.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from dataclasses import dataclass
 from typing import Optional
 
@@ -82,13 +83,17 @@ class Router(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
     def _apply(self, fn, recurse=True):
-        """Keep the weight float32 whatever the model is cast to, and move the per-rank noise
-        generator with the module (re-seeded from its seed: generator state cannot cross devices)."""
-        super()._apply(fn, recurse)
-        if self.weight.dtype != torch.float32:
-            self.weight.data = self.weight.data.float()
-            if self.weight.grad is not None:
-                self.weight.grad.data = self.weight.grad.data.float()
+        """Keep the weight (and its gradient) float32 whatever the model is cast to, without
+        rounding it through the target dtype, and move the per-rank noise generator with the
+        module (re-seeded from its seed: generator state cannot cross devices)."""
+
+        def keep_float32(t: Tensor) -> Tensor:
+            out = fn(t)
+            if t.is_floating_point() and out.dtype != t.dtype:
+                return t.to(device=out.device, dtype=torch.float32)
+            return out
+
+        super()._apply(keep_float32, recurse)
         gen = self.noise_generator
         if gen is not None and gen.device != self.weight.device:
             self.noise_generator = torch.Generator(device=self.weight.device)
@@ -125,13 +130,18 @@ class Router(nn.Module):
 
 def token_choice_capacity(num_tokens: int, num_experts: int, top_k: int,
                           capacity_factor: float, min_capacity: int) -> int:
-    """C = max(min_capacity, ceil(cf * K * T / E))."""
-    return max(min_capacity, math.ceil(capacity_factor * top_k * num_tokens / num_experts))
+    """C = max(min_capacity, ceil(cf * K * T / E)), in exact arithmetic (1.1 * 100 is 110)."""
+    return max(min_capacity, math.ceil(_exact(capacity_factor) * top_k * num_tokens / num_experts))
 
 
 def expert_choice_capacity(num_tokens: int, num_experts: int, capacity_factor: float) -> int:
     """C = ceil(cf * T / E), at most T."""
-    return min(num_tokens, math.ceil(capacity_factor * num_tokens / num_experts))
+    return min(num_tokens, math.ceil(_exact(capacity_factor) * num_tokens / num_experts))
+
+
+def _exact(capacity_factor: float) -> Fraction:
+    """The decimal the user wrote (``1.1`` is 11/10, not 1.100000000000000088...)."""
+    return Fraction(repr(float(capacity_factor)))
 
 
 def topk_weights(probs_TE: Tensor, top_k: int, normalize: bool) -> tuple[Tensor, Tensor]:

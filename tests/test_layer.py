@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import moesaic
+from moesaic import routing
 from reference import reference_forward
 
 D, FF, E = 12, 20, 4
@@ -162,6 +163,24 @@ def test_capacity_formula_and_eval_factor():
     assert layer.last_stats.tokens_per_expert_kept.max() <= max(3, math.ceil(0.5 * 2 * 20 / E))
     layer.eval()(x)
     assert layer.last_stats.tokens_per_expert_kept.max() <= math.ceil(1.0 * 2 * 20 / E)
+
+
+def test_capacity_is_exact_for_decimal_factors():
+    assert routing.token_choice_capacity(100, 10, 1, 1.1, 0) == 11   # float 1.1 * 100 / 10 > 11
+    assert routing.token_choice_capacity(50, 2, 2, 1.1, 0) == 55
+    assert routing.token_choice_capacity(3, 8, 1, 1.25, 4) == 4
+    assert routing.expert_choice_capacity(100, 10, 1.1) == 11
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cast_keeps_router_weight_exact(dtype):
+    layer = make(top_k=2)
+    layer(torch.randn(8, D))[0].sum().backward()
+    w0, g0 = layer.router.weight.detach().clone(), layer.router.weight.grad.clone()
+    layer.to(dtype)
+    assert torch.equal(layer.router.weight.detach(), w0)
+    assert torch.equal(layer.router.weight.grad, g0)
+    assert layer.experts.w1.dtype == dtype
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -319,7 +338,9 @@ BAD = [
     (dict(drop_policy="random"), "drop_policy"), (dict(router="hash"), "router"),
     (dict(noise_policy="rsample"), "noise_policy"), (dict(activation="tanh"), "activation"),
     (dict(min_capacity=-1), "min_capacity"), (dict(dropout=1.5), "dropout"),
-    (dict(kernels="cuda"), "kernels"),
+    (dict(kernels="cuda"), "kernels"), (dict(capacity_factor=float("inf")), "capacity_factor"),
+    (dict(drop_tokens="no"), "drop_tokens"), (dict(bias=1), "bias"), (dict(residual=None), "residual"),
+    (dict(normalize_weights=1), "normalize_weights"),
 ]
 
 
