@@ -12,7 +12,9 @@ the JSON is rewritten after every section so a killed run still leaves its resul
 3. timings (CUDA events, median after warm-up) at T = 65,536 tokens, D in {1024, 4096},
    F = 4 D, E in {8, 64}, top_k in {1, 2}, bf16: routing, dispatch, combine (forward and
    backward) and the layer forward+backward for kernels="torch" (experts as a per-expert loop,
-   and as grouped products) and kernels="triton" (grouped products).
+   and as grouped products) and kernels="triton" (grouped products);
+4. the row kernels at other block widths and warp counts (checked bit-equal to the library's).
+On the lent GPU machine write under $OUT (only that comes back): ``--out "$OUT/gpu.json"``.
 Each kernel's achieved GB/s is the minimum traffic of its operation divided by its time, shown
 as a fraction of the copy bandwidth; the layer's TFLOP/s counts the expert products on kept
 rows (12 N D F for forward+backward), as a fraction of the matmul rate.
@@ -38,8 +40,10 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
-if "--dry-run" in sys.argv:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
+if "--dry-run" in sys.argv:  # before triton is first imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+else:  # an inherited TRITON_INTERPRET=1 would run the GPU kernels in the interpreter
+    os.environ.pop("TRITON_INTERPRET", None)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
@@ -88,20 +92,34 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+MIN_SAMPLE_MS = 2.0
+
+
 def median_ms(fn, device, warmup: int, iters: int) -> float:
-    """Median wall time of ``fn`` in ms: CUDA events on a GPU, perf_counter elsewhere."""
+    """Median wall time of ``fn`` in ms: CUDA events on a GPU, perf_counter elsewhere.
+
+    On a GPU each sample times ``inner`` back-to-back calls between one pair of events
+    (enough for MIN_SAMPLE_MS), so a short kernel is not charged the host's launch latency
+    of an idle GPU; host syncs inside ``fn`` (routing's row count) stay in the time."""
     for _ in range(warmup):
         fn()
     sync(device)
     times = []
+    inner = 1
+    if device.type == "cuda":
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        inner = max(1, min(100, math.ceil(MIN_SAMPLE_MS / max((time.perf_counter() - t) * 1e3, 1e-3))))
     for _ in range(iters):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            for _ in range(inner):
+                fn()
             end.record()
             end.synchronize()
-            times.append(start.elapsed_time(end))
+            times.append(start.elapsed_time(end) / inner)
         else:
             t = time.perf_counter()
             fn()
@@ -342,7 +360,7 @@ def time_layer(run, device, T, D, E, K, dtype, warmup, iters, variants):
             N = int(layer.last_stats.tokens_per_expert_kept.sum())
             peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
             rows[label] = record(run, "layer_fwd_bwd", label, {**shape, "N": N}, ms,
-                                 flops=12 * N * D * 4 * D, peak_GiB=peak)
+                                 flops=12 * N * D * 4 * D, peak_GiB=peak, **fallbacks())
         except Exception as e:  # noqa: BLE001 -- one variant failing must not stop the others
             run.data["errors"].append({"section": f"layer {label} {shape}", "error": repr(e)[:2000],
                                        "traceback": traceback.format_exc()[-3000:]})
@@ -358,6 +376,67 @@ def time_layer(run, device, T, D, E, K, dtype, warmup, iters, variants):
             s = {**shape, "baseline": base, "speedup": rows[base]["ms"] / fast["ms"]}
             run.data["speedups"].append(s)
             print(f"[speedup] triton+auto vs {base} at {shape}: {s['speedup']:.2f}x", flush=True)
+
+
+def fallbacks() -> dict:
+    """Whether this process has given up a grouped_mm form (then "auto" times bmm or a loop)."""
+    from moesaic import grouped_cuda
+    return {"grouped_mm_failed": grouped_cuda._grouped_mm_failed,
+            "grouped_wgrad_failed": grouped_cuda._grouped_wgrad_failed}
+
+
+def sweep_row_blocks(run, device, T, D, E, K, dtype, warmup, iters, blocks, warp_counts):
+    """The row kernels at other block widths and warp counts than the library's choice, each
+    checked bit-equal to the library's output: data for tuning ``_row_launch``."""
+    import triton
+    from moesaic.kernels import rows
+    logits = torch.randn(T, E, device=device)
+    plan, _, _ = TorchOps.token_choice(logits, K, token_choice_capacity(T, E, K, 1.25, 4),
+                                       "position", K >= 2)
+    dest, w = plan.dest_TK.contiguous(), plan.weight_TK.detach().float().contiguous()
+    N = plan.row_token_N.numel()
+    el = torch.finfo(dtype).bits // 8
+    x = torch.randn(T, D, device=device, dtype=dtype)
+    y = torch.randn(N, D, device=device, dtype=dtype)
+    shape = {"T": T, "D": D, "E": E, "K": K, "N": N}
+    ref = {"dispatch": rows.scatter_rows(x, dest, None, N), "combine": rows.gather_sum(y, dest, w),
+           "combine_bwd": rows.combine_backward(x, y, dest, w)}
+    default = {"dispatch": rows._row_launch(D), "combine": rows._row_launch(D),
+               "combine_bwd": rows._row_launch(D, cap=1024)}
+    nbytes = {"dispatch": (T + N) * D * el, "combine": (T + N) * D * el,
+              "combine_bwd": (T + 2 * N) * D * el}
+    for op in ("dispatch", "combine", "combine_bwd"):
+        for BD in blocks:
+            if BD > triton.next_power_of_2(D) or (op == "combine_bwd" and BD > 2048):
+                continue
+            for warps in warp_counts:
+                out = {}
+
+                def launch():
+                    nb = triton.cdiv(D, BD)
+                    if op == "dispatch":
+                        out["v"] = x.new_empty(N, D)
+                        rows._scatter_rows_kernel[(T, nb)](x, dest, dest, out["v"], D, K=K, BD=BD,
+                                                           HAS_W=False, num_warps=warps)
+                    elif op == "combine":
+                        out["v"] = y.new_empty(T, D)
+                        rows._gather_sum_kernel[(T, nb)](y, dest, w, out["v"], D, K=K, BD=BD,
+                                                         HAS_W=True, num_warps=warps)
+                    else:
+                        gy, gw = torch.empty_like(y), w.new_empty(T, K)
+                        rows._combine_backward_kernel[(T,)](
+                            x, y, dest, w, gy, gw, D, K=K, KP=triton.next_power_of_2(max(K, 2)),
+                            BD=BD, NB=nb, num_warps=warps)
+                        out["v"] = (gy, gw)
+
+                launch()
+                got = out["v"] if op != "combine_bwd" else out["v"][0]
+                want = ref[op] if op != "combine_bwd" else ref[op][0]
+                same = bool(torch.equal(got, want))  # combine_bwd: grad_y (grad_w's sum order varies)
+                ms = median_ms(launch, device, warmup, iters)
+                is_default = default[op][0] == BD and default[op][2] == warps
+                record(run, op + "_sweep", f"BD={BD} w={warps}" + (" *" if is_default else ""),
+                       shape, ms, nbytes=nbytes[op], same_as_library=same, default=is_default)
 
 
 # ---------------------------------------------------------------- main
@@ -393,6 +472,8 @@ def main():
         T, Ds, Es, Ks = 12, (24,), (4,), (1, 2)
         check_T, check_D, check_E = 20, 20, 5
         warmup, iters, copy_bytes, mm_n = 0, 1, 2**20, 64
+        rate_warmup, rate_iters, layer_warmup, layer_iters = 0, 1, 0, 1
+        blocks, warp_counts = (16, 32), (4,)
         variants = (("torch", "loop"), ("triton", "auto"))
     else:
         if not torch.cuda.is_available():
@@ -401,6 +482,8 @@ def main():
         T, Ds, Es, Ks = 65536, (1024, 4096), (8, 64), (1, 2)
         check_T, check_D, check_E = 4096, 1000, 64
         warmup, iters, copy_bytes, mm_n = 3, 10, 2**31, 8192
+        rate_warmup, rate_iters, layer_warmup, layer_iters = 25, 50, 2, 7
+        blocks, warp_counts = (512, 1024, 2048, 4096), (4, 8, 16)
         variants = (("torch", "loop"), ("torch", "auto"), ("triton", "auto"))
     seed = random.SystemRandom().randrange(2**31)
     run = Run(Path(args.out), {**machine(device), "dry_run": args.dry_run, "seed": seed})
@@ -424,8 +507,8 @@ def main():
         run.section(f"check experts {dtype}", check_expert_paths, run, device, gen,
                     256 if not args.dry_run else 16, 512 if not args.dry_run else 24, dtype)
     # 2. machine rates
-    run.section("copy bandwidth", copy_bandwidth, run, device, copy_bytes, warmup, iters)
-    run.section("matmul rate", matmul_rate, run, device, mm_n, warmup, iters)
+    run.section("copy bandwidth", copy_bandwidth, run, device, copy_bytes, rate_warmup, rate_iters)
+    run.section("matmul rate", matmul_rate, run, device, mm_n, rate_warmup, rate_iters)
     # 3. timings
     dtype = torch.bfloat16
     for D in Ds:
@@ -438,7 +521,15 @@ def main():
                 run.section(f"rows D={D} E={E} K={K}", time_rows, run, tops, device, T, D, E, K,
                             dtype, warmup, iters)
                 run.section(f"layer D={D} E={E} K={K}", time_layer, run, device, T, D, E, K,
-                            dtype, max(1, warmup - 1), max(1, iters // 2), variants)
+                            dtype, layer_warmup, layer_iters, variants)
+    # 4. block sizes of the row kernels (data for tuning; the library's choice is marked *)
+    for D in Ds:
+        if run.elapsed() > args.budget_s:
+            run.data["errors"].append({"section": f"sweep D={D}", "error": "skipped: time budget spent"})
+            continue
+        run.section(f"sweep D={D}", sweep_row_blocks, run, device, T, D, Es[-1], Ks[-1], dtype,
+                    warmup, iters, blocks, warp_counts)
+    run.data.update(fallbacks())
     run.save()
     failed = [c["name"] for c in run.data["checks"] if not c["ok"]]
     print(f"done in {run.elapsed():.0f} s: {len(run.data['checks'])} checks, {len(failed)} failed,"

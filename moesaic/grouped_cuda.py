@@ -17,11 +17,6 @@ from torch.autograd.function import once_differentiable
 from .grouped import _act, _act_backward_, _bounds
 
 
-def _segment_sum(v_NX: Tensor, counts_E: Tensor) -> Tensor:
-    """Per-expert sums of consecutive rows, in float32 (deterministic, no atomics)."""
-    return torch.segment_reduce(v_NX.float(), "sum", lengths=counts_E, axis=0)
-
-
 def _zero_empty(g_EXY: Tensor, counts_E: Tensor) -> Tensor:
     """Weight gradients of experts with no rows are zero whatever the grouped kernel left."""
     return g_EXY.masked_fill_((counts_E == 0).view(-1, 1, 1), 0)
@@ -46,6 +41,14 @@ def _weight_grad(a_NX: Tensor, g_NY: Tensor, offs_E: Tensor, counts_E: Tensor) -
         if s < t:
             torch.mm(a_NX[s:t].t(), g_NY[s:t], out=out[e])
     return out
+
+
+def _segment_sum(v_NX: Tensor, offs_E: Tensor, counts_E: Tensor) -> Tensor:
+    """Per-expert sums of consecutive rows as [E, X] (bias gradients): the weight-gradient
+    product with a column of ones, so one grouped launch accumulating in float32, no atomics
+    and no host sync (``torch.segment_reduce`` loops over rows one thread per column on CUDA)."""
+    ones_N8 = v_NX.new_ones(v_NX.shape[0], 8)  # 8 columns keep the strides 16-byte aligned
+    return _weight_grad(ones_N8, v_NX, offs_E, counts_E)[:, 0]
 
 
 class _GroupedMMFFN(torch.autograd.Function):
@@ -79,12 +82,12 @@ class _GroupedMMFFN(torch.autograd.Function):
         gy_ND = grad_ND.contiguous()
         a_NF = _act(ctx.activation, h_NF, u_NF)
         g_w2 = _weight_grad(a_NF, gy_ND, offs_E, counts_E)
-        g_b2 = _segment_sum(gy_ND, counts_E).to(gy_ND.dtype) if ctx.has_b2 else None
+        g_b2 = _segment_sum(gy_ND, offs_E, counts_E) if ctx.has_b2 else None
         grad_a = mm(gy_ND, w2_EFD.transpose(1, 2), offs=offs_E)
         grad_h, grad_u = _act_backward_(ctx.activation, grad_a, h_NF, u_NF)
         grad_h = grad_h.contiguous()
         g_w1 = _weight_grad(x_ND, grad_h, offs_E, counts_E)
-        g_b1 = _segment_sum(grad_h, counts_E).to(grad_h.dtype) if ctx.has_b1 else None
+        g_b1 = _segment_sum(grad_h, offs_E, counts_E) if ctx.has_b1 else None
         grad_x = mm(grad_h, w1_EDF.transpose(1, 2), offs=offs_E)
         g_w3 = None
         if grad_u is not None:

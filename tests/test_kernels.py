@@ -268,6 +268,10 @@ def test_gpu_benchmark_dry_run(tmp_path):
         assert {(op, "torch"), (op, "triton")} <= ops
     assert {("layer_fwd_bwd", "torch+loop"), ("layer_fwd_bwd", "triton+auto")} <= ops
     assert len(result["speedups"]) == 2
+    sweep = [r for r in result["timings"] if r["op"].endswith("_sweep")]
+    assert {r["op"] for r in sweep} == {"dispatch_sweep", "combine_sweep", "combine_bwd_sweep"}
+    assert all(r["same_as_library"] for r in sweep) and sum(r["default"] for r in sweep) == 3
+    assert result["grouped_mm_failed"] is False
 
 
 AOT_SCRIPT = r'''
