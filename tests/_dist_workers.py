@@ -130,6 +130,28 @@ def check_aux_loss(rank, world, ctx, seed):
     torch.testing.assert_close(layer.router.weight.grad, torch.stack(grads).mean(0), **TOL)
 
 
+def check_uneven_capacity(rank, world, ctx, seed):
+    """Capacity mode with drops, ranks routing different token counts (18 and 6) under
+    uneven_batches: each rank's outputs equal the one-process model on its own slice (C is
+    per rank), and the gradients equal the mean of the ranks' losses in one process."""
+    ref, model = _build_pair(ctx, seed, experts=(4, 2), drop_tokens=True, capacity_factor=0.75)
+    x, target = _data(world)
+    slices = [slice(0, 3), slice(3, 4)]
+    total, out_ref = 0.0, None
+    for r, sl in enumerate(slices):
+        out_r, _ = ref(x[sl])
+        out_ref = out_r if r == rank else out_ref
+        total = total + (out_r - target[sl]).square().mean()
+    (total / world).backward()
+    assert any(float(m.last_stats.dropped_fraction) > 0 for m in ref.moes)
+    with moesaic.uneven_batches(model):
+        out, _ = model(x[slices[rank]])
+    assert not any(m.dispatcher.uneven for m in model.moes)
+    torch.testing.assert_close(out, out_ref.detach(), **TOL)
+    (out - target[slices[rank]]).square().mean().backward()
+    _assert_grads_equal(ref, model, "uneven capacity")
+
+
 def two_ranks(rank, world):
     ctx = moesaic.init_distributed(max_ep_size=2, timeout_s=30)
     assert (ctx.rank, ctx.world_size, ctx.is_main) == (rank, 2, rank == 0)
@@ -138,6 +160,7 @@ def two_ranks(rank, world):
     assert model.moes[1].experts.global_ids == [rank]
     assert comm_stats(model).bytes_sent > 0
     check_equivalence(rank, world, ctx, 2, experts=(4,), drop_tokens=True, capacity_factor=4.0)
+    check_uneven_capacity(rank, world, ctx, 9)
     check_aux_loss(rank, world, ctx, 3)
     check_no_sync(rank, world, ctx, 8)
     # one expert, two ranks: replicated, synchronised over the two ranks

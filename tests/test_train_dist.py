@@ -30,10 +30,11 @@ def torchrun(args, extra_env=None, restarts=0, timeout=240):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """CIFAR-format data, a tiny expert-parallel config (4 experts over 2 ranks, eval with room
-    for every token) and one uninterrupted 2-process run of it."""
+    """CIFAR-format data (41 test images: the ranks' eval shards differ by one, so capacity
+    blocks differ), a tiny expert-parallel config (4 experts over 2 ranks, eval with room for
+    every token) and one uninterrupted 2-process run of it."""
     root = tmp_path_factory.mktemp("dist")
-    write_cifar(str(root))
+    write_cifar(str(root), n_test=41)
     cfg = tiny_config(root / "c.py", root, MAX_EP_SIZE=2, PLOTS=True,
                       MODEL_ARGS={**TINY_MODEL, "eval_capacity_factor": 4.0})
     run = str(root / "uninterrupted")

@@ -146,3 +146,20 @@ def no_sync(model: nn.Module):
         yield
     finally:
         sync.enabled = True
+
+
+@contextlib.contextmanager
+def uneven_batches(model: nn.Module):
+    """Let the ranks of an ep group route different numbers of tokens in capacity mode (e.g.
+    the last, ragged evaluation batch): each call first exchanges the ranks' capacities. Outside
+    it capacity mode keeps static block sizes and needs equal token counts; dropless never does."""
+    dispatchers = [m.dispatcher for m in model.modules()
+                   if isinstance(getattr(m, "dispatcher", None), AllToAllDispatcher)]
+    before = [d.uneven for d in dispatchers]
+    for d in dispatchers:
+        d.uneven = True
+    try:
+        yield
+    finally:
+        for d, b in zip(dispatchers, before):
+            d.uneven = b

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .. import models
 from ..layer import MoE
-from ..parallel import clip_grad_norm_, init_distributed, moe_set_seed, parallelize
+from ..parallel import clip_grad_norm_, init_distributed, moe_set_seed, parallelize, uneven_batches
 from ..parallel.layout import mix_seed
 from . import checkpoint, report, rundir
 from .augment import Augmenter, normalize
@@ -247,8 +247,14 @@ class Trainer:
     def evaluate(self) -> tuple[float, float]:
         """(loss, accuracy) on the test set. Each rank evaluates a contiguous shard in the same
         number of batches (the all-to-all needs equal forwards), unpadded: shard sizes differ
-        by at most one image, so no repeated image takes expert capacity from a real one."""
+        by at most one image, so no repeated image takes expert capacity from a real one; the
+        MoE layers exchange their capacities (``uneven_batches``), so the shorter shard's
+        capacity blocks may be smaller."""
         self.model.eval()
+        with uneven_batches(self.model):
+            return self._evaluate()
+
+    def _evaluate(self) -> tuple[float, float]:
         mean, std = self.test_set.mean, self.test_set.std
         sums_3 = torch.zeros(3, device=self.device, dtype=torch.float64)
         for idx_b in eval_batches(len(self.test_set), self.cfg.eval_batch_size // self.world,
