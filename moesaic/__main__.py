@@ -103,7 +103,8 @@ def _train(args) -> int:
     from .train import checkpoint
     from .train.config import ConfigError
     from .train.data import DataError
-    from .train.loop import NonFiniteLoss, train
+    from .train.loop import NonFiniteLoss, TrainingInterrupted, train
+    from .train.rundir import RunDirError
 
     try:
         cfg = _resolve_config(args)
@@ -114,9 +115,15 @@ def _train(args) -> int:
     except ConfigError as e:
         _error(f"config: {e}")
         return 2
+    except RunDirError as e:
+        _error(str(e))
+        return 2
     except (DataError, checkpoint.CheckpointError, NonFiniteLoss) as e:
         _error(str(e))
         return 1
+    except TrainingInterrupted as e:
+        _error(str(e))
+        return 130
     finally:
         if "moesaic.parallel.context" in sys.modules:
             from .parallel import destroy

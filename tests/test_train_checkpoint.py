@@ -67,3 +67,20 @@ def test_saving_again_keeps_a_superseded_folder_that_best_names(tmp_path):
     _save(root, 1, model, opt)
     assert sorted(os.listdir(root)) == ["best.json", "epoch_0001", "epoch_0001.1", "latest.json"]
     assert checkpoint.find(root).endswith("epoch_0001.1")
+
+
+def test_prune_never_deletes_the_latest(tmp_path):
+    """After resuming from epoch 2 into a dir that still has epoch 4 from the abandoned run,
+    pruning to one checkpoint keeps the one just written (and the best)."""
+    root = str(tmp_path)
+    for name in ("epoch_0001", "epoch_0002", "epoch_0003.1", "epoch_0004"):
+        os.makedirs(os.path.join(root, name))
+    checkpoint._write_json(os.path.join(root, "latest.json"), {"name": "epoch_0003.1", "epoch": 3})
+    checkpoint._write_json(os.path.join(root, "best.json"), {"name": "epoch_0001", "epoch": 1})
+    checkpoint._prune(root, keep=1)
+    assert sorted(n for n in os.listdir(root) if n.startswith("epoch_")) == ["epoch_0001",
+                                                                              "epoch_0003.1"]
+    os.makedirs(os.path.join(root, "epoch_0002"))
+    checkpoint._prune(root, keep=2)
+    assert sorted(n for n in os.listdir(root) if n.startswith("epoch_")) == [
+        "epoch_0001", "epoch_0002", "epoch_0003.1"]

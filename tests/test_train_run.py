@@ -107,6 +107,84 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert [r["epoch"] for r in c] == [1, 2, 3, 4] and c[:3] == b
 
 
+def test_max_steps_inside_an_epoch_then_resume_equals_uninterrupted(tmp_path, capsys):
+    """A stop inside epoch 2 records the partial epoch but checkpoints nothing for it, so the
+    resumed run redoes epoch 2 and ends bit-equal to the uninterrupted run."""
+    write_cifar(str(tmp_path))
+    cfg = tiny_config(tmp_path / "c.py", tmp_path, EPOCHS=3,
+                      MODEL_ARGS={**TINY_MODEL, "noise_policy": "jitter"})
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    assert main(["train", "--config", cfg, "--run-dir", full]) == 0
+    assert main(["train", "--config", cfg, "--run-dir", part, "--set", "max_steps=3"]) == 0
+    assert "after 1 of 2 steps of epoch 2" in capsys.readouterr().out
+    recs = read_metrics(part)
+    assert [(r["epoch"], r["step"], r.get("partial_steps")) for r in recs] == [(1, 2, None), (2, 3, 1)]
+    assert sorted(os.listdir(os.path.join(part, "checkpoints"))) == ["best.json", "epoch_0001",
+                                                                     "latest.json"]
+    assert main(["train", "--resume", part, "--set", "max_steps=None"]) == 0
+    a, b = read_metrics(full), read_metrics(part)
+    keys = ("epoch", "step", "lr", "train_loss", "eval_loss", "eval_accuracy", "moe")
+    assert [{k: r[k] for k in keys} for r in a] == [{k: r[k] for k in keys} for r in b]
+    wa = checkpoint._load_tensors(os.path.join(full, "checkpoints/epoch_0003/model.safetensors"))
+    wb = checkpoint._load_tensors(os.path.join(part, "checkpoints/epoch_0003/model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_run_dir_holding_a_run_is_refused_and_resume_keeps_latest(tmp_path, capsys):
+    """A new run into a used --run-dir fails before touching it; resuming from an early
+    checkpoint into the same dir never prunes the checkpoint it has just written."""
+    write_cifar(str(tmp_path))
+    cfg = tiny_config(tmp_path / "c.py", tmp_path, EPOCHS=4, KEEP_CHECKPOINTS=3)
+    run = str(tmp_path / "run")
+    assert main(["train", "--config", cfg, "--run-dir", run]) == 0
+    before = read_metrics(run)
+    capsys.readouterr()
+    assert main(["train", "--config", cfg, "--run-dir", run, "--set", "epochs=1"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert read_metrics(run) == before
+    early = os.path.join(run, "checkpoints", "epoch_0002")
+    assert main(["train", "--resume", early, "--set", "epochs=3", "--set", "keep_checkpoints=1"]) == 0
+    assert checkpoint.find(run) == os.path.join(run, "checkpoints", "epoch_0003.1")
+    assert [r["epoch"] for r in read_metrics(run)] == [1, 2, 3]
+
+
+def test_damaged_checkpoints_give_clear_errors(tmp_path, capsys):
+    write_cifar(str(tmp_path))
+    cfg = tiny_config(tmp_path / "c.py", tmp_path, EPOCHS=2)
+    run = str(tmp_path / "run")
+    assert main(["train", "--config", cfg, "--run-dir", run]) == 0
+    capsys.readouterr()
+    ck = os.path.join(run, "checkpoints")
+    assert main(["train", "--resume", run, "--set", "model_args.d_model=16"]) == 1
+    assert "does not fit this model" in capsys.readouterr().err
+    with open(os.path.join(ck, "epoch_0002", "model.safetensors"), "r+b") as f:
+        f.truncate(100)
+    assert main(["train", "--resume", run, "--set", "epochs=3"]) == 1
+    err = capsys.readouterr().err
+    assert "epoch_0002 is damaged" in err and os.path.join(ck, "epoch_0001") in err
+    with open(os.path.join(ck, "latest.json"), "w") as f:
+        f.write('{"na')
+    assert main(["train", "--resume", run]) == 1
+    assert "latest.json is unreadable" in capsys.readouterr().err
+
+
+def test_ctrl_c_says_how_to_resume(tmp_path, monkeypatch, capsys):
+    write_cifar(str(tmp_path))
+    cfg = tiny_config(tmp_path / "c.py", tmp_path, EPOCHS=3)
+    step = loop.Trainer.train_step
+
+    def interrupt_in_epoch_2(self, idx_b, i):
+        if self.step == 3:
+            raise KeyboardInterrupt
+        return step(self, idx_b, i)
+
+    monkeypatch.setattr(loop.Trainer, "train_step", interrupt_in_epoch_2)
+    run = str(tmp_path / "run")
+    assert main(["train", "--config", cfg, "--run-dir", run]) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted at step 3 (epoch 2); continue with: moesaic train --resume {run}" in err
+
+
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch, capsys):
     write_cifar(str(tmp_path))
     build = loop.build_model

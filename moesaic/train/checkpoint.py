@@ -160,6 +160,18 @@ def _write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
+def _fsync_dir(path: str, files: bool = False) -> None:
+    """Flush a folder's entries (and, with ``files``, its files) to disk, so that after a power
+    loss a renamed checkpoint is complete, not a folder of empty files."""
+    names = [os.path.join(path, n) for n in os.listdir(path)] if files else []
+    for p in names + [path]:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def _read_json(path: str):
     with open(path) as f:
         return json.load(f)
@@ -180,12 +192,17 @@ def save(ckpt_root: str, epoch: int, model: nn.Module, optimizer, state: dict, i
     if is_main:
         name = _unused_name(ckpt_root, f"epoch_{epoch:04d}")
         path = os.path.join(ckpt_root, name)
+        for n in os.listdir(ckpt_root):  # left by a writer that was killed mid-save
+            if n.startswith(".tmp-"):
+                shutil.rmtree(os.path.join(ckpt_root, n), ignore_errors=True)
         tmp = os.path.join(ckpt_root, f".tmp-{name}-{os.getpid()}")
         os.makedirs(tmp, exist_ok=True)
         _save_tensors(weights, os.path.join(tmp, "model.safetensors"))
         _save_tensors(moments, os.path.join(tmp, "optimizer.safetensors"))
         torch.save({**state, "rng": ranks, "adam_steps": steps}, os.path.join(tmp, STATE_FILE))
+        _fsync_dir(tmp, files=True)
         os.replace(tmp, path)
+        _fsync_dir(ckpt_root)
         _write_json(os.path.join(ckpt_root, "latest.json"), {"name": name, "epoch": epoch})
         if is_best:
             _write_json(os.path.join(ckpt_root, "best.json"), {"name": name, "epoch": epoch})
@@ -225,11 +242,13 @@ def _pointer(ckpt_root: str, file: str) -> Optional[str]:
 
 
 def _prune(ckpt_root: str, keep: int) -> None:
-    """Keep the newest ``keep`` checkpoints and the best one."""
-    best = _pointer(ckpt_root, "best.json")
-    names = sorted((n for n in os.listdir(ckpt_root) if n.startswith("epoch_")),
+    """Keep the latest checkpoint, the best one and the newest others up to ``keep`` in all.
+    The latest is kept first: after resuming from an earlier checkpoint, folders of later
+    epochs from the abandoned run may remain until they are superseded."""
+    latest, best = _pointer(ckpt_root, "latest.json"), _pointer(ckpt_root, "best.json")
+    names = sorted((n for n in os.listdir(ckpt_root) if n.startswith("epoch_") and n != latest),
                    key=lambda n: (_epoch_of(n), n))
-    for n in names[:-keep]:
+    for n in names[:max(len(names) - (keep - 1), 0)]:
         if n != best:
             shutil.rmtree(os.path.join(ckpt_root, n), ignore_errors=True)
 
@@ -241,11 +260,25 @@ def find(path: str) -> str:
     for root in (os.path.join(path, "checkpoints"), path):
         latest = os.path.join(root, "latest.json")
         if os.path.isfile(latest):
-            ck = os.path.join(root, _read_json(latest)["name"])
+            try:
+                ck = os.path.join(root, _read_json(latest)["name"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{latest} is unreadable ({e!r}); {_others(root)}") from e
             if os.path.isfile(os.path.join(ck, STATE_FILE)):
                 return ck
     raise CheckpointError(f"no checkpoint at {os.path.abspath(path)}: expected a checkpoint "
                           f"folder (with {STATE_FILE}) or a run dir with checkpoints/latest.json")
+
+
+def _others(ckpt_root: str, but: Optional[str] = None) -> str:
+    """A hint naming the other checkpoint folders of ``ckpt_root`` that could be resumed."""
+    names = sorted(n for n in os.listdir(ckpt_root) if n.startswith("epoch_") and n != but
+                   and os.path.isfile(os.path.join(ckpt_root, n, STATE_FILE))) \
+        if os.path.isdir(ckpt_root) else []
+    if not names:
+        return "no other checkpoint is in that folder"
+    return "other checkpoints to --resume from: " + ", ".join(
+        os.path.join(ckpt_root, n) for n in names)
 
 
 def latest_in(run_dir: str) -> Optional[str]:
@@ -262,11 +295,21 @@ def read_state(ckpt: str) -> dict:
 def load(ckpt: str, model: nn.Module, optimizer=None, rank: int = 0, world_size: int = 1) -> dict:
     """Load weights (and optimizer moments, this rank's RNG when the world size matches) into
     a model built under any layout; returns the checkpoint's state dict."""
-    state = read_state(ckpt)
-    weights = _load_tensors(os.path.join(ckpt, "model.safetensors"))
-    load_full_state_dict(model, weights)
+    parent, name = os.path.split(os.path.normpath(ckpt))
+    try:
+        state = read_state(ckpt)
+        weights = _load_tensors(os.path.join(ckpt, "model.safetensors"))
+        moments = (_load_tensors(os.path.join(ckpt, "optimizer.safetensors"))
+                   if optimizer is not None else None)
+    except Exception as e:  # noqa: BLE001 -- torch, safetensors and the OS raise many kinds
+        raise CheckpointError(f"checkpoint {ckpt} is damaged or incomplete ({type(e).__name__}: "
+                              f"{str(e)[:300]}); {_others(parent, name)}") from e
+    try:
+        load_full_state_dict(model, weights)
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {ckpt} does not fit this model (a different model or "
+                              f"model_args?): {str(e)[:500]}") from e
     if optimizer is not None:
-        moments = _load_tensors(os.path.join(ckpt, "optimizer.safetensors"))
         scatter_moments(model, optimizer, weights, moments, state.get("adam_steps", {}))
     rngs = state.get("rng") or []
     if len(rngs) == world_size:

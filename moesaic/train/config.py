@@ -14,6 +14,7 @@ import os
 import runpy
 import types
 import typing
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
@@ -41,7 +42,7 @@ class TrainConfig:
     eval_batch_size: int = 256  # global evaluation batch
     epochs: int = 30  # training epochs (the schedule spans all of them)
     steps_per_epoch: Optional[int] = None  # cap on optimizer steps per epoch (short smoke runs)
-    max_steps: Optional[int] = None  # stop after this many optimizer steps in total
+    max_steps: Optional[int] = None  # stop after this many optimizer steps in total (a stop inside an epoch is evaluated, not checkpointed: resuming redoes that epoch)
     lr: float = 1e-3  # peak learning rate (AdamW)
     min_lr: float = 0.0  # learning rate at the end of the cosine
     weight_decay: float = 0.05  # AdamW decoupled weight decay
@@ -217,11 +218,23 @@ def load_file(path: str) -> TrainConfig:
     fn = ns.get("config") or ns.get("get_config")
     upper = {k: v for k, v in ns.items() if k.isupper() and not k.startswith("_")
              and not isinstance(v, types.ModuleType) and not callable(v)}
+    keys = {f.name for f in fields(TrainConfig)}
+    lower = sorted(k for k in ns if not k.isupper() and k.lower() in keys and k.upper() not in ns
+                   and not callable(ns[k]) and not isinstance(ns[k], types.ModuleType))
+    if lower:
+        warnings.warn(f"config file {path!r}: {', '.join(lower)} is ignored (config names are "
+                      f"UPPER_CASE); did you mean {', '.join(k.upper() for k in lower)}?",
+                      stacklevel=2)
     if callable(fn):
         if upper:
             raise ConfigError(f"config file {path!r} defines both config() and UPPER_CASE names "
                               f"({', '.join(sorted(upper))}); use one style")
-        out = fn()
+        try:
+            out = fn()
+        except ConfigError:
+            raise
+        except Exception as e:
+            raise ConfigError(f"config() in {path!r} failed: {type(e).__name__}: {e}") from e
         if isinstance(out, TrainConfig):
             return validate(out)
         if isinstance(out, dict):

@@ -47,6 +47,10 @@ class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite; the run stopped before applying that step."""
 
 
+class TrainingInterrupted(RuntimeError):
+    """Ctrl-C: says where the run stopped and how to continue it."""
+
+
 def _device(cfg: TrainConfig, ctx) -> torch.device:
     if cfg.device == "cpu":
         return torch.device("cpu")
@@ -130,27 +134,27 @@ class Trainer:
         _init_for_restarts(cfg.timeout_s)
         self.ctx = init_distributed(max_ep_size=cfg.max_ep_size, timeout_s=cfg.timeout_s)
         self.rank, self.world, self.is_main = self.ctx.rank, self.ctx.world_size, self.ctx.is_main
-        if cfg.batch_size % self.world or cfg.eval_batch_size % self.world:
-            raise ConfigError(f"batch_size ({cfg.batch_size}) and eval_batch_size "
-                              f"({cfg.eval_batch_size}) must be divisible by the world size "
-                              f"({self.world})")
+        if cfg.batch_size % self.world:
+            raise ConfigError(f"batch_size ({cfg.batch_size}) must be divisible by the world size "
+                              f"({self.world}): each rank takes an equal slice of every batch")
         _threads(cfg)
         self.device = _device(cfg, self.ctx)
         self.amp_dtype = _precision(cfg, self.device)
         train_set, test_set = load_dataset(cfg.dataset, cfg.data_dir)
         self.train_set, self.test_set = train_set.to(self.device), test_set.to(self.device)
         self.spe = steps_per_epoch(len(train_set), cfg.batch_size, cfg.steps_per_epoch)
+        moe_set_seed(cfg.seed)
+        model = build_model(cfg, train_set.shape, train_set.num_classes).to(self.device)
         if run_dir is None and resume is not None:
             parent = os.path.dirname(os.path.abspath(checkpoint.find(resume)))
             if os.path.basename(parent) == "checkpoints":
                 run_dir = os.path.dirname(parent)  # continue in the checkpoint's run dir
-        self.run_dir, again = rundir.shared_choice(cfg.runs_root, cfg.name, run_dir, self.is_main)
+        self.run_dir, again = rundir.shared_choice(cfg.runs_root, cfg.name, run_dir, self.is_main,
+                                                   resuming=resume is not None)
         self.ckpt_root = os.path.join(self.run_dir, "checkpoints")
         ckpt = checkpoint.latest_in(self.run_dir) if again else None
         if ckpt is None and resume is not None:
             ckpt = checkpoint.find(resume)
-        moe_set_seed(cfg.seed)
-        model = build_model(cfg, train_set.shape, train_set.num_classes).to(self.device)
         self.model = parallelize(model)
         self.moe_names = [n for n, m in self.model.named_modules() if isinstance(m, MoE)]
         self.routing = RoutingMeter(self.model)
@@ -257,7 +261,7 @@ class Trainer:
     def _evaluate(self) -> tuple[float, float]:
         mean, std = self.test_set.mean, self.test_set.std
         sums_3 = torch.zeros(3, device=self.device, dtype=torch.float64)
-        for idx_b in eval_batches(len(self.test_set), self.cfg.eval_batch_size // self.world,
+        for idx_b in eval_batches(len(self.test_set), -(-self.cfg.eval_batch_size // self.world),
                                   self.rank, self.world):
             idx_b = idx_b.to(self.device)
             x_bCHW = normalize(self.test_set.images_NCHW[idx_b].float() / 255, mean, std)
@@ -320,21 +324,33 @@ class Trainer:
             self.log(f"run dir {self.run_dir}; {self.world} process(es), device {self.device}, "
                      f"precision {self.amp_dtype or torch.float32}, ep_size {sorted(layers) or '-'}, "
                      f"{self.spe} steps/epoch of {cfg.batch_size} images")
+        try:
+            return self._run_epochs()
+        except KeyboardInterrupt:
+            where = (f"continue with: moesaic train --resume {self.run_dir} (from {self.last_ckpt})"
+                     if self.last_ckpt else "no checkpoint had been written yet")
+            raise TrainingInterrupted(f"interrupted at step {self.step} (epoch {self.epoch + 1}); "
+                                      f"{where}") from None
+
+    def _run_epochs(self) -> dict:
+        cfg = self.cfg
         summary = None
         while self.epoch < cfg.epochs:
             totals, train_time, steps, stopped = self.train_epoch()
             if steps == 0:
                 break
+            partial = steps < self.spe  # max_steps stopped it inside the epoch
             t1 = time.perf_counter()
             eval_loss, eval_acc = self.evaluate()
             eval_time = time.perf_counter() - t1
-            self.epoch += 1
+            if not partial:
+                self.epoch += 1
             best = max([r["eval_accuracy"] for r in self.history] + [eval_acc])
             is_best = not self.history or eval_acc > max(r["eval_accuracy"] for r in self.history)
             moe = self.routing.result(self.moe_names)
             n = float(totals[4])
             rec = {
-                "epoch": self.epoch, "step": self.step, "lr": self.sched.lr,
+                "epoch": self.epoch + int(partial), "step": self.step, "lr": self.sched.lr,
                 "train_loss": float(totals[0]) / n, "train_ce": float(totals[1]) / n,
                 "train_aux": float(totals[2]) / n, "train_accuracy": float(totals[3]) / n,
                 "eval_loss": eval_loss, "eval_accuracy": eval_acc, "best_eval_accuracy": best,
@@ -344,9 +360,11 @@ class Trainer:
                                      if moe else None),
                 "moe": moe,
             }
+            if partial:
+                rec["partial_steps"] = steps
             self.history.append(rec)
             last = self.epoch >= cfg.epochs or stopped
-            if last or is_best or self.epoch % cfg.checkpoint_every == 0:
+            if not partial and (last or is_best or self.epoch % cfg.checkpoint_every == 0):
                 self.last_ckpt = checkpoint.save(self.ckpt_root, self.epoch, self.model, self.opt,
                                                  self._state(), self.is_main, is_best,
                                                  cfg.keep_checkpoints) or self.last_ckpt
@@ -354,6 +372,8 @@ class Trainer:
             if self.is_main:
                 self._write_epoch(summary)
                 self.log(report.epoch_line(rec, cfg.epochs))
+            if partial:
+                self.log(self._partial_note(steps))
             if stopped:
                 break
         if summary is None and self.history:
@@ -361,6 +381,16 @@ class Trainer:
         if self.is_main and summary is not None:
             self.log(report.end_table(summary, self.history, self.run_dir))
         return summary or {}
+
+    def _partial_note(self, steps: int) -> str:
+        """What a max_steps stop inside an epoch leaves: its metrics, but no checkpoint, so a
+        resumed run redoes the whole epoch and stays exact."""
+        where = (f"--resume {self.run_dir} continues exactly from the end of epoch {self.epoch} "
+                 f"({self.last_ckpt})" if self.last_ckpt else
+                 "no checkpoint had been written, so a new run starts from scratch")
+        return (f"stopped by max_steps={self.cfg.max_steps} after {steps} of {self.spe} steps of "
+                f"epoch {self.epoch + 1}: this partial epoch is evaluated and recorded but not "
+                f"checkpointed; {where}")
 
     def _write_epoch(self, summary: dict) -> None:
         d = self.run_dir
@@ -376,4 +406,5 @@ def train(cfg: TrainConfig, run_dir: Optional[str] = None, resume: Optional[str]
     return Trainer(cfg, run_dir, resume).run()
 
 
-__all__ = ["train", "Trainer", "NonFiniteLoss", "build_model", "FAULT_STEP_ENV", "FAULT_RANK_ENV"]
+__all__ = ["train", "Trainer", "NonFiniteLoss", "TrainingInterrupted", "build_model",
+           "FAULT_STEP_ENV", "FAULT_RANK_ENV"]

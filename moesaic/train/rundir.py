@@ -52,10 +52,25 @@ def _new_dir(parent: str) -> str:
     return path
 
 
-def choose(runs_root: str, name: str, given: Optional[str]) -> tuple[str, bool]:
-    """(run dir, found again after a torchrun restart). Rank 0 only."""
+class RunDirError(ValueError):
+    """The run dir asked for already holds another run."""
+
+
+def holds_run(path: str) -> bool:
+    return (os.path.isfile(os.path.join(path, "metrics.jsonl"))
+            or os.path.isfile(os.path.join(path, "checkpoints", "latest.json")))
+
+
+def choose(runs_root: str, name: str, given: Optional[str], resuming: bool = False) -> tuple[str, bool]:
+    """(run dir, found again after a torchrun restart). Rank 0 only. A given dir that already
+    holds a run is refused unless resuming (or restarted by torchrun): a new run would
+    overwrite its metrics and mix its checkpoints with the old ones."""
     key = elastic_key()
     if given is not None:
+        if holds_run(given) and not resuming and restart_count() == 0:
+            raise RunDirError(f"run dir {given} already holds a run (metrics.jsonl or "
+                              f"checkpoints/latest.json): continue it with --resume {given}, "
+                              "or pass another --run-dir")
         path, again = given, False
     else:
         parent = os.path.join(runs_root, name)
@@ -68,9 +83,17 @@ def choose(runs_root: str, name: str, given: Optional[str]) -> tuple[str, bool]:
     return path, again or (given is not None and restart_count() > 0)
 
 
-def shared_choice(runs_root: str, name: str, given: Optional[str], is_main: bool) -> tuple[str, bool]:
-    """Rank 0 chooses; every rank gets the same answer."""
-    out = [choose(runs_root, name, given) if is_main else None]
+def shared_choice(runs_root: str, name: str, given: Optional[str], is_main: bool,
+                  resuming: bool = False) -> tuple[str, bool]:
+    """Rank 0 chooses; every rank gets the same answer (or the same error)."""
+    out: list = [None]
+    if is_main:
+        try:
+            out = [choose(runs_root, name, given, resuming)]
+        except RunDirError as e:
+            out = [e]
     if multi_process():
         dist.broadcast_object_list(out, src=0)
+    if isinstance(out[0], RunDirError):
+        raise out[0]
     return out[0]
