@@ -64,11 +64,11 @@ class _GroupedMMFFN(torch.autograd.Function):
                                                output_size=x_ND.shape[0])
         h_NF = mm(x_ND, w1_EDF, offs=offs_E)
         if b1_EF is not None:
-            h_NF = h_NF + b1_EF.index_select(0, row_expert_N)
+            h_NF.add_(b1_EF.index_select(0, row_expert_N))  # in place: no second [N, F]
         u_NF = mm(x_ND, w3_EDF, offs=offs_E) if w3_EDF is not None else None
         y_ND = mm(_act(activation, h_NF, u_NF), w2_EFD, offs=offs_E)
         if b2_ED is not None:
-            y_ND = y_ND + b2_ED.index_select(0, row_expert_N)
+            y_ND.add_(b2_ED.index_select(0, row_expert_N))
         ctx.activation = activation
         ctx.has_b1, ctx.has_b2 = b1_EF is not None, b2_ED is not None
         ctx.save_for_backward(x_ND, h_NF, u_NF, counts_E, offs_E, w1_EDF, w2_EFD, w3_EDF)
