@@ -47,7 +47,8 @@ def _worker(rank, world, port, a, queue):
         stats = comm_stats(model)
         stats.reset()
         t0 = time.perf_counter()
-        out, aux = model(x)
+        with moesaic.equal_batches(model):  # equal batches, as the training loop runs them
+            out, aux = model(x)
         (out.square().mean() + aux).backward()
         dt = time.perf_counter() - t0
         model.zero_grad(set_to_none=True)

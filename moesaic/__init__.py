@@ -4,11 +4,11 @@ from .layer import DenseMLP, MoE, MoeModule
 from .routing import RoutingPlan, RoutingStats
 from .parallel import (ParallelContext, clip_grad_norm_, destroy, full_state_dict,
                        init_distributed, load_full_state_dict, moe_set_seed, no_sync, parallelize,
-                       uneven_batches)
+                       equal_batches)
 
 __version__ = "0.1.0"
 
 __all__ = ["MoE", "MoeModule", "MoEConfig", "DenseMLP", "RoutingPlan", "RoutingStats",
            "ParallelContext", "init_distributed", "destroy", "moe_set_seed", "parallelize",
-           "clip_grad_norm_", "no_sync", "uneven_batches", "full_state_dict",
+           "clip_grad_norm_", "no_sync", "equal_batches", "full_state_dict",
            "load_full_state_dict"]

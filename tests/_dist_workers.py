@@ -131,9 +131,10 @@ def check_aux_loss(rank, world, ctx, seed):
 
 
 def check_uneven_capacity(rank, world, ctx, seed):
-    """Capacity mode with drops, ranks routing different token counts (18 and 6) under
-    uneven_batches: each rank's outputs equal the one-process model on its own slice (C is
-    per rank), and the gradients equal the mean of the ranks' losses in one process."""
+    """Capacity mode with drops, ranks routing different token counts (18 and 6): each rank's
+    outputs equal the one-process model on its own slice (C is per rank), and the gradients
+    equal the mean of the ranks' losses in one process. Under equal_batches (equal counts) the
+    capacity exchange is skipped."""
     ref, model = _build_pair(ctx, seed, experts=(4, 2), drop_tokens=True, capacity_factor=0.75)
     x, target = _data(world)
     slices = [slice(0, 3), slice(3, 4)]
@@ -144,12 +145,36 @@ def check_uneven_capacity(rank, world, ctx, seed):
         total = total + (out_r - target[sl]).square().mean()
     (total / world).backward()
     assert any(float(m.last_stats.dropped_fraction) > 0 for m in ref.moes)
-    with moesaic.uneven_batches(model):
-        out, _ = model(x[slices[rank]])
-    assert not any(m.dispatcher.uneven for m in model.moes)
+    out, _ = model(x[slices[rank]])
     torch.testing.assert_close(out, out_ref.detach(), **TOL)
     (out - target[slices[rank]]).square().mean().backward()
     _assert_grads_equal(ref, model, "uneven capacity")
+    stats = comm_stats(model)
+    calls = stats.calls
+    model(x[:2])
+    with moesaic.equal_batches(model):
+        model(x[:2])
+        assert all(m.dispatcher.equal_batches for m in model.moes)
+    assert not any(m.dispatcher.equal_batches for m in model.moes)
+    per_call = stats.calls - calls  # [with exchange, without]: 2 layers x 3 vs 2 layers x 2
+    assert per_call == 2 * 3 + 2 * 2, per_call
+
+
+def check_unused_parameters(rank, world, ctx, seed):
+    """A parameter no rank uses keeps grad None (AdamW then skips it, as in one process); one
+    used on rank 0 only gets rank 0's gradient / world."""
+    set_context(ctx)
+    moesaic.moe_set_seed(seed)
+    model = torch.nn.ModuleDict({"moe": moesaic.MoE(D, F, 4, drop_tokens=False),
+                                 "unused": torch.nn.Linear(D, D), "rank0": torch.nn.Linear(D, 1)})
+    model = moesaic.parallelize(model)
+    x, _ = _data(world)
+    y, _ = model["moe"](x[rank])
+    loss = y.square().mean() + (model["rank0"](x[rank]).sum() if rank == 0 else 0.0)
+    loss.backward()
+    assert model["unused"].weight.grad is None and model["unused"].bias.grad is None
+    want = torch.ones(()) * (x[0].shape[0] / world)
+    torch.testing.assert_close(model["rank0"].bias.grad.sum(), want, **TOL)
 
 
 def two_ranks(rank, world):
@@ -161,6 +186,7 @@ def two_ranks(rank, world):
     assert comm_stats(model).bytes_sent > 0
     check_equivalence(rank, world, ctx, 2, experts=(4,), drop_tokens=True, capacity_factor=4.0)
     check_uneven_capacity(rank, world, ctx, 9)
+    check_unused_parameters(rank, world, ctx, 10)
     check_aux_loss(rank, world, ctx, 3)
     check_no_sync(rank, world, ctx, 8)
     # one expert, two ranks: replicated, synchronised over the two ranks
@@ -179,6 +205,20 @@ def two_ranks(rank, world):
         assert "ranks disagree on the model" in str(e) and "num_experts=8" in str(e), e
     else:
         raise AssertionError("parallelize accepted ranks with different expert counts")
+    moesaic.moe_set_seed(6)
+    try:
+        moesaic.parallelize(moesaic.MoE(D, F, 4, top_k=1 + rank))
+    except ValueError as e:
+        assert "ranks disagree on the model" in str(e) and "top_k=2" in str(e), e
+    else:
+        raise AssertionError("parallelize accepted ranks with different top_k")
+    # one MoE layer under two names: both keys hold all experts in the full state dict
+    moesaic.moe_set_seed(7)
+    moe = moesaic.MoE(D, F, 4)
+    shared = moesaic.parallelize(torch.nn.ModuleDict({"a": moe, "b": moe}))
+    full = moesaic.full_state_dict(shared, all_ranks=True)
+    assert full["a.experts.w1"].shape[0] == full["b.experts.w1"].shape[0] == 4
+    moesaic.load_full_state_dict(shared, full)
     moesaic.destroy()
     return True
 

@@ -9,7 +9,7 @@ from .layout import ExpertLayout, expert_layout
 
 _LAZY = {
     "ParallelContext": "context", "init_distributed": "context", "destroy": "context",
-    "moe_set_seed": "seed", "parallelize": "model", "no_sync": "model", "uneven_batches": "model",
+    "moe_set_seed": "seed", "parallelize": "model", "no_sync": "model", "equal_batches": "model",
     "comm_stats": "model", "clip_grad_norm_": "clip", "full_state_dict": "state",
     "load_full_state_dict": "state", "AllToAllDispatcher": "dispatcher", "CommError": "comm",
     "alltoall_bytes_per_rank": "volume", "predicted_alltoall_seconds": "volume",

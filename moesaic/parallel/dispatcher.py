@@ -9,11 +9,11 @@ expert's rows are contiguous for the grouped FFN, and back again before the retu
 
 - dropless (``plan.capacity is None``): counts are exchanged first ([ep, E_local] int64), then
   rows with an uneven ``all_to_all_single``;
-- capacity: every rank sends a fixed, zero-padded [E, C, D] block (no counts exchange, static
-  sizes); the experts run on the whole [E_local, ep * C] block. C comes from each rank's own
-  token count, so all ranks of the group must route the same number of tokens per call, unless
-  ``uneven`` is set (see :func:`moesaic.parallel.uneven_batches`): then the ranks first
-  exchange their C (one small all-to-all and a host sync per call) and blocks may differ.
+- capacity: every rank sends a zero-padded [E, C, D] block; the experts run on the whole
+  [E_local, sum of the sources' C] block. C comes from each rank's own token count, so the
+  ranks first exchange their C (one int64 each) and source s sends [E_local, C_s] rows to each
+  rank. Under :func:`moesaic.parallel.equal_batches` the caller promises equal token counts:
+  then the exchange is skipped and the sizes are static (no host sync).
 
 Legend: T tokens, D model dim, E global experts, L local experts (E / ep), S source ranks
 (= ep), C capacity per expert, N rows this rank sends, M rows it receives.
@@ -77,7 +77,7 @@ class AllToAllDispatcher:
         self.num_experts = num_experts
         self.num_local = num_experts // self.ep_size
         self.stats = stats if stats is not None else CommStats()
-        self.uneven = False  # ranks may route different token counts (so different C)
+        self.equal_batches = False  # True: every rank routes the same token count (same C)
 
     def dispatch(self, x_TD: Tensor, plan: RoutingPlan, ops):
         x_ND = ops.permute(x_TD, plan)
@@ -123,14 +123,17 @@ class AllToAllDispatcher:
                      + torch.repeat_interleave(torch.arange(E, device=x_ND.device) * C, counts_E))
             x_ND = torch.index_copy(x_ND.new_zeros(E * C, x_ND.shape[1]), 0, pos_N, x_ND)
         splits = [L * C] * S
-        if self.uneven:
+        what = "MoE dispatch all-to-all (capacity block)"
+        if self.equal_batches:
+            what += (" under equal_batches: every rank of the group must route the same number "
+                     "of tokens; leave equal_batches for ragged batches")
+        else:
             recv_S = exchange(torch.full((S,), C, dtype=torch.int64, device=x_ND.device),
                               [1] * S, [1] * S, self.group, self.ranks, self.stats,
                               "MoE capacity exchange").tolist()
             if recv_S != [C] * S:
                 return self._dispatch_capacity_uneven(x_ND, C, recv_S, pos_N)
-        x_MD = all_to_all_rows(x_ND, splits, splits, self.group, self.ranks, self.stats,
-                               "MoE dispatch all-to-all (capacity block)")
+        x_MD = all_to_all_rows(x_ND, splits, splits, self.group, self.ranks, self.stats, what)
         x_LD = x_MD.reshape(S, L, C, -1).transpose(0, 1).reshape(L * S * C, -1)
         counts_L = torch.full((L,), S * C, dtype=torch.int64)
         return x_LD, counts_L, _Handle(splits, splits, None, pos_N, (L, S, C))

@@ -33,6 +33,7 @@ class _Bucket:
     ready: int = 0
     work: Optional[object] = None
     flat: Optional[Tensor] = None
+    missing: bool = False  # this rank had no gradient for some parameter of the bucket
     seen: set = field(default_factory=set)  # id() of parameters already counted
 
 
@@ -94,8 +95,13 @@ class GradSync:
         self._launch_ready(b.lane)
 
     def _launch(self, b: _Bucket) -> None:
+        """All-reduce the bucket's gradients (zeros where this rank has none) and, appended, one
+        flag per parameter saying whether this rank had a gradient for it."""
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in b.params]
-        b.flat = torch.cat([g.reshape(-1) for g in grads])
+        b.missing = any(p.grad is None for p in b.params)
+        flags = torch.tensor([p.grad is not None for p in b.params], dtype=grads[0].dtype,
+                             device=grads[0].device)
+        b.flat = torch.cat([g.reshape(-1) for g in grads] + [flags])
         b.work = run_collective("gradient all-reduce", b.ranks, dist.all_reduce, b.flat,
                                 group=b.group, async_op=True)
 
@@ -109,23 +115,29 @@ class GradSync:
             self._next[lane] += 1
 
     def _finish(self) -> None:
-        """End of backward: launch what is left (unused parameters count as zero), wait, and
-        write the averages back."""
+        """End of backward: launch what is left (a parameter unused on some ranks counts as zero
+        there), wait, and write the averages back; a parameter no rank used keeps grad None, as
+        in one process."""
         try:
             for lane in range(len(self._lanes)):
                 self._launch_ready(lane, force=True)
             for b in self.buckets:
                 run_collective("gradient all-reduce", b.ranks, b.work.wait)
                 b.flat.div_(len(b.ranks))
+                # The flags are read (a host sync) only where this rank lacked a gradient.
+                used = ((b.flat[-len(b.params):] > 0).tolist() if b.missing
+                        else [True] * len(b.params))
                 offset = 0
-                for p in b.params:
+                for p, any_rank in zip(b.params, used):
                     n = p.numel()
                     g = b.flat[offset:offset + n].view_as(p)
+                    offset += n
+                    if not any_rank:
+                        continue
                     if p.grad is None:
                         p.grad = g.clone()
                     else:
                         p.grad.copy_(g)
-                    offset += n
         finally:
             for b in self.buckets:
                 b.ready, b.work, b.flat = 0, None, None

@@ -41,6 +41,8 @@ def expert_param_ids(model: nn.Module) -> set:
 def _signature(model: nn.Module) -> list:
     sig = [(f"MoE layer {n!r}", f"num_experts={m.config.num_experts}", f"ep_size={m.layout.ep_size}")
            for n, m in model.named_modules() if isinstance(m, MoE)]
+    sig += [(f"MoE layer {n!r}", f"{k}={v!r}") for n, m in model.named_modules()
+            if isinstance(m, MoE) for k, v in m.config.as_dict().items() if k != "kernels"]
     sig += [(f"parameter {n!r}", f"shape={tuple(p.shape)}", str(p.dtype))
             for n, p in model.named_parameters()]
     return sig
@@ -149,17 +151,19 @@ def no_sync(model: nn.Module):
 
 
 @contextlib.contextmanager
-def uneven_batches(model: nn.Module):
-    """Let the ranks of an ep group route different numbers of tokens in capacity mode (e.g.
-    the last, ragged evaluation batch): each call first exchanges the ranks' capacities. Outside
-    it capacity mode keeps static block sizes and needs equal token counts; dropless never does."""
+def equal_batches(model: nn.Module):
+    """A promise that every rank of each ep group routes the same number of tokens in every MoE
+    call inside (e.g. training on equal per-rank batches). Capacity mode then skips the
+    exchange of the ranks' capacities: static block sizes and no host sync. A broken promise
+    fails in the all-to-all (or, on some backends, hangs or reads garbage), so leave it out for
+    ragged batches such as a last evaluation batch. Dropless mode is unaffected."""
     dispatchers = [m.dispatcher for m in model.modules()
                    if isinstance(getattr(m, "dispatcher", None), AllToAllDispatcher)]
-    before = [d.uneven for d in dispatchers]
+    before = [d.equal_batches for d in dispatchers]
     for d in dispatchers:
-        d.uneven = True
+        d.equal_batches = True
     try:
         yield
     finally:
         for d, b in zip(dispatchers, before):
-            d.uneven = b
+            d.equal_batches = b

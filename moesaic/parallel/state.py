@@ -21,7 +21,7 @@ def _expert_entries(model: nn.Module) -> dict:
     from ..layer import MoE
 
     out = {}
-    for name, m in model.named_modules():
+    for name, m in model.named_modules(remove_duplicate=False):  # a layer under two names too
         if isinstance(m, MoE):
             prefix = f"{name}.experts." if name else "experts."
             for pname, _ in m.experts.named_parameters():

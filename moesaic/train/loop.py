@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .. import models
 from ..layer import MoE
-from ..parallel import clip_grad_norm_, init_distributed, moe_set_seed, parallelize, uneven_batches
+from ..parallel import clip_grad_norm_, equal_batches, init_distributed, moe_set_seed, parallelize
 from ..parallel.layout import mix_seed
 from . import checkpoint, report, rundir
 from .augment import Augmenter, normalize
@@ -219,7 +219,7 @@ class Trainer:
         x_bCHW, labels_b, partner_labels_b, lam = self.augment(
             self.train_set.images_NCHW[idx_b], self.train_set.labels_N[idx_b], gen, rng)
         self.opt.zero_grad(set_to_none=True)
-        with self._autocast():
+        with self._autocast(), equal_batches(self.model):  # every rank takes batch_size / world
             logits_bL, aux = self.model(x_bCHW)
         ce, correct = self._loss(logits_bL, labels_b, partner_labels_b, lam)
         loss = ce + cfg.aux_loss_weight * aux.float()
@@ -251,14 +251,9 @@ class Trainer:
     def evaluate(self) -> tuple[float, float]:
         """(loss, accuracy) on the test set. Each rank evaluates a contiguous shard in the same
         number of batches (the all-to-all needs equal forwards), unpadded: shard sizes differ
-        by at most one image, so no repeated image takes expert capacity from a real one; the
-        MoE layers exchange their capacities (``uneven_batches``), so the shorter shard's
-        capacity blocks may be smaller."""
+        by at most one image, so no repeated image takes expert capacity from a real one (the
+        MoE layers exchange their capacities, so the shorter shard's blocks are smaller)."""
         self.model.eval()
-        with uneven_batches(self.model):
-            return self._evaluate()
-
-    def _evaluate(self) -> tuple[float, float]:
         mean, std = self.test_set.mean, self.test_set.std
         sums_3 = torch.zeros(3, device=self.device, dtype=torch.float64)
         for idx_b in eval_batches(len(self.test_set), -(-self.cfg.eval_batch_size // self.world),
