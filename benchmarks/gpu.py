@@ -110,7 +110,8 @@ def median_ms(fn, device, warmup: int, iters: int) -> float:
         t = time.perf_counter()
         fn()
         sync(device)
-        inner = max(1, min(100, math.ceil(MIN_SAMPLE_MS / max((time.perf_counter() - t) * 1e3, 1e-3))))
+        one_ms = max((time.perf_counter() - t) * 1e3, 1e-3)
+        inner = max(1, min(100, math.ceil(MIN_SAMPLE_MS / one_ms)))
     for _ in range(iters):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -432,7 +433,7 @@ def sweep_row_blocks(run, device, T, D, E, K, dtype, warmup, iters, blocks, warp
                 launch()
                 got = out["v"] if op != "combine_bwd" else out["v"][0]
                 want = ref[op] if op != "combine_bwd" else ref[op][0]
-                same = bool(torch.equal(got, want))  # combine_bwd: grad_y (grad_w's sum order varies)
+                same = bool(torch.equal(got, want))  # combine_bwd: grad_y (grad_w's sums vary)
                 ms = median_ms(launch, device, warmup, iters)
                 is_default = default[op][0] == BD and default[op][2] == warps
                 record(run, op + "_sweep", f"BD={BD} w={warps}" + (" *" if is_default else ""),
@@ -525,7 +526,8 @@ def main():
     # 4. block sizes of the row kernels (data for tuning; the library's choice is marked *)
     for D in Ds:
         if run.elapsed() > args.budget_s:
-            run.data["errors"].append({"section": f"sweep D={D}", "error": "skipped: time budget spent"})
+            run.data["errors"].append({"section": f"sweep D={D}",
+                                       "error": "skipped: time budget spent"})
             continue
         run.section(f"sweep D={D}", sweep_row_blocks, run, device, T, D, Es[-1], Ks[-1], dtype,
                     warmup, iters, blocks, warp_counts)

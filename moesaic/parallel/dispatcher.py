@@ -147,7 +147,8 @@ class AllToAllDispatcher:
         out_splits = [L * c for c in capacity_S]
         x_MD = all_to_all_rows(x_ND, out_splits, in_splits, self.group, self.ranks, self.stats,
                                "MoE dispatch all-to-all (capacity blocks, uneven)")
-        recv_SL = torch.tensor(capacity_S, dtype=torch.int64, device=x_MD.device).view(S, 1).expand(S, L)
+        recv_SL = torch.tensor(capacity_S, dtype=torch.int64, device=x_MD.device)
+        recv_SL = recv_SL.view(S, 1).expand(S, L)
         order_M = block_order(recv_SL)
         return (x_MD.index_select(0, order_M), recv_SL.sum(0),
                 _Handle(in_splits, out_splits, order_M, pos_N, None))
