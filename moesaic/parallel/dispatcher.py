@@ -54,6 +54,10 @@ def _inverse(perm: Tensor) -> Tensor:
     return inv
 
 
+_PROMISE = (" under equal_batches: every rank of the group must route the same number of "
+            "tokens; leave equal_batches for ragged batches")
+
+
 @dataclass
 class _Handle:
     in_splits: list  # rows sent to each rank of the group
@@ -91,8 +95,11 @@ class AllToAllDispatcher:
         else:
             L, S, C = handle.shape
             y_MD = y_ND.reshape(L, S, C, -1).transpose(0, 1).reshape(S * L * C, -1)
+        what = "MoE combine all-to-all"
+        if self.equal_batches and plan.capacity is not None:
+            what += _PROMISE
         y_back = all_to_all_rows(y_MD, handle.in_splits, handle.out_splits, self.group,
-                                 self.ranks, self.stats, "MoE combine all-to-all")
+                                 self.ranks, self.stats, what)
         if handle.pos_N is not None:
             y_back = y_back.index_select(0, handle.pos_N)
         return ops.combine(y_back, plan)
@@ -125,8 +132,7 @@ class AllToAllDispatcher:
         splits = [L * C] * S
         what = "MoE dispatch all-to-all (capacity block)"
         if self.equal_batches:
-            what += (" under equal_batches: every rank of the group must route the same number "
-                     "of tokens; leave equal_batches for ragged batches")
+            what += _PROMISE
         else:
             recv_S = exchange(torch.full((S,), C, dtype=torch.int64, device=x_ND.device),
                               [1] * S, [1] * S, self.group, self.ranks, self.stats,

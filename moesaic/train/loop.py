@@ -380,8 +380,8 @@ class Trainer:
     def _partial_note(self, steps: int) -> str:
         """What a max_steps stop inside an epoch leaves: its metrics, but no checkpoint, so a
         resumed run redoes the whole epoch and stays exact."""
-        where = (f"--resume {self.run_dir} continues exactly from the end of epoch {self.epoch} "
-                 f"({self.last_ckpt})" if self.last_ckpt else
+        where = (f"--resume {self.run_dir} continues from the latest checkpoint "
+                 f"({self.last_ckpt}) and redoes the epochs after it exactly" if self.last_ckpt else
                  "no checkpoint had been written, so a new run starts from scratch")
         return (f"stopped by max_steps={self.cfg.max_steps} after {steps} of {self.spe} steps of "
                 f"epoch {self.epoch + 1}: this partial epoch is evaluated and recorded but not "
