@@ -71,7 +71,7 @@ class _GroupedFFN(torch.autograd.Function):
         h_chunks = [x_ND.new_empty(n, Fdim) for n in counts]
         u_chunks = [x_ND.new_empty(n, Fdim) for n in counts] if w3_EDF is not None else []
         y_ND = x_ND.new_empty(N, w2_EFD.shape[2])
-        work_MF = x_ND.new_empty(max(counts, default=0), Fdim)  # the activation, expert by expert
+        work_MF = x_ND.new_empty(max(counts) if counts else 0, Fdim)  # the activation, expert by expert
         for e, s, t in _bounds(counts):
             if s == t:
                 continue
@@ -106,7 +106,7 @@ class _GroupedFFN(torch.autograd.Function):
         Fdim = w1_EDF.shape[2]
         g_b1_EF = x_ND.new_empty(E, Fdim) if ctx.has_b1 else None
         g_b2_ED = x_ND.new_empty(E, w2_EFD.shape[2]) if ctx.has_b2 else None
-        work_MF = x_ND.new_empty(max(ctx.counts, default=0), Fdim)  # a, then its gradient
+        work_MF = x_ND.new_empty(max(ctx.counts) if ctx.counts else 0, Fdim)  # a, then its gradient
         work_u_MF = torch.empty_like(work_MF) if w3_EDF is not None else None  # u's gradient
         for e, s, t in _bounds(ctx.counts):
             if s == t:

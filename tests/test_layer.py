@@ -3,6 +3,7 @@
 Legend: T tokens, D model dim, FF ffn dim, E experts, K top-k.
 """
 import copy
+import shutil
 import math
 import types
 
@@ -388,3 +389,22 @@ def test_combine_is_twice_differentiable_and_the_layer_says_it_is_not():
     (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         gx.sum().backward()
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile on CPU needs a C++ compiler")
+def test_torch_compile_matches_eager():
+    """torch.compile (graph breaks allowed) gives the eager outputs and gradients."""
+    layer = make(top_k=2)
+    ref = copy.deepcopy(layer)
+    x = torch.randn(40, D)
+    grads = []
+    for m in (ref, torch.compile(layer)):
+        xr = x.clone().requires_grad_(True)
+        y, aux = m(xr)
+        (y.square().sum() + aux).backward()
+        grads.append((y.detach(), xr.grad))
+    torch.testing.assert_close(grads[1][0], grads[0][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads[1][1], grads[0][1], atol=1e-5, rtol=1e-5)
+    for p, q in zip(layer.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-5)
