@@ -11,8 +11,8 @@ N kept assignments (rows of the expert-major buffer), C capacity per expert.
 from __future__ import annotations
 
 import math
-from fractions import Fraction
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Optional
 
 import numpy as np

@@ -61,7 +61,8 @@ def holds_run(path: str) -> bool:
             or os.path.isfile(os.path.join(path, "checkpoints", "latest.json")))
 
 
-def choose(runs_root: str, name: str, given: Optional[str], resuming: bool = False) -> tuple[str, bool]:
+def choose(runs_root: str, name: str, given: Optional[str],
+           resuming: bool = False) -> tuple[str, bool]:
     """(run dir, found again after a torchrun restart). Rank 0 only. A given dir that already
     holds a run is refused unless resuming (or restarted by torchrun): a new run would
     overwrite its metrics and mix its checkpoints with the old ones."""
