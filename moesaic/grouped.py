@@ -71,7 +71,7 @@ class _GroupedFFN(torch.autograd.Function):
         h_chunks = [x_ND.new_empty(n, Fdim) for n in counts]
         u_chunks = [x_ND.new_empty(n, Fdim) for n in counts] if w3_EDF is not None else []
         y_ND = x_ND.new_empty(N, w2_EFD.shape[2])
-        work_MF = x_ND.new_empty(max(counts) if counts else 0, Fdim)  # the activation, expert by expert
+        work_MF = x_ND.new_empty(max(counts) if counts else 0, Fdim)  # activation, expert by expert
         for e, s, t in _bounds(counts):
             if s == t:
                 continue

@@ -42,7 +42,7 @@ class TrainConfig:
     eval_batch_size: int = 256  # global evaluation batch
     epochs: int = 30  # training epochs (the schedule spans all of them)
     steps_per_epoch: Optional[int] = None  # cap on optimizer steps per epoch (short smoke runs)
-    max_steps: Optional[int] = None  # stop after this many optimizer steps in total (a stop inside an epoch is evaluated, not checkpointed: resuming redoes that epoch)
+    max_steps: Optional[int] = None  # stop after this many steps in all (mid-epoch: not checkpointed)
     lr: float = 1e-3  # peak learning rate (AdamW)
     min_lr: float = 0.0  # learning rate at the end of the cosine
     weight_decay: float = 0.05  # AdamW decoupled weight decay
