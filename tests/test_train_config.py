@@ -1,4 +1,6 @@
 """Config files, overrides, validation errors, and the command line's help."""
+import warnings
+
 import pytest
 
 from moesaic.__main__ import main
@@ -38,6 +40,11 @@ def test_lower_case_key_warns_and_failing_config_function_is_a_config_error(tmp_
                          "def config():\n    return TrainConfig(batch_siz=32)\n", "f.py")
     with pytest.raises(ConfigError, match="config\\(\\) in .* failed: TypeError.*batch_siz"):
         load_file(p)
+    p = _write(tmp_path, "from moesaic.train import TrainConfig\nepochs = 5\n"
+                         "def config():\n    return TrainConfig(epochs=epochs)\n", "g.py")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_file(p).epochs == 5
 
 
 def test_shipped_configs_load():

@@ -142,6 +142,13 @@ def test_run_dir_holding_a_run_is_refused_and_resume_keeps_latest(tmp_path, caps
     assert main(["train", "--config", cfg, "--run-dir", run, "--set", "epochs=1"]) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert read_metrics(run) == before
+    other = str(tmp_path / "other")  # stopped before its first checkpoint: reusable
+    assert main(["train", "--config", cfg, "--run-dir", other, "--set", "max_steps=1"]) == 0
+    assert main(["train", "--config", cfg, "--run-dir", other, "--set", "epochs=1"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", other, "--run-dir", run]) == 2  # another run's dir
+    assert "already holds a run" in capsys.readouterr().err
+    assert read_metrics(run) == before
     early = os.path.join(run, "checkpoints", "epoch_0002")
     assert main(["train", "--resume", early, "--set", "epochs=3", "--set", "keep_checkpoints=1"]) == 0
     assert checkpoint.find(run) == os.path.join(run, "checkpoints", "epoch_0003.1")
@@ -162,6 +169,10 @@ def test_damaged_checkpoints_give_clear_errors(tmp_path, capsys):
     assert main(["train", "--resume", run, "--set", "epochs=3"]) == 1
     err = capsys.readouterr().err
     assert "epoch_0002 is damaged" in err and os.path.join(ck, "epoch_0001") in err
+    with open(os.path.join(ck, "epoch_0002", "state.pt"), "r+b") as f:
+        f.truncate(100)
+    assert main(["train", "--resume", run]) == 1  # state.pt is read first, for the config
+    assert "epoch_0002 is damaged" in capsys.readouterr().err
     with open(os.path.join(ck, "latest.json"), "w") as f:
         f.write('{"na')
     assert main(["train", "--resume", run]) == 1

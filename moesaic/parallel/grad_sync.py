@@ -99,8 +99,10 @@ class GradSync:
         flag per parameter saying whether this rank had a gradient for it."""
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in b.params]
         b.missing = any(p.grad is None for p in b.params)
-        flags = torch.tensor([p.grad is not None for p in b.params], dtype=grads[0].dtype,
-                             device=grads[0].device)
+        flags = grads[0].new_ones(len(b.params))  # made on the device: no host-to-device copy
+        for i, p in enumerate(b.params):
+            if p.grad is None:
+                flags[i].zero_()
         b.flat = torch.cat([g.reshape(-1) for g in grads] + [flags])
         b.work = run_collective("gradient all-reduce", b.ranks, dist.all_reduce, b.flat,
                                 group=b.group, async_op=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from typing import Optional
 
@@ -288,25 +289,48 @@ def latest_in(run_dir: str) -> Optional[str]:
         return None
 
 
+def _damage_errors() -> tuple:
+    """What reading a truncated or corrupt checkpoint file raises (torch.load's zip reader
+    raises RuntimeError)."""
+    from safetensors import SafetensorError
+
+    return (EOFError, FileNotFoundError, NotADirectoryError, pickle.UnpicklingError, ValueError,
+            KeyError, RuntimeError, SafetensorError)
+
+
+def _read(ckpt: str, fn):
+    """``fn()``, a damaged file turned into a CheckpointError that names the alternatives;
+    memory and device errors pass through unchanged."""
+    try:
+        return fn()
+    except torch.OutOfMemoryError:
+        raise
+    except _damage_errors() as e:
+        parent, name = os.path.split(os.path.normpath(ckpt))
+        raise CheckpointError(f"checkpoint {ckpt} is damaged or incomplete ({type(e).__name__}: "
+                              f"{str(e)[:300]}); {_others(parent, name)}") from e
+
+
 def read_state(ckpt: str) -> dict:
-    return torch.load(os.path.join(ckpt, STATE_FILE), map_location="cpu", weights_only=True)
+    path = os.path.join(ckpt, STATE_FILE)
+    return _read(ckpt, lambda: torch.load(path, map_location="cpu", weights_only=True))
 
 
 def load(ckpt: str, model: nn.Module, optimizer=None, rank: int = 0, world_size: int = 1) -> dict:
     """Load weights (and optimizer moments, this rank's RNG when the world size matches) into
     a model built under any layout; returns the checkpoint's state dict."""
-    parent, name = os.path.split(os.path.normpath(ckpt))
-    try:
-        state = read_state(ckpt)
-        weights = _load_tensors(os.path.join(ckpt, "model.safetensors"))
-        moments = (_load_tensors(os.path.join(ckpt, "optimizer.safetensors"))
-                   if optimizer is not None else None)
-    except Exception as e:  # noqa: BLE001 -- torch, safetensors and the OS raise many kinds
-        raise CheckpointError(f"checkpoint {ckpt} is damaged or incomplete ({type(e).__name__}: "
-                              f"{str(e)[:300]}); {_others(parent, name)}") from e
+    state = read_state(ckpt)
+    weights = _read(ckpt, lambda: _load_tensors(os.path.join(ckpt, "model.safetensors")))
+    moments = (_read(ckpt, lambda: _load_tensors(os.path.join(ckpt, "optimizer.safetensors")))
+               if optimizer is not None else None)
     try:
         load_full_state_dict(model, weights)
-    except (RuntimeError, KeyError, ValueError) as e:
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {ckpt} does not fit this model (a different model or "
+                              f"model_args?): {str(e)[:500]}") from e
+    except RuntimeError as e:  # load_state_dict's size mismatch and missing or unexpected keys
+        if "Error(s) in loading state_dict" not in str(e):
+            raise
         raise CheckpointError(f"checkpoint {ckpt} does not fit this model (a different model or "
                               f"model_args?): {str(e)[:500]}") from e
     if optimizer is not None:

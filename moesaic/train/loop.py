@@ -145,12 +145,15 @@ class Trainer:
         self.spe = steps_per_epoch(len(train_set), cfg.batch_size, cfg.steps_per_epoch)
         moe_set_seed(cfg.seed)
         model = build_model(cfg, train_set.shape, train_set.num_classes).to(self.device)
-        if run_dir is None and resume is not None:
+        own_dir = None  # the run dir the resumed checkpoint belongs to
+        if resume is not None:
             parent = os.path.dirname(os.path.abspath(checkpoint.find(resume)))
             if os.path.basename(parent) == "checkpoints":
-                run_dir = os.path.dirname(parent)  # continue in the checkpoint's run dir
+                own_dir = os.path.dirname(parent)
+        run_dir = run_dir if run_dir is not None else own_dir  # continue in the checkpoint's dir
+        resuming = own_dir is not None and os.path.abspath(run_dir) == own_dir
         self.run_dir, again = rundir.shared_choice(cfg.runs_root, cfg.name, run_dir, self.is_main,
-                                                   resuming=resume is not None)
+                                                   resuming=resuming)
         self.ckpt_root = os.path.join(self.run_dir, "checkpoints")
         ckpt = checkpoint.latest_in(self.run_dir) if again else None
         if ckpt is None and resume is not None:
@@ -380,8 +383,9 @@ class Trainer:
     def _partial_note(self, steps: int) -> str:
         """What a max_steps stop inside an epoch leaves: its metrics, but no checkpoint, so a
         resumed run redoes the whole epoch and stays exact."""
-        where = (f"--resume {self.run_dir} continues from the latest checkpoint "
-                 f"({self.last_ckpt}) and redoes the epochs after it exactly" if self.last_ckpt else
+        where = (f"--resume {self.run_dir} --set max_steps=None continues from the latest "
+                 f"checkpoint ({self.last_ckpt}) and redoes the epochs after it exactly"
+                 if self.last_ckpt else
                  "no checkpoint had been written, so a new run starts from scratch")
         return (f"stopped by max_steps={self.cfg.max_steps} after {steps} of {self.spe} steps of "
                 f"epoch {self.epoch + 1}: this partial epoch is evaluated and recorded but not "

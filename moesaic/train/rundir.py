@@ -57,8 +57,9 @@ class RunDirError(ValueError):
 
 
 def holds_run(path: str) -> bool:
-    return (os.path.isfile(os.path.join(path, "metrics.jsonl"))
-            or os.path.isfile(os.path.join(path, "checkpoints", "latest.json")))
+    """A run that can be resumed: one with a checkpoint (a run stopped before its first
+    checkpoint leaves nothing to continue, so its folder may be reused)."""
+    return os.path.isfile(os.path.join(path, "checkpoints", "latest.json"))
 
 
 def choose(runs_root: str, name: str, given: Optional[str],
@@ -69,9 +70,8 @@ def choose(runs_root: str, name: str, given: Optional[str],
     key = elastic_key()
     if given is not None:
         if holds_run(given) and not resuming and restart_count() == 0:
-            raise RunDirError(f"run dir {given} already holds a run (metrics.jsonl or "
-                              f"checkpoints/latest.json): continue it with --resume {given}, "
-                              "or pass another --run-dir")
+            raise RunDirError(f"run dir {given} already holds a run (checkpoints/latest.json): "
+                              f"continue it with --resume {given}, or pass another --run-dir")
         path, again = given, False
     else:
         parent = os.path.join(runs_root, name)
