@@ -9,6 +9,7 @@ PyTorch path.
 Legend: T tokens, D model dim, E experts, K top-k, N rows of the expert-major buffer.
 """
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -272,6 +273,19 @@ def test_gpu_benchmark_dry_run(tmp_path):
     assert {r["op"] for r in sweep} == {"dispatch_sweep", "combine_sweep", "combine_bwd_sweep"}
     assert all(r["same_as_library"] for r in sweep) and sum(r["default"] for r in sweep) == 3
     assert result["grouped_mm_failed"] is False
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_gpu_session_script_without_a_gpu(tmp_path):
+    """benchmarks/gpu_session.sh still runs end to end here: gpu.py says it needs a GPU, the
+    training part runs on the CPU, and the files land under $OUT."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(OUT=str(tmp_path), OMP_NUM_THREADS="2")
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_session.sh")], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert "train exit 0" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert {"gpu.log", "machine.txt", "train.log", "train_summary.json",
+            "train_metrics.jsonl"} <= set(os.listdir(tmp_path))
 
 
 AOT_SCRIPT = r'''
