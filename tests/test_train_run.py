@@ -148,6 +148,9 @@ def test_run_dir_holding_a_run_is_refused_and_resume_keeps_latest(tmp_path, caps
     capsys.readouterr()
     assert main(["train", "--resume", other, "--run-dir", run]) == 2  # another run's dir
     assert "already holds a run" in capsys.readouterr().err
+    blocked = os.path.join(run, "metrics.jsonl", "sub")  # a file in the way
+    assert main(["train", "--config", cfg, "--run-dir", blocked]) == 2
+    assert "cannot create the run dir" in capsys.readouterr().err
     assert read_metrics(run) == before
     early = os.path.join(run, "checkpoints", "epoch_0002")
     assert main(["train", "--resume", early, "--set", "epochs=3", "--set", "keep_checkpoints=1"]) == 0

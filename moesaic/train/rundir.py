@@ -93,6 +93,9 @@ def shared_choice(runs_root: str, name: str, given: Optional[str], is_main: bool
             out = [choose(runs_root, name, given, resuming)]
         except RunDirError as e:
             out = [e]
+        except OSError as e:  # e.g. no permission: every rank must hear of it, not time out
+            where = given or os.path.join(runs_root, name)
+            out = [RunDirError(f"cannot create the run dir ({where}): {e}")]
     if multi_process():
         dist.broadcast_object_list(out, src=0)
     if isinstance(out[0], RunDirError):
