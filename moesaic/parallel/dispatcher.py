@@ -109,14 +109,19 @@ class AllToAllDispatcher:
         send_SL = plan.counts_E.to(torch.int64).reshape(S, L)
         recv_SL = exchange(send_SL, [1] * S, [1] * S, self.group, self.ranks, self.stats,
                            "MoE token-count exchange")
+        return self._exchange_blocks(x_ND, send_SL, recv_SL, None, "MoE dispatch all-to-all")
+
+    def _exchange_blocks(self, x_ND: Tensor, send_SL: Tensor, recv_SL: Tensor,
+                         pos_N: Optional[Tensor], what: str):
+        """Rows in blocks of ``send_SL[s, l]`` to rank s's local expert l; the received blocks
+        (``recv_SL[s, l]`` rows from source s) regrouped to [local expert, source rank]."""
         in_splits = send_SL.sum(1).tolist()
         out_splits = recv_SL.sum(1).tolist()
         x_MD = all_to_all_rows(x_ND, out_splits, in_splits, self.group, self.ranks, self.stats,
-                               "MoE dispatch all-to-all")
+                               what)
         order_M = block_order(recv_SL)
-        counts_L = recv_SL.sum(0)
-        return x_MD.index_select(0, order_M), counts_L, _Handle(in_splits, out_splits, order_M,
-                                                                  None, None)
+        return (x_MD.index_select(0, order_M), recv_SL.sum(0),
+                _Handle(in_splits, out_splits, order_M, pos_N, None))
 
     def _dispatch_capacity(self, x_ND: Tensor, plan: RoutingPlan):
         S, L, E, C = self.ep_size, self.num_local, self.num_experts, int(plan.capacity)
@@ -137,24 +142,12 @@ class AllToAllDispatcher:
             recv_S = exchange(torch.full((S,), C, dtype=torch.int64, device=x_ND.device),
                               [1] * S, [1] * S, self.group, self.ranks, self.stats,
                               "MoE capacity exchange").tolist()
-            if recv_S != [C] * S:
-                return self._dispatch_capacity_uneven(x_ND, C, recv_S, pos_N)
+            if recv_S != [C] * S:  # source s sends [L, C_s] rows to each rank
+                send_SL = torch.full((S, L), C, dtype=torch.int64)
+                recv_SL = torch.tensor(recv_S, dtype=torch.int64, device=x_ND.device)
+                return self._exchange_blocks(x_ND, send_SL, recv_SL.view(S, 1).expand(S, L),
+                                             pos_N, "MoE dispatch all-to-all (capacity, uneven)")
         x_MD = all_to_all_rows(x_ND, splits, splits, self.group, self.ranks, self.stats, what)
         x_LD = x_MD.reshape(S, L, C, -1).transpose(0, 1).reshape(L * S * C, -1)
         counts_L = torch.full((L,), S * C, dtype=torch.int64)
         return x_LD, counts_L, _Handle(splits, splits, None, pos_N, (L, S, C))
-
-    def _dispatch_capacity_uneven(self, x_ND: Tensor, C: int, capacity_S: list,
-                                  pos_N: Optional[Tensor]):
-        """Capacity blocks when source rank s has its own capacity C_s: [L, C_s] rows from
-        each, regrouped to [local expert, source rank] as in the dropless path."""
-        S, L = self.ep_size, self.num_local
-        in_splits = [L * C] * S
-        out_splits = [L * c for c in capacity_S]
-        x_MD = all_to_all_rows(x_ND, out_splits, in_splits, self.group, self.ranks, self.stats,
-                               "MoE dispatch all-to-all (capacity blocks, uneven)")
-        recv_SL = torch.tensor(capacity_S, dtype=torch.int64, device=x_MD.device)
-        recv_SL = recv_SL.view(S, 1).expand(S, L)
-        order_M = block_order(recv_SL)
-        return (x_MD.index_select(0, order_M), recv_SL.sum(0),
-                _Handle(in_splits, out_splits, order_M, pos_N, None))

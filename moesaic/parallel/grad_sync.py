@@ -33,7 +33,6 @@ class _Bucket:
     ready: int = 0
     work: Optional[object] = None
     flat: Optional[Tensor] = None
-    missing: bool = False  # this rank had no gradient for some parameter of the bucket
     seen: set = field(default_factory=set)  # id() of parameters already counted
 
 
@@ -98,7 +97,6 @@ class GradSync:
         """All-reduce the bucket's gradients (zeros where this rank has none) and, appended, one
         flag per parameter saying whether this rank had a gradient for it."""
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in b.params]
-        b.missing = any(p.grad is None for p in b.params)
         flags = grads[0].new_ones(len(b.params))  # made on the device: no host-to-device copy
         for i, p in enumerate(b.params):
             if p.grad is None:
@@ -126,8 +124,10 @@ class GradSync:
             for b in self.buckets:
                 run_collective("gradient all-reduce", b.ranks, b.work.wait)
                 b.flat.div_(len(b.ranks))
-                # The flags are read (a host sync) only where this rank lacked a gradient.
-                used = ((b.flat[-len(b.params):] > 0).tolist() if b.missing
+                # The flags are read (a host sync) only where this rank lacked a gradient
+                # (such a parameter's grad is still None: zeros stood in for it).
+                missing = any(p.grad is None for p in b.params)
+                used = ((b.flat[-len(b.params):] > 0).tolist() if missing
                         else [True] * len(b.params))
                 offset = 0
                 for p, any_rank in zip(b.params, used):
