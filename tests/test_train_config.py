@@ -117,3 +117,16 @@ def test_models_lists_registry(capsys):
 def test_print_config(capsys):
     assert main(["train", "--set", "epochs=3", "--print-config"]) == 0
     assert '"epochs": 3' in capsys.readouterr().out
+
+
+def test_aux_loss_weight_is_the_balance_weight_and_z_loss_is_not_rescaled():
+    from moesaic.layer import moe_layers
+    from moesaic.train.loop import build_model
+    cfg = apply_overrides(digits_default(), ["aux_loss_weight=0.5",
+                                             "model_args.z_loss_coef=0.001"])
+    model = build_model(cfg, (1, 8, 8), 10)
+    coefs = {(m.config.aux_loss_coef, m.config.z_loss_coef) for m in moe_layers(model)}
+    assert coefs == {(0.5, 0.001)}
+    cfg = apply_overrides(digits_default(), ["model_args={'aux_loss_coef': 0.1}"])
+    with pytest.raises(ConfigError, match=r"model_args.aux_loss_coef \(0.1\).*aux_loss_weight"):
+        build_model(cfg, (1, 8, 8), 10)

@@ -2,7 +2,7 @@
 
 Per step: this rank's slice of the global batch -> batched augmentation on the device (its
 random streams seeded by (seed, step, rank), so a step is reproducible) -> forward under
-autocast -> cross-entropy (label smoothing, mixup/cutmix) + aux_loss_weight * aux loss -> one
+autocast -> cross-entropy (label smoothing, mixup/cutmix) + the MoE aux loss -> one
 all-reduce of the step's loss and accuracy (every rank sees a non-finite loss at once) ->
 backward (gradients synchronised by ``moesaic.parallelize``) -> EP-aware clipping -> AdamW ->
 warmup/cosine scheduler. Each epoch ends with an evaluation at the eval capacity factor,
@@ -114,10 +114,15 @@ def _maybe_fault(step: int, rank: int) -> None:
 
 
 def build_model(cfg: TrainConfig, img_shape: tuple, num_classes: int) -> torch.nn.Module:
-    """The registry model with the dataset's image shape; MoE layers report their raw balance
-    loss (aux_loss_coef 1) so ``aux_loss_weight`` is the one weight applied."""
+    """The registry model with the dataset's image shape. ``aux_loss_weight`` is the MoE layers'
+    ``aux_loss_coef`` (the balance loss's weight); ``model_args.z_loss_coef`` weighs the z loss
+    unchanged, and the training loss adds the layers' aux loss as it is."""
+    if "aux_loss_coef" in cfg.model_args:
+        raise ConfigError(f"model_args.aux_loss_coef ({cfg.model_args['aux_loss_coef']!r}) is set "
+                          "by the run config: use aux_loss_weight instead")
     C, H, _ = img_shape
-    kw = {"img_size": H, "in_chans": C, "num_classes": num_classes, "aux_loss_coef": 1.0}
+    kw = {"img_size": H, "in_chans": C, "num_classes": num_classes,
+          "aux_loss_coef": cfg.aux_loss_weight}
     kw.update(cfg.model_args)
     try:
         return models.create(cfg.model, **kw)
@@ -225,7 +230,7 @@ class Trainer:
         with self._autocast(), equal_batches(self.model):  # every rank takes batch_size / world
             logits_bL, aux = self.model(x_bCHW)
         ce, correct = self._loss(logits_bL, labels_b, partner_labels_b, lam)
-        loss = ce + cfg.aux_loss_weight * aux.float()
+        loss = ce + aux.float()
         n = torch.tensor(float(idx_b.numel()), device=dev)
         sums_5 = all_reduce_(torch.stack([loss.detach() * n, ce.detach() * n,
                                           aux.detach().float() * n, correct.float(), n]))
