@@ -38,7 +38,7 @@ class MoEConfig:
     num_experts: int
     top_k: int = 1
     capacity_factor: float = 1.25
-    eval_capacity_factor: float = 2.0
+    eval_capacity_factor: Optional[float] = None
     min_capacity: int = 4
     drop_tokens: bool = True
     drop_policy: str = "position"
@@ -59,6 +59,10 @@ class MoEConfig:
             _require(_is_int(v) and v >= 1, f"{name} must be a positive int, got {v!r}")
         _require(_is_int(self.top_k) and 1 <= self.top_k <= self.num_experts,
                  f"top_k must be in [1, num_experts={self.num_experts}], got {self.top_k!r}")
+        _require(self.router in ROUTERS, f"router must be one of {ROUTERS}, got {self.router!r}")
+        if self.eval_capacity_factor is None:
+            self.eval_capacity_factor = (2.0 if self.router == "token_choice"
+                                         else self.capacity_factor)
         for name in ("capacity_factor", "eval_capacity_factor"):
             v = getattr(self, name)
             _require(_is_number(v) and v > 0 and math.isfinite(v),
@@ -67,7 +71,6 @@ class MoEConfig:
                  f"min_capacity must be an int >= 0, got {self.min_capacity!r}")
         _require(self.drop_policy in DROP_POLICIES,
                  f"drop_policy must be one of {DROP_POLICIES}, got {self.drop_policy!r}")
-        _require(self.router in ROUTERS, f"router must be one of {ROUTERS}, got {self.router!r}")
         _require(self.noise_policy in NOISE_POLICIES,
                  f"noise_policy must be one of {NOISE_POLICIES}, got {self.noise_policy!r}")
         _require(self.activation in ACTIVATIONS,
@@ -83,8 +86,21 @@ class MoEConfig:
             _require(isinstance(v, bool), f"{name} must be True or False, got {v!r}")
         _require(self.normalize_weights is None or isinstance(self.normalize_weights, bool),
                  f"normalize_weights must be None, True or False, got {self.normalize_weights!r}")
+        if self.router == "expert_choice":
+            _require(self.top_k == 1 and self.drop_tokens and self.drop_policy == "position",
+                     f"router='expert_choice' takes no top_k ({self.top_k}), drop_tokens "
+                     f"({self.drop_tokens}) or drop_policy ({self.drop_policy!r}): each expert "
+                     "takes its ceil(capacity_factor * T / E) best tokens, so capacity_factor "
+                     "is the mean number of experts per token")
         if self.normalize_weights is None:
             self.normalize_weights = self.top_k >= 2
+
+    def experts_per_token(self) -> float:
+        """Experts a token uses on average with no drops: top_k, or for expert choice the
+        training capacity factor (at most E)."""
+        if self.router == "expert_choice":
+            return min(float(self.capacity_factor), float(self.num_experts))
+        return float(self.top_k)
 
     def as_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}

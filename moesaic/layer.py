@@ -44,18 +44,19 @@ class MoE(nn.Module):
 
     Token choice sends each token to its ``top_k`` most probable experts; each expert keeps at
     most C = max(min_capacity, ceil(cf * top_k * T / E)) assignments (cf = capacity_factor in
-    training, eval_capacity_factor in eval), ranked choice-major and then by token position
-    (``drop_policy="position"``) or by the token's top-1 probability (``"score"``);
-    ``drop_tokens=False`` keeps every assignment. Expert choice lets each expert take its
-    ceil(cf * T / E) highest-probability tokens. ``aux_loss = aux_loss_coef * balance +
-    z_loss_coef * z``. With ``residual=True`` (PR-MoE) the output is
-    ``moe(x) * c0 + mlp(x) * c1`` with ``c = softmax(residual_coef(x))`` per token.
+    training, eval_capacity_factor in eval, 2.0 unless given), ranked choice-major and then by
+    token position (``drop_policy="position"``) or by the token's top-1 probability
+    (``"score"``); ``drop_tokens=False`` keeps every assignment. Expert choice lets each expert
+    take its ceil(cf * T / E) highest-probability tokens, cf being the mean number of experts
+    per token (so eval_capacity_factor defaults to capacity_factor, as in Zhou et al. 2022).
+    ``aux_loss = aux_loss_coef * balance + z_loss_coef * z``. With ``residual=True`` (PR-MoE)
+    the output is ``moe(x) * c0 + mlp(x) * c1`` with ``c = softmax(residual_coef(x))`` per token.
 
     After each forward, ``layer.last_stats`` holds the :class:`~moesaic.routing.RoutingStats`.
     """
 
     def __init__(self, d_model: int, d_ff: int, num_experts: int, top_k: int = 1,
-                 capacity_factor: float = 1.25, eval_capacity_factor: float = 2.0,
+                 capacity_factor: float = 1.25, eval_capacity_factor: Optional[float] = None,
                  min_capacity: int = 4, drop_tokens: bool = True, drop_policy: str = "position",
                  router: str = "token_choice", noise_policy: Optional[str] = None,
                  normalize_weights: Optional[bool] = None, aux_loss_coef: float = 0.01,

@@ -166,6 +166,38 @@ def test_capacity_formula_and_eval_factor():
     assert layer.last_stats.tokens_per_expert_kept.max() <= math.ceil(1.0 * 2 * 20 / E)
 
 
+@pytest.mark.parametrize("training,eval_cf,want", [(True, 0.5, 6), (False, 0.5, 6), (False, 1.0, 8)])
+def test_min_capacity_and_eval_factor_bind_exactly(training, eval_cf, want):
+    """Every token to expert 0 (T 32, E 4): it keeps exactly max(min_capacity 6,
+    ceil(cf * T / E)) rows: 2 -> 6 in training (cf 0.25), 4 -> 6 or 8 in eval."""
+    layer = make(top_k=1, capacity_factor=0.25, eval_capacity_factor=eval_cf, min_capacity=6)
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[0].fill_(1.0)
+    layer.train(training)(torch.rand(32, D) + 0.1)
+    assert layer.last_stats.tokens_per_expert_kept.tolist() == [want, 0, 0, 0]
+
+
+def test_expert_choice_keeps_its_compute_budget_in_eval():
+    layer = make(router="expert_choice", capacity_factor=1.25)
+    assert layer.config.eval_capacity_factor == 1.25 and make().config.eval_capacity_factor == 2.0
+    x = torch.randn(64, D)
+    kept = []
+    for mode in (True, False):
+        layer.train(mode)(x)
+        kept.append(layer.last_stats.tokens_per_expert_kept.tolist())
+    assert kept == [[20] * E, [20] * E]
+    layer = make(router="expert_choice", capacity_factor=1.25, eval_capacity_factor=2.0).eval()
+    layer(x)
+    assert layer.last_stats.tokens_per_expert_kept.tolist() == [32] * E
+
+
+@pytest.mark.parametrize("kw", [dict(top_k=2), dict(drop_tokens=False), dict(drop_policy="score")])
+def test_expert_choice_refuses_token_choice_options(kw):
+    with pytest.raises(ValueError, match=r"router='expert_choice' takes no top_k \((1|2)\)"):
+        make(router="expert_choice", **kw)
+
+
 def test_capacity_is_exact_for_decimal_factors():
     assert routing.token_choice_capacity(100, 10, 1, 1.1, 0) == 11   # float 1.1 * 100 / 10 > 11
     assert routing.token_choice_capacity(50, 2, 2, 1.1, 0) == 55

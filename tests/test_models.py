@@ -247,3 +247,10 @@ def test_moe_stack_pyramid_caps_top_k_and_sums_aux_losses():
     torch.testing.assert_close(aux, expected)
     (y.sum() + aux).backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_expert_choice_counts_capacity_factor_experts_per_token():
+    ec = M.create("vit_moe_lite6", router="expert_choice", capacity_factor=2.0)
+    top2 = M.create("vit_moe_lite6", top_k=2)
+    assert M.count_parameters(ec) == M.count_parameters(top2)
+    assert ec.flops_per_image() == top2.flops_per_image()

@@ -62,7 +62,8 @@ class VisionModel(nn.Module):
 
     def flops_per_image(self) -> int:
         """Forward FLOPs (2 per multiply-add) of one image, counting each token's top_k experts
-        (no drops), the router and the PR-MoE residual; elementwise ops are left out."""
+        (no drops; expert choice: capacity_factor experts on average), the router and the
+        PR-MoE residual; elementwise ops are left out."""
         c = self.config
         S, D, Fd, P = c.num_patches + 1, c.d_model, c.d_ff, c.num_patches
         total = 2 * P * c.in_chans * c.patch_size ** 2 * D + 2 * D * c.num_classes
@@ -73,7 +74,7 @@ class VisionModel(nn.Module):
             if E == 0:
                 total += mlp
             else:
-                total += 2 * S * D * E + layer.top_k * mlp
+                total += 2 * S * D * E + round(layer.experts_per_token() * mlp)
                 if layer.residual:
                     total += mlp + 2 * S * D * 2
         return total

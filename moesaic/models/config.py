@@ -33,7 +33,7 @@ class VisionConfig:
     top_k: int = 1
     residual: bool = False
     capacity_factor: float = 1.25
-    eval_capacity_factor: float = 2.0
+    eval_capacity_factor: Optional[float] = None
     noise_policy: Optional[str] = None
     drop_rate: float = 0.0
     attn_drop: float = 0.0

@@ -30,14 +30,14 @@ def _expert_params(layer: MoE) -> tuple[int, int]:
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(total, active per token): shared tensors count once; experts count globally in the
     total and ``top_k`` of them per MoE layer in the active count (router and PR-MoE residual
-    MLP are always active)."""
+    MLP are always active; expert choice: capacity_factor experts on average)."""
     local_total = sum(p.numel() for p in model.parameters())
     total = active = local_total
     for layer in moe_layers(model):
         local = sum(p.numel() for p in layer.experts.parameters())
         all_experts, per_expert = _expert_params(layer)
         total += all_experts - local
-        active += min(layer.config.top_k, layer.config.num_experts) * per_expert - local
+        active += round(layer.config.experts_per_token() * per_expert) - local
     return total, active
 
 

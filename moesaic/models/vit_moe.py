@@ -39,7 +39,7 @@ class ViTMoE(VisionModel):
                  num_classes: int = 10, depth: int = 6, d_model: int = 256, num_heads: int = 4,
                  mlp_ratio: float = 2.0, num_experts: Union[int, list] = 0, moe_every: int = 2,
                  top_k: int = 1, residual: bool = False, capacity_factor: float = 1.25,
-                 eval_capacity_factor: float = 2.0, noise_policy: Optional[str] = None,
+                 eval_capacity_factor: Optional[float] = None, noise_policy: Optional[str] = None,
                  drop_rate: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
                  qkv_bias: bool = False, patch_bias: bool = False, **moe_kwargs):
         cfg = VisionConfig.from_kwargs(

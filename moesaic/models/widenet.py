@@ -33,7 +33,7 @@ class WideNet(VisionModel):
     def __init__(self, img_size: int = 32, patch_size: int = 4, in_chans: int = 3,
                  num_classes: int = 10, depth: int = 6, d_model: int = 256, num_heads: int = 4,
                  mlp_ratio: float = 2.0, num_experts: int = 4, top_k: int = 2,
-                 capacity_factor: float = 1.25, eval_capacity_factor: float = 2.0,
+                 capacity_factor: float = 1.25, eval_capacity_factor: Optional[float] = None,
                  noise_policy: Optional[str] = "gaussian", drop_rate: float = 0.0,
                  attn_drop: float = 0.0, drop_path: float = 0.0, qkv_bias: bool = False,
                  patch_bias: bool = False, **moe_kwargs):
