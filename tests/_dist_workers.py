@@ -16,15 +16,18 @@ import moesaic
 from moesaic.models import MoEStack
 from moesaic.parallel import comm_stats
 from moesaic.parallel.layout import set_context
+from moesaic.train.dist import grad_scaler
 
 D, F, B, S = 8, 16, 2, 6
 TOL = dict(rtol=1e-5, atol=1e-6)
 
 
-def tiny_net(experts=(4, 2), top_k=2, drop_tokens=False, capacity_factor=1.25, aux_loss_coef=0.0):
+def tiny_net(experts=(4, 2), top_k=2, drop_tokens=False, capacity_factor=1.25, aux_loss_coef=0.0,
+             **moe_kwargs):
     """Linear -> a stack of residual MoE layers -> Linear, at the test's tiny sizes."""
     return MoEStack(D, F, experts, top_k=top_k, drop_tokens=drop_tokens,
-                    capacity_factor=capacity_factor, min_capacity=0, aux_loss_coef=aux_loss_coef)
+                    capacity_factor=capacity_factor, min_capacity=0, aux_loss_coef=aux_loss_coef,
+                    **moe_kwargs)
 
 
 def _data(world, seed=123):
@@ -177,6 +180,52 @@ def check_unused_parameters(rank, world, ctx, seed):
     torch.testing.assert_close(model["rank0"].bias.grad.sum(), want, **TOL)
 
 
+def check_layout_independence(rank, world, seed):
+    """At a fixed world size, jitter noise and dropout draw the same numbers whether the experts
+    are split over the ranks (max_ep_size 2) or replicated (1): 3 AdamW steps end equal."""
+    x, target = _data(world)
+    lo, hi = rank * B, (rank + 1) * B
+    finals = []
+    for max_ep in (1, 2):
+        moesaic.init_distributed(max_ep_size=max_ep, timeout_s=30)
+        moesaic.moe_set_seed(seed)
+        model = moesaic.parallelize(tiny_net(noise_policy="jitter", dropout=0.2, residual=True))
+        assert model.moes[0].layout.ep_size == max_ep
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        for _ in range(3):
+            out, aux = model(x[lo:hi])
+            ((out - target[lo:hi]).square().mean() + aux).backward()
+            opt.step()
+            opt.zero_grad()
+        finals.append(moesaic.full_state_dict(model, all_ranks=True))
+    assert finals[0].keys() == finals[1].keys()
+    for k in finals[0]:
+        torch.testing.assert_close(finals[0][k], finals[1][k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+def check_grad_scaler_skips_together(rank, world, ctx, seed):
+    """fp16 loss scaling: an overflow in an expert gradient that only rank 0 holds makes every
+    rank skip the step and back off the scale."""
+    set_context(ctx)
+    moesaic.moe_set_seed(seed)
+    model = moesaic.parallelize(tiny_net(experts=(4,)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = grad_scaler(True, "cpu")
+    x, target = _data(world)
+    out, _ = model(x[rank * B:(rank + 1) * B])
+    scaler.scale((out - target[rank * B:(rank + 1) * B]).square().mean()).backward()
+    if rank == 0:
+        model.moes[0].experts.w1.grad[0, 0, 0] = float("inf")
+    before = [p.detach().clone() for p in model.parameters()]
+    scale = scaler.get_scale()
+    scaler.unscale_(opt)
+    moesaic.clip_grad_norm_(model, 1.0)
+    scaler.step(opt)
+    scaler.update()
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters())), rank
+    assert scaler.get_scale() == scale / 2
+
+
 def two_ranks(rank, world):
     ctx = moesaic.init_distributed(max_ep_size=2, timeout_s=30)
     assert (ctx.rank, ctx.world_size, ctx.is_main) == (rank, 2, rank == 0)
@@ -189,6 +238,8 @@ def two_ranks(rank, world):
     check_unused_parameters(rank, world, ctx, 10)
     check_aux_loss(rank, world, ctx, 3)
     check_no_sync(rank, world, ctx, 8)
+    check_equivalence(rank, world, ctx, 12, experts=(4, 2), residual=True)
+    check_grad_scaler_skips_together(rank, world, ctx, 13)
     # one expert, two ranks: replicated, synchronised over the two ranks
     check_equivalence(rank, world, ctx, 4, steps=1, experts=(1,), top_k=1)
     # per-rank noise streams
@@ -219,6 +270,7 @@ def two_ranks(rank, world):
     full = moesaic.full_state_dict(shared, all_ranks=True)
     assert full["a.experts.w1"].shape[0] == full["b.experts.w1"].shape[0] == 4
     moesaic.load_full_state_dict(shared, full)
+    check_layout_independence(rank, world, 14)
     moesaic.destroy()
     return True
 

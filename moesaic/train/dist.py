@@ -11,6 +11,17 @@ def multi_process() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def grad_scaler(enabled: bool, device_type: str = "cuda") -> torch.amp.GradScaler:
+    """fp16 loss scaling whose overflow check spans every process. Expert gradients live on one
+    rank only, so a per-rank check would let that rank skip a step the others take and the
+    shared weights would drift apart; the sharded scaler sums the found-inf flags over the world
+    before each step, so all ranks skip (and back off the scale) together."""
+    if enabled and multi_process():
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+        return ShardedGradScaler(device_type, enabled=True)
+    return torch.amp.GradScaler(device_type, enabled=enabled)
+
+
 def all_reduce_(t: torch.Tensor) -> torch.Tensor:
     """Sum ``t`` in place over all processes (nothing to do in one process); returns ``t``."""
     if multi_process():

@@ -34,7 +34,7 @@ from . import checkpoint, report, rundir
 from .augment import Augmenter, normalize
 from .config import ConfigError, TrainConfig
 from .data import epoch_order, eval_batches, load_dataset, rank_batch, steps_per_epoch
-from .dist import all_reduce_
+from .dist import all_reduce_, grad_scaler
 from .meters import RoutingMeter
 from .optim import WarmupCosine, make_optimizer
 
@@ -169,7 +169,7 @@ class Trainer:
         self.opt = make_optimizer(self.model, cfg)
         self.sched = WarmupCosine(self.opt, cfg.lr, cfg.min_lr, round(cfg.warmup_epochs * self.spe),
                                   cfg.epochs * self.spe, cfg.schedule)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.scaler = grad_scaler(self.amp_dtype == torch.float16)
         self.augment = Augmenter(cfg, train_set.mean, train_set.std)
         self.params_total, self.params_active = models.count_parameters(self.model)
         self.epoch, self.step, self.history = 0, 0, []
