@@ -1,7 +1,9 @@
 """The grouped feed-forward on CUDA: grouped matrix products instead of a loop over experts.
 
 ``torch._grouped_mm`` does one launch per product for all experts (bf16 on compute capability
-9.0+, feature dimensions multiples of 8); otherwise a padded ``bmm`` over [E, max rows, D].
+9.0+, feature dimensions multiples of 8); otherwise a padded ``bmm`` over [E, max rows, D],
+unless padding would more than double the rows (skewed routing, dropless): then the loop over
+experts, so memory stays O(N).
 The capability flags below remember, per process, a torch build that rejected a form.
 
 Legend: E local experts, D model dim, F ffn dim, N rows of the expert-major buffer.
@@ -14,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .grouped import _act, _act_backward_, _bounds
+from .grouped import _act, _act_backward_, _bounds, grouped_ffn
 
 
 def _zero_empty(g_EXY: Tensor, counts_E: Tensor) -> Tensor:
@@ -99,14 +101,15 @@ class _GroupedMMFFN(torch.autograd.Function):
 
 def padded_bmm_ffn(x_ND: Tensor, counts_E: Tensor, activation: str, w1_EDF: Tensor,
                    b1_EF: Optional[Tensor], w2_EFD: Tensor, b2_ED: Optional[Tensor],
-                   w3_EDF: Optional[Tensor] = None) -> Tensor:
-    """The grouped FFN as batched products over rows padded to the busiest expert's count.
+                   w3_EDF: Optional[Tensor] = None, max_rows: Optional[int] = None) -> Tensor:
+    """The grouped FFN as batched products over rows padded to the busiest expert's count
+    (``max_rows``, read from ``counts_E`` when not given).
 
     Padding rows are zero inputs whose outputs are never read, so they add no gradient.
     """
     E = w1_EDF.shape[0]
     N, D = x_ND.shape
-    M = int(counts_E.max()) if N else 0
+    M = max_rows if max_rows is not None else (int(counts_E.max()) if N else 0)
     row_expert_N = torch.repeat_interleave(torch.arange(E, device=x_ND.device), counts_E,
                                            output_size=N)
     start_E = torch.cumsum(counts_E, 0) - counts_E
@@ -139,7 +142,7 @@ def batched_ffn(x_ND: Tensor, counts_E: Tensor, activation: str, w1_EDF: Tensor,
                 w3_EDF: Optional[Tensor] = None, path: str = "auto") -> Tensor:
     """The grouped FFN through ``torch._grouped_mm`` (``path="grouped_mm"``) or padded
     ``bmm`` (``"bmm"``); ``"auto"`` takes grouped_mm where supported and falls back to bmm
-    if it raises."""
+    if it raises, or to the loop over experts where padding would more than double the rows."""
     global _grouped_mm_failed
     args = (x_ND, counts_E, activation, w1_EDF, b1_EF, w2_EFD, b2_ED, w3_EDF)
     if path == "grouped_mm":
@@ -151,4 +154,8 @@ def batched_ffn(x_ND: Tensor, counts_E: Tensor, activation: str, w1_EDF: Tensor,
             raise
         except RuntimeError:
             _grouped_mm_failed = True
-    return padded_bmm_ffn(*args)
+    counts = counts_E.tolist()  # one host read, which the padded shape needs anyway
+    max_rows = max(counts, default=0)
+    if path == "auto" and len(counts) * max_rows > 2 * x_ND.shape[0]:
+        return grouped_ffn(x_ND, counts, activation, w1_EDF, b1_EF, w2_EFD, b2_ED, w3_EDF)
+    return padded_bmm_ffn(*args, max_rows=max_rows)

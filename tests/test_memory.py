@@ -29,7 +29,8 @@ def test_live_memory_counts_tensors():
 def test_memory_does_not_grow_with_experts_times_capacity(router):
     T, D, F, E = 2048, 32, 64, 64
     torch.manual_seed(0)
-    layer = moesaic.MoE(D, F, E, top_k=2, capacity_factor=2.0, router=router)
+    top_k = 2 if router == "token_choice" else 1  # expert choice: cf 2.0 is 2 experts per token
+    layer = moesaic.MoE(D, F, E, top_k=top_k, capacity_factor=2.0, router=router)
     extra = peak_extra(layer, torch.randn(T, D))
     one_hot_TEC = T * E * (2 * 2 * T // E) * 4
     per_assignment = 2 * T * (3 * D + 2 * F) * 4
@@ -69,3 +70,23 @@ def test_live_memory_does_not_count_views_or_in_place_results_of_older_tensors()
         torch.add(w, 1.0, out=w)
         torch.randn(16, 16).max(dim=0)  # a tuple of fresh results
     assert mem.peak_bytes == 16 * 16 * 4 + 16 * 4 + 16 * 8
+
+
+def test_batched_ffn_skewed_counts_do_not_pad_every_expert():
+    """The CUDA paths' padded bmm would hold E x max rows: with every row on one of 32 experts
+    ``batched_ffn`` takes the loop instead (run here on CPU tensors, same code)."""
+    from moesaic.experts import batched_ffn, grouped_ffn
+    E, N, D, F = 32, 2048, 16, 64
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(E, D, F, generator=g), torch.randn(E, F, generator=g),
+              torch.randn(E, F, D, generator=g), torch.randn(E, D, generator=g), None]
+    for p in params[:4]:
+        p.requires_grad_(True)
+    x = torch.randn(N, D, generator=g, requires_grad=True)
+    counts = torch.tensor([N] + [0] * (E - 1))
+    with LiveMemory() as mem:
+        y = batched_ffn(x, counts, "gelu", *params)
+        y.sum().backward()
+    padded_EMF = E * N * F * 4
+    assert mem.peak_bytes < padded_EMF / 4
+    torch.testing.assert_close(y, grouped_ffn(x, [N] + [0] * (E - 1), "gelu", *params))
