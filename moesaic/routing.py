@@ -124,7 +124,7 @@ class Router(nn.Module):
             if self.training and self.noise_policy == "gaussian":
                 noise_TE = torch.randn(logits_TE.shape, generator=self._generator(logits_TE.device),
                                        device=logits_TE.device, dtype=torch.float32)
-                logits_TE = logits_TE + noise_TE / self.num_experts
+                logits_TE = logits_TE + noise_TE / self.num_experts ** 2
         return logits_TE
 
 
