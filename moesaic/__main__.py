@@ -66,9 +66,11 @@ def _parser() -> argparse.ArgumentParser:
                    "(3, 1e-3, True, None, (0.9, 0.99)) or else a string, e.g. --set epochs=5 "
                    "--set model_args.depth=2")
     t.add_argument("--resume", metavar="PATH_OR_RUN_DIR",
-                   help="continue exactly from a checkpoint folder, or from a run dir's latest "
+                   help="continue from a checkpoint folder, or from a run dir's latest "
                    "checkpoint; the run continues in that run dir unless --run-dir is given. "
-                   "Works under a different world size / max_ep_size.")
+                   "Exact (bit for bit) at the same world size; a different world size or "
+                   "max_ep_size also works, with fresh random streams for noise, dropout and "
+                   "augmentation.")
     t.add_argument("--run-dir", metavar="DIR",
                    help="write the run here instead of runs/<name>/<timestamp>")
     t.add_argument("--print-config", action="store_true",
