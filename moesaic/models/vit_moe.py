@@ -3,11 +3,14 @@
 
 Presets (CIFAR-sized, patch 4 on 32x32 images, d_model 256, 4 heads, MLP ratio 2):
 ``vit_lite6`` / ``vit_lite7`` are ViT-Lite-6/4 and 7/4 of Hassani et al., "Escaping the Big Data
-Paradigm with Compact Transformers" (2021), which lists 3.19M and 3.72M parameters. Their count
-is reproduced (3,190,282 and 3,716,618 here) by the same layout as the paper's code: class token
-(not sequence pooling), 65 learned positions, a bias-free 4x4 patch projection, attention
-``qkv`` without bias, biased output projection and MLP, LayerNorm before each sub-block and at
-the end, and a linear head on the class token. ``vit_moe_lite6/7`` put 8 experts (top-1) on the
+Paradigm with Compact Transformers" (2021), which lists 3.19M and 3.72M parameters; 3,190,282 and
+3,716,618 here, with a class token (not sequence pooling), 65 learned positions, a bias-free 4x4
+patch projection, attention ``qkv`` without bias, biased output projection and MLP, and a linear
+head on the class token. The block is the standard pre-norm block (LayerNorm before each
+sub-block and at the end), as in ColossalAI's ViT-MoE that made the 90.66% run below; the
+Compact Transformers code differs in places (its block also normalises the residual stream after
+attention, its patch convolution has a bias, its presets use attention dropout and stochastic
+depth 0.1), so these presets match its sizes, not its every detail. ``vit_moe_lite6/7`` put 8 experts (top-1) on the
 odd blocks: the same FLOPs as the dense twin with 2.7x / 2.4x its parameters.
 ``vit_moe_lite6_prmoe`` is PR-MoE (Rajbhandari et al., DeepSpeed-MoE 2022) as used for the
 90.66% CIFAR-10 ViT-MoE-Lite6 run of ColossalAI: experts [4, 4, 8] on blocks 1, 3, 5, a dense
