@@ -52,7 +52,9 @@ class MoE(nn.Module):
     ``aux_loss = aux_loss_coef * balance + z_loss_coef * z``. With ``residual=True`` (PR-MoE)
     the output is ``moe(x) * c0 + mlp(x) * c1`` with ``c = softmax(residual_coef(x))`` per token.
 
-    After each forward, ``layer.last_stats`` holds the :class:`~moesaic.routing.RoutingStats`.
+    ``layer(x, return_stats=True)`` also returns the call's
+    :class:`~moesaic.routing.RoutingStats` (device tensors, no host sync); ``layer.last_stats``
+    keeps the last call's as a convenience.
     """
 
     def __init__(self, d_model: int, d_ff: int, num_experts: int, top_k: int = 1,
@@ -112,20 +114,22 @@ class MoE(nn.Module):
             dropped = (counts_E.sum() - plan.counts_E.sum()) / counts_E.sum().clamp(min=1)
         z = routing.z_loss(logits_TE)
         aux_loss = c.aux_loss_coef * balance + c.z_loss_coef * z
-        self.last_stats = routing.RoutingStats(
+        stats = routing.RoutingStats(
             tokens_per_expert=counts_E.detach(), tokens_per_expert_kept=plan.counts_E.detach(),
             dropped_fraction=dropped.detach(),
             router_entropy=routing.router_entropy(logits_TE.detach()),
             balance_loss=balance.detach(), z_loss=z.detach())
-        return plan, aux_loss
+        return plan, aux_loss, stats
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, return_stats: bool = False):
+        """``(y, aux_loss)``, or ``(y, aux_loss, stats)`` with ``return_stats=True``."""
         c = self.config
         if x.shape[-1] != c.d_model:
             raise ValueError(f"input's last dim must be d_model={c.d_model}, got shape {tuple(x.shape)}")
         ops = select_ops(c.kernels, x.device)
         x_TD = x.reshape(-1, c.d_model)
-        plan, aux_loss = self._route(self.router(x_TD), ops)
+        plan, aux_loss, stats = self._route(self.router(x_TD), ops)
+        self.last_stats = stats
         autocast_on = torch.is_autocast_enabled(x.device.type)
         compute_dtype = torch.get_autocast_dtype(x.device.type) if autocast_on else x.dtype
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -139,7 +143,7 @@ class MoE(nn.Module):
             mlp_TD = self.residual(xr_TD).to(y_TD.dtype)
             y_TD = torch.lerp(mlp_TD, y_TD, coef_T2[:, :1].to(y_TD.dtype))
         y = self.dropout(y_TD).to(x.dtype).reshape(x.shape)
-        return y, aux_loss
+        return (y, aux_loss, stats) if return_stats else (y, aux_loss)
 
 
 MoeModule = MoE

@@ -441,3 +441,12 @@ def test_torch_compile_matches_eager():
     torch.testing.assert_close(grads[1][1], grads[0][1], atol=1e-5, rtol=1e-5)
     for p, q in zip(layer.parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_routing_stats_are_returned():
+    layer = make(top_k=2)
+    x = torch.randn(16, D)
+    y, aux, stats = layer(x, return_stats=True)
+    assert stats is layer.last_stats and int(stats.tokens_per_expert.sum()) == 32
+    y2, aux2 = layer(x)
+    assert torch.equal(y, y2) and torch.equal(aux, aux2) and layer.last_stats is not stats

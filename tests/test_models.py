@@ -101,8 +101,9 @@ def test_widenet_shares_attention_and_moe_with_per_block_norms():
     torch.manual_seed(0)
     x = _images(model, 2)
     model.eval()
-    logits, _ = model(x)
-    assert len(M.routing_stats(model)) == depth
+    logits, _, returned = model(x, return_stats=True)
+    assert len(returned) == depth and len(M.routing_stats(model)) == depth
+    assert returned[-1] is model.moe.last_stats and returned[0] is not returned[-1]
     logits.sum().backward()
     grads = [n.weight.grad for n in norms]
     assert all(g is not None and g.abs().sum() > 0 for g in grads)
@@ -114,8 +115,9 @@ def test_widenet_shares_attention_and_moe_with_per_block_norms():
 def test_routing_stats_and_describe():
     model = M.create("vit_moe_lite6_prmoe")
     assert M.routing_stats(model) == []
-    model(torch.randn(2, 3, 32, 32))
+    logits, aux, returned = model(torch.randn(2, 3, 32, 32), return_stats=True)
     stats = M.routing_stats(model)
+    assert [s.as_dict() for s in returned] == stats
     assert len(stats) == 3
     assert [len(s["tokens_per_expert"]) for s in stats] == [4, 4, 8]
     assert all(sum(s["tokens_per_expert"]) == 2 * 65 for s in stats)

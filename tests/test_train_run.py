@@ -207,13 +207,13 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch, 
         model = build(*args, **kwargs)
         forward, calls = model.forward, [0]
 
-        def nan_after_three(x):
-            logits, aux = forward(x)
+        def nan_after_three(x, **kw):
+            logits, *rest = forward(x, **kw)
             if model.training:
                 calls[0] += 1
                 if calls[0] >= 4:
                     logits = logits * float("nan")
-            return logits, aux
+            return (logits, *rest)
 
         model.forward = nan_after_three
         return model

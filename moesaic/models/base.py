@@ -17,7 +17,8 @@ from .layers import PatchEmbed
 
 
 class VisionModel(nn.Module):
-    """Base class: ``logits_BC, aux_loss = model(images_BCHW)``."""
+    """Base class: ``logits_BC, aux_loss = model(images_BCHW)`` (``return_stats=True`` adds the
+    routing statistics)."""
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -41,16 +42,21 @@ class VisionModel(nn.Module):
                    eval_capacity_factor=c.eval_capacity_factor, noise_policy=noise_policy,
                    residual=residual, dropout=c.drop_rate, **c.moe_kwargs)
 
-    def _run_blocks(self, x_BSD: Tensor, aux: Tensor) -> tuple[Tensor, Tensor]:
+    def _run_blocks(self, x_BSD: Tensor, aux: Tensor, stats: list) -> tuple[Tensor, Tensor]:
+        """Run the blocks, summing MoE aux losses and appending each MoE call's stats."""
         raise NotImplementedError
 
-    def forward(self, images_BCHW: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, images_BCHW: Tensor, return_stats: bool = False):
+        """``(logits, aux_loss)``, or ``(logits, aux_loss, stats)`` with ``return_stats=True``:
+        one :class:`~moesaic.routing.RoutingStats` per MoE call, in call order."""
         x_BPD = self.patch_embed(images_BCHW)
         cls_B1D = self.cls_token.expand(x_BPD.shape[0], -1, -1)
         x_BSD = self.pos_drop(torch.cat([cls_B1D, x_BPD], dim=1) + self.pos_embed)
         aux = x_BSD.new_zeros((), dtype=torch.float32)
-        x_BSD, aux = self._run_blocks(x_BSD, aux)
-        return self.head(self.norm(x_BSD[:, 0])), aux
+        stats: list = []
+        x_BSD, aux = self._run_blocks(x_BSD, aux, stats)
+        logits_BC = self.head(self.norm(x_BSD[:, 0]))
+        return (logits_BC, aux, stats) if return_stats else (logits_BC, aux)
 
     def moe_layers(self) -> list[MoE]:
         """The model's distinct MoE layers, in registration order."""

@@ -84,7 +84,8 @@ class DropPath(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block; ``forward`` returns (x, aux_loss or None)."""
+    """Pre-norm transformer block; ``forward`` returns (x, aux_loss, routing stats), the last
+    two None in a dense block."""
 
     def __init__(self, d_model: int, attn: nn.Module, ffn: nn.Module, drop_path: float = 0.0):
         super().__init__()
@@ -101,12 +102,12 @@ class Block(nn.Module):
     def forward(self, x_BSD: Tensor) -> tuple[Tensor, Optional[Tensor]]:
         x_BSD = x_BSD + self.drop_path(self.attn(self.norm1(x_BSD)))
         h_BSD = self.norm2(x_BSD)
-        aux = None
+        aux = stats = None
         if self.is_moe:
-            h_BSD, aux = self.ffn(h_BSD)
+            h_BSD, aux, stats = self.ffn(h_BSD, return_stats=True)
         else:
             h_BSD = self.ffn(h_BSD)
-        return x_BSD + self.drop_path(h_BSD), aux
+        return x_BSD + self.drop_path(h_BSD), aux, stats
 
 
 @torch.no_grad()

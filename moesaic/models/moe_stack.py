@@ -29,10 +29,13 @@ class MoEStack(nn.Module):
             MoE(d_model, d_ff, e, top_k=min(top_k, e), **moe_kwargs) for e in experts)
         self.out = nn.Linear(d_model, d_model)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, return_stats: bool = False):
+        """``(y, aux_loss)``, or ``(y, aux_loss, stats)`` with one RoutingStats per layer."""
         h = self.inp(x)
         aux = h.new_zeros(())
+        stats = []
         for moe in self.moes:
-            y, a = moe(h)
+            y, a, s = moe(h, return_stats=True)
             h, aux = h + y, aux + a
-        return self.out(h), aux
+            stats.append(s)
+        return (self.out(h), aux, stats) if return_stats else (self.out(h), aux)

@@ -64,11 +64,12 @@ class ViTMoE(VisionModel):
         self._init_embeddings()
         init_weights(self)
 
-    def _run_blocks(self, x_BSD: Tensor, aux: Tensor) -> tuple[Tensor, Tensor]:
+    def _run_blocks(self, x_BSD: Tensor, aux: Tensor, stats: list) -> tuple[Tensor, Tensor]:
         for blk in self.blocks:
-            x_BSD, a = blk(x_BSD)
+            x_BSD, a, s = blk(x_BSD)
             if a is not None:
                 aux = aux + a
+                stats.append(s)
         return x_BSD, aux
 
     def block_experts(self) -> list[int]:

@@ -58,15 +58,14 @@ class WideNet(VisionModel):
         self._init_embeddings()
         init_weights(self)
 
-    def _run_blocks(self, x_BSD: Tensor, aux: Tensor) -> tuple[Tensor, Tensor]:
-        stats = []
+    def _run_blocks(self, x_BSD: Tensor, aux: Tensor, stats: list) -> tuple[Tensor, Tensor]:
         for n1, n2, dp in zip(self.norms1, self.norms2, self.drop_paths):
             x_BSD = x_BSD + dp(self.attn(n1(x_BSD)))
-            h_BSD, a = self.moe(n2(x_BSD))
-            stats.append(self.moe.last_stats)
+            h_BSD, a, s = self.moe(n2(x_BSD), return_stats=True)
+            stats.append(s)
             x_BSD = x_BSD + dp(h_BSD)
             aux = aux + a
-        self._last_block_stats = stats
+        self._last_block_stats = list(stats)
         return x_BSD, aux
 
     def routing_stats(self) -> list[dict]:

@@ -165,7 +165,7 @@ class Trainer:
             ckpt = checkpoint.find(resume)
         self.model = parallelize(model)
         self.moe_names = [n for n, m in self.model.named_modules() if isinstance(m, MoE)]
-        self.routing = RoutingMeter(self.model)
+        self.routing = RoutingMeter()
         self.opt = make_optimizer(self.model, cfg)
         self.sched = WarmupCosine(self.opt, cfg.lr, cfg.min_lr, round(cfg.warmup_epochs * self.spe),
                                   cfg.epochs * self.spe, cfg.schedule)
@@ -228,7 +228,8 @@ class Trainer:
             self.train_set.images_NCHW[idx_b], self.train_set.labels_N[idx_b], gen, rng)
         self.opt.zero_grad(set_to_none=True)
         with self._autocast(), equal_batches(self.model):  # every rank takes batch_size / world
-            logits_bL, aux = self.model(x_bCHW)
+            logits_bL, aux, stats = self.model(x_bCHW, return_stats=True)
+        self.routing.step(stats)
         ce, correct = self._loss(logits_bL, labels_b, partner_labels_b, lam)
         loss = ce + aux.float()
         n = torch.tensor(float(idx_b.numel()), device=dev)
@@ -299,7 +300,6 @@ class Trainer:
                 break
             idx_b = rank_batch(order_N, i, cfg.batch_size, self.rank, self.world)
             totals_5 += self.train_step(idx_b, i)
-            self.routing.step()
             steps += 1
             if bar.disable or (steps % BAR_EVERY and i + 1 < self.spe):
                 continue

@@ -12,9 +12,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn as nn
 
-from ..models import moe_layers
 from .dist import all_reduce_
 
 
@@ -22,31 +20,23 @@ class RoutingMeter:
     """Tokens per expert (before and after dropping) and router entropy of every MoE call of
     the training forwards, summed over an epoch on the device.
 
-    Forward hooks on the MoE layers collect each call's ``last_stats`` in call order (WideNet's
-    shared layer is called once per block, so it yields one record per block); :meth:`step`
-    folds one forward's records into the sums.
+    :meth:`step` folds the statistics one forward returned (``model(x, return_stats=True)``:
+    one record per MoE call in call order, so WideNet's shared layer yields one per block)
+    into the sums.
     """
 
-    def __init__(self, model: nn.Module):
-        self._calls: list = []
-        self._hooks = [m.register_forward_hook(self._collect) for m in moe_layers(model)]
+    def __init__(self):
         self.reset()
-
-    def _collect(self, module, args, output) -> None:
-        if module.training and module.last_stats is not None:
-            self._calls.append(module.last_stats)
 
     def reset(self) -> None:
         """Start a new epoch."""
-        self._calls = []
         self.total_ME: list[torch.Tensor] = []
         self.kept_ME: list[torch.Tensor] = []
         self.entropy_M: Optional[torch.Tensor] = None
         self.steps = 0
 
-    def step(self) -> None:
-        """Add the statistics of the forward just run (device ops only, no host read)."""
-        calls, self._calls = self._calls, []
+    def step(self, calls: list) -> None:
+        """Add one forward's statistics (device ops only, no host read)."""
         if not calls:
             return
         if self.entropy_M is None:
