@@ -48,8 +48,8 @@ class Block(nn.Module):
         a_BHSd = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
                                                 v.transpose(1, 2), is_causal=True)
         x_BSD = x_BSD + self.proj(a_BHSd.transpose(1, 2).reshape(B, S, D))
-        y_BSD, aux = self.moe(self.norm2(x_BSD))
-        return x_BSD + y_BSD, aux
+        y_BSD, aux, stats = self.moe(self.norm2(x_BSD), return_stats=True)
+        return x_BSD + y_BSD, aux, stats
 
 
 class CharLM(nn.Module):
@@ -65,11 +65,12 @@ class CharLM(nn.Module):
 
     def forward(self, idx_BS):
         x_BSD = self.tok(idx_BS) + self.pos[: idx_BS.shape[1]]
-        aux = x_BSD.new_zeros(())
+        aux, stats = x_BSD.new_zeros(()), []
         for block in self.blocks:
-            x_BSD, a = block(x_BSD)
+            x_BSD, a, s = block(x_BSD)
             aux = aux + a
-        return self.head(self.norm(x_BSD)), aux
+            stats.append(s)
+        return self.head(self.norm(x_BSD)), aux, stats
 
 
 def main(argv=None) -> dict:
@@ -110,7 +111,7 @@ def main(argv=None) -> dict:
         for group in opt.param_groups:
             group["lr"] = lr
         x_BS, y_BS = batch(train_N)
-        logits_BSV, aux = model(x_BS)
+        logits_BSV, aux, _ = model(x_BS)
         loss = F.cross_entropy(logits_BSV.flatten(0, 1), y_BS.flatten())
         opt.zero_grad(set_to_none=True)
         (loss + aux).backward()
@@ -121,10 +122,11 @@ def main(argv=None) -> dict:
     model.eval()
     with torch.no_grad():
         x_BS, y_BS = batch(val_N)
-        val = F.cross_entropy(model(x_BS)[0].flatten(0, 1), y_BS.flatten()).item()
+        logits_BSV, _, stats = model(x_BS)
+        val = F.cross_entropy(logits_BSV.flatten(0, 1), y_BS.flatten()).item()
     loads = []
-    for i, block in enumerate(model.blocks):
-        counts_E = block.moe.last_stats.tokens_per_expert.float()
+    for i, s in enumerate(stats):
+        counts_E = s.tokens_per_expert.float()
         loads.append((counts_E / counts_E.sum()).tolist())
         print(f"block {i} expert load: " + " ".join(f"{s:.2f}" for s in loads[-1]))
     print(f"validation loss {val:.3f} (a uniform guess: {math.log(len(chars)):.3f})")
