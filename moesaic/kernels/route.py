@@ -2,7 +2,8 @@
 
 Pass 1 (one program per block of tokens) reads the float32 logits once, writes the
 probabilities and each token's top-k expert ids, and, for position priority, counts each
-block's assignments per expert and choice (a [K * blocks, E] histogram). Score priority needs
+block's assignments per expert and choice (an [E, K * blocks] histogram, so that the prefix
+below scans along contiguous rows: a scan down the other axis is one serial loop per expert). Score priority needs
 the tokens sorted by top-1 probability first, so its histogram is a second small pass over the
 ids in that order. An exclusive prefix over the histogram gives every (choice, block) its first
 slot per expert; pass 2 ranks each assignment inside its block with a cumulative sum of the
@@ -52,7 +53,7 @@ def _softmax_topk_kernel(logits_ptr, probs_ptr, idx_ptr, hist_ptr, T, E, num_blo
         chosen = cols[None, :] == top[:, None]
         if WRITE_HIST:
             cnt = tl.sum((chosen & row_ok[:, None]).to(tl.int32), 0)
-            tl.store(hist_ptr + (k * num_blocks + pid) * E + cols, cnt, mask=col_ok)
+            tl.store(hist_ptr + cols * (K * num_blocks) + k * num_blocks + pid, cnt, mask=col_ok)
         work = tl.where(chosen, -2.0, work)
 
 
@@ -68,7 +69,7 @@ def _ordered_hist_kernel(idx_ptr, order_ptr, hist_ptr, T, E, num_blocks,
     e = tl.load(idx_ptr + tok * K + k, mask=ok, other=-1)
     cols = tl.arange(0, BE)
     cnt = tl.sum((e[:, None] == cols[None, :]).to(tl.int32), 0)
-    tl.store(hist_ptr + (k * num_blocks + pid) * E + cols, cnt, mask=cols < E)
+    tl.store(hist_ptr + cols * (K * num_blocks) + k * num_blocks + pid, cnt, mask=cols < E)
 
 
 @triton.jit
@@ -90,7 +91,7 @@ def _place_kernel(idx_ptr, order_ptr, base_ptr, start_ptr, dest_ptr, row_token_p
     onehot_ET = (cols[:, None] == e[None, :]).to(tl.int32)  # scan along the last axis
     rank = tl.sum(tl.cumsum(onehot_ET, 1) * onehot_ET, 0) - 1
     e_safe = tl.where(ok, e, 0)
-    base = tl.load(base_ptr + (k * num_blocks + pid) * E + e_safe, mask=ok, other=0)
+    base = tl.load(base_ptr + e_safe * (K * num_blocks) + k * num_blocks + pid, mask=ok, other=0)
     slot = base + rank
     keep = ok
     if HAS_CAPACITY:
@@ -121,7 +122,7 @@ class _SoftmaxTopK(torch.autograd.Function):
         BT, BE, B, warps = _blocks(T, E)
         probs_TE = torch.empty_like(logits_TE)
         idx_TK = torch.empty(T, top_k, dtype=torch.int32, device=logits_TE.device)
-        hist = torch.zeros(top_k * B if write_hist else 1, E, dtype=torch.int32,
+        hist = torch.zeros(E, top_k * B if write_hist else 1, dtype=torch.int32,
                            device=logits_TE.device)
         _softmax_topk_kernel[(B,)](logits_TE, probs_TE, idx_TK, hist, T, E, B,
                                    K=top_k, BT=BT, BE=BE, WRITE_HIST=write_hist,
@@ -151,11 +152,11 @@ def token_choice(logits_TE: Tensor, top_k: int, capacity: Optional[int], drop_po
     order_T = None
     if by_score:
         order_T = torch.argsort(probs_TE.detach().amax(-1), descending=True, stable=True)
-        hist = torch.empty(top_k * B, E, dtype=torch.int32, device=device)
+        hist = torch.empty(E, top_k * B, dtype=torch.int32, device=device)
         _ordered_hist_kernel[(B, top_k)](idx_TK, order_T, hist, T, E, B, K=top_k, BT=BT, BE=BE,
                                          num_warps=warps)
-    counts_E = hist.sum(0, dtype=torch.int64)
-    base = (torch.cumsum(hist, 0, dtype=torch.int32) - hist).contiguous()
+    counts_E = hist.sum(1, dtype=torch.int64)
+    base = (torch.cumsum(hist, 1, dtype=torch.int32) - hist).contiguous()
     kept_counts_E = counts_E if capacity is None else counts_E.clamp(max=capacity)
     start_E = (torch.cumsum(kept_counts_E, 0) - kept_counts_E).to(torch.int32)
     N = int(kept_counts_E.sum())
