@@ -302,6 +302,12 @@ def time_rows(run, tops, device, T, D, E, K, dtype, warmup, iters):
             record(run, "dispatch", name, shape, ms, nbytes=(T + N) * D * el + T * K * 8)
             ms = median_ms(lambda: ops.combine(y, plan), device, warmup, iters)
             record(run, "combine", name, shape, ms, nbytes=(T + N) * D * el + T * K * 12)
+        x_leaf = x.detach().requires_grad_(True)
+        moved = ops.permute(x_leaf, plan)
+        g_N = torch.randn_like(moved)
+        ms = median_ms(lambda: torch.autograd.grad(moved, x_leaf, g_N, retain_graph=True),
+                       device, warmup, iters)
+        record(run, "dispatch_bwd", name, shape, ms, nbytes=(N + T) * D * el + T * K * 8)
         p = _with_weights(plan, weight_leaf)
         out = ops.combine(y, p)
         ms = median_ms(lambda: torch.autograd.grad(out, (y, weight_leaf), g, retain_graph=True),
@@ -332,6 +338,7 @@ def _fast_init(self, layer_seed):
 def time_layer(run, device, T, D, E, K, dtype, warmup, iters, variants):
     shape = {"T": T, "D": D, "F": 4 * D, "E": E, "K": K}
     rows = {}
+    experts_timed = set()
     init = experts_mod.Experts.reset_parameters
     for kernels, cuda_path in variants:
         label = f"{kernels}+{cuda_path}"
@@ -362,6 +369,9 @@ def time_layer(run, device, T, D, E, K, dtype, warmup, iters, variants):
             peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
             rows[label] = record(run, "layer_fwd_bwd", label, {**shape, "N": N}, ms,
                                  flops=12 * N * D * 4 * D, peak_GiB=peak, **fallbacks())
+            if cuda_path not in experts_timed:
+                experts_timed.add(cuda_path)
+                time_experts(run, layer, cuda_path, shape, device, dtype, warmup, iters)
         except Exception as e:  # noqa: BLE001 -- one variant failing must not stop the others
             run.data["errors"].append({"section": f"layer {label} {shape}", "error": repr(e)[:2000],
                                        "traceback": traceback.format_exc()[-3000:]})
@@ -377,6 +387,47 @@ def time_layer(run, device, T, D, E, K, dtype, warmup, iters, variants):
             s = {**shape, "baseline": base, "speedup": rows[base]["ms"] / fast["ms"]}
             run.data["speedups"].append(s)
             print(f"[speedup] triton+auto vs {base} at {shape}: {s['speedup']:.2f}x", flush=True)
+
+
+def time_experts(run, layer, cuda_path, shape, device, dtype, warmup, iters):
+    """The experts' grouped FFN alone, forward + backward, on the layer's last kept counts: its
+    share of the layer's time splits a missed target into matmul efficiency and overhead."""
+    counts_E = layer.last_stats.tokens_per_expert_kept.clone()
+    N, D = int(counts_E.sum()), shape["D"]
+    x_ND = torch.randn(N, D, device=device, dtype=dtype, requires_grad=True)
+    g_ND = torch.randn(N, D, device=device, dtype=dtype)
+
+    def step():
+        y_ND = layer.experts(x_ND, counts_E)
+        torch.autograd.backward(y_ND, g_ND)
+        layer.zero_grad(set_to_none=True)
+        x_ND.grad = None
+
+    ms = median_ms(step, device, warmup, iters)
+    record(run, "experts_fwd_bwd", cuda_path, {**shape, "N": N}, ms, flops=12 * N * D * 4 * D,
+           **fallbacks())
+
+
+def targets(data: dict) -> dict:
+    """Issue 6's three targets, read off the timings: the worst Triton dispatch / combine row
+    (forward and backward) as a fraction of copy bandwidth, the worst Triton layer as a fraction
+    of the matmul rate, and the Triton layer's speedups at E = 64 over both PyTorch baselines."""
+    rows = [r for r in data["timings"] if r["kernels"] == "triton"
+            and r["op"] in ("dispatch", "dispatch_bwd", "combine", "combine_bwd")]
+    layers = [r for r in data["timings"] if r["op"] == "layer_fwd_bwd"
+              and r["kernels"] == "triton+auto"]
+    speed = [s for s in data["speedups"] if s["E"] == 64]
+    out = {"rows_min_frac_copy": min((r.get("frac_copy", 0.0) for r in rows), default=None),
+           "layer_min_frac_matmul": min((r.get("frac_matmul", 0.0) for r in layers), default=None),
+           "speedup_E64": {b: min((s["speedup"] for s in speed if s["baseline"] == b),
+                                  default=None) for b in ("torch+loop", "torch+auto")}}
+    fmt = (lambda v: "n/a" if v is None else f"{v:.2f}")
+    out["lines"] = [
+        f"dispatch/combine >= 0.70 of copy: worst {fmt(out['rows_min_frac_copy'])}",
+        f"layer fwd+bwd >= 0.60 of matmul: worst {fmt(out['layer_min_frac_matmul'])}",
+        *(f"triton >= 1.5x {b} at E=64: worst {fmt(v)}{'' if v is None else 'x'}"
+          for b, v in out["speedup_E64"].items())]
+    return out
 
 
 def fallbacks() -> dict:
@@ -532,6 +583,9 @@ def main():
         run.section(f"sweep D={D}", sweep_row_blocks, run, device, T, D, Es[-1], Ks[-1], dtype,
                     warmup, iters, blocks, warp_counts)
     run.data.update(fallbacks())
+    run.data["targets"] = targets(run.data)
+    for line in run.data["targets"]["lines"]:
+        print(f"[target] {line}", flush=True)
     run.save()
     failed = [c["name"] for c in run.data["checks"] if not c["ok"]]
     print(f"done in {run.elapsed():.0f} s: {len(run.data['checks'])} checks, {len(failed)} failed,"
