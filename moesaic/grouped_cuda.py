@@ -3,8 +3,9 @@
 ``torch._grouped_mm`` does one launch per product for all experts (bf16 on compute capability
 9.0+, feature dimensions multiples of 8); otherwise a padded ``bmm`` over [E, max rows, D],
 unless padding would more than double the rows (skewed routing, dropless): then the loop over
-experts, so memory stays O(N).
-The capability flags below remember, per process, a torch build that rejected a form.
+experts, so memory stays O(N). ``_grouped_mm`` has no bias: where Triton runs, each row's expert
+bias (and gelu / relu) is added in one pass (:mod:`moesaic.kernels.bias_act`), else the bias is
+gathered to [N, F] and added. The capability flags below remember, per process, a torch build that rejected a form.
 
 Legend: E local experts, D model dim, F ffn dim, N rows of the expert-major buffer.
 """
@@ -53,6 +54,16 @@ def _segment_sum(v_NX: Tensor, offs_E: Tensor, counts_E: Tensor) -> Tensor:
     return _weight_grad(ones_N8, v_NX, offs_E, counts_E)[:, 0]
 
 
+def _fused_epilogue(x_ND: Tensor):
+    """The Triton bias(+activation) epilogue module where it runs on x_ND's device, else None
+    (then the bias is gathered to [N, F] and added)."""
+    from .ops import triton_available
+    if not triton_available():
+        return None
+    from .kernels import bias_act
+    return bias_act if bias_act.usable(x_ND) else None
+
+
 class _GroupedMMFFN(torch.autograd.Function):
     """The grouped FFN with every product one ``torch._grouped_mm`` over all experts."""
 
@@ -64,13 +75,24 @@ class _GroupedMMFFN(torch.autograd.Function):
         offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
         row_expert_N = torch.repeat_interleave(torch.arange(E, device=x_ND.device), counts_E,
                                                output_size=x_ND.shape[0])
+        fused = _fused_epilogue(x_ND)
         h_NF = mm(x_ND, w1_EDF, offs=offs_E)
-        if b1_EF is not None:
-            h_NF.add_(b1_EF.index_select(0, row_expert_N))  # in place: no second [N, F]
+        a_NF = None
+        if b1_EF is not None:  # gelu or relu: swiglu's projections have no bias
+            if fused is not None:
+                a_NF = fused.bias_act_(h_NF, b1_EF, row_expert_N, activation)
+            else:
+                h_NF.add_(b1_EF.index_select(0, row_expert_N))
         u_NF = mm(x_ND, w3_EDF, offs=offs_E) if w3_EDF is not None else None
-        y_ND = mm(_act(activation, h_NF, u_NF), w2_EFD, offs=offs_E)
+        if a_NF is None:
+            a_NF = _act(activation, h_NF, u_NF)
+        y_ND = mm(a_NF, w2_EFD, offs=offs_E)
+        del a_NF
         if b2_ED is not None:
-            y_ND.add_(b2_ED.index_select(0, row_expert_N))
+            if fused is not None:
+                fused.bias_act_(y_ND, b2_ED, row_expert_N)
+            else:
+                y_ND.add_(b2_ED.index_select(0, row_expert_N))
         ctx.activation = activation
         ctx.has_b1, ctx.has_b2 = b1_EF is not None, b2_ED is not None
         ctx.save_for_backward(x_ND, h_NF, u_NF, counts_E, offs_E, w1_EDF, w2_EFD, w3_EDF)

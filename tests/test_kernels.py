@@ -227,11 +227,12 @@ def test_import_and_layer_without_triton():
 
 
 @pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="no torch._grouped_mm")
-@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+@pytest.mark.parametrize("activation", ["gelu", "relu", "swiglu"])
 @pytest.mark.parametrize("path", ["grouped_mm", "grouped_mm_loop_wgrad", "bmm"])
 def test_batched_expert_paths_match_the_loop(activation, path, monkeypatch):
     """The CUDA expert paths (checked here on CPU kernels) equal the per-expert loop; also
-    with the loop fallback for weight gradients (a torch build that rejects 2-D x 2-D)."""
+    with the loop fallback for weight gradients (a torch build that rejects 2-D x 2-D). In
+    this process grouped_mm's bias epilogue is the Triton kernel, interpreted."""
     if path == "grouped_mm_loop_wgrad":
         monkeypatch.setattr(grouped_cuda, "_grouped_wgrad_failed", True)
         path = "grouped_mm"
@@ -244,12 +245,39 @@ def test_batched_expert_paths_match_the_loop(activation, path, monkeypatch):
               for s in shapes]
     x = torch.randn(sum(counts), D, generator=g).requires_grad_(True)
     inputs = [x] + [p for p in params if p is not None]
+    assert (grouped_cuda._fused_epilogue(x) is not None) == IN_PROCESS
     y0 = grouped_ffn(x, counts, activation, *params)
     y1 = batched_ffn(x, torch.tensor(counts), activation, *params, path=path)
     gy = torch.randn(y0.shape, generator=g)
     torch.testing.assert_close(y1, y0, atol=1e-5, rtol=1e-5)
     for a, b in zip(torch.autograd.grad(y0, inputs, gy), torch.autograd.grad(y1, inputs, gy)):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activation", ["none", "gelu", "relu"])
+def test_bias_act_matches_torch(tops, activation, dtype):
+    """h += b[e(n)] in place and act(h) in one pass, F not a multiple of the block, an expert
+    with no rows, and N = 0."""
+    from moesaic.kernels.bias_act import bias_act_
+    g = torch.Generator().manual_seed(3)
+    N, E, Fdim = 9, 3, 37
+    h = (torch.randn(N, Fdim, generator=g) * 2).to(dtype)
+    b = torch.randn(E, Fdim, generator=g).to(dtype)
+    row_expert = torch.tensor([0, 0, 2, 2, 2, 2, 0, 2, 2])
+    want_h = h + b[row_expert]
+    a = bias_act_(h, b, row_expert, activation)
+    want_a = {"none": None, "gelu": torch.nn.functional.gelu(h), "relu": torch.relu(h)}[activation]
+    # the interpreter rounds float32 -> bf16 toward zero (CUDA to nearest): one bf16 ulp
+    tol = dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 else dict(atol=1e-2, rtol=2 ** -7)
+    torch.testing.assert_close(h, want_h, **tol)
+    if want_a is None:
+        assert a is None
+    else:
+        torch.testing.assert_close(a, want_a, **tol)
+    empty = torch.empty(0, Fdim, dtype=dtype)
+    out = bias_act_(empty, b, torch.empty(0, dtype=torch.int64), activation)
+    assert empty.shape == (0, Fdim) and (out is None or out.shape == (0, Fdim))
 
 
 def test_gpu_benchmark_dry_run(tmp_path):
