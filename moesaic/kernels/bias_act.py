@@ -1,10 +1,10 @@
 """Each row's expert bias, and the activation, in one pass: the epilogue that
 ``torch._grouped_mm`` lacks.
 
-Adding ``b_EF[e(n)]`` with ``index_select`` writes an [N, F] copy of the bias and then adds it
-(four passes over [N, F]), and the activation is a fifth. Here one program per (row, column
+Adding ``b_EF[e(n)]`` with ``index_select`` writes an [N, F] copy of the bias and then adds it,
+and the activation reads h again: 6 N F elements moved. Here one program per (row, column
 block) reads h once, writes h + b in place (backward needs it) and, for gelu or relu, writes
-act(h + b) to a second buffer: three passes. The activation is taken of the rounded h + b, as
+act(h + b) to a second buffer: 3 N F. The activation is taken of the rounded h + b, as
 the PyTorch path computes it.
 
 Legend: N rows of the expert-major buffer, F feature width, E experts.
