@@ -130,3 +130,14 @@ def test_aux_loss_weight_is_the_balance_weight_and_z_loss_is_not_rescaled():
     cfg = apply_overrides(digits_default(), ["model_args={'aux_loss_coef': 0.1}"])
     with pytest.raises(ConfigError, match=r"model_args.aux_loss_coef \(0.1\).*aux_loss_weight"):
         build_model(cfg, (1, 8, 8), 10)
+
+
+def test_switching_model_warns_when_model_args_stay(tmp_path):
+    cfg = apply_overrides(digits_default(), ["model=vit_lite6"])   # the default has no model_args
+    assert cfg.model == "vit_lite6" and cfg.model_args == {}
+    base = load_file(_write(tmp_path, "MODEL = 'vit_moe_tiny'\nMODEL_ARGS = {'depth': 2}\n"))
+    with pytest.warns(UserWarning, match=r"model_args \{'depth': 2\} still apply.*model_args=\{\}"):
+        apply_overrides(base, ["model=vit_lite6"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert apply_overrides(base, ["model=vit_lite6", "model_args={}"]).model_args == {}

@@ -5,6 +5,7 @@ import os
 
 import torch
 
+import moesaic
 from moesaic.__main__ import main
 from moesaic.train import checkpoint, loop
 from test_train_data import write_cifar
@@ -229,3 +230,17 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch, 
     assert ck.endswith("epoch_0001") and checkpoint.read_state(ck)["step"] == 2
     assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == [
         "best.json", "epoch_0001", "latest.json"]
+
+
+def test_routing_meter_reports_expert_choice_untaken_tokens():
+    """The epoch's dropped fraction is the layers' own: for expert choice, tokens no expert
+    took (kept and routed counts are equal there, so they cannot show it)."""
+    from moesaic.train.meters import RoutingMeter
+    torch.manual_seed(0)
+    layer = moesaic.MoE(8, 16, 4, router="expert_choice", capacity_factor=0.5)
+    meter = RoutingMeter()
+    for _ in range(3):
+        meter.step([layer(torch.randn(32, 8), return_stats=True)[2]])
+    (rec,) = meter.result(["moe"])
+    assert rec["dropped_fraction"] >= 0.5 - 1e-9  # cf 0.5: at most half the tokens are taken
+    assert abs(sum(rec["token_share"]) - 1) < 1e-9

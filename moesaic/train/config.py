@@ -253,8 +253,10 @@ def parse_value(text: str) -> Any:
 
 
 def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
-    """Apply ``key=value`` strings; ``model_args.KEY=value`` sets one model keyword."""
+    """Apply ``key=value`` strings; ``model_args.KEY=value`` sets one model keyword. Switching
+    ``model`` while the config's ``model_args`` stay warns that they still apply."""
     d = cfg.to_dict()
+    touched = set()
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}")
@@ -263,10 +265,17 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
         value = parse_value(text.strip())
         if key.lower().startswith("model_args."):
             d["model_args"] = {**d["model_args"], key.split(".", 1)[1]: value}
+            touched.add("model_args")
             continue
         if key.lower() not in d:
             raise _unknown(key, " (from --set)")
         d[key.lower()] = value
+        touched.add(key.lower())
+    if "model" in touched and d["model"] != cfg.model and cfg.model_args \
+            and "model_args" not in touched:
+        warnings.warn(f"model is now {d['model']!r} but the config's model_args "
+                      f"{cfg.model_args} still apply to it; add --set model_args={{}} to build "
+                      f"{d['model']!r} as registered", stacklevel=2)
     return from_dict(d)
 
 

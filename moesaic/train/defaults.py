@@ -12,8 +12,7 @@ def digits_default() -> TrainConfig:
     return validate(TrainConfig(
         name="digits_vit_moe",
         model="vit_moe_tiny",
-        model_args={"patch_size": 4, "depth": 4, "d_model": 64, "num_heads": 4,
-                    "num_experts": 4, "top_k": 1},
+        model_args={},  # vit_moe_tiny as registered: depth 4, d_model 64, 4 experts, top-1
         dataset="digits",
         batch_size=64,
         eval_batch_size=360,

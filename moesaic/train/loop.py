@@ -303,7 +303,7 @@ class Trainer:
             steps += 1
             if bar.disable or (steps % BAR_EVERY and i + 1 < self.spe):
                 continue
-            now_5 = totals_5.cpu()
+            now_5 = totals_5.cpu().clone()  # on a CPU run .cpu() is totals_5 itself
             recent_5 = now_5 - shown_5
             rate = float(now_5[4]) / max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix(loss=f"{float(recent_5[0] / recent_5[4]):.4f}",
