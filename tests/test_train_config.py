@@ -141,3 +141,12 @@ def test_switching_model_warns_when_model_args_stay(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert apply_overrides(base, ["model=vit_lite6", "model_args={}"]).model_args == {}
+
+
+def test_seed_dataset_keys_and_warmup_are_checked():
+    with pytest.raises(ConfigError, match=r"seed must be in \[0, 2\*\*63\), got -1"):
+        apply_overrides(digits_default(), ["seed=-1"])
+    with pytest.raises(ConfigError, match=r"model_args \['img_size'\] are set from the dataset"):
+        apply_overrides(digits_default(), ["model_args.img_size=16"])
+    with pytest.warns(UserWarning, match=r"warmup_epochs \(5.0\) exceeds epochs \(2\)"):
+        apply_overrides(digits_default(), ["epochs=2", "warmup_epochs=5"])

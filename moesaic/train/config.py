@@ -168,6 +168,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check(c.eps > 0, f"eps must be > 0, got {c.eps!r}")
     _check(c.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {c.schedule!r}")
     _check(c.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {c.warmup_epochs!r}")
+    if c.warmup_epochs > c.epochs:
+        warnings.warn(f"warmup_epochs ({c.warmup_epochs}) exceeds epochs ({c.epochs}): the "
+                      f"learning rate never reaches lr ({c.lr})", stacklevel=2)
+    _check(0 <= c.seed < 2 ** 63, f"seed must be in [0, 2**63), got {c.seed!r}")
+    taken = sorted({"img_size", "in_chans", "num_classes"} & set(c.model_args))
+    _check(not taken, f"model_args {taken} are set from the dataset; remove them")
     _check(0 <= c.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {c.label_smoothing!r}")
     _check(c.aux_loss_weight >= 0, f"aux_loss_weight must be >= 0, got {c.aux_loss_weight!r}")
     _check(c.clip_grad is None or c.clip_grad > 0, f"clip_grad must be None or > 0, got {c.clip_grad!r}")
