@@ -78,7 +78,8 @@ class MoEConfig:
         _require(self.kernels in KERNELS, f"kernels must be one of {KERNELS}, got {self.kernels!r}")
         for name in ("aux_loss_coef", "z_loss_coef"):
             v = getattr(self, name)
-            _require(_is_number(v) and v >= 0, f"{name} must be >= 0, got {v!r}")
+            _require(_is_number(v) and v >= 0 and math.isfinite(v),
+                     f"{name} must be a finite number >= 0, got {v!r}")
         _require(_is_number(self.dropout) and 0 <= self.dropout < 1,
                  f"dropout must be in [0, 1), got {self.dropout!r}")
         for name in ("drop_tokens", "bias", "residual"):

@@ -43,10 +43,10 @@ class MoE(nn.Module):
     """Mixture-of-Experts feed-forward: ``y, aux_loss = layer(x)`` for x of shape [..., d_model].
 
     Token choice sends each token to its ``top_k`` most probable experts; each expert keeps at
-    most C = max(min_capacity, ceil(cf * top_k * T / E)) assignments (cf = capacity_factor in
-    training, eval_capacity_factor in eval, 2.0 unless given), ranked choice-major and then by
-    token position (``drop_policy="position"``) or by the token's top-1 probability
-    (``"score"``); ``drop_tokens=False`` keeps every assignment. Expert choice lets each expert
+    most C = min(T, max(min_capacity, ceil(cf * top_k * T / E))) assignments (cf =
+    capacity_factor in training, eval_capacity_factor in eval, 2.0 unless given), ranked
+    choice-major and then by token position (``drop_policy="position"``) or by the token's top-1
+    probability (``"score"``); ``drop_tokens=False`` keeps every assignment. Expert choice lets each expert
     take its ceil(cf * T / E) highest-probability tokens, cf being the mean number of experts
     per token (so eval_capacity_factor defaults to capacity_factor, as in Zhou et al. 2022).
     ``aux_loss = aux_loss_coef * balance + z_loss_coef * z``. With ``residual=True`` (PR-MoE)
@@ -124,6 +124,9 @@ class MoE(nn.Module):
     def forward(self, x: Tensor, return_stats: bool = False):
         """``(y, aux_loss)``, or ``(y, aux_loss, stats)`` with ``return_stats=True``."""
         c = self.config
+        if not (isinstance(x, Tensor) and x.is_floating_point()):
+            what = f"a {x.dtype} tensor" if isinstance(x, Tensor) else f"a {type(x).__name__}"
+            raise TypeError(f"MoE input must be a floating-point torch.Tensor, got {what}")
         if x.shape[-1] != c.d_model:
             raise ValueError(f"input's last dim must be d_model={c.d_model}, got shape {tuple(x.shape)}")
         ops = select_ops(c.kernels, x.device)

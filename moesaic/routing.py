@@ -130,8 +130,10 @@ class Router(nn.Module):
 
 def token_choice_capacity(num_tokens: int, num_experts: int, top_k: int,
                           capacity_factor: float, min_capacity: int) -> int:
-    """C = max(min_capacity, ceil(cf * K * T / E)), in exact arithmetic (1.1 * 100 is 110)."""
-    return max(min_capacity, math.ceil(_exact(capacity_factor) * top_k * num_tokens / num_experts))
+    """C = min(T, max(min_capacity, ceil(cf * K * T / E))), in exact arithmetic (1.1 * 100 is
+    110). An expert gets each token at most once, so slots past T would only pad buffers."""
+    c = max(min_capacity, math.ceil(_exact(capacity_factor) * top_k * num_tokens / num_experts))
+    return min(num_tokens, c)
 
 
 def expert_choice_capacity(num_tokens: int, num_experts: int, capacity_factor: float) -> int:

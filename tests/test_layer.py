@@ -200,8 +200,9 @@ def test_expert_choice_refuses_token_choice_options(kw):
 
 def test_capacity_is_exact_for_decimal_factors():
     assert routing.token_choice_capacity(100, 10, 1, 1.1, 0) == 11   # float 1.1 * 100 / 10 > 11
-    assert routing.token_choice_capacity(50, 2, 2, 1.1, 0) == 55
-    assert routing.token_choice_capacity(3, 8, 1, 1.25, 4) == 4
+    assert routing.token_choice_capacity(100, 4, 2, 1.1, 0) == 55
+    assert routing.token_choice_capacity(3, 8, 1, 1.25, 4) == 3    # min_capacity, capped at T
+    assert routing.token_choice_capacity(10, 8, 2, 1e308, 0) == 10  # no overflow, capped at T
     assert routing.expert_choice_capacity(100, 10, 1.1) == 11
 
 
@@ -374,7 +375,7 @@ BAD = [
     (dict(min_capacity=-1), "min_capacity"), (dict(dropout=1.5), "dropout"),
     (dict(kernels="cuda"), "kernels"), (dict(capacity_factor=float("inf")), "capacity_factor"),
     (dict(drop_tokens="no"), "drop_tokens"), (dict(bias=1), "bias"), (dict(residual=None), "residual"),
-    (dict(normalize_weights=1), "normalize_weights"),
+    (dict(normalize_weights=1), "normalize_weights"), (dict(z_loss_coef=float("inf")), "z_loss_coef"),
 ]
 
 
@@ -389,6 +390,14 @@ def test_bad_arguments_name_field_and_value(kw, field):
 def test_bad_input_dim():
     with pytest.raises(ValueError, match=r"d_model=12.*\(2, 5\)"):
         make()(torch.randn(2, 5))
+
+
+@pytest.mark.parametrize("x,what", [(torch.ones(2, D, dtype=torch.long), "torch.int64 tensor"),
+                                    (torch.ones(2, D, dtype=torch.bool), "torch.bool tensor"),
+                                    ([[0.0] * D], "list")])
+def test_bad_input_type(x, what):
+    with pytest.raises(TypeError, match=f"floating-point torch.Tensor, got a {what}"):
+        make()(x)
 
 
 def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
