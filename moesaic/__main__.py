@@ -98,7 +98,8 @@ def _resolve_config(args):
 def _error(msg: str) -> None:
     rank = os.environ.get("RANK")
     prefix = f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
-    print(f"{prefix}error: {msg}", file=sys.stderr, flush=True)
+    sys.stderr.write(f"{prefix}error: {msg}\n")  # one write: ranks' lines do not interleave
+    sys.stderr.flush()
 
 
 def _train(args) -> int:

@@ -84,6 +84,8 @@ def test_bad_values_name_field_and_value(tmp_path):
         load_file(_write(tmp_path, "EPOCHS = 2\ndef config():\n    return {}\n"))
     with pytest.raises(ConfigError, match="does not exist"):
         load_file(str(tmp_path / "nope.py"))
+    with pytest.raises(ConfigError, match="is a directory, not a file"):
+        load_file(str(tmp_path))
 
 
 def test_cli_reports_config_errors(tmp_path, capsys):

@@ -29,6 +29,9 @@ class CommStats:
         self.bytes_sent = 0
         self.calls = 0
 
+    def __repr__(self) -> str:
+        return f"CommStats(bytes_sent={self.bytes_sent:,}, calls={self.calls})"
+
 
 def run_collective(what: str, ranks: Sequence[int], fn, *args, **kwargs):
     """Run ``fn`` and turn a backend failure into a :class:`CommError` that says what was

@@ -54,8 +54,8 @@ def _inverse(perm: Tensor) -> Tensor:
     return inv
 
 
-_PROMISE = (" under equal_batches: every rank of the group must route the same number of "
-            "tokens; leave equal_batches for ragged batches")
+_PROMISE = (" under equal_batches (every rank of the group must route the same number of "
+            "tokens: leave equal_batches for ragged batches)")
 
 
 @dataclass

@@ -215,7 +215,8 @@ def from_dict(d: dict, where: str = "") -> TrainConfig:
 def load_file(path: str) -> TrainConfig:
     """Run a config file and turn its UPPER_CASE names (or its ``config()``) into a config."""
     if not os.path.isfile(path):
-        raise ConfigError(f"config file {path!r} does not exist")
+        why = "is a directory, not a file" if os.path.isdir(path) else "does not exist"
+        raise ConfigError(f"config file {path!r} {why}")
     try:
         ns = runpy.run_path(path, run_name="moesaic_config")
     except Exception as e:

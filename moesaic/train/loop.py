@@ -242,9 +242,9 @@ class Trainer:
             keep = (f"the last good checkpoint, {self.last_ckpt}, is left intact" if self.last_ckpt
                     else "no checkpoint had been written yet")
             loss_now = float(sums_5[0] / sums_5[4])
+            fp32 = "" if self.amp_dtype is None else " or precision='fp32'"
             raise NonFiniteLoss(f"non-finite loss ({loss_now}) {where}; stopping before applying "
-                                f"this step: {keep}. Try a lower lr, a longer warmup or "
-                                "precision='fp32'.")
+                                f"this step: {keep}. Try a lower lr, a longer warmup{fp32}.")
         self.scaler.scale(loss).backward()
         if cfg.clip_grad is not None:
             self.scaler.unscale_(self.opt)
