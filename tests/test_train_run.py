@@ -244,3 +244,13 @@ def test_routing_meter_reports_expert_choice_untaken_tokens():
     (rec,) = meter.result(["moe"])
     assert rec["dropped_fraction"] >= 0.5 - 1e-9  # cf 0.5: at most half the tokens are taken
     assert abs(sum(rec["token_share"]) - 1) < 1e-9
+
+
+def test_summary_says_when_the_best_epoch_is_a_partial_one():
+    from moesaic.train.report import end_table
+    hist = [{"epoch": 1, "eval_accuracy": 0.5, "dropped_fraction": 0.0},
+            {"epoch": 2, "eval_accuracy": 0.7, "dropped_fraction": 0.0, "partial_steps": 1}]
+    s = {"best_eval_accuracy": 0.7, "final_eval_accuracy": 0.7, "epochs": 2,
+         "train_images_per_second": 1.0, "params_total": 10, "params_active_per_token": 5}
+    text = end_table(s, hist, "run")
+    assert "70.00% (epoch 2, partial: not checkpointed)" in text

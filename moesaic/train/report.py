@@ -53,10 +53,12 @@ def epoch_line(r: dict, epochs: int) -> str:
 
 
 def end_table(s: dict, history: list[dict], run_dir: str) -> str:
-    best_epoch = max(history, key=lambda r: r["eval_accuracy"])["epoch"]
+    best = max(history, key=lambda r: r["eval_accuracy"])
+    where = f"epoch {best['epoch']}" + (", partial: not checkpointed" if "partial_steps" in best
+                                        else "")
     dropped = [r["dropped_fraction"] for r in history if r.get("dropped_fraction") is not None]
     rows = [
-        ("best eval accuracy", f"{100 * s['best_eval_accuracy']:.2f}% (epoch {best_epoch})"),
+        ("best eval accuracy", f"{100 * s['best_eval_accuracy']:.2f}% ({where})"),
         ("final eval accuracy", f"{100 * s['final_eval_accuracy']:.2f}%"),
         ("epochs", str(s["epochs"])),
         ("train images/s", f"{s['train_images_per_second']:.0f}"),
