@@ -2,7 +2,8 @@
 
 Shows the layer outside vision: tokens arrive as [B, S, D], the layer returns its output and
 its auxiliary loss, and the loss is added to the model's. Trains on the source of a few modules
-of Python's standard library (always on disk), about a minute on 2 CPU cores:
+of Python's standard library (always on disk), about 15 s on 2 CPU cores (17 s wall on
+2026-11-30, quiet 2-core Xeon; validation loss 1.81):
 
     python3 examples/char_lm.py                 # 300 steps
     python3 examples/char_lm.py --steps 20 --experts 8 --top-k 1
