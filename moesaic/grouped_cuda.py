@@ -20,21 +20,19 @@ from torch.autograd.function import once_differentiable
 from .grouped import _act, _act_backward_, _bounds, grouped_ffn
 
 
-def _zero_empty(g_EXY: Tensor, counts_E: Tensor) -> Tensor:
-    """Weight gradients of experts with no rows are zero whatever the grouped kernel left."""
-    return g_EXY.masked_fill_((counts_E == 0).view(-1, 1, 1), 0)
-
-
 _grouped_wgrad_failed = False
 
 
-def _weight_grad(a_NX: Tensor, g_NY: Tensor, offs_E: Tensor, counts_E: Tensor) -> Tensor:
+def _weight_grad(a_NX: Tensor, g_NY: Tensor, offs_E: Tensor, counts_E: Tensor,
+                 empty_E: Tensor) -> Tensor:
     """Per-expert a_e^T @ g_e as [E, X, Y]: one grouped product splitting the contraction
-    dimension, or a loop over experts where this torch build rejects that form."""
+    dimension, or a loop over experts where this torch build rejects that form. Experts with
+    no rows (indices ``empty_E``) get zeros whatever the grouped kernel left there; only their
+    slices are written, not the whole [E, X, Y]."""
     global _grouped_wgrad_failed
     if not _grouped_wgrad_failed:
         try:
-            return _zero_empty(torch._grouped_mm(a_NX.t(), g_NY, offs=offs_E), counts_E)
+            return torch._grouped_mm(a_NX.t(), g_NY, offs=offs_E).index_fill_(0, empty_E, 0)
         except torch.OutOfMemoryError:
             raise
         except RuntimeError:
@@ -46,12 +44,12 @@ def _weight_grad(a_NX: Tensor, g_NY: Tensor, offs_E: Tensor, counts_E: Tensor) -
     return out
 
 
-def _segment_sum(v_NX: Tensor, offs_E: Tensor, counts_E: Tensor) -> Tensor:
+def _segment_sum(v_NX: Tensor, offs_E: Tensor, counts_E: Tensor, empty_E: Tensor) -> Tensor:
     """Per-expert sums of consecutive rows as [E, X] (bias gradients): the weight-gradient
     product with a column of ones, so one grouped launch accumulating in float32, no atomics
-    and no host sync (``torch.segment_reduce`` loops over rows one thread per column on CUDA)."""
+    (``torch.segment_reduce`` loops over rows one thread per column on CUDA)."""
     ones_N8 = v_NX.new_ones(v_NX.shape[0], 8)  # 8 columns keep the strides 16-byte aligned
-    return _weight_grad(ones_N8, v_NX, offs_E, counts_E)[:, 0]
+    return _weight_grad(ones_N8, v_NX, offs_E, counts_E, empty_E)[:, 0]
 
 
 def _fused_epilogue(x_ND: Tensor):
@@ -104,19 +102,20 @@ class _GroupedMMFFN(torch.autograd.Function):
         mm = torch._grouped_mm
         x_ND, h_NF, u_NF, counts_E, offs_E, w1_EDF, w2_EFD, w3_EDF = ctx.saved_tensors
         gy_ND = grad_ND.contiguous()
+        empty_E = (counts_E == 0).nonzero().squeeze(1)  # the backward's one host sync
         a_NF = _act(ctx.activation, h_NF, u_NF)
-        g_w2 = _weight_grad(a_NF, gy_ND, offs_E, counts_E)
-        g_b2 = _segment_sum(gy_ND, offs_E, counts_E) if ctx.has_b2 else None
+        g_w2 = _weight_grad(a_NF, gy_ND, offs_E, counts_E, empty_E)
+        g_b2 = _segment_sum(gy_ND, offs_E, counts_E, empty_E) if ctx.has_b2 else None
         grad_a = mm(gy_ND, w2_EFD.transpose(1, 2), offs=offs_E)
         grad_h, grad_u = _act_backward_(ctx.activation, grad_a, h_NF, u_NF)
         grad_h = grad_h.contiguous()
-        g_w1 = _weight_grad(x_ND, grad_h, offs_E, counts_E)
-        g_b1 = _segment_sum(grad_h, offs_E, counts_E) if ctx.has_b1 else None
+        g_w1 = _weight_grad(x_ND, grad_h, offs_E, counts_E, empty_E)
+        g_b1 = _segment_sum(grad_h, offs_E, counts_E, empty_E) if ctx.has_b1 else None
         grad_x = mm(grad_h, w1_EDF.transpose(1, 2), offs=offs_E)
         g_w3 = None
         if grad_u is not None:
             grad_u = grad_u.contiguous()
-            g_w3 = _weight_grad(x_ND, grad_u, offs_E, counts_E)
+            g_w3 = _weight_grad(x_ND, grad_u, offs_E, counts_E, empty_E)
             grad_x = grad_x + mm(grad_u, w3_EDF.transpose(1, 2), offs=offs_E)
         return grad_x, None, None, g_w1, g_b1, g_w2, g_b2, g_w3
 

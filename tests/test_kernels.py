@@ -254,6 +254,30 @@ def test_batched_expert_paths_match_the_loop(activation, path, monkeypatch):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="no torch._grouped_mm")
+def test_grouped_weight_grads_of_idle_experts_are_zero(monkeypatch):
+    """Whatever a grouped kernel leaves in the slices of experts with no rows (NaN here, as a
+    Blackwell build can), their weight and bias gradients come out zero."""
+    real = torch._grouped_mm
+
+    def garbage_for_empty_groups(a, b, offs=None, **kw):
+        out = real(a, b, offs=offs, **kw)
+        if out.dim() == 3:  # the weight-gradient form: one [X, Y] slice per group
+            counts = torch.diff(offs, prepend=offs.new_zeros(1))
+            out[counts == 0] = float("nan")
+        return out
+
+    monkeypatch.setattr(torch, "_grouped_mm", garbage_for_empty_groups)
+    g = torch.Generator().manual_seed(9)
+    E, D, Fdim, counts = 4, 16, 24, [5, 0, 3, 0]
+    params = [torch.randn(s, generator=g).requires_grad_(True)
+              for s in [(E, D, Fdim), (E, Fdim), (E, Fdim, D), (E, D)]] + [None]
+    x = torch.randn(sum(counts), D, generator=g)
+    batched_ffn(x, torch.tensor(counts), "gelu", *params, path="grouped_mm").sum().backward()
+    for p in params[:4]:
+        assert torch.isfinite(p.grad).all() and (p.grad[[1, 3]] == 0).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("activation", ["none", "gelu", "relu"])
 def test_bias_act_matches_torch(tops, activation, dtype):
