@@ -256,3 +256,56 @@ def test_expert_choice_counts_capacity_factor_experts_per_token():
     top2 = M.create("vit_moe_lite6", top_k=2)
     assert M.count_parameters(ec) == M.count_parameters(top2)
     assert ec.flops_per_image() == top2.flops_per_image()
+
+
+def _widenet_ep_worker(rank, world, x, target):
+    """One rank: the shared-weight WideNet (one MoE called by every block) under expert
+    parallelism, 2 SGD steps with clipping on its half of the batch; returns the full state."""
+    import moesaic
+    import moesaic.models as zoo
+
+    moesaic.init_distributed(max_ep_size=world, timeout_s=60)
+    try:
+        moesaic.moe_set_seed(0)
+        model = moesaic.parallelize(zoo.create("widenet_cifar", **WIDENET_TINY))
+        assert model.moe.layout.ep_size == world
+        _widenet_steps(model, x[rank::world], target[rank::world], moesaic.clip_grad_norm_)
+        return moesaic.full_state_dict(model, all_ranks=True)
+    finally:
+        moesaic.destroy()
+
+
+# no balance loss: each rank's is over its own tokens (as in data parallelism), so it is not the
+# one-process loss of the whole batch (tests/_dist_workers.check_aux_loss covers it)
+WIDENET_TINY = dict(img_size=16, depth=3, d_model=32, num_heads=2, noise_policy=None,
+                    drop_tokens=False, aux_loss_coef=0.0)
+
+
+def _widenet_steps(model, x, target, clip):
+    # SGD: Adam's first step turns float noise in near-zero gradients into full-size updates
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(2):
+        logits, aux = model(x)
+        (torch.nn.functional.cross_entropy(logits, target) + aux).backward()
+        clip(model, 0.5)
+        opt.step()
+        opt.zero_grad()
+
+
+def test_widenet_shared_moe_trains_the_same_under_expert_parallelism():
+    import moesaic
+    from _dist_harness import run_ranks
+
+    g = torch.Generator().manual_seed(2)
+    x, target = torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 10, (4,), generator=g)
+    states = run_ranks(_widenet_ep_worker, 2, x, target, timeout=120)
+    moesaic.moe_set_seed(0)
+    ref = M.create("widenet_cifar", **WIDENET_TINY)
+    # one process on the whole batch, rows in the ranks' order (rank r holds x[r::2])
+    order = torch.tensor([0, 2, 1, 3])
+    _widenet_steps(ref, x[order], target[order],
+                   lambda m, c: torch.nn.utils.clip_grad_norm_(m.parameters(), c))
+    for state in states:
+        assert state.keys() == ref.state_dict().keys()
+        for k, v in ref.state_dict().items():
+            torch.testing.assert_close(state[k], v, rtol=1e-4, atol=1e-5, msg=k)
