@@ -203,6 +203,20 @@ def check_layout_independence(rank, world, seed):
         torch.testing.assert_close(finals[0][k], finals[1][k], rtol=1e-5, atol=1e-7, msg=k)
 
 
+def check_zero_tokens(rank, world, ctx, seed):
+    """No tokens on any rank (capacity 0): an empty output, in both modes and policies."""
+    set_context(ctx)
+    for kw in (dict(), dict(drop_tokens=False)):
+        moesaic.moe_set_seed(seed)
+        moe = moesaic.parallelize(moesaic.MoE(D, F, 4, **kw))
+        for training in (True, False):
+            x = torch.randn(0, D, requires_grad=True)
+            y, aux = moe.train(training)(x)
+            assert y.shape == (0, D), (kw, training, y.shape)
+            if training:
+                (y.sum() + aux).backward()
+
+
 def check_grad_scaler_skips_together(rank, world, ctx, seed):
     """fp16 loss scaling: an overflow in an expert gradient that only rank 0 holds makes every
     rank skip the step and back off the scale."""
@@ -240,6 +254,7 @@ def two_ranks(rank, world):
     check_no_sync(rank, world, ctx, 8)
     check_equivalence(rank, world, ctx, 12, experts=(4, 2), residual=True)
     check_grad_scaler_skips_together(rank, world, ctx, 13)
+    check_zero_tokens(rank, world, ctx, 15)
     # one expert, two ranks: replicated, synchronised over the two ranks
     check_equivalence(rank, world, ctx, 4, steps=1, experts=(1,), top_k=1)
     # per-rank noise streams

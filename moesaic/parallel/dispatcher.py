@@ -94,7 +94,8 @@ class AllToAllDispatcher:
             y_MD = y_ND.index_select(0, _inverse(handle.order_M))
         else:
             L, S, C = handle.shape
-            y_MD = y_ND.reshape(L, S, C, -1).transpose(0, 1).reshape(S * L * C, -1)
+            D = y_ND.shape[-1]  # spelled out: with C = 0 (no tokens anywhere) -1 is ambiguous
+            y_MD = y_ND.reshape(L, S, C, D).transpose(0, 1).reshape(S * L * C, D)
         what = "MoE combine all-to-all"
         if self.equal_batches and plan.capacity is not None:
             what += _PROMISE
@@ -148,6 +149,7 @@ class AllToAllDispatcher:
                 return self._exchange_blocks(x_ND, send_SL, recv_SL.view(S, 1).expand(S, L),
                                              pos_N, "MoE dispatch all-to-all (capacity, uneven)")
         x_MD = all_to_all_rows(x_ND, splits, splits, self.group, self.ranks, self.stats, what)
-        x_LD = x_MD.reshape(S, L, C, -1).transpose(0, 1).reshape(L * S * C, -1)
+        D = x_MD.shape[-1]  # spelled out: with C = 0 (no tokens anywhere) -1 is ambiguous
+        x_LD = x_MD.reshape(S, L, C, D).transpose(0, 1).reshape(L * S * C, D)
         counts_L = torch.full((L,), S * C, dtype=torch.int64)
         return x_LD, counts_L, _Handle(splits, splits, None, pos_N, (L, S, C))
