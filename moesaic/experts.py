@@ -42,6 +42,7 @@ class Experts(nn.Module):
         super().__init__()
         self.d_model, self.d_ff, self.activation = d_model, d_ff, activation
         self.cuda_path = "auto"  # validated on assignment: see CUDA_PATHS
+        self.triton_epilogue = True  # the grouped_mm path may add biases with a Triton kernel
         self.global_ids = list(global_ids)
         E = len(self.global_ids)
         bias = bias and activation != "swiglu"
@@ -78,11 +79,13 @@ class Experts(nn.Module):
         """Run expert e on its ``counts_E[e]`` contiguous rows; weights cast to x's dtype.
 
         CUDA tensors take the batched path chosen by ``self.cuda_path`` ("auto", "grouped_mm",
-        "bmm", or "loop" for the per-expert loop)."""
+        "bmm", or "loop" for the per-expert loop); ``self.triton_epilogue`` (False under
+        ``kernels="torch"``) lets the grouped_mm path add biases with a Triton kernel."""
         dtype = x_ND.dtype
         params = [None if p is None else p.to(dtype) for p in (self.w1, self.b1, self.w2, self.b2, self.w3)]
         if x_ND.is_cuda and self.cuda_path != "loop":
             counts_t = torch.as_tensor(counts_E, dtype=torch.int64, device=x_ND.device)
-            return batched_ffn(x_ND, counts_t, self.activation, *params, path=self.cuda_path)
+            return batched_ffn(x_ND, counts_t, self.activation, *params, path=self.cuda_path,
+                               epilogue=self.triton_epilogue)
         counts = counts_E.tolist() if isinstance(counts_E, Tensor) else list(counts_E)
         return grouped_ffn(x_ND, counts, self.activation, *params)

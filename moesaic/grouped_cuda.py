@@ -52,45 +52,60 @@ def _segment_sum(v_NX: Tensor, offs_E: Tensor, counts_E: Tensor, empty_E: Tensor
     return _weight_grad(ones_N8, v_NX, offs_E, counts_E, empty_E)[:, 0]
 
 
+_epilogue_failed = False
+
+
 def _fused_epilogue(x_ND: Tensor):
     """The Triton bias(+activation) epilogue module where it runs on x_ND's device, else None
     (then the bias is gathered to [N, F] and added)."""
     from .ops import triton_available
-    if not triton_available():
+    if _epilogue_failed or not triton_available():
         return None
     from .kernels import bias_act
     return bias_act if bias_act.usable(x_ND) else None
+
+
+def _add_row_bias_(h_NX: Tensor, b_EX: Tensor, row_expert_N: Tensor, activation: str,
+                   fused) -> Optional[Tensor]:
+    """h_NX += b_EX[row_expert_N] in place; returns act(h_NX) when the Triton epilogue made it
+    (gelu, relu), else None. A Triton failure other than memory falls back to gathering the
+    bias, for the rest of the process."""
+    global _epilogue_failed
+    if fused is not None:
+        try:
+            return fused.bias_act_(h_NX, b_EX, row_expert_N,
+                                   activation if activation in ("gelu", "relu") else "none")
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError:
+            _epilogue_failed = True
+    h_NX.add_(b_EX.index_select(0, row_expert_N))  # in place: no second [N, X]
+    return None
 
 
 class _GroupedMMFFN(torch.autograd.Function):
     """The grouped FFN with every product one ``torch._grouped_mm`` over all experts."""
 
     @staticmethod
-    def forward(ctx, x_ND, counts_E, activation, w1_EDF, b1_EF, w2_EFD, b2_ED, w3_EDF):
+    def forward(ctx, x_ND, counts_E, activation, epilogue, w1_EDF, b1_EF, w2_EFD, b2_ED, w3_EDF):
         mm = torch._grouped_mm
         E = w1_EDF.shape[0]
         x_ND = x_ND.contiguous()
         offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
         row_expert_N = torch.repeat_interleave(torch.arange(E, device=x_ND.device), counts_E,
                                                output_size=x_ND.shape[0])
-        fused = _fused_epilogue(x_ND)
+        fused = _fused_epilogue(x_ND) if epilogue else None
         h_NF = mm(x_ND, w1_EDF, offs=offs_E)
         a_NF = None
-        if b1_EF is not None:  # gelu or relu: swiglu's projections have no bias
-            if fused is not None:
-                a_NF = fused.bias_act_(h_NF, b1_EF, row_expert_N, activation)
-            else:
-                h_NF.add_(b1_EF.index_select(0, row_expert_N))
+        if b1_EF is not None:
+            a_NF = _add_row_bias_(h_NF, b1_EF, row_expert_N, activation, fused)
         u_NF = mm(x_ND, w3_EDF, offs=offs_E) if w3_EDF is not None else None
         if a_NF is None:
             a_NF = _act(activation, h_NF, u_NF)
         y_ND = mm(a_NF, w2_EFD, offs=offs_E)
         del a_NF
         if b2_ED is not None:
-            if fused is not None:
-                fused.bias_act_(y_ND, b2_ED, row_expert_N)
-            else:
-                y_ND.add_(b2_ED.index_select(0, row_expert_N))
+            _add_row_bias_(y_ND, b2_ED, row_expert_N, "none", fused)
         ctx.activation = activation
         ctx.has_b1, ctx.has_b2 = b1_EF is not None, b2_ED is not None
         ctx.save_for_backward(x_ND, h_NF, u_NF, counts_E, offs_E, w1_EDF, w2_EFD, w3_EDF)
@@ -117,7 +132,7 @@ class _GroupedMMFFN(torch.autograd.Function):
             grad_u = grad_u.contiguous()
             g_w3 = _weight_grad(x_ND, grad_u, offs_E, counts_E, empty_E)
             grad_x = grad_x + mm(grad_u, w3_EDF.transpose(1, 2), offs=offs_E)
-        return grad_x, None, None, g_w1, g_b1, g_w2, g_b2, g_w3
+        return grad_x, None, None, None, g_w1, g_b1, g_w2, g_b2, g_w3
 
 
 def padded_bmm_ffn(x_ND: Tensor, counts_E: Tensor, activation: str, w1_EDF: Tensor,
@@ -160,17 +175,20 @@ def grouped_mm_supported(x_ND: Tensor, w1_EDF: Tensor) -> bool:
 
 def batched_ffn(x_ND: Tensor, counts_E: Tensor, activation: str, w1_EDF: Tensor,
                 b1_EF: Optional[Tensor], w2_EFD: Tensor, b2_ED: Optional[Tensor],
-                w3_EDF: Optional[Tensor] = None, path: str = "auto") -> Tensor:
+                w3_EDF: Optional[Tensor] = None, path: str = "auto",
+                epilogue: bool = True) -> Tensor:
     """The grouped FFN through ``torch._grouped_mm`` (``path="grouped_mm"``) or padded
     ``bmm`` (``"bmm"``); ``"auto"`` takes grouped_mm where supported and falls back to bmm
-    if it raises, or to the loop over experts where padding would more than double the rows."""
+    if it raises, or to the loop over experts where padding would more than double the rows.
+    ``epilogue=False`` keeps Triton out (the grouped_mm path then gathers its biases)."""
     global _grouped_mm_failed
     args = (x_ND, counts_E, activation, w1_EDF, b1_EF, w2_EFD, b2_ED, w3_EDF)
+    mm_args = (x_ND, counts_E, activation, epilogue, w1_EDF, b1_EF, w2_EFD, b2_ED, w3_EDF)
     if path == "grouped_mm":
-        return _GroupedMMFFN.apply(*args)
+        return _GroupedMMFFN.apply(*mm_args)
     if path == "auto" and grouped_mm_supported(x_ND, w1_EDF):
         try:
-            return _GroupedMMFFN.apply(*args)
+            return _GroupedMMFFN.apply(*mm_args)
         except torch.OutOfMemoryError:
             raise
         except RuntimeError:

@@ -77,6 +77,7 @@ class MoE(nn.Module):
         self.router = routing.Router(d_model, num_experts, noise_policy)
         self.experts = Experts(d_model, d_ff, self.layout.global_ids, activation, bias,
                                layer_seed=next_layer_seed())
+        self.experts.triton_epilogue = kernels != "torch"  # "torch": no Triton anywhere
         self.dispatcher = LocalDispatcher()
         self.residual = DenseMLP(d_model, d_ff, activation, bias) if residual else None
         self.residual_coef = nn.Linear(d_model, 2) if residual else None

@@ -254,6 +254,44 @@ def test_batched_expert_paths_match_the_loop(activation, path, monkeypatch):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-5)
 
 
+def _ffn_params(g, E, D, Fdim, with_w3):
+    shapes = [(E, D, Fdim), (E, Fdim), (E, Fdim, D), (E, D), (E, D, Fdim) if with_w3 else None]
+    return [None if s is None else torch.randn(s, generator=g).requires_grad_(True)
+            for s in shapes]
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="no torch._grouped_mm")
+def test_grouped_mm_epilogue_swiglu_with_biases_and_fallbacks(monkeypatch):
+    """batched_ffn is public: swiglu with biases works on grouped_mm (the epilogue adds the bias,
+    the activation stays PyTorch's); epilogue=False never calls Triton; a Triton failure falls
+    back to gathering the bias; kernels="torch" layers turn the epilogue off."""
+    from moesaic.kernels import bias_act
+    g = torch.Generator().manual_seed(4)
+    counts = [2, 0, 5, 3]
+    x = torch.randn(sum(counts), 16, generator=g)
+    for activation, with_w3 in (("swiglu", True), ("gelu", False)):
+        params = _ffn_params(g, 4, 16, 24, with_w3)
+        want = grouped_ffn(x, counts, activation, *params)
+        got = batched_ffn(x, torch.tensor(counts), activation, *params, path="grouped_mm")
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+        def boom(*a, **k):
+            raise RuntimeError("no Triton here")
+
+        monkeypatch.setattr(bias_act, "bias_act_", boom)
+        got = batched_ffn(x, torch.tensor(counts), activation, *params, path="grouped_mm",
+                          epilogue=False)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert not grouped_cuda._epilogue_failed
+        monkeypatch.setattr(grouped_cuda, "_epilogue_failed", False)
+        got = batched_ffn(x, torch.tensor(counts), activation, *params, path="grouped_mm")
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert grouped_cuda._epilogue_failed == IN_PROCESS
+        monkeypatch.undo()
+    assert not moesaic.MoE(16, 24, 4, kernels="torch").experts.triton_epilogue
+    assert moesaic.MoE(16, 24, 4).experts.triton_epilogue
+
+
 @pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="no torch._grouped_mm")
 def test_grouped_weight_grads_of_idle_experts_are_zero(monkeypatch):
     """Whatever a grouped kernel leaves in the slices of experts with no rows (NaN here, as a
@@ -348,7 +386,7 @@ try:
     from triton.compiler import ASTSource
 except ImportError:
     sys.exit(3)
-from moesaic.kernels import route, rows
+from moesaic.kernels import bias_act, route, rows
 
 target = GPUTarget("cuda", 90, 32)
 ROUTE = dict(logits_ptr="*fp32", probs_ptr="*fp32", idx_ptr="*i32", hist_ptr="*i32",
@@ -376,6 +414,10 @@ for K in (1, 2):
         build(rows._scatter_rows_kernel, rows_sig(dt), dict(K=K, BD=2048, HAS_W=True), 8)
         build(rows._gather_sum_kernel, rows_sig(dt), dict(K=K, BD=1024, HAS_W=True), 4)
         build(rows._combine_backward_kernel, rows_sig(dt), dict(K=K, KP=2, BD=1024, NB=4), 4)
+for dt in ("*bf16", "*fp32", "*fp16"):
+    for act in (0, 1, 2):
+        build(bias_act._bias_act_kernel, dict(h_ptr=dt, b_ptr=dt, row_expert_ptr="*i64",
+                                              a_ptr=dt, F="i32"), dict(ACT=act, BF=2048), 8)
 print("compiled")
 '''
 
