@@ -68,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="PATH_OR_RUN_DIR",
                    help="continue from a checkpoint folder, or from a run dir's latest "
                    "checkpoint; the run continues in that run dir unless --run-dir is given. "
-                   "Exact (bit for bit) at the same world size; a different world size or "
+                   "Exact (bit for bit) at the same world size and code version; another world size or "
                    "max_ep_size also works, with fresh random streams for noise, dropout and "
                    "augmentation.")
     t.add_argument("--run-dir", metavar="DIR",

@@ -88,11 +88,13 @@ class MoEConfig:
         _require(self.normalize_weights is None or isinstance(self.normalize_weights, bool),
                  f"normalize_weights must be None, True or False, got {self.normalize_weights!r}")
         if self.router == "expert_choice":
-            _require(self.top_k == 1 and self.drop_tokens and self.drop_policy == "position",
-                     f"router='expert_choice' takes no top_k ({self.top_k}), drop_tokens "
-                     f"({self.drop_tokens}) or drop_policy ({self.drop_policy!r}): each expert "
+            bad = [f"{n}={v!r}" for n, v, ok in (
+                ("top_k", self.top_k, self.top_k == 1),
+                ("drop_tokens", self.drop_tokens, self.drop_tokens),
+                ("drop_policy", self.drop_policy, self.drop_policy == "position")) if not ok]
+            _require(not bad, f"router='expert_choice' takes no {', '.join(bad)}: each expert "
                      "takes its ceil(capacity_factor * T / E) best tokens, so capacity_factor "
-                     "is the mean number of experts per token")
+                     "is the mean number of experts per token (top_k must stay 1)")
         if self.normalize_weights is None:
             self.normalize_weights = self.top_k >= 2
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..layer import MoE
+from ..routing import RoutingStats
 
 
 class PatchEmbed(nn.Module):
@@ -99,7 +100,7 @@ class Block(nn.Module):
     def is_moe(self) -> bool:
         return isinstance(self.ffn, MoE)
 
-    def forward(self, x_BSD: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+    def forward(self, x_BSD: Tensor) -> tuple[Tensor, Optional[Tensor], Optional[RoutingStats]]:
         x_BSD = x_BSD + self.drop_path(self.attn(self.norm1(x_BSD)))
         h_BSD = self.norm2(x_BSD)
         aux = stats = None

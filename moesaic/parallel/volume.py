@@ -4,7 +4,7 @@ One exchange (dispatch, or combine) moves, from each rank, the rows routed to ex
 other ep - 1 ranks of its group:
 
     dropless:  bytes = k * T * D * b * (ep - 1) / ep          (balanced routing)
-    capacity:  bytes = E * C * D * b * (ep - 1) / ep,  C = ceil(cf * k * T / E)
+    capacity:  bytes = E * C * D * b * (ep - 1) / ep,  C = min(T, max(min_capacity, ceil(cf * k * T / E)))
 
 with T tokens per rank, D model dim, k top-k, b bytes per element. A training step runs four
 exchanges per layer (dispatch and combine forward, their reverses backward); inference runs two.
@@ -15,21 +15,25 @@ Legend: T tokens per rank, D model dim, E experts, K top-k, C capacity, ep exper
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
+
+from ..routing import token_choice_capacity
 
 
 def alltoall_bytes_per_rank(tokens: int, d_model: int, top_k: int, ep_size: int,
                             bytes_per_elem: int = 2, num_experts: Optional[int] = None,
-                            capacity_factor: Optional[float] = None) -> float:
+                            capacity_factor: Optional[float] = None,
+                            min_capacity: int = 0) -> float:
     """Bytes one rank sends to other ranks in ONE exchange (dispatch or combine) of one layer;
-    capacity mode when ``capacity_factor`` is given (then ``num_experts`` is needed)."""
+    capacity mode when ``capacity_factor`` is given (then ``num_experts`` is needed), with C
+    as the layer computes it."""
     if capacity_factor is None:
         rows = top_k * tokens
     else:
         if num_experts is None:
             raise ValueError("num_experts is needed with capacity_factor")
-        rows = num_experts * math.ceil(capacity_factor * top_k * tokens / num_experts)
+        rows = num_experts * token_choice_capacity(tokens, num_experts, top_k, capacity_factor,
+                                                   min_capacity)
     return rows * d_model * bytes_per_elem * (ep_size - 1) / ep_size
 
 

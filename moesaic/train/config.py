@@ -35,7 +35,7 @@ class TrainConfig:
 
     name: str = "digits_vit_moe"  # run name: the run dir is runs/<name>/<timestamp>
     model: str = "vit_moe_tiny"  # a name from `moesaic models`
-    model_args: dict = field(default_factory=dict)  # keyword overrides for moesaic.models.create
+    model_args: dict = field(default_factory=dict)  # keywords for moesaic.models.create (not img_size/in_chans/num_classes: the dataset's; not aux_loss_coef: aux_loss_weight)
     dataset: str = "digits"  # digits (scikit-learn's 8x8 digits, embedded) or cifar10
     data_dir: Optional[str] = None  # cifar10 location; default $DATA
     batch_size: int = 64  # global batch: split evenly over the ranks
