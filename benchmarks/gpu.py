@@ -12,8 +12,10 @@ the JSON is rewritten after every section so a killed run still leaves its resul
 3. timings (CUDA events, median after warm-up) at T = 65,536 tokens, D in {1024, 4096},
    F = 4 D, E in {8, 64}, top_k in {1, 2}, bf16: routing, dispatch, combine (forward and
    backward) and the layer forward+backward for kernels="torch" (experts as a per-expert loop,
-   and as grouped products) and kernels="triton" (grouped products);
-4. the row kernels at other block widths and warp counts (checked bit-equal to the library's).
+   and as grouped products) and kernels="triton" (grouped products with the Triton bias
+   epilogue); and each of those expert paths alone (``experts_fwd_bwd``);
+4. the row kernels at other block widths and warp counts (checked bit-equal to the library's);
+5. the three targets of issue 6 read off the timings (``[target]`` lines, ``targets``).
 On the lent GPU machine write under $OUT (only that comes back): ``--out "$OUT/gpu.json"``.
 Each kernel's achieved GB/s is the minimum traffic of its operation divided by its time, shown
 as a fraction of the copy bandwidth; the layer's TFLOP/s counts the expert products on kept
@@ -369,9 +371,11 @@ def time_layer(run, device, T, D, E, K, dtype, warmup, iters, variants):
             peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
             rows[label] = record(run, "layer_fwd_bwd", label, {**shape, "N": N}, ms,
                                  flops=12 * N * D * 4 * D, peak_GiB=peak, **fallbacks())
-            if cuda_path not in experts_timed:
-                experts_timed.add(cuda_path)
-                time_experts(run, layer, cuda_path, shape, device, dtype, warmup, iters)
+            experts_label = cuda_path + ("+epilogue" if cuda_path != "loop"
+                                         and layer.experts.triton_epilogue else "")
+            if experts_label not in experts_timed:
+                experts_timed.add(experts_label)
+                time_experts(run, layer, experts_label, shape, device, dtype, warmup, iters)
         except Exception as e:  # noqa: BLE001 -- one variant failing must not stop the others
             run.data["errors"].append({"section": f"layer {label} {shape}", "error": repr(e)[:2000],
                                        "traceback": traceback.format_exc()[-3000:]})
@@ -389,7 +393,7 @@ def time_layer(run, device, T, D, E, K, dtype, warmup, iters, variants):
             print(f"[speedup] triton+auto vs {base} at {shape}: {s['speedup']:.2f}x", flush=True)
 
 
-def time_experts(run, layer, cuda_path, shape, device, dtype, warmup, iters):
+def time_experts(run, layer, label, shape, device, dtype, warmup, iters):
     """The experts' grouped FFN alone, forward + backward, on the layer's last kept counts: its
     share of the layer's time splits a missed target into matmul efficiency and overhead."""
     counts_E = layer.last_stats.tokens_per_expert_kept.clone()
@@ -404,7 +408,7 @@ def time_experts(run, layer, cuda_path, shape, device, dtype, warmup, iters):
         x_ND.grad = None
 
     ms = median_ms(step, device, warmup, iters)
-    record(run, "experts_fwd_bwd", cuda_path, {**shape, "N": N}, ms, flops=12 * N * D * 4 * D,
+    record(run, "experts_fwd_bwd", label, {**shape, "N": N}, ms, flops=12 * N * D * 4 * D,
            **fallbacks())
 
 

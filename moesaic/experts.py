@@ -1,7 +1,8 @@
 """Batched expert weights: the local experts of one MoE layer as stacked tensors.
 
 ``Experts`` holds ``w1_EDF`` etc. and runs them through the grouped FFN: the per-expert loop
-(:mod:`moesaic.grouped`) on CPU, grouped products (:mod:`moesaic.grouped_cuda`) on CUDA.
+(:mod:`moesaic.grouped`) on CPU, grouped products (:mod:`moesaic.grouped_cuda`) on CUDA (or
+the loop there too, for ``cuda_path="loop"`` or routing too skewed to pad).
 
 Legend: E local experts, D model dim, F ffn dim, N rows of the expert-major buffer.
 """

@@ -1,4 +1,6 @@
-"""Fused Triton kernels for routing, dispatch and combine (an optional extra: needs Triton).
+"""Fused Triton kernels for routing, dispatch and combine (an optional extra: needs Triton),
+and :mod:`.bias_act`, the bias (+ activation) epilogue that :mod:`moesaic.grouped_cuda` adds to
+its grouped products.
 
 :class:`TritonOps` has the interface of :class:`moesaic.ops.TorchOps` and the same results:
 the same plans (same row order) and the same gradients, up to float rounding. Expert-choice

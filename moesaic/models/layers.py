@@ -1,7 +1,8 @@
 """Building blocks of the vision transformers: patch embedding, attention, feed-forward, block.
 
 A :class:`Block` is pre-norm: ``x + attn(norm1(x))`` then ``x + ffn(norm2(x))``, where the
-feed-forward is either a dense MLP or a :class:`moesaic.MoE` (whose aux loss the block returns).
+feed-forward is either a dense MLP or a :class:`moesaic.MoE` (whose aux loss and routing
+statistics the block returns).
 Attention and feed-forward modules may be shared between blocks (WideNet); norms never are.
 
 Legend: B batch, C channels, H/W image height/width, P patches, S sequence (P + 1 with the class

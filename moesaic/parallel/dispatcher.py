@@ -13,7 +13,7 @@ expert's rows are contiguous for the grouped FFN, and back again before the retu
   [E_local, sum of the sources' C] block. C comes from each rank's own token count, so the
   ranks first exchange their C (one int64 each) and source s sends [E_local, C_s] rows to each
   rank. Under :func:`moesaic.parallel.equal_batches` the caller promises equal token counts:
-  then the exchange is skipped and the sizes are static (no host sync).
+  then the exchange is skipped and the sizes are static (no host sync for it).
 
 Legend: T tokens, D model dim, E global experts, L local experts (E / ep), S source ranks
 (= ep), C capacity per expert, N rows this rank sends, M rows it receives.

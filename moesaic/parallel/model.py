@@ -154,7 +154,7 @@ def no_sync(model: nn.Module):
 def equal_batches(model: nn.Module):
     """A promise that every rank of each ep group routes the same number of tokens in every MoE
     call inside (e.g. training on equal per-rank batches). Capacity mode then skips the
-    exchange of the ranks' capacities: static block sizes and no host sync. A broken promise
+    exchange of the ranks' capacities: static block sizes, no host sync for the exchange. A broken promise
     fails in the all-to-all (or, on some backends, hangs or reads garbage), so leave it out for
     ragged batches such as a last evaluation batch. Dropless mode is unaffected."""
     dispatchers = [m.dispatcher for m in model.modules()

@@ -1,5 +1,6 @@
-"""The training system's one view of the process group: is there more than one process, and a
-sum over all of them that is the identity in a single process."""
+"""The training system's one view of the process group: is there more than one process, a sum
+over all of them that is the identity in a single process, and an fp16 loss scaler whose
+overflow check spans the processes."""
 from __future__ import annotations
 
 import torch
