@@ -1,6 +1,7 @@
 """End-to-end runs in this process: tiny CIFAR-format runs, the embedded default, exact resume,
 a non-finite loss, missing data."""
 import json
+import math
 import os
 
 import torch
@@ -254,3 +255,20 @@ def test_summary_says_when_the_best_epoch_is_a_partial_one():
          "train_images_per_second": 1.0, "params_total": 10, "params_active_per_token": 5}
     text = end_table(s, hist, "run")
     assert "70.00% (epoch 2, partial: not checkpointed)" in text
+
+
+def test_progress_bar_shows_finite_running_loss(tmp_path, monkeypatch):
+    """The bar's loss is the mean since its last update (on a CPU run it once read 0/0)."""
+    import tqdm
+    shown = []
+
+    class Bar(tqdm.tqdm):
+        def set_postfix(self, **kw):
+            shown.append(kw)
+
+    monkeypatch.setattr(tqdm, "tqdm", Bar)
+    monkeypatch.setattr(loop, "BAR_EVERY", 1)
+    write_cifar(str(tmp_path))
+    cfg = tiny_config(tmp_path / "c.py", tmp_path, PROGRESS=True, STEPS_PER_EPOCH=3, EPOCHS=1)
+    assert main(["train", "--config", cfg, "--run-dir", str(tmp_path / "run")]) == 0
+    assert len(shown) == 3 and all(math.isfinite(float(kw["loss"])) for kw in shown), shown
