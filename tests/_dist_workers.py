@@ -287,6 +287,15 @@ def two_ranks(rank, world):
     moesaic.load_full_state_dict(shared, full)
     check_layout_independence(rank, world, 14)
     moesaic.destroy()
+    # destroy lets go of every process group (held to exit, gloo's threads could abort it)
+    assert ctx._groups == {} and ctx._grad_group is None and not ctx.distributed
+    assert shared.moesaic_parallel.grad_sync.buckets[0].group is None
+    try:
+        shared["a"](torch.randn(3, D))
+    except RuntimeError as e:
+        assert "moesaic.destroy() has torn the process group down" in str(e), e
+    else:
+        raise AssertionError("a released expert-parallel layer ran")
     return True
 
 

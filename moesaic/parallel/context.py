@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import weakref
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -33,7 +34,7 @@ class LayerGroups:
     edp_group: Optional[object]
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity (destroy keeps a weak set of them)
 class ParallelContext:
     """What ``init_distributed`` returns: rank, world size and the layout rules."""
 
@@ -85,6 +86,12 @@ class ParallelContext:
             self._grad_group = dist.new_group(list(range(self.world_size)), timeout=self.timeout)
         return self._grad_group
 
+    def release(self) -> None:
+        """Drop this context's process-group objects (``destroy`` calls it)."""
+        self._groups.clear()
+        self._grad_group = None
+        self.backend = None
+
     def _subgroup(self, rank_lists):
         mine = None
         for ranks in rank_lists:
@@ -133,12 +140,29 @@ def init_distributed(max_ep_size: Optional[int] = None, timeout_s: float = 300.0
     elif torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
     ctx = ParallelContext(rank, world, local_rank, max_ep_size, float(timeout_s), backend, device)
+    hold_groups(ctx)
     set_context(ctx)
     return ctx
 
 
+_HOLDERS = weakref.WeakSet()  # contexts and parallelized models' states: objects with release()
+
+
+def hold_groups(holder) -> None:
+    """Register an object that keeps process groups, so ``destroy`` can make it let go."""
+    _HOLDERS.add(holder)
+
+
 def destroy() -> None:
-    """Remove the context and tear the process group down (safe to call twice)."""
+    """Remove the context and tear the process group down (safe to call twice).
+
+    Every context and parallelized model first drops its process-group objects: kept alive
+    until interpreter exit, their gloo threads were torn down in no set order and sometimes
+    aborted the process ("terminate called without an active exception", exit code -6) after a
+    clean run. A model used for expert parallelism cannot run distributed after this."""
+    for holder in list(_HOLDERS):
+        holder.release()
+    _HOLDERS.clear()
     set_context(None)
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -83,7 +83,14 @@ class AllToAllDispatcher:
         self.stats = stats if stats is not None else CommStats()
         self.equal_batches = False  # True: every rank routes the same token count (same C)
 
+    def release(self) -> None:
+        """Forget the process group (``moesaic.destroy``); the dispatcher cannot run after."""
+        self.group = None
+
     def dispatch(self, x_TD: Tensor, plan: RoutingPlan, ops):
+        if self.group is None:
+            raise RuntimeError("moesaic.destroy() has torn the process group down: this MoE "
+                               "layer's experts live on several ranks and cannot run any more")
         x_ND = ops.permute(x_TD, plan)
         if plan.capacity is None:
             return self._dispatch_dropless(x_ND, plan)

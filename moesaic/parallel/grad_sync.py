@@ -75,6 +75,12 @@ class GradSync:
         self._lanes[-1].append(len(self.buckets))
         self.buckets.append(b)
 
+    def release(self) -> None:
+        """Remove the hooks and forget the process groups (after ``moesaic.destroy``)."""
+        self.remove()
+        for b in self.buckets:
+            b.group, b.work, b.flat = None, None, None
+
     def remove(self) -> None:
         for h in self._handles:
             h.remove()

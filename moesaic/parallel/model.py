@@ -16,14 +16,14 @@ import torch.nn as nn
 from ..experts import Experts
 from ..layer import MoE, moe_layers
 from .comm import CommStats, run_collective
-from .context import ParallelContext
+from .context import ParallelContext, hold_groups
 from .dispatcher import AllToAllDispatcher
 from .grad_sync import GradSync, scale_grad_hooks
 from .layout import get_context
 from .seed import use_rank_streams
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity (destroy keeps a weak set of them)
 class ParallelState:
     """What ``parallelize`` attached to a model (``model.moesaic_parallel``)."""
 
@@ -32,6 +32,18 @@ class ParallelState:
     grad_sync: Optional[GradSync]
     stats: CommStats
     hooks: list = field(default_factory=list)
+
+    def release(self) -> None:
+        """Let go of every process group (``moesaic.destroy`` calls this): the all-to-all
+        dispatchers refuse to run afterwards, the gradient hooks are removed."""
+        for layer in self.moe_layers:
+            if isinstance(layer.dispatcher, AllToAllDispatcher):
+                layer.dispatcher.release()
+        if self.grad_sync is not None:
+            self.grad_sync.release()
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
 
 
 def expert_param_ids(model: nn.Module) -> set:
@@ -120,6 +132,7 @@ def parallelize(model: nn.Module, bucket_mb: float = 25.0) -> nn.Module:
                 sync_groups.append((g.edp_group, g.edp_ranks, params))
         state.grad_sync = GradSync(sync_groups, bucket_mb)
     use_rank_streams(layers, ctx.rank)
+    hold_groups(state)
     model.moesaic_parallel = state
     return model
 
