@@ -286,16 +286,29 @@ def two_ranks(rank, world):
     assert full["a.experts.w1"].shape[0] == full["b.experts.w1"].shape[0] == 4
     moesaic.load_full_state_dict(shared, full)
     check_layout_independence(rank, world, 14)
+    set_context(ctx)
+    y_kept, _ = shared["a"](torch.randn(3, D, requires_grad=True))  # a graph kept past destroy
     moesaic.destroy()
-    # destroy lets go of every process group (held to exit, gloo's threads could abort it)
+    # destroy lets go of every process group (held to exit, gloo's threads could abort it),
+    # also the ones a kept autograd graph refers to
     assert ctx._groups == {} and ctx._grad_group is None and not ctx.distributed
     assert shared.moesaic_parallel.grad_sync.buckets[0].group is None
-    try:
-        shared["a"](torch.randn(3, D))
-    except RuntimeError as e:
-        assert "moesaic.destroy() has torn the process group down" in str(e), e
-    else:
-        raise AssertionError("a released expert-parallel layer ran")
+    for run in (lambda: shared["a"](torch.randn(3, D)), lambda: y_kept.sum().backward()):
+        try:
+            run()
+        except RuntimeError as e:
+            assert "moesaic.destroy() has torn the process group down" in str(e), e
+        else:
+            raise AssertionError("a released expert-parallel layer ran")
+    for installed in (None, ctx):  # no context, or the released one re-installed
+        set_context(installed)
+        try:
+            moesaic.parallelize(shared)
+        except ValueError as e:
+            assert "init_distributed" in str(e), e
+        else:
+            raise AssertionError("parallelize accepted split experts without a process group")
+    set_context(None)
     return True
 
 

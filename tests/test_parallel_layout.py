@@ -116,3 +116,15 @@ def test_alltoall_volume_formula():
     assert volume.predicted_alltoall_seconds(1e9, 1) == 0.0
     t8 = volume.predicted_alltoall_seconds(150e9, 8, latency_s=0)  # all on one node
     assert t8 == pytest.approx(1.0)
+
+
+def test_parallelize_attaches_again_after_release():
+    """After destroy() released a model's parallel state, parallelize installs a new one (it
+    used to return early and would have left the model without gradient sync)."""
+    model = moesaic.MoE(8, 16, 2)
+    first = moesaic.parallelize(model).moesaic_parallel
+    assert moesaic.parallelize(model).moesaic_parallel is first
+    moesaic.destroy()
+    assert first.released
+    second = moesaic.parallelize(model).moesaic_parallel
+    assert second is not first and not second.released

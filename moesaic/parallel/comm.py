@@ -63,16 +63,32 @@ def exchange(x_ND: Tensor, out_splits: Sequence[int], in_splits: Sequence[int], 
     return out_MD
 
 
+class GroupRef:
+    """A process group its owner can let go of (``moesaic.destroy``): autograd graphs kept alive
+    by the caller hold this reference, not the group."""
+
+    __slots__ = ("group",)
+
+    def __init__(self, group):
+        self.group = group
+
+    def get(self):
+        if self.group is None:
+            raise RuntimeError("moesaic.destroy() has torn the process group down: this MoE "
+                               "layer's experts live on several ranks and cannot run any more")
+        return self.group
+
+
 class _AllToAll(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_ND, out_splits, in_splits, group, ranks, stats, what):
-        ctx.args = (out_splits, in_splits, group, ranks, stats, what)
-        return exchange(x_ND, out_splits, in_splits, group, ranks, stats, what)
+    def forward(ctx, x_ND, out_splits, in_splits, group_ref, ranks, stats, what):
+        ctx.args = (out_splits, in_splits, group_ref, ranks, stats, what)
+        return exchange(x_ND, out_splits, in_splits, group_ref.get(), ranks, stats, what)
 
     @staticmethod
     def backward(ctx, grad_MD):
-        out_splits, in_splits, group, ranks, stats, what = ctx.args
-        grad_ND = exchange(grad_MD, in_splits, out_splits, group, ranks, stats,
+        out_splits, in_splits, group_ref, ranks, stats, what = ctx.args
+        grad_ND = exchange(grad_MD, in_splits, out_splits, group_ref.get(), ranks, stats,
                            what + " (backward)")
         return grad_ND, None, None, None, None, None, None
 
@@ -80,6 +96,8 @@ class _AllToAll(torch.autograd.Function):
 def all_to_all_rows(x_ND: Tensor, out_splits: Sequence[int], in_splits: Sequence[int], group,
                     ranks: Sequence[int], stats: Optional[CommStats] = None,
                     what: str = "all-to-all") -> Tensor:
-    """Differentiable all-to-all of rows; backward sends the gradient back the way it came."""
-    return _AllToAll.apply(x_ND, list(out_splits), list(in_splits), group, tuple(ranks), stats,
+    """Differentiable all-to-all of rows; backward sends the gradient back the way it came.
+    ``group``: a process group, or a :class:`GroupRef` to it."""
+    ref = group if isinstance(group, GroupRef) else GroupRef(group)
+    return _AllToAll.apply(x_ND, list(out_splits), list(in_splits), ref, tuple(ranks), stats,
                            what)

@@ -160,9 +160,11 @@ def destroy() -> None:
     until interpreter exit, their gloo threads were torn down in no set order and sometimes
     aborted the process ("terminate called without an active exception", exit code -6) after a
     clean run. A model used for expert parallelism cannot run distributed after this."""
-    for holder in list(_HOLDERS):
-        holder.release()
-    _HOLDERS.clear()
-    set_context(None)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    try:
+        for holder in list(_HOLDERS):
+            holder.release()
+        _HOLDERS.clear()
+    finally:
+        set_context(None)
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ..routing import RoutingPlan
-from .comm import CommStats, all_to_all_rows, exchange
+from .comm import CommStats, GroupRef, all_to_all_rows, exchange
 
 
 def _exclusive_cumsum(x: Tensor) -> Tensor:
@@ -76,21 +76,24 @@ class AllToAllDispatcher:
 
     def __init__(self, group, ranks: Sequence[int], num_experts: int,
                  stats: Optional[CommStats] = None):
-        self.group, self.ranks = group, tuple(ranks)
+        self.group_ref, self.ranks = GroupRef(group), tuple(ranks)
         self.ep_size = len(self.ranks)
         self.num_experts = num_experts
         self.num_local = num_experts // self.ep_size
         self.stats = stats if stats is not None else CommStats()
         self.equal_batches = False  # True: every rank routes the same token count (same C)
 
+    @property
+    def group(self):
+        return self.group_ref.get()
+
     def release(self) -> None:
-        """Forget the process group (``moesaic.destroy``); the dispatcher cannot run after."""
-        self.group = None
+        """Forget the process group (``moesaic.destroy``), also where autograd graphs still
+        hold this dispatcher's all-to-alls; it cannot run after."""
+        self.group_ref.group = None
 
     def dispatch(self, x_TD: Tensor, plan: RoutingPlan, ops):
-        if self.group is None:
-            raise RuntimeError("moesaic.destroy() has torn the process group down: this MoE "
-                               "layer's experts live on several ranks and cannot run any more")
+        self.group_ref.get()  # a clear error once destroy() has run
         x_ND = ops.permute(x_TD, plan)
         if plan.capacity is None:
             return self._dispatch_dropless(x_ND, plan)
@@ -106,7 +109,7 @@ class AllToAllDispatcher:
         what = "MoE combine all-to-all"
         if self.equal_batches and plan.capacity is not None:
             what += _PROMISE
-        y_back = all_to_all_rows(y_MD, handle.in_splits, handle.out_splits, self.group,
+        y_back = all_to_all_rows(y_MD, handle.in_splits, handle.out_splits, self.group_ref,
                                  self.ranks, self.stats, what)
         if handle.pos_N is not None:
             y_back = y_back.index_select(0, handle.pos_N)
@@ -125,7 +128,7 @@ class AllToAllDispatcher:
         (``recv_SL[s, l]`` rows from source s) regrouped to [local expert, source rank]."""
         in_splits = send_SL.sum(1).tolist()
         out_splits = recv_SL.sum(1).tolist()
-        x_MD = all_to_all_rows(x_ND, out_splits, in_splits, self.group, self.ranks, self.stats,
+        x_MD = all_to_all_rows(x_ND, out_splits, in_splits, self.group_ref, self.ranks, self.stats,
                                what)
         order_M = block_order(recv_SL)
         return (x_MD.index_select(0, order_M), recv_SL.sum(0),
@@ -155,7 +158,7 @@ class AllToAllDispatcher:
                 recv_SL = torch.tensor(recv_S, dtype=torch.int64, device=x_ND.device)
                 return self._exchange_blocks(x_ND, send_SL, recv_SL.view(S, 1).expand(S, L),
                                              pos_N, "MoE dispatch all-to-all (capacity, uneven)")
-        x_MD = all_to_all_rows(x_ND, splits, splits, self.group, self.ranks, self.stats, what)
+        x_MD = all_to_all_rows(x_ND, splits, splits, self.group_ref, self.ranks, self.stats, what)
         D = x_MD.shape[-1]  # spelled out: with C = 0 (no tokens anywhere) -1 is ambiguous
         x_LD = x_MD.reshape(S, L, C, D).transpose(0, 1).reshape(L * S * C, D)
         counts_L = torch.full((L,), S * C, dtype=torch.int64)

@@ -32,10 +32,13 @@ class ParallelState:
     grad_sync: Optional[GradSync]
     stats: CommStats
     hooks: list = field(default_factory=list)
+    released: bool = False
 
     def release(self) -> None:
         """Let go of every process group (``moesaic.destroy`` calls this): the all-to-all
-        dispatchers refuse to run afterwards, the gradient hooks are removed."""
+        dispatchers refuse to run afterwards, the gradient hooks are removed. ``parallelize``
+        may then attach the model to a new process group."""
+        self.released = True
         for layer in self.moe_layers:
             if isinstance(layer.dispatcher, AllToAllDispatcher):
                 layer.dispatcher.release()
@@ -100,7 +103,8 @@ def parallelize(model: nn.Module, bucket_mb: float = 25.0) -> nn.Module:
     world, experts over their expert-data-parallel group, both giving the mean over the world's
     tokens) and moves router noise and dropout to per-rank streams. Returns ``model`` itself.
     """
-    if parallel_state(model) is not None:
+    old = parallel_state(model)
+    if old is not None and not old.released:
         return model
     ctx = get_context() or ParallelContext()
     layers = moe_layers(model)
@@ -110,6 +114,10 @@ def parallelize(model: nn.Module, bucket_mb: float = 25.0) -> nn.Module:
             if m.layout != want:
                 raise ValueError(f"MoE layer {name!r} was built with {m.layout}, but the parallel "
                                  f"context wants {want}: build the model after init_distributed")
+            if m.layout.ep_size > 1 and not ctx.distributed:
+                raise ValueError(f"MoE layer {name!r} splits its experts over "
+                                 f"{m.layout.ep_size} ranks but the parallel context has no "
+                                 "process group (after moesaic.destroy?): call init_distributed")
     stats = CommStats()
     state = ParallelState(ctx, layers, None, stats)
     if ctx.distributed:
