@@ -46,9 +46,10 @@ class MoE(nn.Module):
     most C = min(T, max(min_capacity, ceil(cf * top_k * T / E))) assignments (cf =
     capacity_factor in training, eval_capacity_factor in eval, 2.0 unless given), ranked
     choice-major and then by token position (``drop_policy="position"``) or by the token's top-1
-    probability (``"score"``); ``drop_tokens=False`` keeps every assignment. Expert choice lets each expert
-    take its ceil(cf * T / E) highest-probability tokens, cf being the mean number of experts
-    per token (so eval_capacity_factor defaults to capacity_factor, as in Zhou et al. 2022).
+    probability (``"score"``); ``drop_tokens=False`` keeps every assignment. Expert choice lets
+    each expert take its ceil(cf * T / E) highest-probability tokens, cf being the mean number
+    of experts per token (so eval_capacity_factor defaults to capacity_factor, as in Zhou et al.
+    2022).
     ``aux_loss = aux_loss_coef * balance + z_loss_coef * z``. With ``residual=True`` (PR-MoE)
     the output is ``moe(x) * c0 + mlp(x) * c1`` with ``c = softmax(residual_coef(x))`` per token.
 

@@ -129,9 +129,8 @@ def test_aux_loss_weight_is_the_balance_weight_and_z_loss_is_not_rescaled():
     model = build_model(cfg, (1, 8, 8), 10)
     coefs = {(m.config.aux_loss_coef, m.config.z_loss_coef) for m in moe_layers(model)}
     assert coefs == {(0.5, 0.001)}
-    cfg = apply_overrides(digits_default(), ["model_args={'aux_loss_coef': 0.1}"])
     with pytest.raises(ConfigError, match=r"model_args.aux_loss_coef \(0.1\).*aux_loss_weight"):
-        build_model(cfg, (1, 8, 8), 10)
+        apply_overrides(digits_default(), ["model_args={'aux_loss_coef': 0.1}"])
 
 
 def test_switching_model_warns_when_model_args_stay(tmp_path):

@@ -174,6 +174,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check(0 <= c.seed < 2 ** 63, f"seed must be in [0, 2**63), got {c.seed!r}")
     taken = sorted({"img_size", "in_chans", "num_classes"} & set(c.model_args))
     _check(not taken, f"model_args {taken} are set from the dataset; remove them")
+    _check("aux_loss_coef" not in c.model_args,
+           f"model_args.aux_loss_coef ({c.model_args.get('aux_loss_coef')!r}) is set by the run "
+           "config: use aux_loss_weight instead")
     _check(0 <= c.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {c.label_smoothing!r}")
     _check(c.aux_loss_weight >= 0, f"aux_loss_weight must be >= 0, got {c.aux_loss_weight!r}")
     _check(c.clip_grad is None or c.clip_grad > 0, f"clip_grad must be None or > 0, got {c.clip_grad!r}")

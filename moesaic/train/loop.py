@@ -117,9 +117,6 @@ def build_model(cfg: TrainConfig, img_shape: tuple, num_classes: int) -> torch.n
     """The registry model with the dataset's image shape. ``aux_loss_weight`` is the MoE layers'
     ``aux_loss_coef`` (the balance loss's weight); ``model_args.z_loss_coef`` weighs the z loss
     unchanged, and the training loss adds the layers' aux loss as it is."""
-    if "aux_loss_coef" in cfg.model_args:
-        raise ConfigError(f"model_args.aux_loss_coef ({cfg.model_args['aux_loss_coef']!r}) is set "
-                          "by the run config: use aux_loss_weight instead")
     C, H, _ = img_shape
     kw = {"img_size": H, "in_chans": C, "num_classes": num_classes,
           "aux_loss_coef": cfg.aux_loss_weight}
