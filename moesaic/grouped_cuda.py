@@ -3,9 +3,10 @@
 ``torch._grouped_mm`` does one launch per product for all experts (bf16 on compute capability
 9.0+, feature dimensions multiples of 8); otherwise a padded ``bmm`` over [E, max rows, D],
 unless padding would more than double the rows (skewed routing, dropless): then the loop over
-experts, so memory stays O(N). ``_grouped_mm`` has no bias: where Triton runs, each row's expert
-bias (and gelu / relu) is added in one pass (:mod:`moesaic.kernels.bias_act`), else the bias is
-gathered to [N, F] and added. The capability flags below remember, per process, a torch build that rejected a form.
+experts, so memory stays O(N). ``_grouped_mm`` has no bias: where Triton runs, each row's
+expert bias (and gelu / relu) is added in one pass (:mod:`moesaic.kernels.bias_act`), else the
+bias is gathered to [N, F] and added. The flags below remember, per process, a torch build
+that rejected a form (or a Triton that failed the epilogue).
 
 Legend: E local experts, D model dim, F ffn dim, N rows of the expert-major buffer.
 """

@@ -31,7 +31,8 @@ class RoutingMeter:
     def reset(self) -> None:
         """Start a new epoch."""
         self.total_ME: list[torch.Tensor] = []
-        self.entropy_M: Optional[torch.Tensor] = None
+        self.entropy_M: Optional[torch.Tensor] = None  # None until the epoch's first step
+        self.dropped_M: Optional[torch.Tensor] = None
         self.steps = 0
 
     def step(self, calls: list) -> None:
