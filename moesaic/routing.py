@@ -71,7 +71,10 @@ def cpu_uniform(shape, generator: Optional[torch.Generator] = None) -> Tensor:
 class Router(nn.Module):
     """Linear gate ``logits = x W^T`` computed in float32, with optional training noise.
 
-    ``weight`` [E, D] stays float32 whatever dtype the model is cast to.
+    ``weight`` [E, D] stays float32 whatever dtype the model is cast to. Noise comes from torch's
+    default generator of the input's device, which activation checkpointing saves and restores, so
+    a recomputed forward routes exactly as the first one. ``noise_generator`` overrides it; a
+    private generator is not restored by ``torch.utils.checkpoint``.
     """
 
     def __init__(self, d_model: int, num_experts: int, noise_policy: Optional[str] = None):
@@ -79,7 +82,7 @@ class Router(nn.Module):
         self.num_experts = num_experts
         self.noise_policy = noise_policy
         self.weight = nn.Parameter(torch.empty(num_experts, d_model, dtype=torch.float32))
-        self.noise_generator: Optional[torch.Generator] = None  # set per rank by moe_set_seed
+        self.noise_generator: Optional[torch.Generator] = None
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
     def _apply(self, fn, recurse=True):
@@ -132,18 +135,25 @@ def token_choice_capacity(num_tokens: int, num_experts: int, top_k: int,
                           capacity_factor: float, min_capacity: int) -> int:
     """C = min(T, max(min_capacity, ceil(cf * K * T / E))), in exact arithmetic (1.1 * 100 is
     110). An expert gets each token at most once, so slots past T would only pad buffers."""
-    c = max(min_capacity, math.ceil(_exact(capacity_factor) * top_k * num_tokens / num_experts))
+    num, den = _exact_ratio(capacity_factor)
+    c = max(min_capacity, _ceil_div(num * top_k * num_tokens, den * num_experts))
     return min(num_tokens, c)
 
 
 def expert_choice_capacity(num_tokens: int, num_experts: int, capacity_factor: float) -> int:
     """C = ceil(cf * T / E), at most T."""
-    return min(num_tokens, math.ceil(_exact(capacity_factor) * num_tokens / num_experts))
+    num, den = _exact_ratio(capacity_factor)
+    return min(num_tokens, _ceil_div(num * num_tokens, den * num_experts))
 
 
-def _exact(capacity_factor: float) -> Fraction:
-    """The decimal the user wrote (``1.1`` is 11/10, not 1.100000000000000088...)."""
-    return Fraction(repr(float(capacity_factor)))
+def _exact_ratio(capacity_factor: float) -> tuple[int, int]:
+    """The decimal the user wrote, as a ratio of ints (``1.1`` is 11/10, not 1.1000000000000000888).
+    Plain ints, so torch.compile can trace the capacity arithmetic with a symbolic T."""
+    return Fraction(repr(float(capacity_factor))).as_integer_ratio()
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def topk_weights(probs_TE: Tensor, top_k: int, normalize: bool) -> tuple[Tensor, Tensor]:

@@ -217,6 +217,26 @@ def check_zero_tokens(rank, world, ctx, seed):
                 (y.sum() + aux).backward()
 
 
+def check_grad_checkpointing(rank, world, ctx, seed):
+    """Recomputed blocks repeat their all-to-alls in the backward: gradients (noise, dropout and
+    capacity drops on) equal those of stored activations on every rank."""
+    import moesaic.models as zoo
+    moesaic.moe_set_seed(seed)
+    model = moesaic.parallelize(zoo.create(
+        "vit_moe_tiny", img_size=8, in_chans=1, patch_size=2, depth=2, d_model=16, num_heads=2,
+        num_experts=4, top_k=2, noise_policy="gaussian", drop_rate=0.1, capacity_factor=0.8))
+    images = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(rank))
+    grads = []
+    for enable in (False, True):
+        model.set_grad_checkpointing(enable).zero_grad()
+        torch.manual_seed(seed + rank)
+        logits, aux = model(images)
+        (logits.square().mean() + aux).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, **TOL, msg=lambda m: f"checkpointed {n}: {m}")
+
+
 def check_grad_scaler_skips_together(rank, world, ctx, seed):
     """fp16 loss scaling: an overflow in an expert gradient that only rank 0 holds makes every
     rank skip the step and back off the scale."""
@@ -255,14 +275,16 @@ def two_ranks(rank, world):
     check_equivalence(rank, world, ctx, 12, experts=(4, 2), residual=True)
     check_grad_scaler_skips_together(rank, world, ctx, 13)
     check_zero_tokens(rank, world, ctx, 15)
+    check_grad_checkpointing(rank, world, ctx, 16)
     # one expert, two ranks: replicated, synchronised over the two ranks
     check_equivalence(rank, world, ctx, 4, steps=1, experts=(1,), top_k=1)
-    # per-rank noise streams
+    # per-rank noise streams: same router, same input, different noise on each rank
     moesaic.moe_set_seed(5)
-    noisy = moesaic.parallelize(moesaic.MoE(D, F, 4, noise_policy="gaussian"))
-    seeds = [None] * world
-    dist.all_gather_object(seeds, noisy.router.noise_generator.initial_seed())
-    assert seeds[0] != seeds[1], seeds
+    noisy = moesaic.parallelize(moesaic.MoE(D, F, 4, noise_policy="gaussian")).train()
+    logits = noisy.router(torch.zeros(8, D))
+    gathered = [torch.empty_like(logits) for _ in range(world)]
+    dist.all_gather(gathered, logits)
+    assert not torch.equal(gathered[0], gathered[1])
     # ranks that disagree on the model fail at set-up, on every rank
     moesaic.moe_set_seed(6)
     try:

@@ -312,6 +312,37 @@ def test_noise_generator_follows_the_module_and_must_match_the_input():
         layer.router._generator(torch.device("cpu"))
 
 
+@pytest.mark.parametrize("noise", ["jitter", "gaussian"])
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_recomputes_the_same_routing(noise, reentrant):
+    """Under torch.utils.checkpoint the backward reruns the forward: router noise and expert
+    dropout must come out the same, or the gradients belong to a different routing."""
+    from torch.utils.checkpoint import checkpoint
+    layer = make(top_k=2, capacity_factor=0.75, noise_policy=noise, dropout=0.3).train()
+    x = torch.randn(96, D)
+
+    def plain(layer, x):
+        torch.manual_seed(11)
+        return layer(x)
+
+    def checkpointed(layer, x):
+        torch.manual_seed(11)
+        return checkpoint(layer, x, use_reentrant=reentrant)
+
+    assert_same(grads_of(layer, x, plain), grads_of(layer, x, checkpointed), atol=1e-6)
+
+
+@pytest.mark.parametrize("kw", [dict(top_k=2, drop_tokens=False), dict(router="expert_choice")])
+def test_torch_compile_traces_dropless_and_expert_choice(kw):
+    """The other routings under torch.compile (aot_eager: dynamo + AOT autograd, no C++ build;
+    inductor is tested on capacity routing below): eager outputs and gradients."""
+    torch._dynamo.reset()
+    layer = make(**kw)
+    x = torch.randn(40, D)
+    compiled = torch.compile(layer, backend="aot_eager")
+    assert_same(grads_of(layer, x, layer_fn), grads_of(layer, x, lambda m, x: compiled(x)))
+
+
 def test_gaussian_noise_scale():
     """Standard deviation 1 / E**2, as ColossalAI's NormalNoiseGenerator (WideNet's code)."""
     layer = make(noise_policy="gaussian")

@@ -172,6 +172,34 @@ def test_same_seed_same_model_and_eval_is_deterministic():
     assert torch.equal(a(x)[0], a(x)[0])
 
 
+@pytest.mark.parametrize("name,kw", [
+    ("vit_moe_lite6_prmoe", dict(noise_policy="jitter")),
+    ("widenet_cifar", dict(noise_policy="gaussian")),
+])
+def test_grad_checkpointing_gives_the_same_gradients(name, kw):
+    """Recomputing each block (router noise, dropout, drop path, capacity drops all on) yields the
+    stored-activation gradients and the same routing statistics."""
+    torch.manual_seed(0)
+    model = M.create(name, img_size=16, drop_rate=0.1, drop_path=0.1, capacity_factor=0.8,
+                     **kw).train()
+    images = _images(model, 6)
+
+    def run(enable):
+        model.set_grad_checkpointing(enable).zero_grad()
+        torch.manual_seed(3)
+        logits, aux, stats = model(images, return_stats=True)
+        (logits.square().mean() + aux).backward()
+        return logits, [s.as_dict() for s in stats], {n: p.grad for n, p in model.named_parameters()}
+
+    ref, ckpt = run(False), run(True)
+    torch.testing.assert_close(ckpt[0], ref[0])
+    assert ckpt[1] == ref[1] and any(s["dropped_fraction"] > 0 for s in ref[1])
+    for n, g in ref[2].items():
+        torch.testing.assert_close(ckpt[2][n], g, msg=n)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(images)[0], model.set_grad_checkpointing(False)(images)[0])
+
+
 def test_errors_name_the_field():
     with pytest.raises(ValueError, match="did you mean 'vit_moe_lite6'"):
         M.create("vit_moe_lite_6")

@@ -84,6 +84,31 @@ def test_bf16_autocast_trains_on_cpu(tmp_path, capsys):
     assert "device cpu, precision torch.bfloat16" in capsys.readouterr().out
 
 
+def test_grad_checkpointing_trains_exactly_like_stored_activations(tmp_path):
+    """Recomputed blocks (router noise, dropout and capacity drops on) give the same run."""
+    write_cifar(str(tmp_path))
+    args = {**TINY_MODEL, "noise_policy": "gaussian", "drop_rate": 0.1, "capacity_factor": 0.8}
+    runs = []
+    for on in (False, True):
+        cfg = tiny_config(tmp_path / f"c{on}.py", tmp_path, MODEL_ARGS=args, GRAD_CHECKPOINTING=on)
+        runs.append(str(tmp_path / f"run{on}"))
+        assert main(["train", "--config", cfg, "--run-dir", runs[-1]]) == 0
+    a, b = read_metrics(runs[0]), read_metrics(runs[1])
+    keys = ("train_loss", "train_aux", "eval_loss", "eval_accuracy", "moe")
+    assert [{k: r[k] for k in keys} for r in a] == [{k: r[k] for k in keys} for r in b]
+
+
+def test_grad_checkpointing_needs_a_model_that_supports_it(monkeypatch):
+    monkeypatch.setattr(loop.models, "create", lambda name, **kw: torch.nn.Linear(2, 2))
+    cfg = moesaic.train.config.TrainConfig(grad_checkpointing=True)
+    try:
+        loop.build_model(cfg, (1, 8, 8), 10)
+    except loop.ConfigError as e:
+        assert "grad_checkpointing=True" in str(e) and "Linear" in str(e)
+    else:
+        raise AssertionError("a model without set_grad_checkpointing was accepted")
+
+
 def test_resume_equals_uninterrupted(tmp_path):
     """Noise, dropout and mixup all draw random numbers: resuming from epoch 1 must replay
     epochs 2 and 3 bit for bit."""

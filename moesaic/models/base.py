@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from ..layer import MoE, moe_layers
 from .config import VisionConfig
@@ -31,6 +32,20 @@ class VisionModel(nn.Module):
         self.pos_drop = nn.Dropout(cfg.drop_rate)
         self.norm = nn.LayerNorm(D)
         self.head = nn.Linear(D, cfg.num_classes)
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> "VisionModel":
+        """Recompute each block in the backward instead of keeping its activations (timm's
+        switch): activation memory drops to one block's, for about one more forward of compute.
+        Routing, router noise and dropout come out the same in the recomputation."""
+        self.grad_checkpointing = bool(enable)
+        return self
+
+    def _call_block(self, fn, *args):
+        """``fn(*args)``, checkpointed when grad checkpointing is on and autograd records."""
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
 
     def _init_embeddings(self) -> None:
         nn.init.trunc_normal_(self.cls_token, std=0.02)

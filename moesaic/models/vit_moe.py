@@ -66,7 +66,7 @@ class ViTMoE(VisionModel):
 
     def _run_blocks(self, x_BSD: Tensor, aux: Tensor, stats: list) -> tuple[Tensor, Tensor]:
         for blk in self.blocks:
-            x_BSD, a, s = blk(x_BSD)
+            x_BSD, a, s = self._call_block(blk, x_BSD)
             if a is not None:
                 aux = aux + a
                 stats.append(s)

@@ -60,13 +60,17 @@ class WideNet(VisionModel):
 
     def _run_blocks(self, x_BSD: Tensor, aux: Tensor, stats: list) -> tuple[Tensor, Tensor]:
         for n1, n2, dp in zip(self.norms1, self.norms2, self.drop_paths):
-            x_BSD = x_BSD + dp(self.attn(n1(x_BSD)))
-            h_BSD, a, s = self.moe(n2(x_BSD), return_stats=True)
+            x_BSD, a, s = self._call_block(self._block, x_BSD, n1, n2, dp)
             stats.append(s)
-            x_BSD = x_BSD + dp(h_BSD)
             aux = aux + a
         self._last_block_stats = list(stats)
         return x_BSD, aux
+
+    def _block(self, x_BSD: Tensor, n1: nn.Module, n2: nn.Module, dp: nn.Module):
+        """One block: the shared attention and MoE with this block's norms and drop path."""
+        x_BSD = x_BSD + dp(self.attn(n1(x_BSD)))
+        h_BSD, a, s = self.moe(n2(x_BSD), return_stats=True)
+        return x_BSD + dp(h_BSD), a, s
 
     def routing_stats(self) -> list[dict]:
         """One dict per block (the shared MoE's statistics at that block) of the last forward."""

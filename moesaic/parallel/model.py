@@ -139,7 +139,7 @@ def parallelize(model: nn.Module, bucket_mb: float = 25.0) -> nn.Module:
             if g.edp_group is not None:
                 sync_groups.append((g.edp_group, g.edp_ranks, params))
         state.grad_sync = GradSync(sync_groups, bucket_mb)
-    use_rank_streams(layers, ctx.rank)
+    use_rank_streams(ctx.rank)
     hold_groups(state)
     model.moesaic_parallel = state
     return model

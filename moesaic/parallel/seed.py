@@ -3,8 +3,8 @@
 ``moe_set_seed(s)`` seeds the default generators identically on every rank (so shared
 parameters are identical) and makes each MoE layer's expert seed ``mix(s, layer index)``: an
 expert's initial weights then depend only on (s, the layer's position, its global id), whatever
-the layout. :func:`use_rank_streams` (called by ``parallelize``) then moves router noise and the
-default generator (dropout) to per-rank streams.
+the layout. :func:`use_rank_streams` (called by ``parallelize``) then reseeds the default
+generator per rank, so ranks draw different dropout masks and router noise.
 """
 from __future__ import annotations
 
@@ -25,15 +25,12 @@ def moe_set_seed(seed: int) -> None:
     set_layer_seed_base(seed)
 
 
-def use_rank_streams(moe_layers, rank: int) -> None:
-    """Give each layer's router noise its own per-rank generator and reseed the default generator
-    (dropout) per rank. A no-op when ``moe_set_seed`` was not called."""
+def use_rank_streams(rank: int) -> None:
+    """Reseed the default generators (CPU and every CUDA device) per rank: dropout masks and router
+    noise then differ between ranks and stay reproducible. Router noise stays on the default
+    stream so that activation checkpointing, which restores only that stream, recomputes the same
+    routing. A no-op when ``moe_set_seed`` was not called."""
     seed = current_seed()
     if seed is None:
         return
-    for i, layer in enumerate(moe_layers):
-        device = layer.router.weight.device
-        g = torch.Generator(device=device)
-        g.manual_seed(mix_seed(seed, rank, i, 0x2015E))
-        layer.router.noise_generator = g
     torch.manual_seed(mix_seed(seed, rank, 0xD209))

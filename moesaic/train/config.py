@@ -65,6 +65,7 @@ class TrainConfig:
     mix_switch_prob: float = 0.5  # with both on: probability of cutmix rather than mixup
     precision: str = "auto"  # auto (bf16/fp16 on CUDA, fp32 on CPU), fp32, bf16, fp16
     device: str = "auto"  # auto, cpu or cuda
+    grad_checkpointing: bool = False  # recompute blocks in the backward: less memory, more compute
     max_ep_size: Optional[int] = None  # expert-parallel size limit (default: world size)
     seed: int = 0  # seeds weights, data order, augmentation, noise and dropout
     checkpoint_every: int = 10  # save every N epochs (also at the best accuracy and the end)

@@ -122,9 +122,15 @@ def build_model(cfg: TrainConfig, img_shape: tuple, num_classes: int) -> torch.n
           "aux_loss_coef": cfg.aux_loss_weight}
     kw.update(cfg.model_args)
     try:
-        return models.create(cfg.model, **kw)
+        model = models.create(cfg.model, **kw)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model {cfg.model!r} with model_args {cfg.model_args}: {e}") from e
+    if cfg.grad_checkpointing:
+        if not hasattr(model, "set_grad_checkpointing"):
+            raise ConfigError(f"grad_checkpointing=True but model {cfg.model!r} "
+                              f"({type(model).__name__}) has no set_grad_checkpointing method")
+        model.set_grad_checkpointing(True)
+    return model
 
 
 class Trainer:
