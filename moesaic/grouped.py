@@ -20,8 +20,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
+from .autograd import first_order
 
 def _act(name: str, h: Tensor, u: Optional[Tensor]) -> Tensor:
     if name == "gelu":
@@ -94,7 +94,7 @@ class _GroupedFFN(torch.autograd.Function):
         return y_ND
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_ND):
         x_ND, w1_EDF, w2_EFD, w3_EDF, *chunks = ctx.saved_tensors
         E = len(ctx.counts)

@@ -16,8 +16,8 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
+from .autograd import first_order
 from .grouped import _act, _act_backward_, _bounds, grouped_ffn
 
 
@@ -113,7 +113,7 @@ class _GroupedMMFFN(torch.autograd.Function):
         return y_ND
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_ND):
         mm = torch._grouped_mm
         x_ND, h_NF, u_NF, counts_E, offs_E, w1_EDF, w2_EFD, w3_EDF = ctx.saved_tensors

@@ -443,8 +443,9 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
 
 def test_combine_is_twice_differentiable_and_the_layer_says_it_is_not():
     """A gradient penalty through dispatch.combine works (its backward runs out of place under
-    create_graph); the experts' backward is marked once-differentiable, so the whole layer
-    raises a clear error instead of giving wrong second derivatives."""
+    create_graph); the experts' backward is first-order only, so the whole layer refuses a
+    create_graph backward at once, however the second derivative would be taken (a second
+    ``autograd.grad`` with ``inputs`` could skip once_differentiable's error node)."""
     from moesaic.dispatch import _Combine
     g = torch.Generator().manual_seed(0)
     y_ND = torch.randn(5, 3, dtype=torch.float64, generator=g, requires_grad=True)
@@ -458,12 +459,14 @@ def test_combine_is_twice_differentiable_and_the_layer_says_it_is_not():
     # Token-choice form: the forward reads the (detached) weight_TK; check the rows.
     assert torch.autograd.gradgradcheck(
         lambda y: _Combine.apply(y, w_N.detach(), row_token_N, 4, dest_TK, weight_TK), (y_ND,))
-    layer = moesaic.MoE(8, 16, 4)
+    layer = moesaic.MoE(8, 16, 4, top_k=2)
     x = torch.randn(6, 8, requires_grad=True)
     y, _ = layer(x)
-    (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable"):
-        gx.sum().backward()
+    with pytest.raises(RuntimeError, match="first-order gradients only.*create_graph=True"):
+        torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    y, _ = layer(x)
+    with pytest.raises(RuntimeError, match="first-order gradients only"):
+        y.square().sum().backward(create_graph=True)
 
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,

@@ -24,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
+from ..autograd import first_order
 from ..routing import RoutingPlan
 
 
@@ -132,7 +132,7 @@ class _SoftmaxTopK(torch.autograd.Function):
         return probs_TE, idx_TK, hist
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_probs, _grad_idx, _grad_hist):
         (p,) = ctx.saved_tensors
         if grad_probs is None:

@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
+from ..autograd import first_order
 
 @triton.jit
 def _scatter_rows_kernel(x_ptr, dest_ptr, w_ptr, out_ptr, D,
@@ -132,7 +132,7 @@ class Permute(torch.autograd.Function):
         return scatter_rows(x_TD.contiguous(), dest_TK, None, num_rows)
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_ND: Tensor):
         (dest_TK,) = ctx.saved_tensors
         return gather_sum(grad_ND.contiguous(), dest_TK, None), None, None
@@ -149,7 +149,7 @@ class Combine(torch.autograd.Function):
         return gather_sum(y_ND, dest_TK, weight_TK)
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_TD: Tensor):
         y_ND, weight_TK, dest_TK = ctx.saved_tensors
         grad_y, grad_w = combine_backward(grad_TD.contiguous(), y_ND, dest_TK, weight_TK)

@@ -1,0 +1,27 @@
+"""``first_order``: the backward of a Function whose gradient is not itself differentiable.
+
+torch's ``once_differentiable`` errors only when a later backward happens to run through its
+error node; a second derivative taken with ``inputs=`` or ``autograd.grad`` can skip that node
+and silently miss this part of the curvature. ``first_order`` refuses at once instead: a backward
+run with ``create_graph=True`` (grad mode on inside the backward) raises, naming the op.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+def first_order(backward):
+    """Decorate a ``torch.autograd.Function.backward`` that supports first derivatives only."""
+
+    @functools.wraps(backward)
+    def wrapped(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                f"{backward.__qualname__.split('.')[0]} (moesaic MoE layer) has first-order "
+                "gradients only: a backward with create_graph=True (second derivatives, e.g. a "
+                "gradient penalty through the layer) is not supported")
+        return backward(ctx, *grads)
+
+    return wrapped
