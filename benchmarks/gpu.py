@@ -35,6 +35,7 @@ import math
 import os
 import platform
 import random
+import signal
 import statistics
 import sys
 import time
@@ -82,9 +83,21 @@ class Run:
                 torch.cuda.empty_cache()
 
     def save(self):
+        """Write the JSON atomically: a kill mid-write leaves the previous complete file."""
         self.data["elapsed_s"] = round(self.elapsed(), 1)
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.out.write_text(json.dumps(self.data, indent=1))
+        tmp = self.out.with_name(self.out.name + ".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        os.replace(tmp, self.out)
+
+    def save_on_sigterm(self):
+        """``timeout`` sends SIGTERM: record that, keep every result so far, and exit."""
+        def handler(signum, frame):
+            self.data["errors"].append({"section": "run", "error": "killed by SIGTERM (timeout)"})
+            self.save()
+            print(f"[error] SIGTERM after {self.elapsed():.0f} s; wrote {self.out}", flush=True)
+            sys.exit(124)
+        signal.signal(signal.SIGTERM, handler)
 
 
 # ---------------------------------------------------------------- timing helpers
@@ -278,6 +291,7 @@ def record(run, op, kernels, shape, ms, nbytes=None, flops=None, **extra):
         line += f"  {row['TFLOPs']:7.1f} TFLOP/s ({row.get('frac_matmul', float('nan')):.2f} of mm)"
     run.data["timings"].append(row)
     print(line, flush=True)
+    run.save()
     return row
 
 
@@ -543,6 +557,7 @@ def main():
         variants = (("torch", "loop"), ("torch", "auto"), ("triton", "auto"))
     seed = random.SystemRandom().randrange(2**31)
     run = Run(Path(args.out), {**machine(device), "dry_run": args.dry_run, "seed": seed})
+    run.save_on_sigterm()
     run.budget_s = args.budget_s
     print(json.dumps({k: v for k, v in run.data.items() if not isinstance(v, list)}), flush=True)
     gen = torch.Generator(device=device).manual_seed(seed)

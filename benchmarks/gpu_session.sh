@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything a lent GPU session runs, in one call (the device tool's `run`, timeout about 540 s):
 #   bash benchmarks/gpu_session.sh
-# 1. benchmarks/gpu.py (kernel checks, rates, timings, block sweep), budget 360 s;
+# 1. benchmarks/gpu.py (kernel checks, rates, timings, block sweep), budget 340 s (killed at 400 s,
+#    keeping every result so far: gpu.py saves its JSON atomically after each timing and on SIGTERM);
 # 2. the embedded default training for 5 epochs on the GPU (autocast, device selection and the
 #    training loop on CUDA, which no CPU test reaches).
 # Results land under $OUT (the only folder the device tool brings back; at most 8 files come
@@ -16,12 +17,12 @@ unset TRITON_INTERPRET
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 } > "$out/machine.txt" 2>&1
-timeout 420 python3 benchmarks/gpu.py --budget-s 360 --out "$out/gpu.json" 2>&1 | tee "$out/gpu.log"
-echo "gpu.py exit ${PIPESTATUS[0]}"
+timeout 400 python3 benchmarks/gpu.py --budget-s 340 --out "$out/gpu.json" 2>&1 | tee "$out/gpu.log"
+echo "gpu.py exit ${PIPESTATUS[0]}" | tee -a "$out/machine.txt"
 run=$(mktemp -d /tmp/gpu_train.XXXX)
-timeout 90 python3 -m moesaic train --set epochs=5 --set progress=False --set plots=False \
-    --run-dir "$run" 2>&1 | tail -n 25 | tee "$out/train.log"
-echo "train exit ${PIPESTATUS[0]}"
+timeout 75 python3 -m moesaic train --set epochs=5 --set progress=False --set plots=False \
+    --run-dir "$run" 2>&1 | tee "$out/train.log" | tail -n 25
+echo "train exit ${PIPESTATUS[0]}" | tee -a "$out/machine.txt"
 cp "$run/summary.json" "$out/train_summary.json" 2>/dev/null
 cp "$run/metrics.jsonl" "$out/train_metrics.jsonl" 2>/dev/null
 cat "$out/machine.txt"

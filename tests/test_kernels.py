@@ -8,6 +8,7 @@ PyTorch path.
 
 Legend: T tokens, D model dim, E experts, K top-k, N rows of the expert-major buffer.
 """
+import json
 import os
 import shutil
 import subprocess
@@ -376,6 +377,21 @@ def test_gpu_session_script_without_a_gpu(tmp_path):
     assert "train exit 0" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert {"gpu.log", "machine.txt", "train.log", "train_summary.json",
             "train_metrics.jsonl"} <= set(os.listdir(tmp_path))
+
+
+def test_gpu_benchmark_keeps_its_results_when_killed(tmp_path):
+    """``timeout`` sends SIGTERM: gpu.py writes what it has (atomically) and exits 124."""
+    out = tmp_path / "gpu.json"
+    script = (f"import os, signal, sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); "
+              f"import gpu; from pathlib import Path; run = gpu.Run(Path({str(out)!r}), {{}}); "
+              "run.save_on_sigterm(); run.data['timings'].append({'op': 'done before'}); "
+              "os.kill(os.getpid(), signal.SIGTERM)")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 124, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["timings"] == [{"op": "done before"}] and "SIGTERM" in data["errors"][0]["error"]
+    assert not (tmp_path / "gpu.json.tmp").exists()
 
 
 AOT_SCRIPT = r'''
