@@ -6,6 +6,7 @@ time, not deep inside a forward pass.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, fields
 from typing import Optional
 
@@ -22,11 +23,21 @@ def _require(cond: bool, msg: str) -> None:
 
 
 def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _plain(v):
+    """A numpy (or other registered) scalar as the Python int or float it stands for, so the
+    config compares, prints and pickles like one written with literals."""
+    if _is_int(v):
+        return int(v)
+    if _is_number(v):
+        return float(v)
+    return v
 
 
 @dataclass
@@ -54,6 +65,8 @@ class MoEConfig:
     kernels: str = "auto"
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            setattr(self, f.name, _plain(getattr(self, f.name)))
         for name in ("d_model", "d_ff", "num_experts"):
             v = getattr(self, name)
             _require(_is_int(v) and v >= 1, f"{name} must be a positive int, got {v!r}")

@@ -100,12 +100,14 @@ class _GroupedFFN(torch.autograd.Function):
         E = len(ctx.counts)
         h_chunks, u_chunks = chunks[:E], chunks[E:]
         grad_ND = grad_ND.contiguous()
-        grad_x_ND = torch.empty_like(x_ND) if ctx.needs_input_grad[0] else None
-        g_w1_EDF, g_w2_EFD = torch.empty_like(w1_EDF), torch.empty_like(w2_EFD)
-        g_w3_EDF = torch.empty_like(w3_EDF) if w3_EDF is not None else None
+        need = ctx.needs_input_grad  # frozen weights (requires_grad False) get no products
+        grad_x_ND = torch.empty_like(x_ND) if need[0] else None
+        g_w1_EDF = torch.empty_like(w1_EDF) if need[3] else None
+        g_w2_EFD = torch.empty_like(w2_EFD) if need[5] else None
+        g_w3_EDF = torch.empty_like(w3_EDF) if w3_EDF is not None and need[7] else None
         Fdim = w1_EDF.shape[2]
-        g_b1_EF = x_ND.new_empty(E, Fdim) if ctx.has_b1 else None
-        g_b2_ED = x_ND.new_empty(E, w2_EFD.shape[2]) if ctx.has_b2 else None
+        g_b1_EF = x_ND.new_empty(E, Fdim) if ctx.has_b1 and need[4] else None
+        g_b2_ED = x_ND.new_empty(E, w2_EFD.shape[2]) if ctx.has_b2 and need[6] else None
         work_MF = x_ND.new_empty(max(ctx.counts) if ctx.counts else 0, Fdim)  # a, then its gradient
         work_u_MF = torch.empty_like(work_MF) if w3_EDF is not None else None  # u's gradient
         for e, s, t in _bounds(ctx.counts):
@@ -117,19 +119,22 @@ class _GroupedFFN(torch.autograd.Function):
             gy_MD, h_MF, x_MD = grad_ND[s:t], h_chunks[e], x_ND[s:t]
             u_MF = u_chunks[e] if u_chunks else None
             a_MF = _act_into(ctx.activation, h_MF, u_MF, work_MF[:t - s])
-            torch.mm(a_MF.t(), gy_MD, out=g_w2_EFD[e])
+            if g_w2_EFD is not None:
+                torch.mm(a_MF.t(), gy_MD, out=g_w2_EFD[e])
             if g_b2_ED is not None:
                 torch.sum(gy_MD, 0, out=g_b2_ED[e])
             grad_a_MF = torch.mm(gy_MD, w2_EFD[e].t(), out=a_MF)
             grad_h_MF, grad_u_MF = _act_backward_(ctx.activation, grad_a_MF, h_MF, u_MF,
                                                   None if work_u_MF is None else work_u_MF[:t - s])
-            torch.mm(x_MD.t(), grad_h_MF, out=g_w1_EDF[e])
+            if g_w1_EDF is not None:
+                torch.mm(x_MD.t(), grad_h_MF, out=g_w1_EDF[e])
             if g_b1_EF is not None:
                 torch.sum(grad_h_MF, 0, out=g_b1_EF[e])
             if grad_x_ND is not None:
                 torch.mm(grad_h_MF, w1_EDF[e].t(), out=grad_x_ND[s:t])
             if grad_u_MF is not None:
-                torch.mm(x_MD.t(), grad_u_MF, out=g_w3_EDF[e])
+                if g_w3_EDF is not None:
+                    torch.mm(x_MD.t(), grad_u_MF, out=g_w3_EDF[e])
                 if grad_x_ND is not None:
                     grad_x_ND[s:t].addmm_(grad_u_MF, w3_EDF[e].t())
         return grad_x_ND, None, None, g_w1_EDF, g_b1_EF, g_w2_EFD, g_b2_ED, g_w3_EDF

@@ -117,22 +117,31 @@ class _GroupedMMFFN(torch.autograd.Function):
     def backward(ctx, grad_ND):
         mm = torch._grouped_mm
         x_ND, h_NF, u_NF, counts_E, offs_E, w1_EDF, w2_EFD, w3_EDF = ctx.saved_tensors
+        need = ctx.needs_input_grad  # frozen weights (requires_grad False) get no products
         gy_ND = grad_ND.contiguous()
         empty_E = (counts_E == 0).nonzero().squeeze(1)  # the backward's one host sync
-        a_NF = _act(ctx.activation, h_NF, u_NF)
-        g_w2 = _weight_grad(a_NF, gy_ND, offs_E, counts_E, empty_E)
-        g_b2 = _segment_sum(gy_ND, offs_E, counts_E, empty_E) if ctx.has_b2 else None
+        g_w2 = g_b2 = g_w1 = g_b1 = g_w3 = grad_x = None
+        if need[6]:
+            a_NF = _act(ctx.activation, h_NF, u_NF)
+            g_w2 = _weight_grad(a_NF, gy_ND, offs_E, counts_E, empty_E)
+            del a_NF
+        if ctx.has_b2 and need[7]:
+            g_b2 = _segment_sum(gy_ND, offs_E, counts_E, empty_E)
         grad_a = mm(gy_ND, w2_EFD.transpose(1, 2), offs=offs_E)
         grad_h, grad_u = _act_backward_(ctx.activation, grad_a, h_NF, u_NF)
         grad_h = grad_h.contiguous()
-        g_w1 = _weight_grad(x_ND, grad_h, offs_E, counts_E, empty_E)
-        g_b1 = _segment_sum(grad_h, offs_E, counts_E, empty_E) if ctx.has_b1 else None
-        grad_x = mm(grad_h, w1_EDF.transpose(1, 2), offs=offs_E)
-        g_w3 = None
+        if need[4]:
+            g_w1 = _weight_grad(x_ND, grad_h, offs_E, counts_E, empty_E)
+        if ctx.has_b1 and need[5]:
+            g_b1 = _segment_sum(grad_h, offs_E, counts_E, empty_E)
+        if need[0]:
+            grad_x = mm(grad_h, w1_EDF.transpose(1, 2), offs=offs_E)
         if grad_u is not None:
             grad_u = grad_u.contiguous()
-            g_w3 = _weight_grad(x_ND, grad_u, offs_E, counts_E, empty_E)
-            grad_x = grad_x + mm(grad_u, w3_EDF.transpose(1, 2), offs=offs_E)
+            if need[8]:
+                g_w3 = _weight_grad(x_ND, grad_u, offs_E, counts_E, empty_E)
+            if need[0]:
+                grad_x = grad_x + mm(grad_u, w3_EDF.transpose(1, 2), offs=offs_E)
         return grad_x, None, None, None, g_w1, g_b1, g_w2, g_b2, g_w3
 
 

@@ -129,7 +129,7 @@ class MoE(nn.Module):
         if not (isinstance(x, Tensor) and x.is_floating_point()):
             what = f"a {x.dtype} tensor" if isinstance(x, Tensor) else f"a {type(x).__name__}"
             raise TypeError(f"MoE input must be a floating-point torch.Tensor, got {what}")
-        if x.shape[-1] != c.d_model:
+        if x.dim() == 0 or x.shape[-1] != c.d_model:
             raise ValueError(f"input's last dim must be d_model={c.d_model}, got shape {tuple(x.shape)}")
         ops = select_ops(c.kernels, x.device)
         x_TD = x.reshape(-1, c.d_model)

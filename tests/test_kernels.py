@@ -255,6 +255,38 @@ def test_batched_expert_paths_match_the_loop(activation, path, monkeypatch):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+@pytest.mark.parametrize("path", ["loop", "grouped_mm"])
+def test_frozen_expert_weights_get_no_gradient_and_the_rest_are_unchanged(activation, path):
+    """Fine-tuning with some expert tensors frozen: the backward skips their products, and the
+    input's and trainable weights' gradients equal those of the all-trainable run."""
+    if path == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
+        pytest.skip("no torch._grouped_mm")
+    g = torch.Generator().manual_seed(8)
+    E, D, Fdim, counts = 3, 8, 12, [4, 0, 5]
+    params = _ffn_params(g, E, D, Fdim, activation == "swiglu")
+    if activation == "swiglu":
+        params[1] = params[3] = None
+    x = torch.randn(sum(counts), D, generator=g, requires_grad=True)
+
+    def run(p):
+        if path == "loop":
+            return grouped_ffn(x, counts, activation, *p)
+        return batched_ffn(x, torch.tensor(counts), activation, *p, path="grouped_mm")
+
+    gy = torch.randn(sum(counts), D, generator=g)
+    full = torch.autograd.grad(run(params), [x] + [p for p in params if p is not None], gy)
+    full = dict(zip(["x"] + [i for i, p in enumerate(params) if p is not None], full))
+    for frozen in ({0, 3}, {2, 4}, {0, 1, 2, 3, 4}):
+        part = [None if p is None else p.detach().requires_grad_(i not in frozen)
+                for i, p in enumerate(params)]
+        y = run(part)
+        trainable = [i for i, p in enumerate(part) if p is not None and p.requires_grad]
+        got = torch.autograd.grad(y, [x] + [part[i] for i in trainable], gy)
+        for key, grad in zip(["x"] + trainable, got):
+            torch.testing.assert_close(grad, full[key], atol=1e-5, rtol=1e-5, msg=str(key))
+
+
 def _ffn_params(g, E, D, Fdim, with_w3):
     shapes = [(E, D, Fdim), (E, Fdim), (E, Fdim, D), (E, D), (E, D, Fdim) if with_w3 else None]
     return [None if s is None else torch.randn(s, generator=g).requires_grad_(True)

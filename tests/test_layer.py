@@ -433,6 +433,29 @@ def test_bad_input_type(x, what):
         make()(x)
 
 
+@pytest.mark.parametrize("x", [torch.tensor(1.0), torch.ones(3, D + 1)])
+def test_bad_input_shape(x):
+    with pytest.raises(ValueError, match=f"last dim must be d_model={D}"):
+        make()(x)
+
+
+def test_numpy_scalars_are_accepted_as_plain_numbers():
+    import numpy as np
+    layer = moesaic.MoE(np.int64(D), FF, E, top_k=np.int32(2), capacity_factor=np.float32(1.5))
+    assert layer.config.as_dict() == moesaic.MoE(D, FF, E, top_k=2, capacity_factor=1.5).config.as_dict()
+    assert type(layer.config.top_k) is int and type(layer.config.capacity_factor) is float
+
+
+def test_router_weight_loaded_in_another_dtype_still_routes_in_float32():
+    """load_state_dict(..., assign=True) bypasses the cast guard and can leave a bf16 router."""
+    layer = make(top_k=2)
+    sd = {k: v.to(torch.bfloat16) for k, v in layer.state_dict().items()}
+    layer.load_state_dict(sd, assign=True)
+    assert layer.router.weight.dtype == torch.bfloat16
+    y, aux = layer(torch.randn(5, D, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and aux.dtype == torch.float32
+
+
 def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     pytest.importorskip("triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
