@@ -9,7 +9,7 @@ Legend: E local experts, D model dim, F ffn dim, N rows of the expert-major buff
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -52,7 +52,8 @@ class Experts(nn.Module):
         self.b1 = nn.Parameter(torch.empty(E, d_ff)) if bias else None
         self.b2 = nn.Parameter(torch.empty(E, d_model)) if bias else None
         self.w3 = nn.Parameter(torch.empty(E, d_model, d_ff)) if activation == "swiglu" else None
-        self.reset_parameters(layer_seed)
+        self.layer_seed = layer_seed
+        self.reset_parameters()
 
     def __setattr__(self, name, value):
         if name == "cuda_path" and value not in CUDA_PATHS:
@@ -64,16 +65,22 @@ class Experts(nn.Module):
         return len(self.global_ids)
 
     @torch.no_grad()
-    def reset_parameters(self, layer_seed: int) -> None:
-        """nn.Linear's default init, expert by expert, from per-expert generators."""
+    def reset_parameters(self, layer_seed: Optional[int] = None) -> None:
+        """nn.Linear's default init, expert by expert, from per-expert generators seeded by
+        (``layer_seed``, default the one given at construction, global expert id): the same
+        weights after ``to_empty`` from the meta device as at construction. A no-op on meta."""
+        if layer_seed is not None:
+            self.layer_seed = layer_seed
+        if self.w1.is_meta:
+            return
         bound_in, bound_hidden = 1 / math.sqrt(self.d_model), 1 / math.sqrt(self.d_ff)
         for e, gid in enumerate(self.global_ids):
-            g = _expert_generator(layer_seed, gid)
+            g = _expert_generator(self.layer_seed, gid)
             pairs = [(self.w1, bound_in), (self.b1, bound_in), (self.w3, bound_in),
                      (self.w2, bound_hidden), (self.b2, bound_hidden)]
             for p, bound in pairs:
                 if p is not None:
-                    vals = torch.rand(p[e].shape, generator=g, dtype=torch.float32)
+                    vals = torch.rand(p[e].shape, generator=g, dtype=torch.float32, device="cpu")
                     p[e].copy_((vals * 2 - 1) * bound)
 
     def forward(self, x_ND: Tensor, counts_E: Tensor) -> Tensor:

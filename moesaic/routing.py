@@ -83,6 +83,11 @@ class Router(nn.Module):
         self.noise_policy = noise_policy
         self.weight = nn.Parameter(torch.empty(num_experts, d_model, dtype=torch.float32))
         self.noise_generator: Optional[torch.Generator] = None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """nn.Linear's default weight init, from the default generator."""
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
     def _apply(self, fn, recurse=True):

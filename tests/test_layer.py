@@ -456,6 +456,26 @@ def test_router_weight_loaded_in_another_dtype_still_routes_in_float32():
     assert y.dtype == torch.bfloat16 and aux.dtype == torch.float32
 
 
+@pytest.mark.parametrize("kw", [dict(top_k=2), dict(residual=True, activation="swiglu")])
+def test_meta_device_build_then_reset_parameters_gives_the_eager_weights(kw):
+    """Deferred init: build on meta (no memory, no RNG), ``to_empty``, then each module's
+    ``reset_parameters`` in order reproduces the eager build from the same seeds."""
+    moesaic.moe_set_seed(3)
+    eager = moesaic.MoE(D, FF, E, **kw)
+    moesaic.moe_set_seed(3)
+    with torch.device("meta"):
+        layer = moesaic.MoE(D, FF, E, **kw)
+    assert all(p.is_meta for p in layer.parameters())
+    layer.to_empty(device="cpu")
+    torch.manual_seed(3)
+    for m in layer.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    ref = eager.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in layer.state_dict().items())
+    assert layer.router.weight.dtype == torch.float32
+
+
 def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     pytest.importorskip("triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)

@@ -200,6 +200,21 @@ def test_grad_checkpointing_gives_the_same_gradients(name, kw):
         torch.testing.assert_close(model.eval()(images)[0], model.set_grad_checkpointing(False)(images)[0])
 
 
+@pytest.mark.parametrize("name", ["vit_moe_lite6_prmoe", "widenet_cifar", "vit_lite6"])
+def test_meta_build_then_reset_parameters_gives_the_eager_model(name):
+    import moesaic
+    moesaic.moe_set_seed(4)
+    eager = M.create(name, img_size=16)
+    moesaic.moe_set_seed(4)
+    with torch.device("meta"):
+        model = M.create(name, img_size=16)
+    model.to_empty(device="cpu")
+    torch.manual_seed(4)
+    model.reset_parameters()
+    ref = eager.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in model.state_dict().items())
+
+
 def test_errors_name_the_field():
     with pytest.raises(ValueError, match="did you mean 'vit_moe_lite6'"):
         M.create("vit_moe_lite_6")

@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..layer import MoE, moe_layers
 from .config import VisionConfig
-from .layers import PatchEmbed
+from .layers import PatchEmbed, init_weights
 
 
 class VisionModel(nn.Module):
@@ -46,6 +46,16 @@ class VisionModel(nn.Module):
         if self.grad_checkpointing and torch.is_grad_enabled():
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
+
+    def reset_parameters(self) -> None:
+        """Initialise every weight as the constructor did: e.g. build under
+        ``torch.device("meta")``, ``to_empty(device=...)``, then call this (after the same
+        ``moe_set_seed``/``manual_seed`` as an eager build, the weights are the eager ones)."""
+        for m in self.modules():
+            if m is not self and hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+        self._init_embeddings()
+        init_weights(self)
 
     def _init_embeddings(self) -> None:
         nn.init.trunc_normal_(self.cls_token, std=0.02)

@@ -103,7 +103,7 @@ def next_layer_seed() -> int:
     whatever else drew from the default generator; otherwise it is drawn from the default
     generator (identical on every rank when ranks are seeded alike)."""
     if _seed_state is None:
-        return int(torch.randint(0, 2**62, (1,)).item())
+        return int(torch.randint(0, 2**62, (1,), device="cpu").item())  # also under meta
     seed, index = _seed_state
     _seed_state[1] += 1
     return mix_seed(seed, index, 0x1A7E5)
