@@ -237,6 +237,36 @@ def check_grad_checkpointing(rank, world, ctx, seed):
         torch.testing.assert_close(grads[1][n], g, **TOL, msg=lambda m: f"checkpointed {n}: {m}")
 
 
+def check_deepcopy_and_pickle(rank, world, ctx, seed):
+    """A deep copy of a parallelized model (EMA, AveragedModel) runs the same forward through
+    the shared all-to-all groups; parallelize(copy) trains it like the original; pickling the
+    module says what to save instead."""
+    import copy
+    import pickle
+    from torch.optim.swa_utils import AveragedModel
+    ref, model = _build_pair(ctx, seed, experts=(4,))
+    x, target = _data(world)
+    lo, hi = rank * B, (rank + 1) * B
+    twin = copy.deepcopy(model)
+    assert moesaic.parallel.model.parallel_state(twin) is None
+    ema = AveragedModel(model)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x[lo:hi])[0], model(x[lo:hi])[0])
+        torch.testing.assert_close(ema.module(x[lo:hi])[0], model(x[lo:hi])[0])
+    moesaic.parallelize(twin)
+    for m in (model, twin):
+        out, _ = m(x[lo:hi])
+        (out - target[lo:hi]).square().mean().backward()
+    for (n, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, **TOL, msg=lambda m: f"copy grad {n}: {m}")
+    try:
+        pickle.dumps(model)
+    except TypeError as e:
+        assert "full_state_dict" in str(e), e
+    else:
+        raise AssertionError("pickling a parallelized model did not fail")
+
+
 def check_grad_scaler_skips_together(rank, world, ctx, seed):
     """fp16 loss scaling: an overflow in an expert gradient that only rank 0 holds makes every
     rank skip the step and back off the scale."""
@@ -276,6 +306,7 @@ def two_ranks(rank, world):
     check_grad_scaler_skips_together(rank, world, ctx, 13)
     check_zero_tokens(rank, world, ctx, 15)
     check_grad_checkpointing(rank, world, ctx, 16)
+    check_deepcopy_and_pickle(rank, world, ctx, 17)
     # one expert, two ranks: replicated, synchronised over the two ranks
     check_equivalence(rank, world, ctx, 4, steps=1, experts=(1,), top_k=1)
     # per-rank noise streams: same router, same input, different noise on each rank

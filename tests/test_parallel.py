@@ -15,8 +15,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def test_two_ranks_match_one_process():
     """ep 2: dropless (pyramid [4, 2], clipping) and capacity-with-room, three AdamW steps each;
-    aux loss per rank; one replicated expert; per-rank noise; grad checkpointing; model mismatch
-    fails at set-up."""
+    aux loss per rank; one replicated expert; per-rank noise; grad checkpointing; deep copies;
+    model mismatch fails at set-up."""
     assert run_ranks(workers.two_ranks, 2, timeout=120) == [True, True]
 
 

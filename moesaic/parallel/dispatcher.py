@@ -58,6 +58,10 @@ _PROMISE = (" under equal_batches (every rank of the group must route the same n
             "tokens: leave equal_batches for ragged batches)")
 
 
+PICKLE_ERROR = ("a parallelized model holds process groups and cannot be pickled (torch.save of "
+                "the module): save moesaic.full_state_dict(model) or model.state_dict() instead")
+
+
 @dataclass
 class _Handle:
     in_splits: list  # rows sent to each rank of the group
@@ -86,6 +90,16 @@ class AllToAllDispatcher:
     @property
     def group(self):
         return self.group_ref.get()
+
+    def __deepcopy__(self, memo):
+        """A deep-copied model (an EMA copy, ``AveragedModel``) shares this layer's process group
+        and byte counter: the dispatcher holds no tensors, and a group cannot be copied."""
+        twin = object.__new__(type(self))
+        twin.__dict__.update(self.__dict__)
+        return twin
+
+    def __getstate__(self):
+        raise TypeError(PICKLE_ERROR)
 
     def release(self) -> None:
         """Forget the process group (``moesaic.destroy``), also where autograd graphs still

@@ -17,7 +17,7 @@ from ..experts import Experts
 from ..layer import MoE, moe_layers
 from .comm import CommStats, run_collective
 from .context import ParallelContext, hold_groups
-from .dispatcher import AllToAllDispatcher
+from .dispatcher import PICKLE_ERROR, AllToAllDispatcher
 from .grad_sync import GradSync, scale_grad_hooks
 from .layout import get_context
 from .seed import use_rank_streams
@@ -33,6 +33,16 @@ class ParallelState:
     stats: CommStats
     hooks: list = field(default_factory=list)
     released: bool = False
+
+    def __deepcopy__(self, memo):
+        """A deep copy of a parallelized model is not parallelized for training: it has its own
+        parameters (without the gradient hooks) and no state; its MoE layers share the original's
+        all-to-all groups, so it runs forward passes (an EMA copy) and ``parallelize(copy)``
+        makes it a trainable parallel model of its own."""
+        return None
+
+    def __getstate__(self):
+        raise TypeError(PICKLE_ERROR)
 
     def release(self) -> None:
         """Let go of every process group (``moesaic.destroy`` calls this): the all-to-all
