@@ -31,9 +31,11 @@ def step(model, opt, images, labels) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="vit_moe_lite6_prmoe", help="zoo model (default: %(default)s)")
+    ap.add_argument("--model", default="vit_moe_lite6_prmoe",
+                    help="zoo model (default: %(default)s)")
     ap.add_argument("--batch", type=int, default=128, help="images per step (default: %(default)s)")
-    ap.add_argument("--rounds", type=int, default=5, help="timed rounds per setting (default: %(default)s)")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="timed rounds per setting (default: %(default)s)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -63,8 +65,9 @@ def main() -> None:
             step(model, opt, images, labels)
             times[enable].append(time.perf_counter() - t)
     for enable in (False, True):
-        print(f"grad_checkpointing={enable!s:5}  peak extra memory {peak[enable] / 2**20:8.1f} MiB  "
-              f"step {statistics.median(times[enable]) * 1e3:8.1f} ms (median of {args.rounds})")
+        ms = statistics.median(times[enable]) * 1e3
+        print(f"grad_checkpointing={enable!s:5}  peak extra memory {peak[enable] / 2**20:8.1f} MiB"
+              f"  step {ms:8.1f} ms (median of {args.rounds})")
     print(f"checkpointed / stored: memory {peak[True] / peak[False]:.2f}x, "
           f"time {statistics.median(times[True]) / statistics.median(times[False]):.2f}x")
 

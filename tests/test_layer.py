@@ -442,7 +442,8 @@ def test_bad_input_shape(x):
 def test_numpy_scalars_are_accepted_as_plain_numbers():
     import numpy as np
     layer = moesaic.MoE(np.int64(D), FF, E, top_k=np.int32(2), capacity_factor=np.float32(1.5))
-    assert layer.config.as_dict() == moesaic.MoE(D, FF, E, top_k=2, capacity_factor=1.5).config.as_dict()
+    plain = moesaic.MoE(D, FF, E, top_k=2, capacity_factor=1.5)
+    assert layer.config.as_dict() == plain.config.as_dict()
     assert type(layer.config.top_k) is int and type(layer.config.capacity_factor) is float
 
 

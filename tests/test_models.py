@@ -189,7 +189,8 @@ def test_grad_checkpointing_gives_the_same_gradients(name, kw):
         torch.manual_seed(3)
         logits, aux, stats = model(images, return_stats=True)
         (logits.square().mean() + aux).backward()
-        return logits, [s.as_dict() for s in stats], {n: p.grad for n, p in model.named_parameters()}
+        grads = {n: p.grad for n, p in model.named_parameters()}
+        return logits, [s.as_dict() for s in stats], grads
 
     ref, ckpt = run(False), run(True)
     torch.testing.assert_close(ckpt[0], ref[0])
@@ -197,7 +198,8 @@ def test_grad_checkpointing_gives_the_same_gradients(name, kw):
     for n, g in ref[2].items():
         torch.testing.assert_close(ckpt[2][n], g, msg=n)
     with torch.no_grad():
-        torch.testing.assert_close(model.eval()(images)[0], model.set_grad_checkpointing(False)(images)[0])
+        model.eval()
+        torch.testing.assert_close(model(images)[0], model.set_grad_checkpointing(False)(images)[0])
 
 
 @pytest.mark.parametrize("name", ["vit_moe_lite6_prmoe", "widenet_cifar", "vit_lite6"])
