@@ -267,6 +267,57 @@ def check_deepcopy_and_pickle(rank, world, ctx, seed):
         raise AssertionError("pickling a parallelized model did not fail")
 
 
+def check_backward_that_raised_does_not_stop_sync(rank, world, ctx, seed):
+    """A backward that raises on every rank (a batch a loop skips) leaves half-filled buckets;
+    the next forward drops them with a warning and the next step synchronises as usual."""
+    import warnings
+    ref, model = _build_pair(ctx, seed, experts=(4,))
+    x, target = _data(world)
+    lo, hi = rank * B, (rank + 1) * B
+
+    def boom(module, grad_output):
+        raise RuntimeError("simulated failure in backward")
+
+    handle = model.moes[0].register_full_backward_pre_hook(boom)  # after `out`'s gradients
+    out, _ = model(x[lo:hi])
+    try:
+        (out - target[lo:hi]).square().mean().backward()
+    except RuntimeError as e:
+        assert "simulated failure" in str(e), e
+    handle.remove()
+    model.zero_grad()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out, _ = model(x[lo:hi])
+    assert any("previous backward did not finish" in str(w.message) for w in caught), caught
+    (out - target[lo:hi]).square().mean().backward()
+    out_ref, _ = ref(x)
+    (out_ref - target).square().mean().backward()
+    _assert_grads_equal(ref, model, "after a backward that raised")
+
+
+def check_parallelize_setup_rules(rank, world, ctx, seed):
+    """Replicated experts start equal whatever each rank built; a model holding an already
+    parallelized submodule is refused; a second parallelize keeps the random streams going."""
+    torch.manual_seed(100 + rank)  # per-rank seeds, no moe_set_seed: copies differ before
+    model = moesaic.parallelize(tiny_net(experts=(1,), top_k=1))
+    w1 = model.moes[0].experts.w1.detach().contiguous()
+    copies = [torch.empty_like(w1) for _ in range(world)]
+    dist.all_gather(copies, w1)
+    assert all(torch.equal(c, copies[0]) for c in copies)
+    try:
+        moesaic.parallelize(torch.nn.ModuleDict({"body": model}))
+    except ValueError as e:
+        assert "submodule 'body' is already parallelized" in str(e), e
+    else:
+        raise AssertionError("parallelize accepted a model with a parallelized submodule")
+    moesaic.moe_set_seed(seed)
+    moesaic.parallelize(tiny_net(experts=(4,)))
+    first = torch.rand(4)
+    moesaic.parallelize(tiny_net(experts=(4,)))  # e.g. an EMA copy
+    assert not torch.equal(torch.rand(4), first)
+
+
 def check_grad_scaler_skips_together(rank, world, ctx, seed):
     """fp16 loss scaling: an overflow in an expert gradient that only rank 0 holds makes every
     rank skip the step and back off the scale."""
@@ -307,6 +358,8 @@ def two_ranks(rank, world):
     check_zero_tokens(rank, world, ctx, 15)
     check_grad_checkpointing(rank, world, ctx, 16)
     check_deepcopy_and_pickle(rank, world, ctx, 17)
+    check_backward_that_raised_does_not_stop_sync(rank, world, ctx, 18)
+    check_parallelize_setup_rules(rank, world, ctx, 19)
     # one expert, two ranks: replicated, synchronised over the two ranks
     check_equivalence(rank, world, ctx, 4, steps=1, experts=(1,), top_k=1)
     # per-rank noise streams: same router, same input, different noise on each rank

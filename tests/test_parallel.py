@@ -16,7 +16,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def test_two_ranks_match_one_process():
     """ep 2: dropless (pyramid [4, 2], clipping) and capacity-with-room, three AdamW steps each;
     aux loss per rank; one replicated expert; per-rank noise; grad checkpointing; deep copies;
-    model mismatch fails at set-up."""
+    recovery from a backward that raised; set-up rules; model mismatch fails at set-up."""
     assert run_ranks(workers.two_ranks, 2, timeout=120) == [True, True]
 
 

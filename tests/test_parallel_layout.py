@@ -106,6 +106,8 @@ def test_clip_grad_norm_single_process_matches_torch():
     torch.testing.assert_close(n, n_ref)
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p.grad, q.grad)
+    with pytest.raises(TypeError, match="pass the model rather than model.parameters"):
+        moesaic.clip_grad_norm_(b.parameters(), 0.01)
 
 
 def test_alltoall_volume_formula():

@@ -21,6 +21,10 @@ from .layout import get_context
 def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -> Tensor:
     """Scale all gradients so their global ``norm_type``-norm is at most ``max_norm``; returns
     the norm before clipping (float32 scalar, identical on every rank)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"clip_grad_norm_ takes the model (an nn.Module), got a "
+                        f"{type(model).__name__}: it needs the MoE layers to count each expert "
+                        "once, so pass the model rather than model.parameters()")
     if not (max_norm > 0):
         raise ValueError(f"max_norm must be > 0, got {max_norm!r}")
     norm_type = float(norm_type)

@@ -63,6 +63,10 @@ def exchange(x_ND: Tensor, out_splits: Sequence[int], in_splits: Sequence[int], 
     return out_MD
 
 
+PICKLE_ERROR = ("a parallelized model holds process groups and cannot be pickled (torch.save of "
+                "the module): save moesaic.full_state_dict(model) or model.state_dict() instead")
+
+
 class GroupRef:
     """A process group its owner can let go of (``moesaic.destroy``): autograd graphs kept alive
     by the caller hold this reference, not the group."""

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ..routing import RoutingPlan
-from .comm import CommStats, GroupRef, all_to_all_rows, exchange
+from .comm import PICKLE_ERROR, CommStats, GroupRef, all_to_all_rows, exchange
 
 
 def _exclusive_cumsum(x: Tensor) -> Tensor:
@@ -56,10 +56,6 @@ def _inverse(perm: Tensor) -> Tensor:
 
 _PROMISE = (" under equal_batches (every rank of the group must route the same number of "
             "tokens: leave equal_batches for ragged batches)")
-
-
-PICKLE_ERROR = ("a parallelized model holds process groups and cannot be pickled (torch.save of "
-                "the module): save moesaic.full_state_dict(model) or model.state_dict() instead")
 
 
 @dataclass

@@ -14,6 +14,7 @@ then averaging over the edp group gives the mean over the whole world.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -21,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .comm import run_collective
+from .comm import PICKLE_ERROR, run_collective
 
 
 @dataclass
@@ -147,11 +148,42 @@ class GradSync:
                     else:
                         p.grad.copy_(g)
         finally:
-            for b in self.buckets:
-                b.ready, b.work, b.flat = 0, None, None
-                b.seen.clear()
-            self._next = [0] * len(self._lanes)
-            self._queued = False
+            self._reset()
+
+    def _reset(self) -> None:
+        for b in self.buckets:
+            b.ready, b.work, b.flat = 0, None, None
+            b.seen.clear()
+        self._next = [0] * len(self._lanes)
+        self._queued = False
+
+    def reset_if_stale(self) -> None:
+        """Called before each forward (outside any backward): a backward that raised never ran
+        the end-of-backward callback, and its half-filled buckets would keep every later
+        backward from synchronising. Drop them, with a warning."""
+        if self._queued and torch._C._current_graph_task_id() == -1:
+            warnings.warn("moesaic: the previous backward did not finish (it raised), so its "
+                          "gradient synchronisation was abandoned; the next backward "
+                          "synchronises as usual (zero the gradients before it)", stacklevel=3)
+            self._reset()
+
+
+class StaleSyncHook:
+    """Forward pre-hook of a parallelized model and its MoE layers: ``reset_if_stale`` first.
+    A deep copy of the model (not parallelized) gets a hook that does nothing."""
+
+    def __init__(self, sync: Optional[GradSync]):
+        self.sync = sync
+
+    def __call__(self, module, args) -> None:
+        if self.sync is not None:
+            self.sync.reset_if_stale()
+
+    def __deepcopy__(self, memo):
+        return StaleSyncHook(None)
+
+    def __getstate__(self):
+        raise TypeError(PICKLE_ERROR)
 
 
 def scale_grad_hooks(params, scale: float) -> list:

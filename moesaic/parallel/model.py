@@ -15,10 +15,10 @@ import torch.nn as nn
 
 from ..experts import Experts
 from ..layer import MoE, moe_layers
-from .comm import CommStats, run_collective
+from .comm import PICKLE_ERROR, CommStats, run_collective
 from .context import ParallelContext, hold_groups
-from .dispatcher import PICKLE_ERROR, AllToAllDispatcher
-from .grad_sync import GradSync, scale_grad_hooks
+from .dispatcher import AllToAllDispatcher
+from .grad_sync import GradSync, StaleSyncHook, scale_grad_hooks
 from .layout import get_context
 from .seed import use_rank_streams
 
@@ -90,14 +90,14 @@ def _check_same_model(model: nn.Module, ctx: ParallelContext) -> None:
 
 
 @torch.no_grad()
-def _broadcast_coalesced(tensors: list, src: int, ctx: ParallelContext) -> None:
+def _broadcast_coalesced(tensors: list, ranks, group=None, what="shared parameters") -> None:
+    """Copy ``tensors`` from ``ranks[0]`` to the other ranks of ``group`` (default: world)."""
     by_dtype = {}
     for t in tensors:
         by_dtype.setdefault(t.dtype, []).append(t)
     for ts in by_dtype.values():
         flat = torch.cat([t.reshape(-1) for t in ts])
-        run_collective("broadcast of shared parameters", range(ctx.world_size), dist.broadcast,
-                       flat, src)
+        run_collective(f"broadcast of {what}", ranks, dist.broadcast, flat, ranks[0], group=group)
         offset = 0
         for t in ts:
             t.copy_(flat[offset:offset + t.numel()].view_as(t))
@@ -116,6 +116,12 @@ def parallelize(model: nn.Module, bucket_mb: float = 25.0) -> nn.Module:
     old = parallel_state(model)
     if old is not None and not old.released:
         return model
+    for name, m in model.named_modules():
+        inner = parallel_state(m)
+        if m is not model and inner is not None and not inner.released:
+            raise ValueError(f"submodule {name!r} is already parallelized: call parallelize once, "
+                             "on the outermost model (a second set of gradient hooks would "
+                             "scale and average its gradients twice)")
     ctx = get_context() or ParallelContext()
     layers = moe_layers(model)
     for name, m in model.named_modules():
@@ -134,7 +140,7 @@ def parallelize(model: nn.Module, bucket_mb: float = 25.0) -> nn.Module:
         _check_same_model(model, ctx)
         expert_ids = expert_param_ids(model)
         shared = [p for p in model.parameters() if id(p) not in expert_ids]
-        _broadcast_coalesced(shared + list(model.buffers()), 0, ctx)
+        _broadcast_coalesced(shared + list(model.buffers()), tuple(range(ctx.world_size)))
         sync_groups = [(ctx.grad_group(), tuple(range(ctx.world_size)), shared)]
         by_ep = {}
         for layer in layers:
@@ -146,9 +152,12 @@ def parallelize(model: nn.Module, bucket_mb: float = 25.0) -> nn.Module:
             state.hooks += scale_grad_hooks(params, 1.0 / g.ep_size)
             by_ep.setdefault(g.ep_size, (g, []))[1].extend(params)
         for g, params in by_ep.values():
-            if g.edp_group is not None:
+            if g.edp_group is not None:  # replicated experts start equal, like shared weights
+                _broadcast_coalesced(params, g.edp_ranks, g.edp_group, "replicated experts")
                 sync_groups.append((g.edp_group, g.edp_ranks, params))
         state.grad_sync = GradSync(sync_groups, bucket_mb)
+        for m in [model, *layers]:  # a backward that raised leaves the sync half done
+            state.hooks.append(m.register_forward_pre_hook(StaleSyncHook(state.grad_sync)))
     use_rank_streams(ctx.rank)
     hold_groups(state)
     model.moesaic_parallel = state
