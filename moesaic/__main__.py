@@ -6,10 +6,13 @@ train --config configs/NAME.py``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import signal
 import sys
 import textwrap
+import warnings
 from dataclasses import fields
 from typing import Optional
 
@@ -86,7 +89,15 @@ def _resolve_config(args):
 
     if args.config is None and args.resume is not None:
         state = checkpoint.read_state(checkpoint.find(args.resume))
-        return apply_overrides(from_dict(state["config"], " (from the checkpoint)"), args.overrides)
+        cfg = apply_overrides(from_dict(state["config"], " (from the checkpoint)"), args.overrides)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        set_here = any(o.split("=", 1)[0].strip() == "max_ep_size" for o in args.overrides)
+        if cfg.max_ep_size is not None and world % cfg.max_ep_size and not set_here:
+            warnings.warn(f"max_ep_size={cfg.max_ep_size} from the checkpoint's config does not "
+                          f"divide this world size ({world}): resuming with max_ep_size=None "
+                          "(the world size); --set max_ep_size=N chooses another", stacklevel=2)
+            cfg = dataclasses.replace(cfg, max_ep_size=None)
+        return cfg
     if args.config is not None and args.config.endswith(".json"):
         with open(args.config) as f:
             return apply_overrides(from_dict(json.load(f), f" in {args.config}"), args.overrides)
@@ -109,6 +120,10 @@ def _train(args) -> int:
     from .train.loop import NonFiniteLoss, TrainingInterrupted, train
     from .train.rundir import RunDirError
 
+    def on_sigterm(signum, frame):  # a scheduler's preemption: stop like Ctrl-C
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         cfg = _resolve_config(args)
         if args.print_config:
@@ -127,7 +142,11 @@ def _train(args) -> int:
     except TrainingInterrupted as e:
         _error(str(e))
         return 130
+    except KeyboardInterrupt:
+        _error("interrupted while starting up, before any checkpoint was written")
+        return 130
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if "moesaic.parallel.context" in sys.modules:
             from .parallel import destroy
 

@@ -84,3 +84,42 @@ def test_prune_never_deletes_the_latest(tmp_path):
     checkpoint._prune(root, keep=2)
     assert sorted(n for n in os.listdir(root) if n.startswith("epoch_")) == [
         "epoch_0001", "epoch_0002", "epoch_0003.1"]
+
+
+def _save_on_each_rank(rank, world, root):
+    import moesaic
+    ctx = moesaic.init_distributed(timeout_s=60)
+    try:
+        moesaic.moe_set_seed(0)
+        model = moesaic.parallelize(moesaic.MoE(8, 16, 4))
+        opt = torch.optim.AdamW(model.parameters())
+        if ctx.is_main:
+            os.makedirs(root)
+        return checkpoint.save(root, 1, model, opt, {"epoch": 1, "step": 10}, is_main=ctx.is_main,
+                               is_best=False, keep=2)
+    finally:
+        moesaic.destroy()
+
+
+def test_every_rank_learns_the_checkpoint_path(tmp_path):
+    """Ranks other than 0 name the checkpoint in their Ctrl-C and non-finite-loss messages."""
+    from _dist_harness import run_ranks
+    root = str(tmp_path / "checkpoints")
+    paths = run_ranks(_save_on_each_rank, 2, root, timeout=90)
+    assert paths[0] == paths[1] == os.path.join(root, "epoch_0001")
+
+
+def test_latest_json_naming_a_missing_folder_lists_the_others(tmp_path):
+    root = str(tmp_path / "checkpoints")
+    os.makedirs(root)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters())
+    _save(root, 1, model, opt)
+    _save(root, 2, model, opt)
+    shutil.rmtree(os.path.join(root, "epoch_0002"))
+    try:
+        checkpoint.find(str(tmp_path))
+    except checkpoint.CheckpointError as e:
+        assert "names epoch_0002, which holds no" in str(e) and "epoch_0001" in str(e), e
+    else:
+        raise AssertionError("a latest.json naming a deleted folder was accepted")

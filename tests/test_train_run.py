@@ -4,6 +4,7 @@ import json
 import math
 import os
 
+import pytest
 import torch
 
 import moesaic
@@ -146,6 +147,8 @@ def test_max_steps_inside_an_epoch_then_resume_equals_uninterrupted(tmp_path, ca
     assert "after 1 of 2 steps of epoch 2" in capsys.readouterr().out
     recs = read_metrics(part)
     assert [(r["epoch"], r["step"], r.get("partial_steps")) for r in recs] == [(1, 2, None), (2, 3, 1)]
+    with open(os.path.join(part, "summary.json")) as f:
+        assert json.load(f)["epochs"] == 1  # completed epochs: the partial one does not count
     assert sorted(os.listdir(os.path.join(part, "checkpoints"))) == ["best.json", "epoch_0001",
                                                                      "latest.json"]
     assert main(["train", "--resume", part, "--set", "max_steps=None"]) == 0
@@ -224,6 +227,81 @@ def test_ctrl_c_says_how_to_resume(tmp_path, monkeypatch, capsys):
     assert main(["train", "--config", cfg, "--run-dir", run]) == 130
     err = capsys.readouterr().err
     assert f"interrupted at step 3 (epoch 2); continue with: moesaic train --resume {run}" in err
+
+
+def test_sigterm_stops_like_ctrl_c(tmp_path, monkeypatch, capsys):
+    """A scheduler's SIGTERM (preemption) stops with the resume hint, not a silent death."""
+    import signal
+    write_cifar(str(tmp_path))
+    cfg = tiny_config(tmp_path / "c.py", tmp_path, EPOCHS=3)
+    step = loop.Trainer.train_step
+
+    def terminated_in_epoch_2(self, idx_b, i):
+        if self.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(self, idx_b, i)
+
+    monkeypatch.setattr(loop.Trainer, "train_step", terminated_in_epoch_2)
+    before = signal.getsignal(signal.SIGTERM)
+    run = str(tmp_path / "run")
+    assert main(["train", "--config", cfg, "--run-dir", run]) == 130
+    assert "interrupted at step 3 (epoch 2); continue with" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert checkpoint.find(run).endswith("epoch_0001")
+
+
+def test_resume_of_an_earlier_checkpoint_points_latest_at_it(tmp_path, capsys):
+    """After resuming epoch 1 of a 3-epoch run into its own dir, `--resume RUN_DIR` (the hint
+    an interrupt prints) continues from epoch 1's line of work, not the abandoned epoch 3."""
+    write_cifar(str(tmp_path))
+    cfg = tiny_config(tmp_path / "c.py", tmp_path, EPOCHS=3)
+    run = str(tmp_path / "run")
+    assert main(["train", "--config", cfg, "--run-dir", run]) == 0
+    early = os.path.join(run, "checkpoints", "epoch_0001")
+    assert main(["train", "--resume", early, "--set", "max_steps=3"]) == 0  # stops in epoch 2
+    assert checkpoint.find(run) == early
+    assert main(["train", "--resume", run, "--set", "epochs=2"]) == 0
+    assert "resumed from " + early in capsys.readouterr().out
+    capsys.readouterr()
+    assert main(["train", "--resume", run, "--set", "epochs=1"]) == 0
+    assert "nothing to train" in capsys.readouterr().out
+
+
+def test_max_ep_size_that_does_not_divide_the_world(tmp_path, monkeypatch, capsys):
+    import argparse
+    from moesaic import __main__ as cli
+    write_cifar(str(tmp_path))
+    cfg = tiny_config(tmp_path / "c.py", tmp_path, EPOCHS=1)
+    assert main(["train", "--config", cfg, "--set", "max_ep_size=2"]) == 2
+    assert "config: max_ep_size: world size (1) is not divisible by max_ep_size (2)" in \
+        capsys.readouterr().err
+    saved = {"config": {**moesaic.train.config.TrainConfig(max_ep_size=2).to_dict()}}
+    monkeypatch.setattr(checkpoint, "find", lambda path: path)
+    monkeypatch.setattr(checkpoint, "read_state", lambda path: saved)
+    args = argparse.Namespace(config=None, resume="ck", overrides=[])
+    with pytest.warns(UserWarning, match="max_ep_size=2 from the checkpoint's config does not"):
+        assert cli._resolve_config(args).max_ep_size is None
+    args.overrides = ["max_ep_size=1"]
+    assert cli._resolve_config(args).max_ep_size == 1
+
+
+def test_resume_with_another_model_warns_and_missing_matplotlib_skips_plots(tmp_path,
+                                                                            monkeypatch):
+    write_cifar(str(tmp_path))
+    cfg = tiny_config(tmp_path / "c.py", tmp_path, EPOCHS=1)
+    run = str(tmp_path / "run")
+    assert main(["train", "--config", cfg, "--run-dir", run]) == 0
+    with pytest.warns(UserWarning, match=r"another model \(model_args: .*'num_heads': 2.*"
+                                         r"'num_heads': 4"):
+        assert main(["train", "--resume", run, "--set", "epochs=2",
+                     "--set", "model_args.num_heads=4"]) == 0
+    find_spec = loop.importlib.util.find_spec
+    monkeypatch.setattr(loop.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else find_spec(name, *a))
+    with pytest.warns(UserWarning, match="matplotlib is not installed"):
+        assert main(["train", "--config", cfg, "--run-dir", str(tmp_path / "r2"),
+                     "--set", "plots=True"]) == 0
+    assert not os.path.exists(tmp_path / "r2" / "curves.png")
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch, capsys):

@@ -180,7 +180,7 @@ def _read_json(path: str):
 
 def save(ckpt_root: str, epoch: int, model: nn.Module, optimizer, state: dict, is_main: bool,
          is_best: bool, keep: int) -> Optional[str]:
-    """Write ``epoch_NNNN`` (collective: every rank calls it); returns its path on rank 0."""
+    """Write ``epoch_NNNN`` (collective: every rank calls it); returns its path on every rank."""
     weights = full_state_dict(model)
     moments, steps = gather_moments(model, optimizer)
     rng = rng_state(model)
@@ -209,9 +209,19 @@ def save(ckpt_root: str, epoch: int, model: nn.Module, optimizer, state: dict, i
             _write_json(os.path.join(ckpt_root, "best.json"), {"name": name, "epoch": epoch})
         _remove_superseded(ckpt_root, epoch, name)
         _prune(ckpt_root, keep)
-    if multi_process():
-        dist.barrier()
+    if multi_process():  # every rank learns the path (rank 0 chose the name)
+        shared = [path]
+        dist.broadcast_object_list(shared, src=0)
+        path = shared[0]
     return path
+
+
+def point_latest(ckpt: str, epoch: int) -> None:
+    """Make ``latest.json`` of the checkpoint's run name it: a run resumed from an earlier
+    checkpoint into its own run dir continues from there, so ``--resume RUN_DIR`` must too."""
+    root, name = os.path.split(os.path.abspath(ckpt))
+    if _pointer(root, "latest.json") != name:
+        _write_json(os.path.join(root, "latest.json"), {"name": name, "epoch": epoch})
 
 
 def _epoch_of(name: str) -> int:
@@ -267,6 +277,8 @@ def find(path: str) -> str:
                 raise CheckpointError(f"{latest} is unreadable ({e!r}); {_others(root)}") from e
             if os.path.isfile(os.path.join(ck, STATE_FILE)):
                 return ck
+            raise CheckpointError(f"{latest} names {os.path.basename(ck)}, which holds no "
+                                  f"{STATE_FILE} (deleted or moved?); {_others(root)}")
     raise CheckpointError(f"no checkpoint at {os.path.abspath(path)}: expected a checkpoint "
                           f"folder (with {STATE_FILE}) or a run dir with checkpoints/latest.json")
 

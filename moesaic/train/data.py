@@ -151,7 +151,7 @@ def steps_per_epoch(num_images: int, global_batch: int, cap: Optional[int] = Non
 def epoch_order(num_images: int, epoch: int, seed: int) -> Tensor:
     """The epoch's shuffled order: different each epoch, identical for a given seed."""
     g = torch.Generator()
-    g.manual_seed(seed * 1_000_003 + epoch * 7_919 + 17)
+    g.manual_seed((seed * 1_000_003 + epoch * 7_919 + 17) % 2**63)  # any seed in [0, 2**63)
     return torch.randperm(num_images, generator=g)
 
 

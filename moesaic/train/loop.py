@@ -15,10 +15,14 @@ H/W image height/width, L classes (logits), E experts of a layer; ``_5`` / ``_3`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
+import importlib.util
+import json
 import os
 import signal
 import time
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -48,7 +52,7 @@ class NonFiniteLoss(RuntimeError):
 
 
 class TrainingInterrupted(RuntimeError):
-    """Ctrl-C: says where the run stopped and how to continue it."""
+    """Ctrl-C or SIGTERM: says where the run stopped and how to continue it."""
 
 
 def _device(cfg: TrainConfig, ctx) -> torch.device:
@@ -138,9 +142,16 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, run_dir: Optional[str] = None,
                  resume: Optional[str] = None):
+        if cfg.plots and importlib.util.find_spec("matplotlib") is None:
+            warnings.warn("plots=True but matplotlib is not installed (pip install "
+                          "'moesaic[train]'): training without plots", stacklevel=2)
+            cfg = dataclasses.replace(cfg, plots=False)
         self.cfg = cfg
         _init_for_restarts(cfg.timeout_s)
-        self.ctx = init_distributed(max_ep_size=cfg.max_ep_size, timeout_s=cfg.timeout_s)
+        try:
+            self.ctx = init_distributed(max_ep_size=cfg.max_ep_size, timeout_s=cfg.timeout_s)
+        except ValueError as e:
+            raise ConfigError(f"max_ep_size: {e}") from None
         self.rank, self.world, self.is_main = self.ctx.rank, self.ctx.world_size, self.ctx.is_main
         if cfg.batch_size % self.world:
             raise ConfigError(f"batch_size ({cfg.batch_size}) must be divisible by the world size "
@@ -194,6 +205,22 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.history = list(state.get("history", []))[: self.epoch]
         self.last_ckpt = ckpt
+        def plain(v):  # tuples and lists alike, as config.json holds them
+            return json.loads(json.dumps(v, default=str))
+
+        was, now = state.get("config", {}), self.cfg.to_dict()
+        changed = [f"{k}: {was[k]!r} -> {now[k]!r}" for k in ("model", "model_args")
+                   if k in was and plain(was[k]) != plain(now[k])]
+        if changed and self.is_main:
+            warnings.warn(f"resuming {ckpt} with another model ({'; '.join(changed)}): its "
+                          "weights loaded because the shapes fit, but the model differs from "
+                          "the one that trained them", stacklevel=2)
+        in_this_run = os.path.dirname(os.path.abspath(ckpt)) == os.path.abspath(self.ckpt_root)
+        if self.is_main and in_this_run:  # resumed from an earlier one: --resume RUN_DIR follows
+            checkpoint.point_latest(ckpt, self.epoch)
+        if self.epoch >= self.cfg.epochs:
+            self.log(f"the checkpoint has finished epoch {self.epoch} of epochs={self.cfg.epochs}:"
+                     f" nothing to train (--set epochs=N with N > {self.epoch} trains longer)")
         self.log(f"resumed from {ckpt} (epoch {self.epoch}, step {self.step})")
 
     def _autocast(self):
@@ -297,24 +324,24 @@ class Trainer:
                    disable=not (self.is_main and cfg.progress))
         shown_5, shown_steps = torch.zeros(5, dtype=torch.float64), 0
         t0, stopped, steps = time.perf_counter(), False, 0
-        for i in range(self.spe):
-            if cfg.max_steps is not None and self.step >= cfg.max_steps:
-                stopped = True
-                break
-            idx_b = rank_batch(order_N, i, cfg.batch_size, self.rank, self.world)
-            totals_5 += self.train_step(idx_b, i)
-            steps += 1
-            if bar.disable or (steps % BAR_EVERY and i + 1 < self.spe):
-                continue
-            now_5 = totals_5.cpu().clone()  # on a CPU run .cpu() is totals_5 itself
-            recent_5 = now_5 - shown_5
-            rate = float(now_5[4]) / max(time.perf_counter() - t0, 1e-9)
-            bar.set_postfix(loss=f"{float(recent_5[0] / recent_5[4]):.4f}",
-                            acc=f"{100 * float(now_5[3] / now_5[4]):.1f}%", img_s=f"{rate:.0f}",
-                            refresh=False)
-            bar.update(steps - shown_steps)
-            shown_5, shown_steps = now_5, steps
-        bar.close()
+        with bar:  # closed on an interrupt too, so the error line starts a line of its own
+            for i in range(self.spe):
+                if cfg.max_steps is not None and self.step >= cfg.max_steps:
+                    stopped = True
+                    break
+                idx_b = rank_batch(order_N, i, cfg.batch_size, self.rank, self.world)
+                totals_5 += self.train_step(idx_b, i)
+                steps += 1
+                if bar.disable or (steps % BAR_EVERY and i + 1 < self.spe):
+                    continue
+                now_5 = totals_5.cpu().clone()  # on a CPU run .cpu() is totals_5 itself
+                recent_5 = now_5 - shown_5
+                rate = float(now_5[4]) / max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix(loss=f"{float(recent_5[0] / recent_5[4]):.4f}",
+                                acc=f"{100 * float(now_5[3] / now_5[4]):.1f}%",
+                                img_s=f"{rate:.0f}", refresh=False)
+                bar.update(steps - shown_steps)
+                shown_5, shown_steps = now_5, steps
         train_time = time.perf_counter() - t0
         if cfg.max_steps is not None and self.step >= cfg.max_steps:
             stopped = True

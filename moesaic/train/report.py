@@ -35,7 +35,7 @@ def summary(history: list[dict], params_total: int, params_active: int) -> dict:
     return {
         "best_eval_accuracy": max(r["eval_accuracy"] for r in history),
         "final_eval_accuracy": last["eval_accuracy"],
-        "epochs": last["epoch"],
+        "epochs": last["epoch"] - int("partial_steps" in last),  # completed epochs
         "train_images_per_second": imgs / secs if secs > 0 else 0.0,
         "params_total": int(params_total),
         "params_active_per_token": int(params_active),
