@@ -342,7 +342,7 @@ def _with_weights(plan, weight_TK):
                    row_weight_N=weight_TK.reshape(-1).index_select(0, row_assign_N))
 
 
-def _fast_init(self, layer_seed):
+def _fast_init(self, layer_seed=None):
     """Benchmark-only init on the parameters' own device (the library's per-expert CPU init
     of 8.6e9 weights would take minutes); values do not change the timings."""
     with torch.no_grad():

@@ -69,6 +69,21 @@ def test_unknown_key_names_the_closest(tmp_path):
         apply_overrides(TrainConfig(), ["warmup_epoch=3"])
 
 
+def test_names_from_other_tools_and_small_conveniences(tmp_path):
+    with pytest.raises(ConfigError, match=r"'learning_rate'.*did you mean: lr"):
+        apply_overrides(TrainConfig(), ["learning_rate=3e-4"])
+    with pytest.raises(ConfigError, match=r"'GRADIENT_CHECKPOINTING'.*GRAD_CHECKPOINTING"):
+        load_file(_write(tmp_path, "GRADIENT_CHECKPOINTING = True\n"))
+    assert apply_overrides(TrainConfig(), ["name=123"]).name == "123"
+    with pytest.raises(ConfigError, match=r"name must be .*got '\.\.'"):
+        apply_overrides(TrainConfig(), ["name=.."])
+    with pytest.warns(UserWarning, match=r"min_lr \(1e-05\) has no effect"):
+        apply_overrides(TrainConfig(), ["schedule=constant", "min_lr=1e-5"])
+    _write(tmp_path, "EPOCHS = 7\nLR = 0.5\n", name="base_recipe.py")
+    cfg = load_file(_write(tmp_path, "from base_recipe import *\nLR = 0.25\n"))
+    assert (cfg.epochs, cfg.lr) == (7, 0.25)
+
+
 def test_bad_values_name_field_and_value(tmp_path):
     with pytest.raises(ConfigError, match=r"batch_size: expected int.*'many'"):
         load_file(_write(tmp_path, "BATCH_SIZE = 'many'\n"))

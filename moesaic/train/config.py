@@ -12,6 +12,7 @@ import ast
 import difflib
 import os
 import runpy
+import sys
 import types
 import typing
 import warnings
@@ -131,6 +132,8 @@ def _coerce(name: str, value: Any, t, optional: bool) -> Any:
     if t is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # --set name=123 parses as a number
         raise bad
     if t is dict:
         if isinstance(value, dict):
@@ -154,7 +157,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         t, optional = _type_of(f)
         setattr(cfg, f.name, _coerce(f.name, getattr(cfg, f.name), t, optional))
     c = cfg
-    _check(c.name != "" and "/" not in c.name, f"name must be a non-empty name without '/', got {c.name!r}")
+    _check(c.name not in ("", ".", "..") and "/" not in c.name,
+           f"name must be a non-empty folder name without '/' (not '.' or '..'), got {c.name!r}")
     _check(c.dataset in DATASETS, f"dataset must be one of {DATASETS}, got {c.dataset!r}")
     for n in ("batch_size", "eval_batch_size", "epochs", "checkpoint_every", "keep_checkpoints"):
         _check(getattr(c, n) >= 1, f"{n} must be >= 1, got {getattr(c, n)!r}")
@@ -163,6 +167,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _check(v is None or v >= 1, f"{n} must be None or >= 1, got {v!r}")
     _check(c.lr > 0, f"lr must be > 0, got {c.lr!r}")
     _check(0 <= c.min_lr <= c.lr, f"min_lr must be in [0, lr={c.lr}], got {c.min_lr!r}")
+    if c.schedule == "constant" and c.min_lr > 0:
+        warnings.warn(f"min_lr ({c.min_lr}) has no effect with schedule='constant'", stacklevel=2)
     _check(c.weight_decay >= 0, f"weight_decay must be >= 0, got {c.weight_decay!r}")
     _check(len(c.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in c.betas),
            f"betas must be two numbers in [0, 1), got {c.betas!r}")
@@ -195,9 +201,19 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+ALIASES = {"learning_rate": "lr", "lerning_rate": "lr", "learningrate": "lr", "wd": "weight_decay",
+           "num_epochs": "epochs", "n_epochs": "epochs", "warmup": "warmup_epochs",
+           "bs": "batch_size", "batchsize": "batch_size", "grad_clip": "clip_grad",
+           "gradient_checkpointing": "grad_checkpointing", "activation_checkpointing":
+           "grad_checkpointing", "ep_size": "max_ep_size"}  # names other tools use
+
+
 def _unknown(key: str, where: str) -> ConfigError:
     names = [f.name for f in fields(TrainConfig)]
     close = difflib.get_close_matches(key.lower(), names, n=3, cutoff=0.5)
+    alias = ALIASES.get(key.lower())
+    if alias is not None and alias not in close:
+        close = [alias, *close][:3]
     upper = key.isupper()
     hint = ", ".join(n.upper() if upper else n for n in close)
     msg = f"unknown config key {key!r}{where}"
@@ -221,10 +237,14 @@ def load_file(path: str) -> TrainConfig:
     if not os.path.isfile(path):
         why = "is a directory, not a file" if os.path.isdir(path) else "does not exist"
         raise ConfigError(f"config file {path!r} {why}")
+    folder = os.path.dirname(os.path.abspath(path))
+    sys.path.insert(0, folder)  # a config may import a base config that sits beside it
     try:
         ns = runpy.run_path(path, run_name="moesaic_config")
     except Exception as e:
         raise ConfigError(f"config file {path!r} failed to run: {type(e).__name__}: {e}") from e
+    finally:
+        sys.path.remove(folder)
     where = f" in {path}"
     fn = ns.get("config") or ns.get("get_config")
     upper = {k: v for k, v in ns.items() if k.isupper() and not k.startswith("_")
