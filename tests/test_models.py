@@ -3,6 +3,7 @@ ViT-Lite parameter counts match the Compact Transformers paper; WideNet shares i
 summaries, FLOP counts and config errors; expert parallelism gives single-process logits;
 the MoEStack test model."""
 import math
+import os
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import moesaic.models as M
 from moesaic.models.layers import Attention
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER_PARAMS = {"vit_lite6": 3.19e6, "vit_lite7": 3.72e6}  # Hassani et al. 2021, Table 1
 # Small shapes for speed: 16x16 images (17 tokens); ImageNet WideNet keeps its full width but
 # sees 32x32 images (5 tokens) through 2 blocks.
@@ -215,6 +217,26 @@ def test_meta_build_then_reset_parameters_gives_the_eager_model(name):
     model.reset_parameters()
     ref = eager.state_dict()
     assert all(torch.equal(v, ref[k]) for k, v in model.state_dict().items())
+
+
+def test_titans_details_for_the_published_recipe():
+    """The 90.66% run's model (Titans' ViTMoE): mean pooling into a zero head, LayerNorm eps
+    1e-6, truncated-normal routers; the recipe config sets them."""
+    from moesaic.train.config import load_file
+    cfg = load_file(os.path.join(ROOT, "configs", "cifar10_vit_moe_lite6_prmoe.py"))
+    torch.manual_seed(0)
+    model = M.create(cfg.model, img_size=16, **cfg.model_args)
+    assert model.config.pool == "mean" and not model.head.weight.any()
+    assert all(m.eps == 1e-6 for m in model.modules() if isinstance(m, torch.nn.LayerNorm))
+    std = torch.cat([m.router.weight.flatten() for m in model.moe_layers()]).std().item()
+    assert std == pytest.approx((0.1 / 256) ** 0.5, rel=0.1)
+    model.head.weight.data.normal_()
+    seen = {}
+    model.norm.register_forward_hook(lambda m, i, o: seen.update(out=o))
+    logits, _ = model.eval()(_images(model, 2))
+    torch.testing.assert_close(logits, model.head(seen["out"].mean(dim=1)))
+    with pytest.raises(ValueError, match="pool must be 'cls' or 'mean', got 'max'"):
+        M.create("vit_moe_tiny", pool="max")
 
 
 def test_errors_name_the_field():

@@ -30,7 +30,7 @@ class VisionModel(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, D))
         self.pos_drop = nn.Dropout(cfg.drop_rate)
-        self.norm = nn.LayerNorm(D)
+        self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
         self.head = nn.Linear(D, cfg.num_classes)
         self.grad_checkpointing = False
 
@@ -54,12 +54,20 @@ class VisionModel(nn.Module):
         for m in self.modules():
             if m is not self and hasattr(m, "reset_parameters"):
                 m.reset_parameters()
-        self._init_embeddings()
-        init_weights(self)
+        self._init_weights()
 
-    def _init_embeddings(self) -> None:
+    def _init_weights(self) -> None:
+        """The model's own init after the modules' defaults (subclasses call it last)."""
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        init_weights(self)
+        c = self.config
+        if c.zero_head:
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+        if c.router_init_std is not None:
+            for layer in self.moe_layers():
+                nn.init.trunc_normal_(layer.router.weight, std=c.router_init_std)
 
     def _make_moe(self, num_experts: int, top_k: int, noise_policy, residual: bool) -> MoE:
         c = self.config
@@ -80,7 +88,10 @@ class VisionModel(nn.Module):
         aux = x_BSD.new_zeros((), dtype=torch.float32)
         stats: list = []
         x_BSD, aux = self._run_blocks(x_BSD, aux, stats)
-        logits_BC = self.head(self.norm(x_BSD[:, 0]))
+        if self.config.pool == "mean":
+            logits_BC = self.head(self.norm(x_BSD).mean(dim=1))
+        else:
+            logits_BC = self.head(self.norm(x_BSD[:, 0]))
         return (logits_BC, aux, stats) if return_stats else (logits_BC, aux)
 
     def moe_layers(self) -> list[MoE]:

@@ -40,6 +40,10 @@ class VisionConfig:
     drop_path: float = 0.0
     qkv_bias: bool = False
     patch_bias: bool = False
+    pool: str = "cls"  # "cls": the class token; "mean": mean of all tokens after the final norm
+    zero_head: bool = False  # zero-initialised classifier (as Titans' ViT-MoE)
+    norm_eps: float = 1e-5  # LayerNorm epsilon
+    router_init_std: Optional[float] = None  # truncated-normal router init (None: the layer's)
     moe_kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -56,6 +60,12 @@ class VisionConfig:
         for name in ("drop_rate", "attn_drop", "drop_path"):
             v = getattr(self, name)
             _require(isinstance(v, (int, float)) and 0 <= v < 1, f"{name} must be in [0, 1), got {v!r}")
+        _require(self.pool in ("cls", "mean"), f"pool must be 'cls' or 'mean', got {self.pool!r}")
+        _require(isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0,
+                 f"norm_eps must be > 0, got {self.norm_eps!r}")
+        _require(self.router_init_std is None or (isinstance(self.router_init_std, (int, float))
+                                                  and self.router_init_std > 0),
+                 f"router_init_std must be None or > 0, got {self.router_init_std!r}")
         n_moe = self.num_moe_blocks_at(self.depth, self.moe_every)
         if isinstance(self.num_experts, (list, tuple)):
             self.num_experts = list(self.num_experts)

@@ -89,11 +89,12 @@ class Block(nn.Module):
     """Pre-norm transformer block; ``forward`` returns (x, aux_loss, routing stats), the last
     two None in a dense block."""
 
-    def __init__(self, d_model: int, attn: nn.Module, ffn: nn.Module, drop_path: float = 0.0):
+    def __init__(self, d_model: int, attn: nn.Module, ffn: nn.Module, drop_path: float = 0.0,
+                 norm_eps: float = 1e-5):
         super().__init__()
-        self.norm1 = nn.LayerNorm(d_model)
+        self.norm1 = nn.LayerNorm(d_model, eps=norm_eps)
         self.attn = attn
-        self.norm2 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model, eps=norm_eps)
         self.ffn = ffn
         self.drop_path = DropPath(drop_path)
 

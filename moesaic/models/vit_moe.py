@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .base import VisionModel
 from .config import VisionConfig
-from .layers import Attention, Block, FeedForward, init_weights
+from .layers import Attention, Block, FeedForward
 from .registry import register
 
 
@@ -59,10 +59,9 @@ class ViTMoE(VisionModel):
             attn = Attention(cfg.d_model, cfg.num_heads, cfg.qkv_bias, cfg.attn_drop, cfg.drop_rate)
             ffn = (FeedForward(cfg.d_model, cfg.d_ff, cfg.drop_rate) if E == 0 else
                    self._make_moe(E, cfg.top_k, cfg.noise_policy, cfg.residual))
-            blocks.append(Block(cfg.d_model, attn, ffn, dp))
+            blocks.append(Block(cfg.d_model, attn, ffn, dp, cfg.norm_eps))
         self.blocks = nn.ModuleList(blocks)
-        self._init_embeddings()
-        init_weights(self)
+        self._init_weights()
 
     def _run_blocks(self, x_BSD: Tensor, aux: Tensor, stats: list) -> tuple[Tensor, Tensor]:
         for blk in self.blocks:

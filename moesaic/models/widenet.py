@@ -3,7 +3,9 @@ feed-forward shared by every block, each block with its own two LayerNorms.
 
 The shared modules are held once (``model.attn``, ``model.moe``) and the per-block norms in
 ``norms1`` / ``norms2``, so the state dict has each tensor under one name. Presets route top-2
-with gaussian noise: ``widenet_cifar`` (32x32, patch 4, 6 blocks, d_model 256, 4 heads, MLP
+with gaussian noise, capacity factor 1.2 (the paper's; ColossalAI's class default is 1.25) and
+the two raw router probabilities as combine weights (ColossalAI's Top2Router, which WideNet's
+code uses, and V-MoE do not renormalise them): ``widenet_cifar`` (32x32, patch 4, 6 blocks, d_model 256, 4 heads, MLP
 ratio 2, 4 experts, the ViT-Lite shape) and ``widenet_imagenet`` (WideNet-B shape: 224x224,
 patch 16, 12 blocks, d_model 768, 12 heads, expert hidden size 4096, 4 experts, 1000 classes:
 29M parameters, as in the paper).
@@ -19,7 +21,7 @@ from torch import Tensor
 
 from .base import VisionModel
 from .config import VisionConfig
-from .layers import Attention, DropPath, init_weights
+from .layers import Attention, DropPath
 from .registry import register
 
 
@@ -50,13 +52,12 @@ class WideNet(VisionModel):
         D = cfg.d_model
         self.attn = Attention(D, cfg.num_heads, cfg.qkv_bias, cfg.attn_drop, cfg.drop_rate)
         self.moe = self._make_moe(num_experts, top_k, noise_policy, residual=False)
-        self.norms1 = nn.ModuleList(nn.LayerNorm(D) for _ in range(depth))
-        self.norms2 = nn.ModuleList(nn.LayerNorm(D) for _ in range(depth))
+        self.norms1 = nn.ModuleList(nn.LayerNorm(D, eps=cfg.norm_eps) for _ in range(depth))
+        self.norms2 = nn.ModuleList(nn.LayerNorm(D, eps=cfg.norm_eps) for _ in range(depth))
         self.drop_paths = nn.ModuleList(
             DropPath(cfg.drop_path * i / max(depth - 1, 1)) for i in range(depth))
         self._last_block_stats: list = []
-        self._init_embeddings()
-        init_weights(self)
+        self._init_weights()
 
     def _run_blocks(self, x_BSD: Tensor, aux: Tensor, stats: list) -> tuple[Tensor, Tensor]:
         for n1, n2, dp in zip(self.norms1, self.norms2, self.drop_paths):
@@ -91,11 +92,12 @@ def _widenet(**preset):
     return build
 
 
+PAPER_ROUTING = dict(top_k=2, capacity_factor=1.2, normalize_weights=False)
 register("widenet_cifar")(_widenet(img_size=32, patch_size=4, depth=6, d_model=256,
-                                   num_heads=4, mlp_ratio=2.0, num_experts=4, top_k=2))
+                                   num_heads=4, mlp_ratio=2.0, num_experts=4, **PAPER_ROUTING))
 # WideNet-B: the experts' hidden size is 4096 (moe_mlp_dim of the authors' ViT-MoE-B config), not
 # ViT-B's 3072; that gives the paper's 29M parameters. Stored as a ratio, so a d_model override
 # keeps d_ff = d_model * 16 / 3.
 register("widenet_imagenet")(_widenet(img_size=224, patch_size=16, num_classes=1000, depth=12,
                                       d_model=768, num_heads=12, mlp_ratio=4096 / 768,
-                                      num_experts=4, top_k=2))
+                                      num_experts=4, **PAPER_ROUTING))
