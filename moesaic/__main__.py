@@ -91,7 +91,7 @@ def _resolve_config(args):
         state = checkpoint.read_state(checkpoint.find(args.resume))
         cfg = apply_overrides(from_dict(state["config"], " (from the checkpoint)"), args.overrides)
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        set_here = any(o.split("=", 1)[0].strip() == "max_ep_size" for o in args.overrides)
+        set_here = any(o.split("=", 1)[0].strip().lower() == "max_ep_size" for o in args.overrides)
         if cfg.max_ep_size is not None and world % cfg.max_ep_size and not set_here:
             warnings.warn(f"max_ep_size={cfg.max_ep_size} from the checkpoint's config does not "
                           f"divide this world size ({world}): resuming with max_ep_size=None "
@@ -143,7 +143,8 @@ def _train(args) -> int:
         _error(str(e))
         return 130
     except KeyboardInterrupt:
-        _error("interrupted while starting up, before any checkpoint was written")
+        _error("interrupted while starting up, before training began" +
+               (f"; the checkpoint {args.resume} is untouched" if args.resume else ""))
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -35,8 +35,10 @@ def _plain(v):
     config compares, prints and pickles like one written with literals."""
     if _is_int(v):
         return int(v)
-    if _is_number(v):
+    if isinstance(v, float):
         return float(v)
+    if _is_number(v):
+        return float(str(v))  # np.float32(1.1) is 1.1, not 1.100000023841858
     return v
 
 

@@ -12,6 +12,7 @@ Legend: E local experts, D model dim, F ffn dim, N rows of the expert-major buff
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -36,8 +37,9 @@ def _weight_grad(a_NX: Tensor, g_NY: Tensor, offs_E: Tensor, counts_E: Tensor,
             return torch._grouped_mm(a_NX.t(), g_NY, offs=offs_E).index_fill_(0, empty_E, 0)
         except torch.OutOfMemoryError:
             raise
-        except Exception:  # noqa: BLE001 -- any build or launch failure takes the fallback
+        except Exception as e:  # noqa: BLE001 -- any build or launch failure takes the fallback
             _grouped_wgrad_failed = True
+            _warn_fallback("grouped_mm weight gradients (per-expert loop instead)", e)
     out = a_NX.new_zeros(counts_E.numel(), a_NX.shape[1], g_NY.shape[1])
     for e, s, t in _bounds(counts_E.tolist()):
         if s < t:
@@ -78,10 +80,16 @@ def _add_row_bias_(h_NX: Tensor, b_EX: Tensor, row_expert_N: Tensor, activation:
                                    activation if activation in ("gelu", "relu") else "none")
         except torch.OutOfMemoryError:
             raise
-        except Exception:  # noqa: BLE001 -- any build or launch failure takes the fallback
+        except Exception as e:  # noqa: BLE001 -- any build or launch failure takes the fallback
             _epilogue_failed = True
+            _warn_fallback("Triton bias epilogue (gathered bias instead)", e)
     h_NX.add_(b_EX.index_select(0, row_expert_N))  # in place: no second [N, X]
     return None
+
+
+def _warn_fallback(what: str, e: Exception) -> None:
+    """Once per path and process: which fast path failed, why, and what runs instead."""
+    warnings.warn(f"moesaic: {what} for the rest of this process, after {e!r}", stacklevel=3)
 
 
 class _GroupedMMFFN(torch.autograd.Function):
@@ -201,8 +209,9 @@ def batched_ffn(x_ND: Tensor, counts_E: Tensor, activation: str, w1_EDF: Tensor,
             return _GroupedMMFFN.apply(*mm_args)
         except torch.OutOfMemoryError:
             raise
-        except Exception:  # noqa: BLE001 -- any build or launch failure takes the fallback
+        except Exception as e:  # noqa: BLE001 -- any build or launch failure takes the fallback
             _grouped_mm_failed = True
+            _warn_fallback("torch._grouped_mm expert path (padded bmm or loop instead)", e)
     counts = counts_E.tolist()  # one host read, which the padded shape needs anyway
     max_rows = max(counts, default=0)
     if path == "auto" and len(counts) * max_rows > 2 * x_ND.shape[0]:

@@ -134,7 +134,8 @@ class MoE(nn.Module):
         ops = select_ops(c.kernels, x.device)
         x_TD = x.reshape(-1, c.d_model)
         plan, aux_loss, stats = self._route(self.router(x_TD), ops)
-        self.last_stats = stats
+        if torch._C._current_graph_task_id() == -1:  # not a checkpoint's recomputation
+            self.last_stats = stats
         autocast_on = torch.is_autocast_enabled(x.device.type)
         compute_dtype = torch.get_autocast_dtype(x.device.type) if autocast_on else x.dtype
         with torch.autocast(device_type=x.device.type, enabled=False):

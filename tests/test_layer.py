@@ -445,6 +445,7 @@ def test_numpy_scalars_are_accepted_as_plain_numbers():
     plain = moesaic.MoE(D, FF, E, top_k=2, capacity_factor=1.5)
     assert layer.config.as_dict() == plain.config.as_dict()
     assert type(layer.config.top_k) is int and type(layer.config.capacity_factor) is float
+    assert moesaic.MoE(D, FF, E, capacity_factor=np.float32(1.1)).config.capacity_factor == 1.1
 
 
 def test_router_weight_loaded_in_another_dtype_still_routes_in_float32():
@@ -459,8 +460,9 @@ def test_router_weight_loaded_in_another_dtype_still_routes_in_float32():
 
 @pytest.mark.parametrize("kw", [dict(top_k=2), dict(residual=True, activation="swiglu")])
 def test_meta_device_build_then_reset_parameters_gives_the_eager_weights(kw):
-    """Deferred init: build on meta (no memory, no RNG), ``to_empty``, then each module's
-    ``reset_parameters`` in order reproduces the eager build from the same seeds."""
+    """Deferred init: build on meta (no memory), ``to_empty``, then each module's
+    ``reset_parameters`` in order reproduces the eager build (moe_set_seed fixes the experts'
+    seeds at construction; manual_seed before the reset replays the other draws)."""
     moesaic.moe_set_seed(3)
     eager = moesaic.MoE(D, FF, E, **kw)
     moesaic.moe_set_seed(3)

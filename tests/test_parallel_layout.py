@@ -110,6 +110,18 @@ def test_clip_grad_norm_single_process_matches_torch():
         moesaic.clip_grad_norm_(b.parameters(), 0.01)
 
 
+def test_one_process_parallelized_model_pickles():
+    """Only process groups cannot be pickled: torch.save of a one-process run's model works."""
+    import io
+    model = moesaic.parallelize(moesaic.MoE(8, 16, 4))
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    again = torch.load(buf, weights_only=False)
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(again(x)[0], model(x)[0])
+
+
 def test_alltoall_volume_formula():
     # dropless: k * T * D * bytes * (ep - 1) / ep
     assert volume.alltoall_bytes_per_rank(1000, 512, 2, 4, 2) == 2 * 1000 * 512 * 2 * 3 / 4

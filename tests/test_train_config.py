@@ -82,6 +82,8 @@ def test_names_from_other_tools_and_small_conveniences(tmp_path):
     _write(tmp_path, "EPOCHS = 7\nLR = 0.5\n", name="base_recipe.py")
     cfg = load_file(_write(tmp_path, "from base_recipe import *\nLR = 0.25\n"))
     assert (cfg.epochs, cfg.lr) == (7, 0.25)
+    _write(tmp_path, "EPOCHS = 9\n", name="base_recipe.py")  # an edited base is read again
+    assert load_file(str(tmp_path / "cfg.py")).epochs == 9
 
 
 def test_bad_values_name_field_and_value(tmp_path):

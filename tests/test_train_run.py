@@ -273,15 +273,14 @@ def test_max_ep_size_that_does_not_divide_the_world(tmp_path, monkeypatch, capsy
     write_cifar(str(tmp_path))
     cfg = tiny_config(tmp_path / "c.py", tmp_path, EPOCHS=1)
     assert main(["train", "--config", cfg, "--set", "max_ep_size=2"]) == 2
-    assert "config: max_ep_size: world size (1) is not divisible by max_ep_size (2)" in \
-        capsys.readouterr().err
+    assert "config: max_ep_size (2) does not divide the world size (1)" in capsys.readouterr().err
     saved = {"config": {**moesaic.train.config.TrainConfig(max_ep_size=2).to_dict()}}
     monkeypatch.setattr(checkpoint, "find", lambda path: path)
     monkeypatch.setattr(checkpoint, "read_state", lambda path: saved)
     args = argparse.Namespace(config=None, resume="ck", overrides=[])
     with pytest.warns(UserWarning, match="max_ep_size=2 from the checkpoint's config does not"):
         assert cli._resolve_config(args).max_ep_size is None
-    args.overrides = ["max_ep_size=1"]
+    args.overrides = ["MAX_EP_SIZE=1"]
     assert cli._resolve_config(args).max_ep_size == 1
 
 

@@ -165,6 +165,9 @@ class GradSync:
             warnings.warn("moesaic: the previous backward did not finish (it raised), so its "
                           "gradient synchronisation was abandoned; the next backward "
                           "synchronises as usual (zero the gradients before it)", stacklevel=3)
+            for b in self.buckets:  # launched on every rank alike: let them complete in order
+                if b.work is not None:
+                    run_collective("gradient all-reduce", b.ranks, b.work.wait)
             self._reset()
 
 

@@ -42,7 +42,9 @@ class ParallelState:
         return None
 
     def __getstate__(self):
-        raise TypeError(PICKLE_ERROR)
+        if self.ctx.distributed:
+            raise TypeError(PICKLE_ERROR)
+        return dict(self.__dict__)  # one process: nothing that cannot be pickled
 
     def release(self) -> None:
         """Let go of every process group (``moesaic.destroy`` calls this): the all-to-all

@@ -148,10 +148,12 @@ class Trainer:
             cfg = dataclasses.replace(cfg, plots=False)
         self.cfg = cfg
         _init_for_restarts(cfg.timeout_s)
-        try:
-            self.ctx = init_distributed(max_ep_size=cfg.max_ep_size, timeout_s=cfg.timeout_s)
-        except ValueError as e:
-            raise ConfigError(f"max_ep_size: {e}") from None
+        world = dist.get_world_size() if dist.is_initialized() else int(
+            os.environ.get("WORLD_SIZE", "1"))
+        if cfg.max_ep_size is not None and world % cfg.max_ep_size:
+            raise ConfigError(f"max_ep_size ({cfg.max_ep_size}) does not divide the world size "
+                              f"({world}): use a divisor of it, or None (the world size)")
+        self.ctx = init_distributed(max_ep_size=cfg.max_ep_size, timeout_s=cfg.timeout_s)
         self.rank, self.world, self.is_main = self.ctx.rank, self.ctx.world_size, self.ctx.is_main
         if cfg.batch_size % self.world:
             raise ConfigError(f"batch_size ({cfg.batch_size}) must be divisible by the world size "
