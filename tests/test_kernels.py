@@ -205,6 +205,31 @@ def test_layer_triton_equals_torch(tops, kw, dtype):
     assert s0["tokens_per_expert_kept"] == s1["tokens_per_expert_kept"]
 
 
+def test_triton_layer_under_checkpointing_and_with_a_frozen_router(tops):
+    """The Triton routing under activation checkpointing recomputes the same plan (noise from
+    the default stream), and a frozen router gets no gradient while x and experts do."""
+    from torch.utils.checkpoint import checkpoint
+    torch.manual_seed(0)
+    layer = moesaic.MoE(10, 16, 4, top_k=2, capacity_factor=0.75, noise_policy="jitter",
+                        kernels="triton")
+    x = torch.randn(30, 10, generator=torch.Generator().manual_seed(3))
+    grads = []
+    for wrap in (lambda f, x: f(x), lambda f, x: checkpoint(f, x, use_reentrant=False)):
+        layer.zero_grad()
+        torch.manual_seed(5)
+        xr = x.clone().requires_grad_(True)
+        y, aux = wrap(layer, xr)
+        (y.square().sum() + aux).backward()
+        grads.append([xr.grad] + [p.grad for p in layer.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a)
+    layer.zero_grad()
+    layer.router.requires_grad_(False)
+    y, aux = layer(x.clone().requires_grad_(True))
+    (y.square().sum() + aux).backward()
+    assert layer.router.weight.grad is None and layer.experts.w1.grad is not None
+
+
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
