@@ -229,6 +229,17 @@ def test_ctrl_c_says_how_to_resume(tmp_path, monkeypatch, capsys):
     assert f"interrupted at step 3 (epoch 2); continue with: moesaic train --resume {run}" in err
 
 
+def test_resume_hint_names_the_launcher(monkeypatch):
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert loop._launcher() == "moesaic train"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert loop._launcher() == "torchrun --nproc_per_node=2 -m moesaic train"
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert loop._launcher() == "torchrun --nproc_per_node=2 --nnodes=4 ... -m moesaic train"
+
+
 def test_sigterm_stops_like_ctrl_c(tmp_path, monkeypatch, capsys):
     """A scheduler's SIGTERM (preemption) stops with the resume hint, not a silent death."""
     import signal

@@ -55,6 +55,17 @@ class TrainingInterrupted(RuntimeError):
     """Ctrl-C or SIGTERM: says where the run stopped and how to continue it."""
 
 
+def _launcher() -> str:
+    """How this run was started, for resume hints: torchrun with its per-machine process count
+    (and node count) when it set the environment, else the plain command."""
+    local, world = os.environ.get("LOCAL_WORLD_SIZE"), int(os.environ.get("WORLD_SIZE", "1"))
+    if local is None or world <= 1:
+        return "moesaic train"
+    nodes = world // max(int(local), 1)
+    nnodes = f" --nnodes={nodes} ..." if nodes > 1 else ""
+    return f"torchrun --nproc_per_node={local}{nnodes} -m moesaic train"
+
+
 def _device(cfg: TrainConfig, ctx) -> torch.device:
     if cfg.device == "cpu":
         return torch.device("cpu")
@@ -362,7 +373,7 @@ class Trainer:
         try:
             return self._run_epochs()
         except KeyboardInterrupt:
-            where = (f"continue with: moesaic train --resume {self.run_dir} (from {self.last_ckpt})"
+            where = (f"continue with: {_launcher()} --resume {self.run_dir} (from {self.last_ckpt})"
                      if self.last_ckpt else "no checkpoint had been written yet")
             raise TrainingInterrupted(f"interrupted at step {self.step} (epoch {self.epoch + 1}); "
                                       f"{where}") from None
