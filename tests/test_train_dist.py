@@ -92,3 +92,22 @@ def test_killed_rank_restarts_and_finishes_like_uninterrupted(setup):
         a, b = json.load(f), json.load(g)
     for k in ("best_eval_accuracy", "final_eval_accuracy", "epochs", "params_total"):
         assert a[k] == b[k]
+
+
+def test_training_does_not_depend_on_the_expert_layout(setup):
+    """The mission's seeding promise end to end: two processes at max_ep_size 2 (experts split,
+    all-to-all) and at max_ep_size 1 (experts replicated, data parallel) train the same model,
+    router noise and dropout included, to float32 rounding."""
+    root = setup[0]
+    args = {**TINY_MODEL, "noise_policy": "jitter", "drop_rate": 0.1}
+    runs = {}
+    for ep in (1, 2):
+        cfg = tiny_config(root / f"layout{ep}.py", root, MAX_EP_SIZE=ep, MODEL_ARGS=args)
+        runs[ep] = str(root / f"layout{ep}")
+        torchrun(["--config", cfg, "--run-dir", runs[ep]])
+    a, b = read_metrics(runs[1]), read_metrics(runs[2])
+    assert len(a) == len(b) == 2
+    for ra, rb in zip(a, b):
+        for key in ("train_loss", "train_aux", "eval_loss"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-4), key
+        assert abs(rb["eval_accuracy"] - ra["eval_accuracy"]) <= 1 / 41 + 1e-9
