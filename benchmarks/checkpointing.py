@@ -65,11 +65,14 @@ def main() -> None:
             step(model, opt, images, labels)
             times[enable].append(time.perf_counter() - t)
     for enable in (False, True):
-        ms = statistics.median(times[enable]) * 1e3
+        ms = [t * 1e3 for t in times[enable]]
         print(f"grad_checkpointing={enable!s:5}  peak extra memory {peak[enable] / 2**20:8.1f} MiB"
-              f"  step {ms:8.1f} ms (median of {args.rounds})")
+              f"  step {statistics.median(ms):8.1f} ms (median of {args.rounds}; "
+              f"{min(ms):.1f}-{max(ms):.1f})")
+    pairs = sorted(t / s for s, t in zip(times[False], times[True]))  # per interleaved round
     print(f"checkpointed / stored: memory {peak[True] / peak[False]:.2f}x, "
-          f"time {statistics.median(times[True]) / statistics.median(times[False]):.2f}x")
+          f"time {statistics.median(times[True]) / statistics.median(times[False]):.2f}x "
+          f"(per round {pairs[0]:.2f}-{pairs[-1]:.2f})")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ Legend: T tokens, D model dim, F ffn dim, E experts, K top-k, N kept rows.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -65,6 +66,7 @@ class Run:
         self.t0 = time.perf_counter()
         self.budget_s = float("inf")
         self.data = {**meta, "checks": [], "timings": [], "speedups": [], "errors": []}
+        self._writes = itertools.count()
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
@@ -86,7 +88,9 @@ class Run:
         """Write the JSON atomically: a kill mid-write leaves the previous complete file."""
         self.data["elapsed_s"] = round(self.elapsed(), 1)
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.out.with_name(self.out.name + ".tmp")
+        # A temp file of its own per write: the SIGTERM handler may save while an interrupted
+        # save is half way through its file.
+        tmp = self.out.with_name(f".{self.out.name}.{os.getpid()}.{next(self._writes)}.tmp")
         tmp.write_text(json.dumps(self.data, indent=1))
         os.replace(tmp, self.out)
 

@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import textwrap
+import threading
 import warnings
 from dataclasses import fields
 from typing import Optional
@@ -123,7 +124,8 @@ def _train(args) -> int:
     def on_sigterm(signum, frame):  # a scheduler's preemption: stop like Ctrl-C
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
     try:
         cfg = _resolve_config(args)
         if args.print_config:
@@ -147,7 +149,8 @@ def _train(args) -> int:
                (f"; the checkpoint {args.resume} is untouched" if args.resume else ""))
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
         if "moesaic.parallel.context" in sys.modules:
             from .parallel import destroy
 

@@ -1,4 +1,5 @@
-"""``first_order``: the backward of a Function whose gradient is not itself differentiable.
+"""``first_order``: the backward of a Function whose gradient is not itself differentiable;
+``in_backward``: whether a forward runs inside a backward (a checkpoint's recomputation).
 
 torch's ``once_differentiable`` errors only when a later backward happens to run through its
 error node; a second derivative taken with ``inputs=`` or ``autograd.grad`` can skip that node
@@ -10,6 +11,11 @@ from __future__ import annotations
 import functools
 
 import torch
+
+
+def in_backward() -> bool:
+    """True while autograd runs a backward, e.g. a checkpoint's recomputed forward."""
+    return torch._C._current_graph_task_id() != -1
 
 
 def first_order(backward):

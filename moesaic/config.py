@@ -38,7 +38,10 @@ def _plain(v):
     if isinstance(v, float):
         return float(v)
     if _is_number(v):
-        return float(str(v))  # np.float32(1.1) is 1.1, not 1.100000023841858
+        try:
+            return float(str(v))  # np.float32(1.1) is 1.1, not 1.100000023841858
+        except ValueError:  # e.g. Fraction(5, 4) prints as 5/4
+            return float(v)
     return v
 
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import routing
+from .autograd import in_backward
 from .config import MoEConfig
 from .dispatch import LocalDispatcher
 from .experts import Experts
@@ -134,7 +135,7 @@ class MoE(nn.Module):
         ops = select_ops(c.kernels, x.device)
         x_TD = x.reshape(-1, c.d_model)
         plan, aux_loss, stats = self._route(self.router(x_TD), ops)
-        if torch._C._current_graph_task_id() == -1:  # not a checkpoint's recomputation
+        if not in_backward():  # a checkpoint's recomputation leaves the forward's stats
             self.last_stats = stats
         autocast_on = torch.is_autocast_enabled(x.device.type)
         compute_dtype = torch.get_autocast_dtype(x.device.type) if autocast_on else x.dtype

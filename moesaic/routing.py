@@ -68,6 +68,14 @@ def cpu_uniform(shape, generator: Optional[torch.Generator] = None) -> Tensor:
     return torch.from_numpy(values).view(shape)
 
 
+def _weight_back_to_float32(router: "Router", incompatible_keys) -> None:
+    """``load_state_dict(..., assign=True)`` installs the loaded tensor as it is: a bf16 one
+    would bypass the float32 guard of ``_apply``."""
+    w = router.weight
+    if w.dtype != torch.float32:
+        router.weight = nn.Parameter(w.detach().float(), requires_grad=w.requires_grad)
+
+
 class Router(nn.Module):
     """Linear gate ``logits = x W^T`` computed in float32, with optional training noise.
 
@@ -84,6 +92,7 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_experts, d_model, dtype=torch.float32))
         self.noise_generator: Optional[torch.Generator] = None
         self.reset_parameters()
+        self.register_load_state_dict_post_hook(_weight_back_to_float32)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -128,7 +137,7 @@ class Router(nn.Module):
             x_TD = x_TD.float()
             if self.training and self.noise_policy == "jitter":
                 x_TD = self._jitter(x_TD)
-            logits_TE = F.linear(x_TD, self.weight.float())  # float32 even if loaded otherwise
+            logits_TE = F.linear(x_TD, self.weight)
             if self.training and self.noise_policy == "gaussian":
                 noise_TE = torch.randn(logits_TE.shape, generator=self._generator(logits_TE.device),
                                        device=logits_TE.device, dtype=torch.float32)

@@ -299,12 +299,20 @@ def check_backward_that_raised_does_not_stop_sync(rank, world, ctx, seed):
 def check_parallelize_setup_rules(rank, world, ctx, seed):
     """Replicated experts start equal whatever each rank built; a model holding an already
     parallelized submodule is refused; a second parallelize keeps the random streams going."""
-    torch.manual_seed(100 + rank)  # per-rank seeds, no moe_set_seed: copies differ before
-    model = moesaic.parallelize(tiny_net(experts=(1,), top_k=1))
-    w1 = model.moes[0].experts.w1.detach().contiguous()
-    copies = [torch.empty_like(w1) for _ in range(world)]
-    dist.all_gather(copies, w1)
-    assert all(torch.equal(c, copies[0]) for c in copies)
+    from moesaic.parallel.layout import set_layer_seed_base
+
+    def gathered(model):
+        w1 = model.moes[0].experts.w1.detach().contiguous()
+        copies = [torch.empty_like(w1) for _ in range(world)]
+        dist.all_gather(copies, w1)
+        return copies
+
+    set_layer_seed_base(None)  # no moe_set_seed: each rank's seed draws the expert seed
+    torch.manual_seed(100 + rank)
+    model = tiny_net(experts=(1,), top_k=1)
+    assert not torch.equal(*gathered(model)[:2])
+    moesaic.parallelize(model)
+    assert all(torch.equal(c, gathered(model)[0]) for c in gathered(model))
     try:
         moesaic.parallelize(torch.nn.ModuleDict({"body": model}))
     except ValueError as e:

@@ -448,12 +448,13 @@ def test_numpy_scalars_are_accepted_as_plain_numbers():
     assert moesaic.MoE(D, FF, E, capacity_factor=np.float32(1.1)).config.capacity_factor == 1.1
 
 
-def test_router_weight_loaded_in_another_dtype_still_routes_in_float32():
-    """load_state_dict(..., assign=True) bypasses the cast guard and can leave a bf16 router."""
+def test_router_weight_loaded_in_another_dtype_stays_float32():
+    """load_state_dict(..., assign=True) installs tensors as they are, past the cast guard."""
     layer = make(top_k=2)
     sd = {k: v.to(torch.bfloat16) for k, v in layer.state_dict().items()}
     layer.load_state_dict(sd, assign=True)
-    assert layer.router.weight.dtype == torch.bfloat16
+    assert layer.router.weight.dtype == torch.float32 and layer.experts.w1.dtype == torch.bfloat16
+    assert torch.equal(layer.router.weight, sd["router.weight"].float())
     y, aux = layer(torch.randn(5, D, dtype=torch.bfloat16))
     assert y.dtype == torch.bfloat16 and aux.dtype == torch.float32
 

@@ -102,7 +102,8 @@ def _save_on_each_rank(rank, world, root):
 
 
 def test_every_rank_learns_the_checkpoint_path(tmp_path):
-    """Ranks other than 0 name the checkpoint in their Ctrl-C and non-finite-loss messages."""
+    """save() returns the path on every rank (rank 0 chose the name), which the other ranks'
+    Ctrl-C and non-finite-loss messages then name."""
     from _dist_harness import run_ranks
     root = str(tmp_path / "checkpoints")
     paths = run_ranks(_save_on_each_rank, 2, root, timeout=90)

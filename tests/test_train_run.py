@@ -248,7 +248,8 @@ def test_sigterm_stops_like_ctrl_c(tmp_path, monkeypatch, capsys):
     step = loop.Trainer.train_step
 
     def terminated_in_epoch_2(self, idx_b, i):
-        if self.step == 3:
+        if self.step == 3:  # never a real SIGTERM to pytest unless our handler is there
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None, before)
             os.kill(os.getpid(), signal.SIGTERM)
         return step(self, idx_b, i)
 
@@ -295,8 +296,7 @@ def test_max_ep_size_that_does_not_divide_the_world(tmp_path, monkeypatch, capsy
     assert cli._resolve_config(args).max_ep_size == 1
 
 
-def test_resume_with_another_model_warns_and_missing_matplotlib_skips_plots(tmp_path,
-                                                                            monkeypatch):
+def test_resume_with_another_model_warns(tmp_path):
     write_cifar(str(tmp_path))
     cfg = tiny_config(tmp_path / "c.py", tmp_path, EPOCHS=1)
     run = str(tmp_path / "run")
@@ -305,6 +305,11 @@ def test_resume_with_another_model_warns_and_missing_matplotlib_skips_plots(tmp_
                                          r"'num_heads': 4"):
         assert main(["train", "--resume", run, "--set", "epochs=2",
                      "--set", "model_args.num_heads=4"]) == 0
+
+
+def test_missing_matplotlib_trains_without_plots(tmp_path, monkeypatch):
+    write_cifar(str(tmp_path))
+    cfg = tiny_config(tmp_path / "c.py", tmp_path, EPOCHS=1)
     find_spec = loop.importlib.util.find_spec
     monkeypatch.setattr(loop.importlib.util, "find_spec",
                         lambda name, *a: None if name == "matplotlib" else find_spec(name, *a))

@@ -36,7 +36,7 @@ class VisionModel(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> "VisionModel":
         """Recompute each block in the backward instead of keeping its activations (timm's
-        switch): activation memory drops to one block's, for about one more forward of compute.
+        switch): only each block's input is kept, for about one more forward of compute.
         Routing, router noise and dropout come out the same in the recomputation."""
         self.grad_checkpointing = bool(enable)
         return self

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Optional, Union
 
-from ..config import _is_int, _require
+from ..config import _is_int, _is_number, _plain, _require
 from .registry import closest
 
 # Keyword arguments that go straight to moesaic.MoE.
@@ -47,6 +47,9 @@ class VisionConfig:
     moe_kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            if f.name not in ("num_experts", "moe_kwargs"):
+                setattr(self, f.name, _plain(getattr(self, f.name)))
         for name in ("depth", "d_model", "num_heads", "img_size", "patch_size", "in_chans",
                      "num_classes", "moe_every"):
             v = getattr(self, name)
@@ -55,15 +58,15 @@ class VisionConfig:
                  f"img_size ({self.img_size}) is not divisible by patch_size ({self.patch_size})")
         _require(self.d_model % self.num_heads == 0,
                  f"d_model ({self.d_model}) is not divisible by num_heads ({self.num_heads})")
-        _require(isinstance(self.mlp_ratio, (int, float)) and self.mlp_ratio > 0,
+        _require(_is_number(self.mlp_ratio) and self.mlp_ratio > 0,
                  f"mlp_ratio must be > 0, got {self.mlp_ratio!r}")
         for name in ("drop_rate", "attn_drop", "drop_path"):
             v = getattr(self, name)
-            _require(isinstance(v, (int, float)) and 0 <= v < 1, f"{name} must be in [0, 1), got {v!r}")
+            _require(_is_number(v) and 0 <= v < 1, f"{name} must be in [0, 1), got {v!r}")
         _require(self.pool in ("cls", "mean"), f"pool must be 'cls' or 'mean', got {self.pool!r}")
-        _require(isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0,
+        _require(_is_number(self.norm_eps) and self.norm_eps > 0,
                  f"norm_eps must be > 0, got {self.norm_eps!r}")
-        _require(self.router_init_std is None or (isinstance(self.router_init_std, (int, float))
+        _require(self.router_init_std is None or (_is_number(self.router_init_std)
                                                   and self.router_init_std > 0),
                  f"router_init_std must be None or > 0, got {self.router_init_std!r}")
         n_moe = self.num_moe_blocks_at(self.depth, self.moe_every)

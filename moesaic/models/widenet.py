@@ -4,11 +4,11 @@ feed-forward shared by every block, each block with its own two LayerNorms.
 The shared modules are held once (``model.attn``, ``model.moe``) and the per-block norms in
 ``norms1`` / ``norms2``, so the state dict has each tensor under one name. Presets route top-2
 with gaussian noise, capacity factor 1.2 (the paper's; ColossalAI's class default is 1.25) and
-the two raw router probabilities as combine weights (ColossalAI's Top2Router, which WideNet's
-code uses, and V-MoE do not renormalise them): ``widenet_cifar`` (32x32, patch 4, 6 blocks, d_model 256, 4 heads, MLP
-ratio 2, 4 experts, the ViT-Lite shape) and ``widenet_imagenet`` (WideNet-B shape: 224x224,
-patch 16, 12 blocks, d_model 768, 12 heads, expert hidden size 4096, 4 experts, 1000 classes:
-29M parameters, as in the paper).
+the two raw router probabilities as combine weights, not renormalised, as in ColossalAI's
+Top2Router (WideNet's code) and V-MoE: ``widenet_cifar`` (32x32, patch 4, 6 blocks, d_model
+256, 4 heads, MLP ratio 2, 4 experts, the ViT-Lite shape) and ``widenet_imagenet`` (WideNet-B
+shape: 224x224, patch 16, 12 blocks, d_model 768, 12 heads, expert hidden size 4096, 4 experts,
+1000 classes: 29M parameters, as in the paper).
 
 Legend: B batch, S sequence, D model dim.
 """

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..autograd import in_backward
 from .comm import PICKLE_ERROR, run_collective
 
 
@@ -161,7 +162,7 @@ class GradSync:
         """Called before each forward (outside any backward): a backward that raised never ran
         the end-of-backward callback, and its half-filled buckets would keep every later
         backward from synchronising. Drop them, with a warning."""
-        if self._queued and torch._C._current_graph_task_id() == -1:
+        if self._queued and not in_backward():
             warnings.warn("moesaic: the previous backward did not finish (it raised), so its "
                           "gradient synchronisation was abandoned; the next backward "
                           "synchronises as usual (zero the gradients before it)", stacklevel=3)

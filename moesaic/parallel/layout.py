@@ -75,7 +75,7 @@ def expert_layout(num_experts: int) -> ExpertLayout:
 
 
 _MASK = 2**62 - 1
-_seed_state: Optional[list[int]] = None  # [seed, index of the next layer], set by moe_set_seed
+_seed_state: Optional[list] = None  # [seed, next layer index, rank streams set for], moe_set_seed
 
 
 def mix_seed(*parts: int) -> int:
@@ -90,7 +90,7 @@ def mix_seed(*parts: int) -> int:
 def set_layer_seed_base(seed: Optional[int]) -> None:
     """Layer seeds become ``mix_seed(seed, layer index)``, counting layers built from now on."""
     global _seed_state
-    _seed_state = None if seed is None else [int(seed), 0]
+    _seed_state = None if seed is None else [int(seed), 0, None]
 
 
 def current_seed() -> Optional[int]:
@@ -104,6 +104,15 @@ def next_layer_seed() -> int:
     generator (identical on every rank when ranks are seeded alike)."""
     if _seed_state is None:
         return int(torch.randint(0, 2**62, (1,), device="cpu").item())  # also under meta
-    seed, index = _seed_state
+    seed, index, _ = _seed_state
     _seed_state[1] += 1
     return mix_seed(seed, index, 0x1A7E5)
+
+
+def claim_rank_streams(rank: int) -> bool:
+    """True the first time it is asked for ``rank`` since the last ``moe_set_seed``: the caller
+    then reseeds the rank's streams (a later model, e.g. an EMA copy, must not restart them)."""
+    if _seed_state is None or _seed_state[2] == rank:
+        return False
+    _seed_state[2] = rank
+    return True

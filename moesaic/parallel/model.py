@@ -158,7 +158,7 @@ def parallelize(model: nn.Module, bucket_mb: float = 25.0) -> nn.Module:
                 _broadcast_coalesced(params, g.edp_ranks, g.edp_group, "replicated experts")
                 sync_groups.append((g.edp_group, g.edp_ranks, params))
         state.grad_sync = GradSync(sync_groups, bucket_mb)
-        for m in [model, *layers]:  # a backward that raised leaves the sync half done
+        for m in {id(m): m for m in [model, *layers]}.values():  # a raised backward: see hook
             state.hooks.append(m.register_forward_pre_hook(StaleSyncHook(state.grad_sync)))
     use_rank_streams(ctx.rank)
     hold_groups(state)

@@ -239,13 +239,15 @@ def load_file(path: str) -> TrainConfig:
         raise ConfigError(f"config file {path!r} {why}")
     folder = os.path.dirname(os.path.abspath(path))
     sys.path.insert(0, folder)  # a config may import a base config that sits beside it
-    before = set(sys.modules)
+    before, bytecode = set(sys.modules), sys.dont_write_bytecode
+    sys.dont_write_bytecode = True  # no __pycache__ beside the user's configs
     try:
         ns = runpy.run_path(path, run_name="moesaic_config")
     except Exception as e:
         raise ConfigError(f"config file {path!r} failed to run: {type(e).__name__}: {e}") from e
     finally:
         sys.path.remove(folder)
+        sys.dont_write_bytecode = bytecode
         for name in set(sys.modules) - before:  # re-read on the next load, edits included
             if os.path.dirname(os.path.abspath(getattr(sys.modules[name], "__file__", None)
                                                or "/")) == folder:

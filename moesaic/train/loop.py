@@ -55,6 +55,16 @@ class TrainingInterrupted(RuntimeError):
     """Ctrl-C or SIGTERM: says where the run stopped and how to continue it."""
 
 
+def _model_changes(was: dict, now: dict) -> list[str]:
+    """``model`` / ``model_args`` entries that differ between two configs' dicts (tuples and
+    lists compare alike, as config.json holds them)."""
+    def plain(v):
+        return json.loads(json.dumps(v, default=str))
+
+    return [f"{k}: {was[k]!r} -> {now[k]!r}" for k in ("model", "model_args")
+            if k in was and plain(was[k]) != plain(now[k])]
+
+
 def _launcher() -> str:
     """How this run was started, for resume hints: torchrun with its per-machine process count
     (and node count) when it set the environment, else the plain command."""
@@ -218,12 +228,8 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.history = list(state.get("history", []))[: self.epoch]
         self.last_ckpt = ckpt
-        def plain(v):  # tuples and lists alike, as config.json holds them
-            return json.loads(json.dumps(v, default=str))
-
-        was, now = state.get("config", {}), self.cfg.to_dict()
-        changed = [f"{k}: {was[k]!r} -> {now[k]!r}" for k in ("model", "model_args")
-                   if k in was and plain(was[k]) != plain(now[k])]
+        self.log(f"resumed from {ckpt} (epoch {self.epoch}, step {self.step})")
+        changed = _model_changes(state.get("config", {}), self.cfg.to_dict())
         if changed and self.is_main:
             warnings.warn(f"resuming {ckpt} with another model ({'; '.join(changed)}): its "
                           "weights loaded because the shapes fit, but the model differs from "
@@ -234,7 +240,6 @@ class Trainer:
         if self.epoch >= self.cfg.epochs:
             self.log(f"the checkpoint has finished epoch {self.epoch} of epochs={self.cfg.epochs}:"
                      f" nothing to train (--set epochs=N with N > {self.epoch} trains longer)")
-        self.log(f"resumed from {ckpt} (epoch {self.epoch}, step {self.step})")
 
     def _autocast(self):
         if self.amp_dtype is None:
