@@ -26,6 +26,7 @@ examples:
   moesaic train --resume runs/digits_vit_moe/20261130-120000 --set epochs=60
   torchrun --nproc_per_node=2 -m moesaic train --config configs/cifar10_widenet.py
   torchrun --nproc_per_node=2 --max-restarts=3 -m moesaic train --config ...   # auto-resume
+  moesaic eval runs/digits_vit_moe/20261130-120000 --best   # test accuracy of the best epoch
 """
 
 
@@ -79,6 +80,19 @@ def _parser() -> argparse.ArgumentParser:
                    help="write the run here instead of runs/<name>/<timestamp>")
     t.add_argument("--print-config", action="store_true",
                    help="print the resolved config as JSON and exit")
+    e = sub.add_parser("eval", help="evaluate a checkpoint on its test set",
+                       description="Build a checkpoint's model from its config (plus any --set), "
+                       "load its weights and evaluate it on the test set: loss, accuracy and each "
+                       "MoE layer's routing (token shares, dropped fraction). Runs under torchrun "
+                       "too. Writes nothing.")
+    e.add_argument("path", metavar="PATH_OR_RUN_DIR",
+                   help="a checkpoint folder, or a run dir (its latest checkpoint)")
+    e.add_argument("--best", action="store_true",
+                   help="the run's best checkpoint (best.json) instead of its latest")
+    e.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
+                   help="override one config key, e.g. --set eval_batch_size=100 or "
+                   "--set model_args.eval_capacity_factor=1.0")
+    e.add_argument("--json", action="store_true", help="print the result as JSON")
     m = sub.add_parser("models", help="list the model registry (moesaic models NAME describes one)")
     m.add_argument("name", nargs="?", help="describe this model (builds it)")
     return p
@@ -158,6 +172,42 @@ def _train(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    from .train import checkpoint
+    from .train.config import ConfigError, apply_overrides, from_dict
+    from .train.data import DataError
+    from .train.evaluate import evaluate_checkpoint, find_checkpoint
+
+    try:
+        ckpt = find_checkpoint(args.path, args.best)
+        state = checkpoint.read_state(ckpt)
+        cfg = apply_overrides(from_dict(state["config"], " (from the checkpoint)"), args.overrides)
+        result = evaluate_checkpoint(cfg, ckpt)
+    except ConfigError as e:
+        _error(f"config: {e}")
+        return 2
+    except (DataError, checkpoint.CheckpointError) as e:
+        _error(str(e))
+        return 1
+    finally:
+        if "moesaic.parallel.context" in sys.modules:
+            from .parallel import destroy
+
+            destroy()
+    if os.environ.get("RANK", "0") != "0":
+        return 0
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{result['checkpoint']} (epoch {result['epoch']}): eval loss {result['eval_loss']:.4f}, "
+          f"accuracy {100 * result['eval_accuracy']:.2f}%")
+    for layer in result["moe"]:
+        shares = " ".join(f"{100 * s:.0f}" for s in layer["token_share"])
+        print(f"  {layer['name']}: token shares % [{shares}], dropped "
+              f"{100 * layer['dropped_fraction']:.1f}%")
+    return 0
+
+
 def _models(name: Optional[str]) -> int:
     from . import models
 
@@ -177,6 +227,8 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "train":
         return _train(args)
+    if args.command == "eval":
+        return _eval(args)
     if args.command == "models":
         return _models(args.name)
     _parser().print_help()

@@ -60,6 +60,28 @@ def test_tiny_cifar_run_writes_the_run_dir(tmp_path):
         assert json.load(f)["auto_augment"] == "cifar10"
 
 
+def test_eval_command_reproduces_the_recorded_accuracy(tmp_path, capsys):
+    """`moesaic eval` rebuilds the checkpoint's model and gets the accuracy the run recorded."""
+    write_cifar(str(tmp_path))
+    cfg = tiny_config(tmp_path / "c.py", tmp_path, EPOCHS=2)
+    run = str(tmp_path / "run")
+    assert main(["train", "--config", cfg, "--run-dir", run]) == 0
+    recs = read_metrics(run)
+    capsys.readouterr()
+    assert main(["eval", run, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["epoch"] == 2 and out["eval_accuracy"] == recs[-1]["eval_accuracy"]
+    assert out["eval_loss"] == pytest.approx(recs[-1]["eval_loss"], rel=1e-6)
+    assert [m["name"] for m in out["moe"]] == ["blocks.1.ffn"]
+    best = max(recs, key=lambda r: r["eval_accuracy"])
+    assert main(["eval", run, "--best"]) == 0
+    text = capsys.readouterr().out
+    assert f"(epoch {best['epoch']}): eval loss" in text and "token shares" in text
+    assert main(["eval", str(tmp_path / "nowhere")]) == 1
+    assert "no checkpoint at" in capsys.readouterr().err
+    assert main(["eval", run, "--set", "lr=-1"]) == 2
+
+
 def test_missing_data_fails_clearly(tmp_path, capsys):
     cfg = tiny_config(tmp_path / "c.py", tmp_path / "nowhere")
     assert main(["train", "--config", cfg, "--run-dir", str(tmp_path / "run")]) == 1

@@ -220,7 +220,7 @@ def point_latest(ckpt: str, epoch: int) -> None:
     """Make ``latest.json`` of the checkpoint's run name it: a run resumed from an earlier
     checkpoint into its own run dir continues from there, so ``--resume RUN_DIR`` must too."""
     root, name = os.path.split(os.path.abspath(ckpt))
-    if _pointer(root, "latest.json") != name:
+    if pointer(root, "latest.json") != name:
         _write_json(os.path.join(root, "latest.json"), {"name": name, "epoch": epoch})
 
 
@@ -241,13 +241,13 @@ def _unused_name(ckpt_root: str, base: str) -> str:
 def _remove_superseded(ckpt_root: str, epoch: int, name: str) -> None:
     """Delete older checkpoints of ``epoch`` once ``latest.json`` names ``name``, except one that
     ``best.json`` still names."""
-    best = _pointer(ckpt_root, "best.json")
+    best = pointer(ckpt_root, "best.json")
     for n in os.listdir(ckpt_root):
         if n.startswith("epoch_") and n not in (name, best) and _epoch_of(n) == epoch:
             shutil.rmtree(os.path.join(ckpt_root, n), ignore_errors=True)
 
 
-def _pointer(ckpt_root: str, file: str) -> Optional[str]:
+def pointer(ckpt_root: str, file: str) -> Optional[str]:
     path = os.path.join(ckpt_root, file)
     return _read_json(path)["name"] if os.path.exists(path) else None
 
@@ -256,7 +256,7 @@ def _prune(ckpt_root: str, keep: int) -> None:
     """Keep the latest checkpoint, the best one and the newest others up to ``keep`` in all.
     The latest is kept first: after resuming from an earlier checkpoint, folders of later
     epochs from the abandoned run may remain until they are superseded."""
-    latest, best = _pointer(ckpt_root, "latest.json"), _pointer(ckpt_root, "best.json")
+    latest, best = pointer(ckpt_root, "latest.json"), pointer(ckpt_root, "best.json")
     names = sorted((n for n in os.listdir(ckpt_root) if n.startswith("epoch_") and n != latest),
                    key=lambda n: (_epoch_of(n), n))
     for n in names[:max(len(names) - (keep - 1), 0)]:

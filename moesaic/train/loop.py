@@ -14,7 +14,6 @@ H/W image height/width, L classes (logits), E experts of a layer; ``_5`` / ``_3`
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import importlib.util
@@ -35,10 +34,11 @@ from ..layer import MoE
 from ..parallel import clip_grad_norm_, equal_batches, init_distributed, moe_set_seed, parallelize
 from ..parallel.layout import mix_seed
 from . import checkpoint, report, rundir
-from .augment import Augmenter, normalize
+from .augment import Augmenter
 from .config import ConfigError, TrainConfig
-from .data import epoch_order, eval_batches, load_dataset, rank_batch, steps_per_epoch
+from .data import epoch_order, load_dataset, rank_batch, steps_per_epoch
 from .dist import all_reduce_, grad_scaler
+from .evaluate import autocast, evaluate
 from .meters import RoutingMeter
 from .optim import WarmupCosine, make_optimizer
 
@@ -242,9 +242,7 @@ class Trainer:
                      f" nothing to train (--set epochs=N with N > {self.epoch} trains longer)")
 
     def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return autocast(self.device, self.amp_dtype)
 
     def _state(self) -> dict:
         return {"epoch": self.epoch, "step": self.step, "scheduler": self.sched.state_dict(),
@@ -306,27 +304,9 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
-        """(loss, accuracy) on the test set. Each rank evaluates a contiguous shard in the same
-        number of batches (the all-to-all needs equal forwards), unpadded: shard sizes differ
-        by at most one image, so no repeated image takes expert capacity from a real one (the
-        MoE layers exchange their capacities, so the shorter shard's blocks are smaller)."""
-        self.model.eval()
-        mean, std = self.test_set.mean, self.test_set.std
-        sums_3 = torch.zeros(3, device=self.device, dtype=torch.float64)
-        for idx_b in eval_batches(len(self.test_set), -(-self.cfg.eval_batch_size // self.world),
-                                  self.rank, self.world):
-            idx_b = idx_b.to(self.device)
-            x_bCHW = normalize(self.test_set.images_NCHW[idx_b].float() / 255, mean, std)
-            labels_b = self.test_set.labels_N[idx_b]
-            with self._autocast():
-                logits_bL, _ = self.model(x_bCHW)
-            logits_bL = logits_bL.float()
-            loss_b = F.cross_entropy(logits_bL, labels_b, reduction="none")
-            sums_3 += torch.stack([loss_b.sum(), (logits_bL.argmax(-1) == labels_b).sum(),
-                                   torch.tensor(labels_b.numel(), device=self.device)]).double()
-        all_reduce_(sums_3)
-        self.model.train()
-        return float(sums_3[0] / sums_3[2]), float(sums_3[1] / sums_3[2])
+        """(loss, accuracy) on the test set (see :func:`moesaic.train.evaluate.evaluate`)."""
+        return evaluate(self.model, self.test_set, self.cfg.eval_batch_size, self.rank,
+                        self.world, self.device, self.amp_dtype)
 
     def train_epoch(self):
         """One epoch of steps. Loss/accuracy sums and routing statistics stay on the device; the
