@@ -98,21 +98,30 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _checkpoint_config(ckpt: str, overrides: list):
+    """A checkpoint's config plus ``overrides``. A max_ep_size from the checkpoint that does not
+    divide this world size (a run resumed or evaluated on fewer processes) becomes None."""
+    from .train import checkpoint
+    from .train.config import apply_overrides, from_dict
+
+    state = checkpoint.read_state(ckpt)
+    cfg = apply_overrides(from_dict(state["config"], " (from the checkpoint)"), overrides)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    set_here = any(o.split("=", 1)[0].strip().lower() == "max_ep_size" for o in overrides)
+    if cfg.max_ep_size is not None and world % cfg.max_ep_size and not set_here:
+        warnings.warn(f"max_ep_size={cfg.max_ep_size} from the checkpoint's config does not "
+                      f"divide this world size ({world}): using max_ep_size=None (the world "
+                      "size); --set max_ep_size=N chooses another", stacklevel=3)
+        cfg = dataclasses.replace(cfg, max_ep_size=None)
+    return cfg
+
+
 def _resolve_config(args):
     from .train import checkpoint
     from .train.config import apply_overrides, from_dict, load_file, resolve
 
     if args.config is None and args.resume is not None:
-        state = checkpoint.read_state(checkpoint.find(args.resume))
-        cfg = apply_overrides(from_dict(state["config"], " (from the checkpoint)"), args.overrides)
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        set_here = any(o.split("=", 1)[0].strip().lower() == "max_ep_size" for o in args.overrides)
-        if cfg.max_ep_size is not None and world % cfg.max_ep_size and not set_here:
-            warnings.warn(f"max_ep_size={cfg.max_ep_size} from the checkpoint's config does not "
-                          f"divide this world size ({world}): resuming with max_ep_size=None "
-                          "(the world size); --set max_ep_size=N chooses another", stacklevel=2)
-            cfg = dataclasses.replace(cfg, max_ep_size=None)
-        return cfg
+        return _checkpoint_config(checkpoint.find(args.resume), args.overrides)
     if args.config is not None and args.config.endswith(".json"):
         with open(args.config) as f:
             return apply_overrides(from_dict(json.load(f), f" in {args.config}"), args.overrides)
@@ -174,15 +183,13 @@ def _train(args) -> int:
 
 def _eval(args) -> int:
     from .train import checkpoint
-    from .train.config import ConfigError, apply_overrides, from_dict
+    from .train.config import ConfigError
     from .train.data import DataError
     from .train.evaluate import evaluate_checkpoint, find_checkpoint
 
     try:
         ckpt = find_checkpoint(args.path, args.best)
-        state = checkpoint.read_state(ckpt)
-        cfg = apply_overrides(from_dict(state["config"], " (from the checkpoint)"), args.overrides)
-        result = evaluate_checkpoint(cfg, ckpt)
+        result = evaluate_checkpoint(_checkpoint_config(ckpt, args.overrides), ckpt)
     except ConfigError as e:
         _error(f"config: {e}")
         return 2

@@ -313,7 +313,7 @@ def test_max_ep_size_that_does_not_divide_the_world(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(checkpoint, "read_state", lambda path: saved)
     args = argparse.Namespace(config=None, resume="ck", overrides=[])
     with pytest.warns(UserWarning, match="max_ep_size=2 from the checkpoint's config does not"):
-        assert cli._resolve_config(args).max_ep_size is None
+        assert cli._resolve_config(args).max_ep_size is None  # also what `moesaic eval` uses
     args.overrides = ["MAX_EP_SIZE=1"]
     assert cli._resolve_config(args).max_ep_size == 1
 
