@@ -137,7 +137,7 @@ class Router(nn.Module):
             x_TD = x_TD.float()
             if self.training and self.noise_policy == "jitter":
                 x_TD = self._jitter(x_TD)
-            logits_TE = F.linear(x_TD, self.weight)
+            logits_TE = F.linear(x_TD, self.weight.float())  # a no-op unless set from outside
             if self.training and self.noise_policy == "gaussian":
                 noise_TE = torch.randn(logits_TE.shape, generator=self._generator(logits_TE.device),
                                        device=logits_TE.device, dtype=torch.float32)

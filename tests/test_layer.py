@@ -455,6 +455,9 @@ def test_router_weight_loaded_in_another_dtype_stays_float32():
     layer.load_state_dict(sd, assign=True)
     assert layer.router.weight.dtype == torch.float32 and layer.experts.w1.dtype == torch.bfloat16
     assert torch.equal(layer.router.weight, sd["router.weight"].float())
+    x = torch.randn(4, D)  # a weight swapped in from outside (functional_call) still routes
+    logits = torch.func.functional_call(layer.router, {"weight": sd["router.weight"]}, (x,))
+    assert logits.dtype == torch.float32
     y, aux = layer(torch.randn(5, D, dtype=torch.bfloat16))
     assert y.dtype == torch.bfloat16 and aux.dtype == torch.float32
 

@@ -241,6 +241,15 @@ def test_titans_details_for_the_published_recipe():
         M.create("vit_moe_tiny", pool="max")
 
 
+def test_numpy_numbers_in_model_configs():
+    import numpy as np
+    vit = M.create("vit_moe_tiny", depth=np.int64(4), num_experts=[np.int64(4), np.int64(2)],
+                   norm_eps=np.float32(1e-6))
+    assert vit.config.num_experts == [4, 2] and type(vit.config.num_experts[0]) is int
+    assert vit.config.norm_eps == 1e-6 and type(vit.config.depth) is int
+    assert M.create("widenet_cifar", num_experts=np.int64(2), depth=2).config.num_experts == 2
+
+
 def test_errors_name_the_field():
     with pytest.raises(ValueError, match="did you mean 'vit_moe_lite6'"):
         M.create("vit_moe_lite_6")

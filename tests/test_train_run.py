@@ -80,6 +80,8 @@ def test_eval_command_reproduces_the_recorded_accuracy(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "nowhere")]) == 1
     assert "no checkpoint at" in capsys.readouterr().err
     assert main(["eval", run, "--set", "lr=-1"]) == 2
+    assert main(["eval", run, "--set", "max_ep_size=2"]) == 2
+    assert "max_ep_size (2) does not divide the world size (1)" in capsys.readouterr().err
 
 
 def test_missing_data_fails_clearly(tmp_path, capsys):

@@ -48,8 +48,10 @@ class VisionConfig:
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            if f.name not in ("num_experts", "moe_kwargs"):
+            if f.name != "moe_kwargs":
                 setattr(self, f.name, _plain(getattr(self, f.name)))
+        if isinstance(self.num_experts, (list, tuple)):
+            self.num_experts = [_plain(e) for e in self.num_experts]
         for name in ("depth", "d_model", "num_heads", "img_size", "patch_size", "in_chans",
                      "num_classes", "moe_every"):
             v = getattr(self, name)

@@ -19,6 +19,7 @@ from typing import Optional
 import torch.nn as nn
 from torch import Tensor
 
+from ..config import _is_int
 from .base import VisionModel
 from .config import VisionConfig
 from .layers import Attention, DropPath
@@ -39,7 +40,7 @@ class WideNet(VisionModel):
                  noise_policy: Optional[str] = "gaussian", drop_rate: float = 0.0,
                  attn_drop: float = 0.0, drop_path: float = 0.0, qkv_bias: bool = False,
                  patch_bias: bool = False, **moe_kwargs):
-        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+        if not _is_int(num_experts) or num_experts < 1:
             raise ValueError(f"num_experts must be a positive int for WideNet, got {num_experts!r}")
         cfg = VisionConfig.from_kwargs(
             img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..layer import MoE
-from ..parallel import init_distributed, moe_set_seed, parallelize
+from ..parallel import moe_set_seed, parallelize
 from . import checkpoint
 from .augment import normalize
 from .data import eval_batches, load_dataset
@@ -74,9 +74,9 @@ def find_checkpoint(path: str, best: bool) -> str:
 def evaluate_checkpoint(cfg, ckpt: str) -> dict:
     """Build ``cfg``'s model on this process group, load ``ckpt``'s weights and evaluate it:
     ``{"checkpoint", "epoch", "eval_loss", "eval_accuracy", "moe"}``."""
-    from .loop import _device, _precision, _threads, build_model
+    from .loop import _device, _precision, _threads, build_model, start_processes
 
-    ctx = init_distributed(max_ep_size=cfg.max_ep_size, timeout_s=cfg.timeout_s)
+    ctx = start_processes(cfg)
     _threads(cfg)
     device = _device(cfg, ctx)
     amp_dtype = _precision(cfg, device)

@@ -55,6 +55,17 @@ class TrainingInterrupted(RuntimeError):
     """Ctrl-C or SIGTERM: says where the run stopped and how to continue it."""
 
 
+def start_processes(cfg: TrainConfig):
+    """``init_distributed`` for a run, after checking that ``max_ep_size`` divides the world
+    size (a config error that names both numbers, not a traceback)."""
+    world = dist.get_world_size() if dist.is_initialized() else int(
+        os.environ.get("WORLD_SIZE", "1"))
+    if cfg.max_ep_size is not None and world % cfg.max_ep_size:
+        raise ConfigError(f"max_ep_size ({cfg.max_ep_size}) does not divide the world size "
+                          f"({world}): use a divisor of it, or None (the world size)")
+    return init_distributed(max_ep_size=cfg.max_ep_size, timeout_s=cfg.timeout_s)
+
+
 def _model_changes(was: dict, now: dict) -> list[str]:
     """``model`` / ``model_args`` entries that differ between two configs' dicts (tuples and
     lists compare alike, as config.json holds them)."""
@@ -169,12 +180,7 @@ class Trainer:
             cfg = dataclasses.replace(cfg, plots=False)
         self.cfg = cfg
         _init_for_restarts(cfg.timeout_s)
-        world = dist.get_world_size() if dist.is_initialized() else int(
-            os.environ.get("WORLD_SIZE", "1"))
-        if cfg.max_ep_size is not None and world % cfg.max_ep_size:
-            raise ConfigError(f"max_ep_size ({cfg.max_ep_size}) does not divide the world size "
-                              f"({world}): use a divisor of it, or None (the world size)")
-        self.ctx = init_distributed(max_ep_size=cfg.max_ep_size, timeout_s=cfg.timeout_s)
+        self.ctx = start_processes(cfg)
         self.rank, self.world, self.is_main = self.ctx.rank, self.ctx.world_size, self.ctx.is_main
         if cfg.batch_size % self.world:
             raise ConfigError(f"batch_size ({cfg.batch_size}) must be divisible by the world size "
