@@ -3,17 +3,18 @@
 ColossalAI-Examples' image/moe run (config.py, train.py) with the model of Titans' ViTMoE:
 MODEL_ARGS give that model's details on top of the zoo preset (dropout 0.1 everywhere, biased
 qkv and patch projections, mean of all tokens into a zero-initialised head, LayerNorm eps 1e-6,
-router weights truncated-normal with std sqrt(0.1 / d_model)). Two details differ still: its
-jitter multiplies the router logits (moesaic's, as Switch and DeepSpeed, the router input) and
-its input normalisation uses the widely copied CIFAR-10 std (0.2023, 0.1994, 0.2010) where
-moesaic uses the training set's own (0.2470, 0.2435, 0.2616); both are a small rescaling.
+router weights truncated-normal with std sqrt(0.1 / d_model), jitter on the router logits). Two
+details differ still: its experts apply dropout inside the MLP as well as after it, and its input
+normalisation uses the widely copied CIFAR-10 std (0.2023, 0.1994, 0.2010) where moesaic uses
+the training set's own (0.2470, 0.2435, 0.2616), a small rescaling.
 
 Launch: torchrun --nproc_per_node=N -m moesaic train --config configs/cifar10_vit_moe_lite6_prmoe.py
 """
 NAME = "cifar10_vit_moe_lite6_prmoe"
 MODEL = "vit_moe_lite6_prmoe"  # experts [4, 4, 8] on blocks 1, 3, 5; residual MLP; top-1; jitter
 MODEL_ARGS = {"drop_rate": 0.1, "qkv_bias": True, "patch_bias": True, "pool": "mean",
-              "zero_head": True, "norm_eps": 1e-6, "router_init_std": (0.1 / 256) ** 0.5}
+              "zero_head": True, "norm_eps": 1e-6, "router_init_std": (0.1 / 256) ** 0.5,
+              "noise_policy": "logit_jitter"}
 DATASET = "cifar10"
 BATCH_SIZE = 512  # global, over all ranks
 EVAL_BATCH_SIZE = 1000

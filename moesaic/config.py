@@ -12,7 +12,7 @@ from typing import Optional
 
 ROUTERS = ("token_choice", "expert_choice")
 DROP_POLICIES = ("position", "score")
-NOISE_POLICIES = (None, "jitter", "gaussian")
+NOISE_POLICIES = (None, "jitter", "logit_jitter", "gaussian")
 ACTIVATIONS = ("gelu", "relu", "swiglu")
 KERNELS = ("auto", "torch", "triton")
 

@@ -123,14 +123,14 @@ class Router(nn.Module):
             raise ValueError(f"router noise_generator is on {gen.device} but the input is on {device}")
         return gen
 
-    def _jitter(self, x_TD: Tensor) -> Tensor:
+    def _jitter(self, x: Tensor) -> Tensor:
         """x * U(1 - eps, 1 + eps), elementwise; the noise is built in place, outside autograd."""
-        gen = self._generator(x_TD.device)
-        if x_TD.device.type == "cpu":
-            u_TD = cpu_uniform(x_TD.shape, gen)
+        gen = self._generator(x.device)
+        if x.device.type == "cpu":
+            u = cpu_uniform(x.shape, gen)
         else:
-            u_TD = torch.rand(x_TD.shape, generator=gen, device=x_TD.device, dtype=torch.float32)
-        return x_TD * u_TD.mul_(2 * JITTER_EPS).add_(1.0 - JITTER_EPS)
+            u = torch.rand(x.shape, generator=gen, device=x.device, dtype=torch.float32)
+        return x * u.mul_(2 * JITTER_EPS).add_(1.0 - JITTER_EPS)
 
     def forward(self, x_TD: Tensor) -> Tensor:
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
@@ -138,6 +138,8 @@ class Router(nn.Module):
             if self.training and self.noise_policy == "jitter":
                 x_TD = self._jitter(x_TD)
             logits_TE = F.linear(x_TD, self.weight.float())  # a no-op unless set from outside
+            if self.training and self.noise_policy == "logit_jitter":
+                logits_TE = self._jitter(logits_TE)
             if self.training and self.noise_policy == "gaussian":
                 noise_TE = torch.randn(logits_TE.shape, generator=self._generator(logits_TE.device),
                                        device=logits_TE.device, dtype=torch.float32)

@@ -300,6 +300,16 @@ def test_jitter_is_uniform_between_bounds_and_seeded():
     assert torch.equal(layer.router._jitter(ones), u)
 
 
+def test_logit_jitter_scales_the_logits_in_training_only():
+    """ColossalAI's UniformNoiseGenerator: the gate logits times U(0.99, 1.01)."""
+    layer = make(noise_policy="logit_jitter")
+    x = torch.randn(3000, D)
+    clean = F.linear(x, layer.router.weight)
+    ratio = layer.train().router(x) / clean
+    assert ratio.min() >= 0.99 - 1e-5 and ratio.max() <= 1.01 + 1e-5 and ratio.std() > 1e-3
+    torch.testing.assert_close(layer.eval().router(x), clean)
+
+
 def test_noise_generator_follows_the_module_and_must_match_the_input():
     elsewhere = types.SimpleNamespace(device=torch.device("cuda", 0), initial_seed=lambda: 1234)
     layer = make(noise_policy="gaussian").train()
@@ -312,7 +322,7 @@ def test_noise_generator_follows_the_module_and_must_match_the_input():
         layer.router._generator(torch.device("cpu"))
 
 
-@pytest.mark.parametrize("noise", ["jitter", "gaussian"])
+@pytest.mark.parametrize("noise", ["jitter", "logit_jitter", "gaussian"])
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_activation_checkpointing_recomputes_the_same_routing(noise, reentrant):
     """Under torch.utils.checkpoint the backward reruns the forward: router noise and expert
