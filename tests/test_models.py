@@ -250,6 +250,19 @@ def test_numpy_numbers_in_model_configs():
     assert M.create("widenet_cifar", num_experts=np.int64(2), depth=2).config.num_experts == 2
 
 
+def test_docs_models_table_matches_the_presets():
+    """docs/models.md's parameter counts are what `moesaic models NAME` computes."""
+    import re
+    text = open(os.path.join(ROOT, "docs", "models.md")).read()
+    rows = re.findall(r"^\| `(\w+)` \|.*\| ([\d,]+) / ([\d,]+|same) \|", text, re.M)
+    assert {r[0] for r in rows} == set(M.list_models()) - {"test_custom_vit", "my_vit"}
+    for name, total, active in rows:
+        got = M.count_parameters(M.create(name))
+        want_total = int(total.replace(",", ""))
+        want_active = want_total if active == "same" else int(active.replace(",", ""))
+        assert got == (want_total, want_active), name
+
+
 def test_errors_name_the_field():
     with pytest.raises(ValueError, match="did you mean 'vit_moe_lite6'"):
         M.create("vit_moe_lite_6")
