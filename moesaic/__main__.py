@@ -137,6 +137,14 @@ def _error(msg: str) -> None:
     sys.stderr.flush()
 
 
+def _destroy_groups() -> None:
+    """End of a command: tear the process group down if one was started (never imports it)."""
+    if "moesaic.parallel.context" in sys.modules:
+        from .parallel import destroy
+
+        destroy()
+
+
 def _train(args) -> int:
     from .train import checkpoint
     from .train.config import ConfigError
@@ -174,10 +182,7 @@ def _train(args) -> int:
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
-        if "moesaic.parallel.context" in sys.modules:
-            from .parallel import destroy
-
-            destroy()
+        _destroy_groups()
     return 0
 
 
@@ -197,10 +202,7 @@ def _eval(args) -> int:
         _error(str(e))
         return 1
     finally:
-        if "moesaic.parallel.context" in sys.modules:
-            from .parallel import destroy
-
-            destroy()
+        _destroy_groups()
     if os.environ.get("RANK", "0") != "0":
         return 0
     if args.json:
