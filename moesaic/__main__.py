@@ -103,10 +103,11 @@ def _checkpoint_config(ckpt: str, overrides: list):
     divide this world size (a run resumed or evaluated on fewer processes) becomes None."""
     from .train import checkpoint
     from .train.config import apply_overrides, from_dict
+    from .train.loop import world_size
 
     state = checkpoint.read_state(ckpt)
     cfg = apply_overrides(from_dict(state["config"], " (from the checkpoint)"), overrides)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     set_here = any(o.split("=", 1)[0].strip().lower() == "max_ep_size" for o in overrides)
     if cfg.max_ep_size is not None and world % cfg.max_ep_size and not set_here:
         warnings.warn(f"max_ep_size={cfg.max_ep_size} from the checkpoint's config does not "

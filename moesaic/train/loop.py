@@ -55,11 +55,16 @@ class TrainingInterrupted(RuntimeError):
     """Ctrl-C or SIGTERM: says where the run stopped and how to continue it."""
 
 
+def world_size() -> int:
+    """The process group's size once one exists, else torchrun's WORLD_SIZE (1 without it)."""
+    return dist.get_world_size() if dist.is_initialized() else int(
+        os.environ.get("WORLD_SIZE", "1"))
+
+
 def start_processes(cfg: TrainConfig):
     """``init_distributed`` for a run, after checking that ``max_ep_size`` divides the world
     size (a config error that names both numbers, not a traceback)."""
-    world = dist.get_world_size() if dist.is_initialized() else int(
-        os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     if cfg.max_ep_size is not None and world % cfg.max_ep_size:
         raise ConfigError(f"max_ep_size ({cfg.max_ep_size}) does not divide the world size "
                           f"({world}): use a divisor of it, or None (the world size)")
@@ -79,7 +84,7 @@ def _model_changes(was: dict, now: dict) -> list[str]:
 def _launcher() -> str:
     """How this run was started, for resume hints: torchrun with its per-machine process count
     (and node count) when it set the environment, else the plain command."""
-    local, world = os.environ.get("LOCAL_WORLD_SIZE"), int(os.environ.get("WORLD_SIZE", "1"))
+    local, world = os.environ.get("LOCAL_WORLD_SIZE"), world_size()
     if local is None or world <= 1:
         return "moesaic train"
     nodes = world // max(int(local), 1)
@@ -127,7 +132,7 @@ def _init_for_restarts(timeout_s: float) -> None:
     group already started and uses it.
     """
     if (dist.is_initialized() or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
-            or int(os.environ.get("WORLD_SIZE", "1")) <= 1):
+            or world_size() <= 1):
         return
     timeout = datetime.timedelta(seconds=timeout_s)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
