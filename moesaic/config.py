@@ -67,6 +67,7 @@ class MoEConfig:
     bias: bool = True
     residual: bool = False
     dropout: float = 0.0
+    hidden_dropout: float = 0.0
     kernels: str = "auto"
 
     def __post_init__(self) -> None:
@@ -98,8 +99,9 @@ class MoEConfig:
             v = getattr(self, name)
             _require(_is_number(v) and v >= 0 and math.isfinite(v),
                      f"{name} must be a finite number >= 0, got {v!r}")
-        _require(_is_number(self.dropout) and 0 <= self.dropout < 1,
-                 f"dropout must be in [0, 1), got {self.dropout!r}")
+        for name in ("dropout", "hidden_dropout"):
+            v = getattr(self, name)
+            _require(_is_number(v) and 0 <= v < 1, f"{name} must be in [0, 1), got {v!r}")
         for name in ("drop_tokens", "bias", "residual"):
             v = getattr(self, name)
             _require(isinstance(v, bool), f"{name} must be True or False, got {v!r}")

@@ -135,5 +135,9 @@ class LocalDispatcher:
     def dispatch(self, x_TD: Tensor, plan: RoutingPlan, ops):
         return ops.permute(x_TD, plan), plan.counts_E, None
 
+    def send_keys(self, keys_N: Tensor, handle) -> Tensor:
+        """Per-row keys (hidden dropout) where ``dispatch`` put the rows: already there."""
+        return keys_N
+
     def combine(self, y_ND: Tensor, plan: RoutingPlan, handle, ops) -> Tensor:
         return ops.combine(y_ND, plan)

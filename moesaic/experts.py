@@ -35,13 +35,15 @@ class Experts(nn.Module):
     ``b2`` [E, D]; swiglu adds ``w3`` [E, D, F] and has no biases.
 
     Each expert is initialised from its own generator, seeded by (layer seed, global expert id),
-    so a global expert has the same weights whichever rank holds it.
+    so a global expert has the same weights whichever rank holds it. ``hidden_dropout`` drops
+    activations after the nonlinearity in training, by the rows' keys (see ``forward``).
     """
 
     def __init__(self, d_model: int, d_ff: int, global_ids: Sequence[int], activation: str = "gelu",
-                 bias: bool = True, layer_seed: int = 0):
+                 bias: bool = True, layer_seed: int = 0, hidden_dropout: float = 0.0):
         super().__init__()
         self.d_model, self.d_ff, self.activation = d_model, d_ff, activation
+        self.hidden_dropout = hidden_dropout
         self.cuda_path = "auto"  # validated on assignment: see CUDA_PATHS
         self.triton_epilogue = True  # the grouped_mm path may add biases with a Triton kernel
         self.global_ids = list(global_ids)
@@ -83,17 +85,20 @@ class Experts(nn.Module):
                     vals = torch.rand(p[e].shape, generator=g, dtype=torch.float32, device="cpu")
                     p[e].copy_((vals * 2 - 1) * bound)
 
-    def forward(self, x_ND: Tensor, counts_E: Tensor) -> Tensor:
+    def forward(self, x_ND: Tensor, counts_E: Tensor, keys_N: Optional[Tensor] = None) -> Tensor:
         """Run expert e on its ``counts_E[e]`` contiguous rows; weights cast to x's dtype.
 
+        ``keys_N`` (one int32 per row, :func:`moesaic.hidden_dropout.draw_keys`) turns on hidden
+        dropout in training: each row's mask is a hash of its key, the same on any rank.
         CUDA tensors take the batched path chosen by ``self.cuda_path`` ("auto", "grouped_mm",
         "bmm", or "loop" for the per-expert loop); ``self.triton_epilogue`` (False under
         ``kernels="torch"``) lets the grouped_mm path add biases with a Triton kernel."""
         dtype = x_ND.dtype
         params = [None if p is None else p.to(dtype) for p in (self.w1, self.b1, self.w2, self.b2, self.w3)]
+        p = self.hidden_dropout if self.training and keys_N is not None else 0.0
         if x_ND.is_cuda and self.cuda_path != "loop":
             counts_t = torch.as_tensor(counts_E, dtype=torch.int64, device=x_ND.device)
             return batched_ffn(x_ND, counts_t, self.activation, *params, path=self.cuda_path,
-                               epilogue=self.triton_epilogue)
+                               epilogue=self.triton_epilogue, keys_N=keys_N, p=p)
         counts = counts_E.tolist() if isinstance(counts_E, Tensor) else list(counts_E)
-        return grouped_ffn(x_ND, counts, self.activation, *params)
+        return grouped_ffn(x_ND, counts, self.activation, *params, keys_N=keys_N, p=p)

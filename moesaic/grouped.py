@@ -4,7 +4,9 @@ One autograd function: forward runs each expert's two matrix products on its con
 backward recomputes the activation from the saved pre-activation instead of storing it, so the
 saved state is x_ND and the pre-activation h (and the up-projection u for swiglu), one [M, F]
 tensor per expert. The activation and its gradient live in one [M, F] work buffer reused by
-every expert (swiglu's backward adds a second, for the gradient of u).
+every expert (swiglu's backward adds a second, for the gradient of u). Hidden dropout
+(``keys_N`` given, probability ``p``) scales the activation by a mask that the backward
+regenerates from the rows' keys (:mod:`moesaic.hidden_dropout`).
 Why blocks of one expert's rows: the allocator recycles blocks of that size, while every fresh
 [T, F] tensor of tens of MiB is mapped and page-faulted anew (the dense FFN allocates four per
 step), and elementwise passes over one expert's rows stay in cache. This is the CPU path and
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .autograd import first_order
+from .hidden_dropout import drop_, kept
 
 def _act(name: str, h: Tensor, u: Optional[Tensor]) -> Tensor:
     if name == "gelu":
@@ -61,12 +64,22 @@ def _bounds(counts_E: Sequence[int]):
         start += n
 
 
+def _kept(keys_N: Optional[Tensor], p: float, s: int, t: int, width: int) -> Optional[Tensor]:
+    """The hidden-dropout mask of rows s:t, None without dropout."""
+    return None if keys_N is None else kept(keys_N[s:t], width, p)
+
+
+def _drop_(a_MF: Tensor, kept_MF: Optional[Tensor], p: float) -> Tensor:
+    return a_MF if kept_MF is None else drop_(a_MF, kept_MF, p)
+
+
 class _GroupedFFN(torch.autograd.Function):
-    """y_ND rows of expert e = act(x @ w1[e] + b1[e]) @ w2[e] + b2[e]; swiglu: the activation is
-    silu(x @ w1[e]) * (x @ w3[e]), without biases."""
+    """y_ND rows of expert e = drop(act(x @ w1[e] + b1[e])) @ w2[e] + b2[e]; swiglu: the
+    activation is silu(x @ w1[e]) * (x @ w3[e]), without biases; drop: hidden dropout when
+    ``keys_N`` is given."""
 
     @staticmethod
-    def forward(ctx, x_ND, counts, activation, w1_EDF, b1_EF, w2_EFD, b2_ED, w3_EDF):
+    def forward(ctx, x_ND, counts, activation, w1_EDF, b1_EF, w2_EFD, b2_ED, w3_EDF, keys_N, p):
         N, Fdim = x_ND.shape[0], w1_EDF.shape[2]
         h_chunks = [x_ND.new_empty(n, Fdim) for n in counts]
         u_chunks = [x_ND.new_empty(n, Fdim) for n in counts] if w3_EDF is not None else []
@@ -83,20 +96,21 @@ class _GroupedFFN(torch.autograd.Function):
                 torch.mm(x_MD, w1_EDF[e], out=h_MF)
             if u_MF is not None:
                 torch.mm(x_MD, w3_EDF[e], out=u_MF)
-            a_MF = _act_into(activation, h_MF, u_MF, work_MF[:t - s])
+            a_MF = _drop_(_act_into(activation, h_MF, u_MF, work_MF[:t - s]),
+                          _kept(keys_N, p, s, t, Fdim), p)
             if b2_ED is not None:
                 torch.addmm(b2_ED[e], a_MF, w2_EFD[e], out=y_ND[s:t])
             else:
                 torch.mm(a_MF, w2_EFD[e], out=y_ND[s:t])
-        ctx.counts, ctx.activation = counts, activation
+        ctx.counts, ctx.activation, ctx.p = counts, activation, p
         ctx.has_b1, ctx.has_b2 = b1_EF is not None, b2_ED is not None
-        ctx.save_for_backward(x_ND, w1_EDF, w2_EFD, w3_EDF, *h_chunks, *u_chunks)
+        ctx.save_for_backward(x_ND, w1_EDF, w2_EFD, w3_EDF, keys_N, *h_chunks, *u_chunks)
         return y_ND
 
     @staticmethod
     @first_order
     def backward(ctx, grad_ND):
-        x_ND, w1_EDF, w2_EFD, w3_EDF, *chunks = ctx.saved_tensors
+        x_ND, w1_EDF, w2_EFD, w3_EDF, keys_N, *chunks = ctx.saved_tensors
         E = len(ctx.counts)
         h_chunks, u_chunks = chunks[:E], chunks[E:]
         grad_ND = grad_ND.contiguous()
@@ -118,12 +132,13 @@ class _GroupedFFN(torch.autograd.Function):
                 continue
             gy_MD, h_MF, x_MD = grad_ND[s:t], h_chunks[e], x_ND[s:t]
             u_MF = u_chunks[e] if u_chunks else None
-            a_MF = _act_into(ctx.activation, h_MF, u_MF, work_MF[:t - s])
+            kept_MF = _kept(keys_N, ctx.p, s, t, Fdim)
             if g_w2_EFD is not None:
-                torch.mm(a_MF.t(), gy_MD, out=g_w2_EFD[e])
+                a_MF = _act_into(ctx.activation, h_MF, u_MF, work_MF[:t - s])
+                torch.mm(_drop_(a_MF, kept_MF, ctx.p).t(), gy_MD, out=g_w2_EFD[e])
             if g_b2_ED is not None:
                 torch.sum(gy_MD, 0, out=g_b2_ED[e])
-            grad_a_MF = torch.mm(gy_MD, w2_EFD[e].t(), out=a_MF)
+            grad_a_MF = _drop_(torch.mm(gy_MD, w2_EFD[e].t(), out=work_MF[:t - s]), kept_MF, ctx.p)
             grad_h_MF, grad_u_MF = _act_backward_(ctx.activation, grad_a_MF, h_MF, u_MF,
                                                   None if work_u_MF is None else work_u_MF[:t - s])
             if g_w1_EDF is not None:
@@ -137,11 +152,14 @@ class _GroupedFFN(torch.autograd.Function):
                     torch.mm(x_MD.t(), grad_u_MF, out=g_w3_EDF[e])
                 if grad_x_ND is not None:
                     grad_x_ND[s:t].addmm_(grad_u_MF, w3_EDF[e].t())
-        return grad_x_ND, None, None, g_w1_EDF, g_b1_EF, g_w2_EFD, g_b2_ED, g_w3_EDF
+        return grad_x_ND, None, None, g_w1_EDF, g_b1_EF, g_w2_EFD, g_b2_ED, g_w3_EDF, None, None
 
 
 def grouped_ffn(x_ND: Tensor, counts: Sequence[int], activation: str, w1_EDF: Tensor,
                 b1_EF: Optional[Tensor], w2_EFD: Tensor, b2_ED: Optional[Tensor],
-                w3_EDF: Optional[Tensor] = None) -> Tensor:
-    """The experts' FFN on an expert-major buffer with ``counts[e]`` rows for expert e."""
-    return _GroupedFFN.apply(x_ND, list(counts), activation, w1_EDF, b1_EF, w2_EFD, b2_ED, w3_EDF)
+                w3_EDF: Optional[Tensor] = None, keys_N: Optional[Tensor] = None,
+                p: float = 0.0) -> Tensor:
+    """The experts' FFN on an expert-major buffer with ``counts[e]`` rows for expert e; with
+    ``keys_N`` (one int32 per row), hidden dropout of probability ``p`` after the activation."""
+    return _GroupedFFN.apply(x_ND, list(counts), activation, w1_EDF, b1_EF, w2_EFD, b2_ED, w3_EDF,
+                             keys_N if p > 0 else None, p)

@@ -5,7 +5,8 @@
 unless padding would more than double the rows (skewed routing, dropless): then the loop over
 experts, so memory stays O(N). ``_grouped_mm`` has no bias: where Triton runs, each row's
 expert bias (and gelu / relu) is added in one pass (:mod:`moesaic.kernels.bias_act`), else the
-bias is gathered to [N, F] and added. The flags below remember, per process, a torch build
+bias is gathered to [N, F] and added. Hidden dropout masks the activation as in the loop
+(:mod:`moesaic.hidden_dropout`), regenerated in the backward. The flags below remember, per process, a torch build
 that rejected a form (or a Triton that failed the epilogue).
 
 Legend: E local experts, D model dim, F ffn dim, N rows of the expert-major buffer.
@@ -19,7 +20,8 @@ import torch
 from torch import Tensor
 
 from .autograd import first_order
-from .grouped import _act, _act_backward_, _bounds, grouped_ffn
+from .grouped import _act, _act_backward_, _bounds, _drop_, grouped_ffn
+from .hidden_dropout import kept
 
 
 _grouped_wgrad_failed = False
@@ -96,7 +98,8 @@ class _GroupedMMFFN(torch.autograd.Function):
     """The grouped FFN with every product one ``torch._grouped_mm`` over all experts."""
 
     @staticmethod
-    def forward(ctx, x_ND, counts_E, activation, epilogue, w1_EDF, b1_EF, w2_EFD, b2_ED, w3_EDF):
+    def forward(ctx, x_ND, counts_E, activation, epilogue, w1_EDF, b1_EF, w2_EFD, b2_ED, w3_EDF,
+                keys_N, p):
         mm = torch._grouped_mm
         E = w1_EDF.shape[0]
         x_ND = x_ND.contiguous()
@@ -111,31 +114,35 @@ class _GroupedMMFFN(torch.autograd.Function):
         u_NF = mm(x_ND, w3_EDF, offs=offs_E) if w3_EDF is not None else None
         if a_NF is None:
             a_NF = _act(activation, h_NF, u_NF)
+        if keys_N is not None:
+            a_NF = _drop_(a_NF, kept(keys_N, a_NF.shape[1], p), p)
         y_ND = mm(a_NF, w2_EFD, offs=offs_E)
         del a_NF
         if b2_ED is not None:
             _add_row_bias_(y_ND, b2_ED, row_expert_N, "none", fused)
-        ctx.activation = activation
+        ctx.activation, ctx.p = activation, p
         ctx.has_b1, ctx.has_b2 = b1_EF is not None, b2_ED is not None
-        ctx.save_for_backward(x_ND, h_NF, u_NF, counts_E, offs_E, w1_EDF, w2_EFD, w3_EDF)
+        ctx.save_for_backward(x_ND, h_NF, u_NF, counts_E, offs_E, w1_EDF, w2_EFD, w3_EDF, keys_N)
         return y_ND
 
     @staticmethod
     @first_order
     def backward(ctx, grad_ND):
         mm = torch._grouped_mm
-        x_ND, h_NF, u_NF, counts_E, offs_E, w1_EDF, w2_EFD, w3_EDF = ctx.saved_tensors
+        x_ND, h_NF, u_NF, counts_E, offs_E, w1_EDF, w2_EFD, w3_EDF, keys_N = ctx.saved_tensors
         need = ctx.needs_input_grad  # frozen weights (requires_grad False) get no products
         gy_ND = grad_ND.contiguous()
         empty_E = (counts_E == 0).nonzero().squeeze(1)  # the backward's one host sync
         g_w2 = g_b2 = g_w1 = g_b1 = g_w3 = grad_x = None
+        kept_NF = None if keys_N is None else kept(keys_N, h_NF.shape[1], ctx.p)
         if need[6]:
-            a_NF = _act(ctx.activation, h_NF, u_NF)
+            a_NF = _drop_(_act(ctx.activation, h_NF, u_NF), kept_NF, ctx.p)
             g_w2 = _weight_grad(a_NF, gy_ND, offs_E, counts_E, empty_E)
             del a_NF
         if ctx.has_b2 and need[7]:
             g_b2 = _segment_sum(gy_ND, offs_E, counts_E, empty_E)
-        grad_a = mm(gy_ND, w2_EFD.transpose(1, 2), offs=offs_E)
+        grad_a = _drop_(mm(gy_ND, w2_EFD.transpose(1, 2), offs=offs_E), kept_NF, ctx.p)
+        del kept_NF
         grad_h, grad_u = _act_backward_(ctx.activation, grad_a, h_NF, u_NF)
         grad_h = grad_h.contiguous()
         if need[4]:
@@ -150,14 +157,15 @@ class _GroupedMMFFN(torch.autograd.Function):
                 g_w3 = _weight_grad(x_ND, grad_u, offs_E, counts_E, empty_E)
             if need[0]:
                 grad_x = grad_x + mm(grad_u, w3_EDF.transpose(1, 2), offs=offs_E)
-        return grad_x, None, None, None, g_w1, g_b1, g_w2, g_b2, g_w3
+        return grad_x, None, None, None, g_w1, g_b1, g_w2, g_b2, g_w3, None, None
 
 
 def padded_bmm_ffn(x_ND: Tensor, counts_E: Tensor, activation: str, w1_EDF: Tensor,
                    b1_EF: Optional[Tensor], w2_EFD: Tensor, b2_ED: Optional[Tensor],
-                   w3_EDF: Optional[Tensor] = None, max_rows: Optional[int] = None) -> Tensor:
+                   w3_EDF: Optional[Tensor] = None, max_rows: Optional[int] = None,
+                   keys_N: Optional[Tensor] = None, p: float = 0.0) -> Tensor:
     """The grouped FFN as batched products over rows padded to the busiest expert's count
-    (``max_rows``, read from ``counts_E`` when not given).
+    (``max_rows``, read from ``counts_E`` when not given); hidden dropout with ``keys_N``.
 
     Padding rows are zero inputs whose outputs are never read, so they add no gradient.
     """
@@ -173,7 +181,12 @@ def padded_bmm_ffn(x_ND: Tensor, counts_E: Tensor, activation: str, w1_EDF: Tens
     if b1_EF is not None:
         h_EMF = h_EMF + b1_EF.unsqueeze(1)
     u_EMF = torch.bmm(x_EMD, w3_EDF) if w3_EDF is not None else None
-    y_EMD = torch.bmm(_act(activation, h_EMF, u_EMF), w2_EFD)
+    a_EMF = _act(activation, h_EMF, u_EMF)
+    if keys_N is not None and p > 0:
+        keys_EM = keys_N.new_zeros(E, M).index_put((row_expert_N, pos_N), keys_N)
+        kept_EMF = kept(keys_EM.reshape(-1), a_EMF.shape[2], p).view(a_EMF.shape)
+        a_EMF = a_EMF.masked_fill(~kept_EMF, 0) * (1.0 / (1.0 - p))
+    y_EMD = torch.bmm(a_EMF, w2_EFD)
     if b2_ED is not None:
         y_EMD = y_EMD + b2_ED.unsqueeze(1)
     return y_EMD[row_expert_N, pos_N]
@@ -194,14 +207,17 @@ def grouped_mm_supported(x_ND: Tensor, w1_EDF: Tensor) -> bool:
 def batched_ffn(x_ND: Tensor, counts_E: Tensor, activation: str, w1_EDF: Tensor,
                 b1_EF: Optional[Tensor], w2_EFD: Tensor, b2_ED: Optional[Tensor],
                 w3_EDF: Optional[Tensor] = None, path: str = "auto",
-                epilogue: bool = True) -> Tensor:
+                epilogue: bool = True, keys_N: Optional[Tensor] = None, p: float = 0.0) -> Tensor:
     """The grouped FFN through ``torch._grouped_mm`` (``path="grouped_mm"``) or padded
     ``bmm`` (``"bmm"``); ``"auto"`` takes grouped_mm where supported and falls back to bmm
     if it raises, or to the loop over experts where padding would more than double the rows.
-    ``epilogue=False`` keeps Triton out (the grouped_mm path then gathers its biases)."""
+    ``epilogue=False`` keeps Triton out (the grouped_mm path then gathers its biases).
+    ``keys_N`` (one int32 per row): hidden dropout of probability ``p`` after the activation."""
     global _grouped_mm_failed
+    keys_N = keys_N if p > 0 else None
     args = (x_ND, counts_E, activation, w1_EDF, b1_EF, w2_EFD, b2_ED, w3_EDF)
-    mm_args = (x_ND, counts_E, activation, epilogue, w1_EDF, b1_EF, w2_EFD, b2_ED, w3_EDF)
+    mm_args = (x_ND, counts_E, activation, epilogue, w1_EDF, b1_EF, w2_EFD, b2_ED, w3_EDF,
+               keys_N, p)
     if path == "grouped_mm":
         return _GroupedMMFFN.apply(*mm_args)
     if path == "auto" and grouped_mm_supported(x_ND, w1_EDF):
@@ -215,5 +231,6 @@ def batched_ffn(x_ND: Tensor, counts_E: Tensor, activation: str, w1_EDF: Tensor,
     counts = counts_E.tolist()  # one host read, which the padded shape needs anyway
     max_rows = max(counts, default=0)
     if path == "auto" and len(counts) * max_rows > 2 * x_ND.shape[0]:
-        return grouped_ffn(x_ND, counts, activation, w1_EDF, b1_EF, w2_EFD, b2_ED, w3_EDF)
-    return padded_bmm_ffn(*args, max_rows=max_rows)
+        return grouped_ffn(x_ND, counts, activation, w1_EDF, b1_EF, w2_EFD, b2_ED, w3_EDF,
+                           keys_N=keys_N, p=p)
+    return padded_bmm_ffn(*args, max_rows=max_rows, keys_N=keys_N, p=p)

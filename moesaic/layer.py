@@ -20,16 +20,20 @@ from .config import MoEConfig
 from .dispatch import LocalDispatcher
 from .experts import Experts
 from .grouped import _act
+from .hidden_dropout import draw_keys
 from .ops import select_ops
 from .parallel.layout import expert_layout, next_layer_seed
 
 
 class DenseMLP(nn.Module):
-    """D -> F -> D feed-forward with the experts' activation (the PR-MoE residual branch)."""
+    """D -> F -> D feed-forward with the experts' activation and hidden dropout (the PR-MoE
+    residual branch)."""
 
-    def __init__(self, d_model: int, d_ff: int, activation: str = "gelu", bias: bool = True):
+    def __init__(self, d_model: int, d_ff: int, activation: str = "gelu", bias: bool = True,
+                 hidden_dropout: float = 0.0):
         super().__init__()
         self.activation = activation
+        self.drop = nn.Dropout(hidden_dropout)
         gated = activation == "swiglu"
         self.fc1 = nn.Linear(d_model, d_ff, bias=bias and not gated)
         self.fc3 = nn.Linear(d_model, d_ff, bias=False) if gated else None
@@ -37,7 +41,7 @@ class DenseMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         u = self.fc3(x) if self.fc3 is not None else None
-        return self.fc2(_act(self.activation, self.fc1(x), u))
+        return self.fc2(self.drop(_act(self.activation, self.fc1(x), u)))
 
 
 class MoE(nn.Module):
@@ -53,6 +57,9 @@ class MoE(nn.Module):
     2022).
     ``aux_loss = aux_loss_coef * balance + z_loss_coef * z``. With ``residual=True`` (PR-MoE)
     the output is ``moe(x) * c0 + mlp(x) * c1`` with ``c = softmax(residual_coef(x))`` per token.
+    ``dropout`` applies to the layer's output, ``hidden_dropout`` after the activation inside
+    every expert (and the residual MLP), as in a dense transformer MLP; its masks do not depend
+    on which rank holds an expert (:mod:`moesaic.hidden_dropout`).
 
     ``layer(x, return_stats=True)`` also returns the call's
     :class:`~moesaic.routing.RoutingStats` (device tensors, no host sync); ``layer.last_stats``
@@ -65,7 +72,8 @@ class MoE(nn.Module):
                  router: str = "token_choice", noise_policy: Optional[str] = None,
                  normalize_weights: Optional[bool] = None, aux_loss_coef: float = 0.01,
                  z_loss_coef: float = 0.0, activation: str = "gelu", bias: bool = True,
-                 residual: bool = False, dropout: float = 0.0, kernels: str = "auto"):
+                 residual: bool = False, dropout: float = 0.0, hidden_dropout: float = 0.0,
+                 kernels: str = "auto"):
         super().__init__()
         cfg = MoEConfig(
             d_model=d_model, d_ff=d_ff, num_experts=num_experts, top_k=top_k,
@@ -73,15 +81,17 @@ class MoE(nn.Module):
             min_capacity=min_capacity, drop_tokens=drop_tokens, drop_policy=drop_policy,
             router=router, noise_policy=noise_policy, normalize_weights=normalize_weights,
             aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef, activation=activation,
-            bias=bias, residual=residual, dropout=dropout, kernels=kernels)
+            bias=bias, residual=residual, dropout=dropout, hidden_dropout=hidden_dropout,
+            kernels=kernels)
         self.config = cfg
         self.layout = expert_layout(num_experts)
         self.router = routing.Router(d_model, num_experts, noise_policy)
         self.experts = Experts(d_model, d_ff, self.layout.global_ids, activation, bias,
-                               layer_seed=next_layer_seed())
+                               layer_seed=next_layer_seed(), hidden_dropout=cfg.hidden_dropout)
         self.experts.triton_epilogue = kernels != "torch"  # "torch": no Triton anywhere
         self.dispatcher = LocalDispatcher()
-        self.residual = DenseMLP(d_model, d_ff, activation, bias) if residual else None
+        self.residual = (DenseMLP(d_model, d_ff, activation, bias, cfg.hidden_dropout)
+                         if residual else None)
         self.residual_coef = nn.Linear(d_model, 2) if residual else None
         self.dropout = nn.Dropout(dropout)
         self.last_stats: Optional[routing.RoutingStats] = None
@@ -142,7 +152,11 @@ class MoE(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             xc_TD = x_TD.to(compute_dtype)
             x_ND, counts_E, handle = self.dispatcher.dispatch(xc_TD, plan, ops)
-            y_ND = self.experts(x_ND, counts_E)
+            keys_N = None
+            if self.training and c.hidden_dropout > 0:  # drawn where the tokens live
+                keys_N = self.dispatcher.send_keys(
+                    draw_keys(plan.row_token_N.numel(), x.device), handle)
+            y_ND = self.experts(x_ND, counts_E, keys_N)
             y_TD = self.dispatcher.combine(y_ND, plan, handle, ops)
         if self.residual is not None:
             xr_TD = x_TD if autocast_on else x_TD.to(self.residual_coef.weight.dtype)

@@ -194,26 +194,30 @@ def check_unused_parameters(rank, world, ctx, seed):
 
 
 def check_layout_independence(rank, world, seed):
-    """At a fixed world size, jitter noise and dropout draw the same numbers whether the experts
-    are split over the ranks (max_ep_size 2) or replicated (1): 3 AdamW steps end equal."""
+    """At a fixed world size, jitter noise, dropout and the experts' hidden dropout draw the
+    same numbers whether the experts are split over the ranks (max_ep_size 2) or replicated
+    (1): 3 AdamW steps end equal, dropless and with capacity drops."""
     x, target = _data(world)
     lo, hi = rank * B, (rank + 1) * B
-    finals = []
-    for max_ep in (1, 2):
-        moesaic.init_distributed(max_ep_size=max_ep, timeout_s=30)
-        moesaic.moe_set_seed(seed)
-        model = moesaic.parallelize(tiny_net(noise_policy="jitter", dropout=0.2, residual=True))
-        assert model.moes[0].layout.ep_size == max_ep
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        for _ in range(3):
-            out, aux = model(x[lo:hi])
-            ((out - target[lo:hi]).square().mean() + aux).backward()
-            opt.step()
-            opt.zero_grad()
-        finals.append(moesaic.full_state_dict(model, all_ranks=True))
-    assert finals[0].keys() == finals[1].keys()
-    for k in finals[0]:
-        torch.testing.assert_close(finals[0][k], finals[1][k], rtol=1e-5, atol=1e-7, msg=k)
+    for routing_kw in (dict(drop_tokens=False), dict(drop_tokens=True, capacity_factor=0.8)):
+        finals = []
+        for max_ep in (1, 2):
+            moesaic.init_distributed(max_ep_size=max_ep, timeout_s=30)
+            moesaic.moe_set_seed(seed)
+            model = moesaic.parallelize(tiny_net(noise_policy="jitter", dropout=0.2, residual=True,
+                                                 hidden_dropout=0.3, **routing_kw))
+            assert model.moes[0].layout.ep_size == max_ep
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+            for _ in range(3):
+                out, aux = model(x[lo:hi])
+                ((out - target[lo:hi]).square().mean() + aux).backward()
+                opt.step()
+                opt.zero_grad()
+            finals.append(moesaic.full_state_dict(model, all_ranks=True))
+        assert finals[0].keys() == finals[1].keys()
+        for k in finals[0]:
+            torch.testing.assert_close(finals[0][k], finals[1][k], rtol=1e-5, atol=1e-7,
+                                       msg=lambda m: f"{routing_kw} {k}: {m}")
 
 
 def check_zero_tokens(rank, world, ctx, seed):

@@ -176,6 +176,7 @@ LAYER_CASES = [
     dict(top_k=2, drop_tokens=False, activation="swiglu"),
     dict(top_k=1, router="expert_choice"),
     dict(top_k=2, residual=True, min_capacity=0, capacity_factor=0.5),
+    dict(top_k=2, residual=True, hidden_dropout=0.3, capacity_factor=1.0),
 ]
 
 

@@ -15,6 +15,9 @@ expert's rows are contiguous for the grouped FFN, and back again before the retu
   rank. Under :func:`moesaic.parallel.equal_batches` the caller promises equal token counts:
   then the exchange is skipped and the sizes are static (no host sync for it).
 
+Hidden dropout's row keys (one int32 per row) follow their rows with ``send_keys``: one more
+all-to-all of 4 bytes a row, in training only.
+
 Legend: T tokens, D model dim, E global experts, L local experts (E / ep), S source ranks
 (= ep), C capacity per expert, N rows this rank sends, M rows it receives.
 """
@@ -108,6 +111,17 @@ class AllToAllDispatcher:
         if plan.capacity is None:
             return self._dispatch_dropless(x_ND, plan)
         return self._dispatch_capacity(x_ND, plan)
+
+    def send_keys(self, keys_N: Tensor, handle: _Handle) -> Tensor:
+        """Per-row int32 keys (hidden dropout) moved exactly as ``dispatch`` moved the rows."""
+        if handle.pos_N is not None:
+            keys_N = keys_N.new_zeros(sum(handle.in_splits)).index_copy_(0, handle.pos_N, keys_N)
+        keys_M = exchange(keys_N, handle.out_splits, handle.in_splits, self.group, self.ranks,
+                          self.stats, "MoE hidden-dropout key all-to-all")
+        if handle.order_M is not None:
+            return keys_M.index_select(0, handle.order_M)
+        L, S, C = handle.shape
+        return keys_M.reshape(S, L, C).transpose(0, 1).reshape(L * S * C)
 
     def combine(self, y_ND: Tensor, plan: RoutingPlan, handle: _Handle, ops) -> Tensor:
         if handle.order_M is not None:
