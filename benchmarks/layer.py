@@ -2,6 +2,8 @@
 
 Each MoE configuration is compared with k x the dense FFN (D -> F -> D, GELU, bias) on T tokens,
 the dense products of the same FLOPs; memory is compared with the dense FFN on k*T tokens.
+``--hidden-dropout P`` drops after the activation in both (nn.Dropout in the dense FFN, the
+experts' hashed masks in the MoE layers).
 Times are medians over repetitions in one process, side by side. Peak extra memory is the
 high-water mark of live tensor bytes during one fwd+bwd (moesaic.memtrack.LiveMemory: exact and
 independent of machine load), less the parameter gradients the step leaves behind. On Linux it
@@ -38,21 +40,24 @@ CONFIGS = [  # (name, top_k, capacity mode)
 
 
 class DenseFFN(nn.Module):
-    def __init__(self, d_model, d_ff):
+    def __init__(self, d_model, d_ff, hidden_dropout=0.0):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(d_model, d_ff), nn.Linear(d_ff, d_model)
+        self.drop = nn.Dropout(hidden_dropout)
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x))), x.new_zeros(())
+        return self.fc2(self.drop(F.gelu(self.fc1(x)))), x.new_zeros(())
 
 
 def build(kind: str, args) -> nn.Module:
     torch.manual_seed(0)
+    p = getattr(args, "hidden_dropout", 0.0)
     if kind == "dense":
-        return DenseFFN(args.d_model, args.d_ff)
+        return DenseFFN(args.d_model, args.d_ff, p)
     _, top_k, capacity = next(c for c in CONFIGS if c[0] == kind)
+    extra = {"hidden_dropout": p} if p else {}  # older versions (ab.py) lack the option
     return moesaic.MoE(args.d_model, args.d_ff, args.experts, top_k=top_k, capacity_factor=1.25,
-                       drop_tokens=capacity)
+                       drop_tokens=capacity, **extra)
 
 
 def step(module: nn.Module, x: torch.Tensor) -> None:
@@ -116,6 +121,8 @@ def main(argv=None) -> dict:
     p.add_argument("--experts", type=int, default=8, help="number of experts (E)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--reps", type=int, default=7, help="timed repetitions (median reported)")
+    p.add_argument("--hidden-dropout", type=float, default=0.0,
+                   help="dropout after the activation, in the dense FFN and inside the experts")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args(argv)
@@ -125,7 +132,8 @@ def main(argv=None) -> dict:
 
     torch.set_num_threads(args.threads)
     T, D, Fd, E = args.tokens, args.d_model, args.d_ff, args.experts
-    print(f"moesaic layer benchmark, {date.today()}: T={T} D={D} F={Fd} E={E} float32, "
+    drop = f", hidden dropout {args.hidden_dropout}" if args.hidden_dropout else ""
+    print(f"moesaic layer benchmark, {date.today()}: T={T} D={D} F={Fd} E={E} float32{drop}, "
           f"{args.threads} threads, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs; median of {args.reps} fwd+bwd steps, configurations interleaved; "
           "time ratio = median over rounds of t / (k x dense t in the same round)")
@@ -163,7 +171,7 @@ def main(argv=None) -> dict:
         print(line + f"{dropped:>9.3f}{fault_mib[name]:>13.0f}")
         rows.append(row)
     result = dict(date=str(date.today()), tokens=T, d_model=D, d_ff=Fd, experts=E,
-                  threads=args.threads, dense_ms=dense_s * 1e3,
+                  hidden_dropout=args.hidden_dropout, threads=args.threads, dense_ms=dense_s * 1e3,
                   dense_faulted_mib_per_step=fault_mib["dense"], fill_64mib_fresh_ms=fresh_ms,
                   fill_64mib_reused_ms=reused_ms, rows=rows)
     print("targets: time ratio <= 1.0, mem ratio <= 1.1")

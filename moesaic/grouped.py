@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .autograd import first_order
-from .hidden_dropout import drop_, kept
+from .hidden_dropout import drop_
 
 def _act(name: str, h: Tensor, u: Optional[Tensor]) -> Tensor:
     if name == "gelu":
@@ -64,13 +64,9 @@ def _bounds(counts_E: Sequence[int]):
         start += n
 
 
-def _kept(keys_N: Optional[Tensor], p: float, s: int, t: int, width: int) -> Optional[Tensor]:
-    """The hidden-dropout mask of rows s:t, None without dropout."""
-    return None if keys_N is None else kept(keys_N[s:t], width, p)
-
-
-def _drop_(a_MF: Tensor, kept_MF: Optional[Tensor], p: float) -> Tensor:
-    return a_MF if kept_MF is None else drop_(a_MF, kept_MF, p)
+def _drop_(a_MF: Tensor, keys_N: Optional[Tensor], p: float, s: int, t: int) -> Tensor:
+    """Hidden dropout of a_MF (rows s:t of the buffer) in place; a_MF itself without keys."""
+    return a_MF if keys_N is None else drop_(a_MF, keys_N[s:t], p)
 
 
 class _GroupedFFN(torch.autograd.Function):
@@ -96,8 +92,7 @@ class _GroupedFFN(torch.autograd.Function):
                 torch.mm(x_MD, w1_EDF[e], out=h_MF)
             if u_MF is not None:
                 torch.mm(x_MD, w3_EDF[e], out=u_MF)
-            a_MF = _drop_(_act_into(activation, h_MF, u_MF, work_MF[:t - s]),
-                          _kept(keys_N, p, s, t, Fdim), p)
+            a_MF = _drop_(_act_into(activation, h_MF, u_MF, work_MF[:t - s]), keys_N, p, s, t)
             if b2_ED is not None:
                 torch.addmm(b2_ED[e], a_MF, w2_EFD[e], out=y_ND[s:t])
             else:
@@ -132,13 +127,13 @@ class _GroupedFFN(torch.autograd.Function):
                 continue
             gy_MD, h_MF, x_MD = grad_ND[s:t], h_chunks[e], x_ND[s:t]
             u_MF = u_chunks[e] if u_chunks else None
-            kept_MF = _kept(keys_N, ctx.p, s, t, Fdim)
             if g_w2_EFD is not None:
                 a_MF = _act_into(ctx.activation, h_MF, u_MF, work_MF[:t - s])
-                torch.mm(_drop_(a_MF, kept_MF, ctx.p).t(), gy_MD, out=g_w2_EFD[e])
+                torch.mm(_drop_(a_MF, keys_N, ctx.p, s, t).t(), gy_MD, out=g_w2_EFD[e])
             if g_b2_ED is not None:
                 torch.sum(gy_MD, 0, out=g_b2_ED[e])
-            grad_a_MF = _drop_(torch.mm(gy_MD, w2_EFD[e].t(), out=work_MF[:t - s]), kept_MF, ctx.p)
+            grad_a_MF = torch.mm(gy_MD, w2_EFD[e].t(), out=work_MF[:t - s])
+            grad_a_MF = _drop_(grad_a_MF, keys_N, ctx.p, s, t)  # the same mask, regenerated
             grad_h_MF, grad_u_MF = _act_backward_(ctx.activation, grad_a_MF, h_MF, u_MF,
                                                   None if work_u_MF is None else work_u_MF[:t - s])
             if g_w1_EDF is not None:

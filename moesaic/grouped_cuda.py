@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .autograd import first_order
-from .grouped import _act, _act_backward_, _bounds, _drop_, grouped_ffn
+from .grouped import _act, _act_backward_, _bounds, grouped_ffn
 from .hidden_dropout import kept
 
 
@@ -89,6 +89,11 @@ def _add_row_bias_(h_NX: Tensor, b_EX: Tensor, row_expert_N: Tensor, activation:
     return None
 
 
+def _masked_(a_NF: Tensor, kept_NF: Optional[Tensor], p: float) -> Tensor:
+    """Hidden dropout by a mask made once (the backward uses it twice), in place."""
+    return a_NF if kept_NF is None else a_NF.masked_fill_(~kept_NF, 0).mul_(1.0 / (1.0 - p))
+
+
 def _warn_fallback(what: str, e: Exception) -> None:
     """Once per path and process: which fast path failed, why, and what runs instead."""
     warnings.warn(f"moesaic: {what} for the rest of this process, after {e!r}", stacklevel=3)
@@ -115,7 +120,7 @@ class _GroupedMMFFN(torch.autograd.Function):
         if a_NF is None:
             a_NF = _act(activation, h_NF, u_NF)
         if keys_N is not None:
-            a_NF = _drop_(a_NF, kept(keys_N, a_NF.shape[1], p), p)
+            a_NF = _masked_(a_NF, kept(keys_N, a_NF.shape[1], p), p)
         y_ND = mm(a_NF, w2_EFD, offs=offs_E)
         del a_NF
         if b2_ED is not None:
@@ -136,12 +141,12 @@ class _GroupedMMFFN(torch.autograd.Function):
         g_w2 = g_b2 = g_w1 = g_b1 = g_w3 = grad_x = None
         kept_NF = None if keys_N is None else kept(keys_N, h_NF.shape[1], ctx.p)
         if need[6]:
-            a_NF = _drop_(_act(ctx.activation, h_NF, u_NF), kept_NF, ctx.p)
+            a_NF = _masked_(_act(ctx.activation, h_NF, u_NF), kept_NF, ctx.p)
             g_w2 = _weight_grad(a_NF, gy_ND, offs_E, counts_E, empty_E)
             del a_NF
         if ctx.has_b2 and need[7]:
             g_b2 = _segment_sum(gy_ND, offs_E, counts_E, empty_E)
-        grad_a = _drop_(mm(gy_ND, w2_EFD.transpose(1, 2), offs=offs_E), kept_NF, ctx.p)
+        grad_a = _masked_(mm(gy_ND, w2_EFD.transpose(1, 2), offs=offs_E), kept_NF, ctx.p)
         del kept_NF
         grad_h, grad_u = _act_backward_(ctx.activation, grad_a, h_NF, u_NF)
         grad_h = grad_h.contiguous()

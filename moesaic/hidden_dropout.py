@@ -12,6 +12,8 @@ Legend: N rows of the expert-major buffer, M rows of one expert, F ffn dim.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -20,6 +22,7 @@ _MUL1 = 0x7FEB352D
 _MUL2 = 0x846CA68B - 2**32
 _GOLDEN = 0x9E3779B9 - 2**32  # spreads consecutive feature indices before mixing
 _BITS = 24  # keep iff the hash's low 24 bits >= p * 2**24
+_CPU_BLOCK = 128  # rows hashed at a time on the CPU: [128, F] int32 stays in cache
 
 
 def draw_keys(num_rows: int, device) -> Tensor:
@@ -27,21 +30,28 @@ def draw_keys(num_rows: int, device) -> Tensor:
     return torch.randint(-2**31, 2**31, (num_rows,), dtype=torch.int32, device=device)
 
 
-def _mix_(x: Tensor) -> Tensor:
-    """lowbias32 in place on an int32 tensor (logical right shifts by masking)."""
-    x ^= (x >> 16) & 0xFFFF
-    x *= _MUL1
-    x ^= (x >> 15) & 0x1FFFF
-    x *= _MUL2
-    x ^= (x >> 16) & 0xFFFF
+def _mix_(x: Tensor, tmp: Optional[Tensor] = None) -> Tensor:
+    """lowbias32 in place on an int32 tensor (logical right shifts by masking); ``tmp`` is
+    scratch of x's shape."""
+    tmp = torch.empty_like(x) if tmp is None else tmp
+    for shift, mask, mul in ((16, 0xFFFF, _MUL1), (15, 0x1FFFF, _MUL2), (16, 0xFFFF, None)):
+        torch.bitwise_right_shift(x, shift, out=tmp)
+        x ^= tmp.bitwise_and_(mask)
+        if mul is not None:
+            x *= mul
     return x
+
+
+def _row_col(keys_M: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    row_M = _mix_(keys_M.to(torch.int32).clone())
+    col_F = _mix_(torch.arange(width, dtype=torch.int32, device=keys_M.device) * _GOLDEN)
+    return row_M, col_F
 
 
 def keep_mask(keys_M: Tensor, width: int) -> Tensor:
     """The int32 hash [M, width] of (row key, feature) whose low bits decide keeping."""
-    col_F = _mix_(torch.arange(width, dtype=torch.int32, device=keys_M.device) * _GOLDEN)
-    x_MF = _mix_(keys_M.to(torch.int32).clone()).unsqueeze(1) ^ col_F
-    return _mix_(x_MF)
+    row_M, col_F = _row_col(keys_M, width)
+    return _mix_(row_M.unsqueeze(1) ^ col_F)
 
 
 def kept(keys_M: Tensor, width: int, p: float) -> Tensor:
@@ -49,7 +59,21 @@ def kept(keys_M: Tensor, width: int, p: float) -> Tensor:
     return (keep_mask(keys_M, width) & (2**_BITS - 1)) >= round(p * 2**_BITS)
 
 
-def drop_(a_MF: Tensor, kept_MF: Tensor, p: float) -> Tensor:
-    """Hidden dropout of a_MF in place: zero where not ``kept_MF``, the rest times 1 / (1 - p)
-    (a float scale, also for bf16 rows)."""
-    return a_MF.masked_fill_(~kept_MF, 0).mul_(1.0 / (1.0 - p))
+def drop_(a_MF: Tensor, keys_M: Tensor, p: float) -> Tensor:
+    """Hidden dropout of a_MF in place: zero where dropped, the rest times 1 / (1 - p) (a
+    float scale, also for bf16 rows). On the CPU a block of rows at a time, hashing and masking
+    while the block is in cache, and in int32 arithmetic (``(h - threshold) >> 31`` is -1 where
+    dropped), which runs several times faster there than comparisons and ``masked_fill_``."""
+    M, width = a_MF.shape
+    block = M if a_MF.device.type != "cpu" else _CPU_BLOCK
+    row_M, col_F = _row_col(keys_M, width)
+    x_BF = torch.empty(min(block, M), width, dtype=torch.int32, device=a_MF.device)
+    tmp_BF = torch.empty_like(x_BF)
+    threshold, scale = round(p * 2**_BITS), 1.0 / (1.0 - p)
+    for s in range(0, M, block):
+        n = min(block, M - s)
+        x = torch.bitwise_xor(row_M[s:s + n].unsqueeze(1), col_F, out=x_BF[:n])
+        _mix_(x, tmp_BF[:n]).bitwise_and_(2**_BITS - 1).sub_(threshold)
+        x.bitwise_right_shift_(31).add_(1)  # 1 where kept, 0 where dropped
+        a_MF[s:s + n].mul_(x).mul_(scale)
+    return a_MF

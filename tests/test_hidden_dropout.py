@@ -14,7 +14,7 @@ import moesaic
 import moesaic.models as zoo
 from moesaic.grouped import grouped_ffn
 from moesaic.grouped_cuda import batched_ffn
-from moesaic.hidden_dropout import draw_keys, keep_mask, kept
+from moesaic.hidden_dropout import draw_keys, drop_, keep_mask, kept
 
 E, D, FF = 3, 8, 24
 
@@ -42,6 +42,16 @@ def test_hash_equals_a_uint32_reference_and_drops_at_the_asked_rate():
     assert abs(torch.corrcoef(m[:64])[0, 1]) < 0.35  # two rows of 64 features
     assert torch.equal(kept(keys, 64, 0.25), m.bool())  # a function of the keys only
     assert kept(keys, 64, 0.0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_blocked_cpu_dropout_equals_the_whole_mask(dtype):
+    """drop_ hashes and masks a block of rows at a time on the CPU (300 rows: two full blocks
+    and a partial one): the same as masking with the whole [M, F] mask."""
+    a = torch.randn(300, 40, generator=torch.Generator().manual_seed(6)).to(dtype)
+    keys = draw_keys(300, "cpu")
+    want = (a.float().masked_fill(~kept(keys, 40, 0.3), 0) * (1 / 0.7)).to(dtype)
+    torch.testing.assert_close(drop_(a.clone(), keys, 0.3), want, rtol=0, atol=0)
 
 
 def _params(g, gated):
