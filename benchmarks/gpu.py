@@ -254,6 +254,25 @@ def check_expert_paths(run, device, gen, D, Fdim, dtype):
             x.detach().to(torch.bfloat16), params[0].detach().to(torch.bfloat16))
 
 
+def check_hidden_dropout(run, device, gen, N, Fdim, dtype):
+    """The one-pass Triton dropout kernel, the PyTorch hash on this device and the CPU's drop
+    the same elements (int32 arithmetic wraps alike everywhere); values agree to rounding."""
+    from moesaic.hidden_dropout import drop_, kept
+    from moesaic.kernels.dropout import hidden_dropout_
+    p = 0.1
+    a = torch.randn(N, Fdim, device=device, generator=gen).to(dtype)
+    keys = torch.randint(-2**31, 2**31, (N,), device=device, dtype=torch.int32, generator=gen)
+    torch_out, kernel_out = drop_(a.clone(), keys, p), hidden_dropout_(a.clone(), keys, p)
+    cpu_kept = kept(keys.cpu(), Fdim, p)
+    tag = f"hidden dropout N={N} F={Fdim} {str(dtype)[6:]}"
+    check(run, tag + " kernel mask mismatch", float(((kernel_out == 0) != (torch_out == 0))
+                                                    .float().mean()), 0.0)
+    check(run, tag + " device vs cpu mask mismatch",
+          float(((torch_out != 0).cpu() != cpu_kept).float().mean()), 1e-4)  # a's own zeros
+    check(run, tag + " kernel values", rel_err(kernel_out, torch_out),
+          0.0 if dtype == torch.float32 else 1e-2)
+
+
 # ---------------------------------------------------------------- machine rates
 
 def copy_bandwidth(run, device, nbytes, warmup, iters):
@@ -581,6 +600,8 @@ def main():
                         else 16, 8, K, dtype, policy)
         run.section(f"check experts {dtype}", check_expert_paths, run, device, gen,
                     256 if not args.dry_run else 16, 512 if not args.dry_run else 24, dtype)
+        run.section(f"check hidden dropout {dtype}", check_hidden_dropout, run, device, gen,
+                    3000 if not args.dry_run else 30, 1000 if not args.dry_run else 40, dtype)
     # 2. machine rates
     run.section("copy bandwidth", copy_bandwidth, run, device, copy_bytes, rate_warmup, rate_iters)
     run.section("matmul rate", matmul_rate, run, device, mm_n, rate_warmup, rate_iters)

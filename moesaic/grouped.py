@@ -26,6 +26,7 @@ from torch import Tensor
 from .autograd import first_order
 from .hidden_dropout import drop_
 
+
 def _act(name: str, h: Tensor, u: Optional[Tensor]) -> Tensor:
     if name == "gelu":
         return F.gelu(h)

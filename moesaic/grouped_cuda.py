@@ -6,7 +6,8 @@ unless padding would more than double the rows (skewed routing, dropless): then 
 experts, so memory stays O(N). ``_grouped_mm`` has no bias: where Triton runs, each row's
 expert bias (and gelu / relu) is added in one pass (:mod:`moesaic.kernels.bias_act`), else the
 bias is gathered to [N, F] and added. Hidden dropout masks the activation as in the loop
-(:mod:`moesaic.hidden_dropout`), regenerated in the backward. The flags below remember, per process, a torch build
+(:mod:`moesaic.hidden_dropout`; in one pass by :mod:`moesaic.kernels.dropout` where Triton
+runs), regenerated in the backward. The flags below remember, per process, a torch build
 that rejected a form (or a Triton that failed the epilogue).
 
 Legend: E local experts, D model dim, F ffn dim, N rows of the expert-major buffer.
@@ -21,7 +22,7 @@ from torch import Tensor
 
 from .autograd import first_order
 from .grouped import _act, _act_backward_, _bounds, grouped_ffn
-from .hidden_dropout import kept
+from .hidden_dropout import drop_, kept
 
 
 _grouped_wgrad_failed = False
@@ -89,9 +90,25 @@ def _add_row_bias_(h_NX: Tensor, b_EX: Tensor, row_expert_N: Tensor, activation:
     return None
 
 
-def _masked_(a_NF: Tensor, kept_NF: Optional[Tensor], p: float) -> Tensor:
-    """Hidden dropout by a mask made once (the backward uses it twice), in place."""
-    return a_NF if kept_NF is None else a_NF.masked_fill_(~kept_NF, 0).mul_(1.0 / (1.0 - p))
+_dropout_kernel_failed = False
+
+
+def _hidden_drop_(a_NF: Tensor, keys_N: Optional[Tensor], p: float, use_triton: bool) -> Tensor:
+    """Hidden dropout of a_NF in place (nothing without keys): the one-pass Triton kernel where
+    the epilogue runs, else the PyTorch hash; the same masks either way."""
+    global _dropout_kernel_failed
+    if keys_N is None:
+        return a_NF
+    if use_triton and not _dropout_kernel_failed:
+        try:
+            from .kernels.dropout import hidden_dropout_
+            return hidden_dropout_(a_NF, keys_N, p)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- any build or launch failure takes the fallback
+            _dropout_kernel_failed = True
+            _warn_fallback("Triton hidden-dropout kernel (PyTorch hash instead)", e)
+    return drop_(a_NF, keys_N, p)
 
 
 def _warn_fallback(what: str, e: Exception) -> None:
@@ -119,13 +136,12 @@ class _GroupedMMFFN(torch.autograd.Function):
         u_NF = mm(x_ND, w3_EDF, offs=offs_E) if w3_EDF is not None else None
         if a_NF is None:
             a_NF = _act(activation, h_NF, u_NF)
-        if keys_N is not None:
-            a_NF = _masked_(a_NF, kept(keys_N, a_NF.shape[1], p), p)
+        a_NF = _hidden_drop_(a_NF, keys_N, p, fused is not None)
         y_ND = mm(a_NF, w2_EFD, offs=offs_E)
         del a_NF
         if b2_ED is not None:
             _add_row_bias_(y_ND, b2_ED, row_expert_N, "none", fused)
-        ctx.activation, ctx.p = activation, p
+        ctx.activation, ctx.p, ctx.triton = activation, p, fused is not None
         ctx.has_b1, ctx.has_b2 = b1_EF is not None, b2_ED is not None
         ctx.save_for_backward(x_ND, h_NF, u_NF, counts_E, offs_E, w1_EDF, w2_EFD, w3_EDF, keys_N)
         return y_ND
@@ -139,15 +155,14 @@ class _GroupedMMFFN(torch.autograd.Function):
         gy_ND = grad_ND.contiguous()
         empty_E = (counts_E == 0).nonzero().squeeze(1)  # the backward's one host sync
         g_w2 = g_b2 = g_w1 = g_b1 = g_w3 = grad_x = None
-        kept_NF = None if keys_N is None else kept(keys_N, h_NF.shape[1], ctx.p)
         if need[6]:
-            a_NF = _masked_(_act(ctx.activation, h_NF, u_NF), kept_NF, ctx.p)
+            a_NF = _hidden_drop_(_act(ctx.activation, h_NF, u_NF), keys_N, ctx.p, ctx.triton)
             g_w2 = _weight_grad(a_NF, gy_ND, offs_E, counts_E, empty_E)
             del a_NF
         if ctx.has_b2 and need[7]:
             g_b2 = _segment_sum(gy_ND, offs_E, counts_E, empty_E)
-        grad_a = _masked_(mm(gy_ND, w2_EFD.transpose(1, 2), offs=offs_E), kept_NF, ctx.p)
-        del kept_NF
+        grad_a = _hidden_drop_(mm(gy_ND, w2_EFD.transpose(1, 2), offs=offs_E), keys_N, ctx.p,
+                               ctx.triton)  # the same masks, regenerated
         grad_h, grad_u = _act_backward_(ctx.activation, grad_a, h_NF, u_NF)
         grad_h = grad_h.contiguous()
         if need[4]:

@@ -401,6 +401,56 @@ def test_bias_act_matches_torch(tops, activation, dtype):
     assert empty.shape == (0, Fdim) and (out is None or out.shape == (0, Fdim))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hidden_dropout_kernel_matches_torch(tops, dtype):
+    """The one-pass kernel drops exactly the PyTorch hash's elements (F not a multiple of the
+    block, N = 0); its spelled-out constants are moesaic.hidden_dropout's."""
+    from moesaic import hidden_dropout as hd
+    from moesaic.kernels.dropout import _CONSTANTS, hidden_dropout_
+    assert _CONSTANTS == dict(MUL1=hd._MUL1, MUL2=hd._MUL2, GOLDEN=hd._GOLDEN,
+                              LOW_BITS=2**hd._BITS - 1)
+    a = torch.randn(23, 301, generator=torch.Generator().manual_seed(8)).to(dtype)
+    keys = hd.draw_keys(23, "cpu")
+    want, got = hd.drop_(a.clone(), keys, 0.3), hidden_dropout_(a.clone(), keys, 0.3)
+    assert torch.equal(got == 0, want == 0)
+    # the interpreter rounds float32 -> bf16 toward zero (CUDA to nearest): one bf16 ulp
+    tol = dict(atol=0, rtol=0) if dtype == torch.float32 else dict(atol=1e-2, rtol=2 ** -7)
+    torch.testing.assert_close(got, want, **tol)
+    assert hidden_dropout_(torch.empty(0, 301, dtype=dtype), keys[:0], 0.3).shape == (0, 301)
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="no torch._grouped_mm")
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_grouped_mm_hidden_dropout_equals_the_loop(activation, monkeypatch):
+    """grouped_mm with the Triton dropout kernel (interpreted here) and with its PyTorch
+    fallback equals the per-expert loop, forward and gradients."""
+    from moesaic.kernels import dropout as kdrop
+    g = torch.Generator().manual_seed(9)
+    E, D, Fdim, counts = 3, 8, 24, [6, 0, 9]
+    params = _ffn_params(g, E, D, Fdim, activation == "swiglu")
+    if activation == "swiglu":
+        params[1] = params[3] = None
+    x = torch.randn(sum(counts), D, generator=g, requires_grad=True)
+    keys = torch.randint(-2**31, 2**31, (sum(counts),), dtype=torch.int32, generator=g)
+    inputs = [x] + [p for p in params if p is not None]
+    gy = torch.randn(sum(counts), D, generator=g)
+    y0 = grouped_ffn(x, counts, activation, *params, keys_N=keys, p=0.4)
+    want = torch.autograd.grad(y0, inputs, gy)
+    calls = []
+    real = kdrop.hidden_dropout_
+    monkeypatch.setattr(kdrop, "hidden_dropout_", lambda *a: calls.append(1) or real(*a))
+    for fallback in (False, True):
+        monkeypatch.setattr(grouped_cuda, "_dropout_kernel_failed", fallback)
+        calls.clear()
+        y1 = batched_ffn(x, torch.tensor(counts), activation, *params, path="grouped_mm",
+                         keys_N=keys, p=0.4)
+        got = torch.autograd.grad(y1, inputs, gy)
+        assert len(calls) == (0 if fallback or not IN_PROCESS else 3)  # forward, 2 backward
+        torch.testing.assert_close(y1, y0, atol=1e-5, rtol=1e-5)
+        for a, b in zip(want, got):
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
 def test_gpu_benchmark_dry_run(tmp_path):
     """benchmarks/gpu.py's logic end to end on tiny CPU shapes under the interpreter."""
     out = tmp_path / "gpu.json"
@@ -460,7 +510,7 @@ try:
     from triton.compiler import ASTSource
 except ImportError:
     sys.exit(3)
-from moesaic.kernels import bias_act, route, rows
+from moesaic.kernels import bias_act, dropout, route, rows
 
 target = GPUTarget("cuda", 90, 32)
 ROUTE = dict(logits_ptr="*fp32", probs_ptr="*fp32", idx_ptr="*i32", hist_ptr="*i32",
@@ -492,6 +542,8 @@ for dt in ("*bf16", "*fp32", "*fp16"):
     for act in (0, 1, 2):
         build(bias_act._bias_act_kernel, dict(h_ptr=dt, b_ptr=dt, row_expert_ptr="*i64",
                                               a_ptr=dt, F="i32"), dict(ACT=act, BF=2048), 8)
+    build(dropout._hidden_dropout_kernel, dict(a_ptr=dt, keys_ptr="*i32", F="i32",
+                                               threshold="i32", scale="fp32"), dict(BF=2048), 8)
 print("compiled")
 '''
 
