@@ -4,11 +4,11 @@ ColossalAI-Examples' image/moe run (config.py, train.py) with the model of Titan
 MODEL_ARGS give that model's details on top of the zoo preset (dropout 0.1 everywhere, biased
 qkv and patch projections, mean of all tokens into a zero-initialised head, LayerNorm eps 1e-6,
 router weights truncated-normal with std sqrt(0.1 / d_model), jitter on the router logits;
-drop_rate also drops inside every expert's MLP, after the activation). Two details differ still:
-its experts and residual MLP each drop their own output where moesaic drops the mixed output of
-the layer (the same for a top-1 layer without the residual), and its input normalisation uses
-the widely copied CIFAR-10 std (0.2023, 0.1994, 0.2010) where moesaic uses the training set's
-own (0.2470, 0.2435, 0.2616), a small rescaling.
+drop_rate also drops inside every expert's MLP, after the activation), and that run's input
+normalisation (the widely copied CIFAR-10 std (0.2023, 0.1994, 0.2010), not the training set's
+own (0.2470, 0.2435, 0.2616)). One detail differs still: its experts and residual MLP each drop
+their own output where moesaic drops the mixed output of the layer (the same for a top-1 layer
+without the residual).
 
 Launch: torchrun --nproc_per_node=N -m moesaic train --config configs/cifar10_vit_moe_lite6_prmoe.py
 """
@@ -28,6 +28,7 @@ SCHEDULE = "cosine"  # stepped per optimizer step
 LABEL_SMOOTHING = 0.1
 AUX_LOSS_WEIGHT = 0.01
 CLIP_GRAD = 1.0
+NORM_STD = (0.2023, 0.1994, 0.2010)  # that run's torchvision Normalize (mean as moesaic's)
 CROP_PADDING = 4
 AUTO_AUGMENT = "cifar10"
 MAX_EP_SIZE = 1

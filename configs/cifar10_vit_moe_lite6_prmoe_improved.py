@@ -3,7 +3,7 @@ flip, and no weight decay on norms, biases and embeddings (plus a higher weight 
 rest, as is usual with heavy augmentation). Same model, same epochs and batch as the published
 recipe, so the two runs compare like for like.
 """
-from cifar10_vit_moe_lite6_prmoe import MODEL_ARGS  # the same model, beside this file
+from cifar10_vit_moe_lite6_prmoe import MODEL_ARGS, NORM_STD  # the same model and input scaling
 
 NAME = "cifar10_vit_moe_lite6_prmoe_improved"
 MODEL = "vit_moe_lite6_prmoe"

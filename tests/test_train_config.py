@@ -103,6 +103,14 @@ def test_bad_values_name_field_and_value(tmp_path):
         load_file(str(tmp_path / "nope.py"))
     with pytest.raises(ConfigError, match="is a directory, not a file"):
         load_file(str(tmp_path))
+    with pytest.raises(ConfigError, match=r"norm_std must be None or 3 finite numbers > 0 \(one "
+                       r"per channel of cifar10\), got \(0.2, 0.2\)"):
+        apply_overrides(TrainConfig(), ["dataset=cifar10", "norm_std=(0.2, 0.2)"])
+    with pytest.raises(ConfigError, match=r"norm_mean must be None or 1 finite number \("):
+        apply_overrides(TrainConfig(), ["norm_mean=[0.1, 0.2]"])
+    cfg = apply_overrides(TrainConfig(), ["dataset=cifar10", "norm_std=[0.2023, 0.1994, 0.2010]"])
+    assert cfg.norm_std == (0.2023, 0.1994, 0.2010) and cfg.to_dict()["norm_std"] == [
+        0.2023, 0.1994, 0.2010]
 
 
 def test_cli_reports_config_errors(tmp_path, capsys):

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from moesaic.train import augment as A
-from moesaic.train.data import (DataError, epoch_order, eval_batches, load_cifar10, load_digits,
-                                rank_batch, steps_per_epoch)
+from moesaic.train.data import (DataError, epoch_order, eval_batches, load_cifar10, load_dataset,
+                                load_digits, rank_batch, steps_per_epoch)
 
 
 def write_cifar(root, n_train=40, n_test=40, seed=0):
@@ -38,6 +38,16 @@ def test_cifar_pickles_load_from_data_or_folder(tmp_path, monkeypatch):
     assert te.labels_N.shape == (40,) and tr.num_classes == 10
     tr2, _ = load_cifar10(d)  # pointing at the folder itself
     assert torch.equal(tr.images_NCHW, tr2.images_NCHW)
+
+
+def test_normalisation_override_reaches_both_sets(tmp_path):
+    """norm_mean / norm_std replace the dataset's statistics for training and evaluation."""
+    write_cifar(str(tmp_path))
+    std = (0.2023, 0.1994, 0.2010)
+    for s in load_dataset("cifar10", str(tmp_path), std=std):
+        assert s.std == std and s.mean == (0.4914, 0.4822, 0.4465)
+    tr, te = load_dataset("digits", mean=(0.5,), std=(0.25,))
+    assert tr.mean == te.mean == (0.5,) and tr.std == te.std == (0.25,)
 
 
 def test_missing_cifar_says_where_and_layout(tmp_path, monkeypatch):

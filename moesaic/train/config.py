@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import math
 import os
 import runpy
 import sys
@@ -20,6 +21,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
 DATASETS = ("digits", "cifar10")
+CHANNELS = {"digits": 1, "cifar10": 3}  # input channels of each dataset
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = ("cosine", "constant")
@@ -55,6 +57,8 @@ class TrainConfig:
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     aux_loss_weight: float = 0.01  # weight of the MoE auxiliary (load-balance) loss
     clip_grad: Optional[float] = 1.0  # global gradient-norm clip (each expert counted once)
+    norm_mean: Optional[tuple] = None  # per-channel input mean (None: the training set's own)
+    norm_std: Optional[tuple] = None  # per-channel input std (None: the training set's own)
     crop_padding: int = 0  # random crop with this zero padding (0: off)
     hflip: bool = False  # random horizontal flip
     auto_augment: Optional[str] = None  # None or "cifar10" (AutoAugment's CIFAR-10 policy)
@@ -80,6 +84,8 @@ class TrainConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["betas"] = list(self.betas)
+        for n in ("norm_mean", "norm_std"):
+            d[n] = None if d[n] is None else list(d[n])
         return d
 
 
@@ -187,6 +193,14 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check(0 <= c.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {c.label_smoothing!r}")
     _check(c.aux_loss_weight >= 0, f"aux_loss_weight must be >= 0, got {c.aux_loss_weight!r}")
     _check(c.clip_grad is None or c.clip_grad > 0, f"clip_grad must be None or > 0, got {c.clip_grad!r}")
+    channels = CHANNELS[c.dataset]
+    for n, low in (("norm_mean", -math.inf), ("norm_std", 0.0)):
+        v = getattr(c, n)
+        _check(v is None or (len(v) == channels and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+            and x > low for x in v)),
+            f"{n} must be None or {channels} finite number{'s' if channels > 1 else ''}"
+            f"{' > 0' if low == 0 else ''} (one per channel of {c.dataset}), got {v!r}")
     _check(c.crop_padding >= 0, f"crop_padding must be >= 0, got {c.crop_padding!r}")
     _check(c.auto_augment in AUTO_AUGMENT, f"auto_augment must be one of {AUTO_AUGMENT}, got {c.auto_augment!r}")
     _check(c.randaug_ops >= 0, f"randaug_ops must be >= 0, got {c.randaug_ops!r}")

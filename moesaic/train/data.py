@@ -131,12 +131,19 @@ def load_digits() -> tuple[ImageSet, ImageSet]:
     return mk(tr), mk(te)
 
 
-def load_dataset(name: str, data_dir: Optional[str] = None) -> tuple[ImageSet, ImageSet]:
+def load_dataset(name: str, data_dir: Optional[str] = None, mean: Optional[tuple] = None,
+                 std: Optional[tuple] = None) -> tuple[ImageSet, ImageSet]:
+    """(train, test); ``mean`` / ``std`` replace the dataset's per-channel normalisation."""
     if name == "cifar10":
-        return load_cifar10(data_dir)
-    if name == "digits":
-        return load_digits()
-    raise DataError(f"unknown dataset {name!r}")
+        sets = load_cifar10(data_dir)
+    elif name == "digits":
+        sets = load_digits()
+    else:
+        raise DataError(f"unknown dataset {name!r}")
+    for s in sets:
+        s.mean = tuple(mean) if mean is not None else s.mean
+        s.std = tuple(std) if std is not None else s.std
+    return sets
 
 
 def steps_per_epoch(num_images: int, global_batch: int, cap: Optional[int] = None) -> int:

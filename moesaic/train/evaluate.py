@@ -80,7 +80,7 @@ def evaluate_checkpoint(cfg, ckpt: str) -> dict:
     _threads(cfg)
     device = _device(cfg, ctx)
     amp_dtype = _precision(cfg, device)
-    train_set, test_set = load_dataset(cfg.dataset, cfg.data_dir)
+    train_set, test_set = load_dataset(cfg.dataset, cfg.data_dir, cfg.norm_mean, cfg.norm_std)
     moe_set_seed(cfg.seed)
     model = parallelize(build_model(cfg, train_set.shape, train_set.num_classes).to(device))
     state = checkpoint.load(ckpt, model)

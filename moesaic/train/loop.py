@@ -193,7 +193,7 @@ class Trainer:
         _threads(cfg)
         self.device = _device(cfg, self.ctx)
         self.amp_dtype = _precision(cfg, self.device)
-        train_set, test_set = load_dataset(cfg.dataset, cfg.data_dir)
+        train_set, test_set = load_dataset(cfg.dataset, cfg.data_dir, cfg.norm_mean, cfg.norm_std)
         self.train_set, self.test_set = train_set.to(self.device), test_set.to(self.device)
         self.spe = steps_per_epoch(len(train_set), cfg.batch_size, cfg.steps_per_epoch)
         moe_set_seed(cfg.seed)
