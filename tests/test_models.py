@@ -241,6 +241,40 @@ def test_titans_details_for_the_published_recipe():
         M.create("vit_moe_tiny", pool="max")
 
 
+@pytest.mark.parametrize("name,kw", [("vit_moe_tiny", {}), ("widenet_cifar", dict(pool="mean", depth=2))])
+def test_timm_feature_and_head_split_and_reset_classifier(name, kw):
+    """forward == forward_head(forward_features); pre_logits gives the pooled features;
+    reset_classifier makes a new head (zero with zero_head) that trains, and refuses to run
+    after parallelize."""
+    import moesaic
+    torch.manual_seed(0)
+    model = M.create(name, img_size=16, **kw).eval()
+    x = _images(model, 3)
+    logits, aux, stats = model(x, return_stats=True)
+    feats, aux2, stats2 = model.forward_features(x, return_stats=True)
+    assert feats.shape == (3, model.config.num_patches + 1, model.config.d_model)
+    torch.testing.assert_close(model.forward_head(feats), logits)
+    torch.testing.assert_close(aux2, aux)
+    assert len(stats2) == len(stats)
+    pooled = model.forward_head(feats, pre_logits=True)
+    torch.testing.assert_close(model.get_classifier()(pooled), logits)
+    model.reset_classifier(37)
+    assert model.head.out_features == 37 and model.config.num_classes == 37
+    assert model.head.bias.abs().sum() == 0 and model.head.weight.std() < 0.03
+    logits, aux = model.train()(x)
+    assert logits.shape == (3, 37)
+    logits.sum().backward()
+    assert model.head.weight.grad is not None
+    zero = M.create(name, img_size=16, zero_head=True, **kw)
+    zero.reset_classifier(5)
+    assert not zero.head.weight.any()
+    with pytest.raises(ValueError, match="num_classes must be a positive int, got 0"):
+        zero.reset_classifier(0)
+    moesaic.parallelize(zero)
+    with pytest.raises(RuntimeError, match="reset the head first, then parallelize"):
+        zero.reset_classifier(3)
+
+
 def test_numpy_numbers_in_model_configs():
     import numpy as np
     vit = M.create("vit_moe_tiny", depth=np.int64(4), num_experts=[np.int64(4), np.int64(2)],

@@ -1,6 +1,8 @@
 """What every vision model here shares: patch + class-token + position embedding in front,
-final norm and linear head on the class token behind, and the ``moe_layers()`` /
-``flops_per_image()`` helpers. Subclasses supply the blocks and ``_run_blocks``.
+final norm and linear head on the class token (or the mean token) behind, timm's
+``forward_features`` / ``forward_head`` / ``reset_classifier`` split, and the
+``moe_layers()`` / ``flops_per_image()`` helpers. Subclasses supply the blocks and
+``_run_blocks``.
 
 Legend: B batch, C channels, H/W image size, P patches, S sequence (P + 1), D model dim,
 F ffn dim, E experts, K top-k.
@@ -12,6 +14,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from ..config import _is_int
 from ..layer import MoE, moe_layers
 from .config import VisionConfig
 from .layers import PatchEmbed, init_weights
@@ -80,20 +83,52 @@ class VisionModel(nn.Module):
         """Run the blocks, summing MoE aux losses and appending each MoE call's stats."""
         raise NotImplementedError
 
-    def forward(self, images_BCHW: Tensor, return_stats: bool = False):
-        """``(logits, aux_loss)``, or ``(logits, aux_loss, stats)`` with ``return_stats=True``:
-        one :class:`~moesaic.routing.RoutingStats` per MoE call, in call order."""
+    def forward_features(self, images_BCHW: Tensor, return_stats: bool = False):
+        """The final norm's tokens [B, S, D] (class token first) and the aux loss (timm's
+        ``forward_features``), plus the routing statistics with ``return_stats=True``."""
         x_BPD = self.patch_embed(images_BCHW)
         cls_B1D = self.cls_token.expand(x_BPD.shape[0], -1, -1)
         x_BSD = self.pos_drop(torch.cat([cls_B1D, x_BPD], dim=1) + self.pos_embed)
         aux = x_BSD.new_zeros((), dtype=torch.float32)
         stats: list = []
         x_BSD, aux = self._run_blocks(x_BSD, aux, stats)
-        if self.config.pool == "mean":
-            logits_BC = self.head(self.norm(x_BSD).mean(dim=1))
-        else:
-            logits_BC = self.head(self.norm(x_BSD[:, 0]))
+        x_BSD = self.norm(x_BSD)
+        return (x_BSD, aux, stats) if return_stats else (x_BSD, aux)
+
+    def forward_head(self, x_BSD: Tensor, pre_logits: bool = False) -> Tensor:
+        """Pool the tokens (``config.pool``) and classify; ``pre_logits=True`` stops before the
+        head and returns the pooled [B, D] features."""
+        x_BD = x_BSD.mean(dim=1) if self.config.pool == "mean" else x_BSD[:, 0]
+        return x_BD if pre_logits else self.head(x_BD)
+
+    def forward(self, images_BCHW: Tensor, return_stats: bool = False):
+        """``(logits, aux_loss)``, or ``(logits, aux_loss, stats)`` with ``return_stats=True``:
+        one :class:`~moesaic.routing.RoutingStats` per MoE call, in call order."""
+        x_BSD, aux, stats = self.forward_features(images_BCHW, return_stats=True)
+        logits_BC = self.forward_head(x_BSD)
         return (logits_BC, aux, stats) if return_stats else (logits_BC, aux)
+
+    def get_classifier(self) -> nn.Linear:
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new head for ``num_classes`` classes (fine-tuning on another dataset), initialised as
+        the constructor does; before ``moesaic.parallelize``, which registers the parameters
+        whose gradients it synchronises."""
+        if getattr(self, "moesaic_parallel", None) is not None:
+            raise RuntimeError("reset_classifier after moesaic.parallelize: the new head's "
+                               "gradients would not be synchronised; reset the head first, then "
+                               "parallelize")
+        if not (_is_int(num_classes) and num_classes >= 1):
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        num_classes = int(num_classes)
+        w = self.head.weight
+        self.head = nn.Linear(self.config.d_model, num_classes, device=w.device, dtype=w.dtype)
+        self.config.num_classes = num_classes
+        init_weights(self.head)
+        if self.config.zero_head:
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
 
     def moe_layers(self) -> list[MoE]:
         """The model's distinct MoE layers, in registration order."""
