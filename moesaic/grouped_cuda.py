@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .autograd import first_order
 from .grouped import _act, _act_backward_, _bounds, grouped_ffn
-from .hidden_dropout import drop_, kept
+from .hidden_dropout import drop_
 
 
 _grouped_wgrad_failed = False
@@ -111,6 +111,24 @@ def _hidden_drop_(a_NF: Tensor, keys_N: Optional[Tensor], p: float, use_triton: 
     return drop_(a_NF, keys_N, p)
 
 
+class _HiddenDrop(torch.autograd.Function):
+    """Differentiable hidden dropout that keeps only the keys for the backward (the padded bmm
+    path's autograd-composed FFN)."""
+
+    @staticmethod
+    def forward(ctx, a_MF, keys_M, p, use_triton):
+        ctx.p, ctx.use_triton = p, use_triton
+        ctx.save_for_backward(keys_M)
+        return _hidden_drop_(a_MF.clone(), keys_M, p, use_triton)
+
+    @staticmethod
+    @first_order
+    def backward(ctx, grad_MF):
+        (keys_M,) = ctx.saved_tensors
+        return (_hidden_drop_(grad_MF.contiguous().clone(), keys_M, ctx.p, ctx.use_triton),
+                None, None, None)
+
+
 def _warn_fallback(what: str, e: Exception) -> None:
     """Once per path and process: which fast path failed, why, and what runs instead."""
     warnings.warn(f"moesaic: {what} for the rest of this process, after {e!r}", stacklevel=3)
@@ -183,7 +201,8 @@ class _GroupedMMFFN(torch.autograd.Function):
 def padded_bmm_ffn(x_ND: Tensor, counts_E: Tensor, activation: str, w1_EDF: Tensor,
                    b1_EF: Optional[Tensor], w2_EFD: Tensor, b2_ED: Optional[Tensor],
                    w3_EDF: Optional[Tensor] = None, max_rows: Optional[int] = None,
-                   keys_N: Optional[Tensor] = None, p: float = 0.0) -> Tensor:
+                   keys_N: Optional[Tensor] = None, p: float = 0.0,
+                   epilogue: bool = True) -> Tensor:
     """The grouped FFN as batched products over rows padded to the busiest expert's count
     (``max_rows``, read from ``counts_E`` when not given); hidden dropout with ``keys_N``.
 
@@ -204,8 +223,9 @@ def padded_bmm_ffn(x_ND: Tensor, counts_E: Tensor, activation: str, w1_EDF: Tens
     a_EMF = _act(activation, h_EMF, u_EMF)
     if keys_N is not None and p > 0:
         keys_EM = keys_N.new_zeros(E, M).index_put((row_expert_N, pos_N), keys_N)
-        kept_EMF = kept(keys_EM.reshape(-1), a_EMF.shape[2], p).view(a_EMF.shape)
-        a_EMF = a_EMF.masked_fill(~kept_EMF, 0) * (1.0 / (1.0 - p))
+        use_triton = epilogue and _fused_epilogue(x_ND) is not None
+        a_EMF = _HiddenDrop.apply(a_EMF.reshape(E * M, -1), keys_EM.reshape(-1), p,
+                                  use_triton).view(a_EMF.shape)
     y_EMD = torch.bmm(a_EMF, w2_EFD)
     if b2_ED is not None:
         y_EMD = y_EMD + b2_ED.unsqueeze(1)
@@ -253,4 +273,4 @@ def batched_ffn(x_ND: Tensor, counts_E: Tensor, activation: str, w1_EDF: Tensor,
     if path == "auto" and len(counts) * max_rows > 2 * x_ND.shape[0]:
         return grouped_ffn(x_ND, counts, activation, w1_EDF, b1_EF, w2_EFD, b2_ED, w3_EDF,
                            keys_N=keys_N, p=p)
-    return padded_bmm_ffn(*args, max_rows=max_rows, keys_N=keys_N, p=p)
+    return padded_bmm_ffn(*args, max_rows=max_rows, keys_N=keys_N, p=p, epilogue=epilogue)

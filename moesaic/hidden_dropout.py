@@ -5,13 +5,16 @@ drawn there from that rank's generator would change with the parallel layout. In
 rank that owns the token draws one int32 key per row (from torch's default generator, so
 ``moe_set_seed`` and activation checkpointing cover it), the key travels with the row, and the
 mask is a hash of (key, feature): the same whichever rank computes it, and recomputed in the
-backward rather than stored (O(N) saved, not O(N * F)). int32 arithmetic wraps on CPU and
-CUDA alike; tests pin the hash to a numpy uint32 reference.
+backward rather than stored (O(N) saved, not O(N * F)). Eager int32 arithmetic wraps on CPU
+and CUDA alike (tests pin the hash to a numpy uint32 reference); inductor's generated code does
+not promise that (it computed other masks in testing), so ``torch.compile`` runs the hash
+eagerly.
 
 Legend: N rows of the expert-major buffer, M rows of one expert, F ffn dim.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -23,6 +26,24 @@ _MUL2 = 0x846CA68B - 2**32
 _GOLDEN = 0x9E3779B9 - 2**32  # spreads consecutive feature indices before mixing
 _BITS = 24  # keep iff the hash's low 24 bits >= p * 2**24
 _CPU_BLOCK = 128  # rows hashed at a time on the CPU: [128, F] int32 stays in cache
+
+
+_EAGER: dict = {}
+
+
+def _outside_compile(fn):
+    """``fn`` kept out of torch.compile's graphs (inductor does not keep int32 wrap-around).
+    ``torch.compiler.disable`` is applied only while compiling, because it imports
+    torch._dynamo, and with it Triton, which would double the time to import moesaic."""
+    @functools.wraps(fn)
+    def call(*args):
+        if torch.compiler.is_compiling():
+            eager = _EAGER.get(fn)
+            if eager is None:
+                eager = _EAGER[fn] = torch.compiler.disable(fn)
+            return eager(*args)
+        return fn(*args)
+    return call
 
 
 def draw_keys(num_rows: int, device) -> Tensor:
@@ -48,24 +69,27 @@ def _row_col(keys_M: Tensor, width: int) -> tuple[Tensor, Tensor]:
     return row_M, col_F
 
 
+@_outside_compile
 def keep_mask(keys_M: Tensor, width: int) -> Tensor:
     """The int32 hash [M, width] of (row key, feature) whose low bits decide keeping."""
     row_M, col_F = _row_col(keys_M, width)
     return _mix_(row_M.unsqueeze(1) ^ col_F)
 
 
+@_outside_compile
 def kept(keys_M: Tensor, width: int, p: float) -> Tensor:
     """[M, width] bool: False where dropped (probability p)."""
     return (keep_mask(keys_M, width) & (2**_BITS - 1)) >= round(p * 2**_BITS)
 
 
+@_outside_compile
 def drop_(a_MF: Tensor, keys_M: Tensor, p: float) -> Tensor:
     """Hidden dropout of a_MF in place: zero where dropped, the rest times 1 / (1 - p) (a
     float scale, also for bf16 rows). On the CPU a block of rows at a time, hashing and masking
     while the block is in cache, and in int32 arithmetic (``(h - threshold) >> 31`` is -1 where
     dropped), which runs several times faster there than comparisons and ``masked_fill_``."""
     M, width = a_MF.shape
-    block = M if a_MF.device.type != "cpu" else _CPU_BLOCK
+    block = max(M, 1) if a_MF.device.type != "cpu" else _CPU_BLOCK
     row_M, col_F = _row_col(keys_M, width)
     x_BF = torch.empty(min(block, M), width, dtype=torch.int32, device=a_MF.device)
     tmp_BF = torch.empty_like(x_BF)

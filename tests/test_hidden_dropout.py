@@ -4,6 +4,9 @@ the residual MLP, the zoo's drop_rate).
 
 Legend: N rows of the expert-major buffer, D model dim, F ffn dim, E experts.
 """
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -52,6 +55,21 @@ def test_blocked_cpu_dropout_equals_the_whole_mask(dtype):
     keys = draw_keys(300, "cpu")
     want = (a.float().masked_fill(~kept(keys, 40, 0.3), 0) * (1 / 0.7)).to(dtype)
     torch.testing.assert_close(drop_(a.clone(), keys, 0.3), want, rtol=0, atol=0)
+    for device in ("cpu", "meta"):  # no rows (an idle rank), on the CPU and as on GPUs
+        empty = torch.empty(0, 40, dtype=dtype, device=device)
+        assert drop_(empty, torch.empty(0, dtype=torch.int32, device=device), 0.3).shape == (0, 40)
+
+
+def test_eager_use_imports_neither_dynamo_nor_triton():
+    """The hash is kept out of torch.compile lazily: a CPU training step with hidden dropout
+    imports neither torch._dynamo nor Triton (each would cost a second at start-up, and
+    Triton imported early defeats the Triton interpreter's set-up)."""
+    code = ("import sys, torch, moesaic\n"
+            "y, aux = moesaic.MoE(8, 16, 4, hidden_dropout=0.2)(torch.randn(5, 8))\n"
+            "y.sum().backward()\n"
+            "bad = [m for m in ('torch._dynamo', 'triton') if m in sys.modules]\n"
+            "assert not bad, bad\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 def _params(g, gated):

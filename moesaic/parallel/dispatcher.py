@@ -15,8 +15,8 @@ expert's rows are contiguous for the grouped FFN, and back again before the retu
   rank. Under :func:`moesaic.parallel.equal_batches` the caller promises equal token counts:
   then the exchange is skipped and the sizes are static (no host sync for it).
 
-Hidden dropout's row keys (one int32 per row) follow their rows with ``send_keys``: one more
-all-to-all of 4 bytes a row, in training only.
+Hidden dropout's row keys (one int32 per row; per slot of the padded block in capacity mode)
+follow their rows with ``send_keys``: one more all-to-all, in training only.
 
 Legend: T tokens, D model dim, E global experts, L local experts (E / ep), S source ranks
 (= ep), C capacity per expert, N rows this rank sends, M rows it receives.
