@@ -220,6 +220,34 @@ def check_layout_independence(rank, world, seed):
                                        msg=lambda m: f"{routing_kw} {k}: {m}")
 
 
+def check_hidden_dropout_layouts(rank, world, seed):
+    """Hidden dropout's keys follow their rows through every exchange: one layer's outputs and
+    input gradients at max_ep_size 1 and 2 agree with uneven token counts (dropless, capacity
+    with different C per rank, expert choice), padded capacity blocks and equal_batches."""
+    cases = [(dict(top_k=2, drop_tokens=False), (7, 12), False),
+             (dict(top_k=2, capacity_factor=0.8), (7, 13), False),
+             (dict(top_k=2, capacity_factor=1.5), (12, 12), True),
+             (dict(router="expert_choice", capacity_factor=1.0), (8, 12), False),
+             (dict(top_k=1, capacity_factor=1.0, residual=True), (9, 12), False)]
+    for kw, tokens, equal in cases:
+        x = torch.randn(tokens[rank], D, generator=torch.Generator().manual_seed(100 + rank))
+        g = torch.randn(tokens[rank], D, generator=torch.Generator().manual_seed(200 + rank))
+        results = []
+        for max_ep in (1, 2):
+            moesaic.init_distributed(max_ep_size=max_ep, timeout_s=30)
+            moesaic.moe_set_seed(seed)
+            model = moesaic.parallelize(moesaic.MoE(D, F, 4, hidden_dropout=0.5, min_capacity=0,
+                                                    **kw))
+            assert model.layout.ep_size == max_ep
+            xr = x.clone().requires_grad_(True)
+            with moesaic.equal_batches(model) if equal else contextlib.nullcontext():
+                y, _ = model(xr)
+            (y * g).sum().backward()
+            results.append((y.detach(), xr.grad))
+        for a, b in zip(*results):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=lambda m: f"{kw}: {m}")
+
+
 def check_zero_tokens(rank, world, ctx, seed):
     """No tokens on any rank (capacity 0): an empty output, in both modes and policies."""
     set_context(ctx)
@@ -401,6 +429,7 @@ def two_ranks(rank, world):
     assert full["a.experts.w1"].shape[0] == full["b.experts.w1"].shape[0] == 4
     moesaic.load_full_state_dict(shared, full)
     check_layout_independence(rank, world, 14)
+    check_hidden_dropout_layouts(rank, world, 15)
     set_context(ctx)
     y_kept, _ = shared["a"](torch.randn(3, D, requires_grad=True))  # a graph kept past destroy
     moesaic.destroy()
