@@ -124,3 +124,28 @@ def test_latest_json_naming_a_missing_folder_lists_the_others(tmp_path):
         assert "names epoch_0002, which holds no" in str(e) and "epoch_0001" in str(e), e
     else:
         raise AssertionError("a latest.json naming a deleted folder was accepted")
+
+
+def test_load_weights_keeps_a_head_of_another_size_fresh(tmp_path):
+    """Fine-tuning: every weight comes from the checkpoint except a classifier for another
+    number of classes; any other mismatch is a clear error."""
+    import pytest
+
+    import moesaic
+    import moesaic.models as M
+    kw = dict(img_size=16, depth=2, d_model=32, num_heads=2, num_experts=4)
+    torch.manual_seed(0)
+    source = M.create("vit_moe_tiny", num_classes=10, **kw)
+    ckpt = str(tmp_path / "epoch_0001")
+    os.makedirs(ckpt)
+    checkpoint._save_tensors(moesaic.full_state_dict(source), os.path.join(ckpt, "model.safetensors"))
+    torch.manual_seed(1)
+    target = M.create("vit_moe_tiny", num_classes=5, **kw)
+    head = {k: v.clone() for k, v in target.state_dict().items() if k.startswith("head.")}
+    assert checkpoint.load_weights(ckpt, target) == ["head.weight", "head.bias"]
+    for k, v in target.state_dict().items():
+        torch.testing.assert_close(v, head[k] if k in head else source.state_dict()[k], msg=k)
+    assert checkpoint.load_weights(ckpt, source) == []  # same head: loaded too
+    wider = M.create("vit_moe_tiny", num_classes=10, **{**kw, "d_model": 48})
+    with pytest.raises(checkpoint.CheckpointError, match="does not fit this model"):
+        checkpoint.load_weights(ckpt, wider)

@@ -331,6 +331,30 @@ def test_resume_with_another_model_warns(tmp_path):
                      "--set", "model_args.num_heads=4"]) == 0
 
 
+def test_init_from_starts_a_new_run_from_the_weights(tmp_path, capsys):
+    """init_from: the new run's model starts with the checkpoint's weights (any layout), at
+    epoch 0 with a fresh optimizer, and trains; resuming that run ignores init_from."""
+    write_cifar(str(tmp_path))
+    cfg = tiny_config(tmp_path / "c.py", tmp_path, EPOCHS=1)
+    first = str(tmp_path / "first")
+    assert main(["train", "--config", cfg, "--run-dir", first]) == 0
+    ckpt = checkpoint.find(first)
+    saved = checkpoint._load_tensors(os.path.join(ckpt, "model.safetensors"))
+    from moesaic.train.config import apply_overrides, load_file
+    tuned = apply_overrides(load_file(cfg), ["seed=7", f"init_from={first!r}"])
+    trainer = loop.Trainer(tuned, str(tmp_path / "tuned"))
+    assert trainer.epoch == 0 and not trainer.opt.state
+    full = moesaic.full_state_dict(trainer.model)
+    assert full.keys() == saved.keys()
+    for k in saved:
+        torch.testing.assert_close(full[k], saved[k], rtol=0, atol=0, msg=k)
+    assert "initialised from the weights of" in capsys.readouterr().out
+    trainer.run()
+    moesaic.destroy()  # as the train command does at its end
+    assert main(["train", "--resume", str(tmp_path / "tuned"), "--set", "epochs=2"]) == 0
+    assert "initialised from" not in capsys.readouterr().out
+
+
 def test_missing_matplotlib_trains_without_plots(tmp_path, monkeypatch):
     write_cifar(str(tmp_path))
     cfg = tiny_config(tmp_path / "c.py", tmp_path, EPOCHS=1)

@@ -328,13 +328,28 @@ def read_state(ckpt: str) -> dict:
     return _read(ckpt, lambda: torch.load(path, map_location="cpu", weights_only=True))
 
 
-def load(ckpt: str, model: nn.Module, optimizer=None, rank: int = 0, world_size: int = 1) -> dict:
-    """Load weights (and optimizer moments, this rank's RNG when the world size matches) into
-    a model built under any layout; returns the checkpoint's state dict."""
-    state = read_state(ckpt)
-    weights = _read(ckpt, lambda: _load_tensors(os.path.join(ckpt, "model.safetensors")))
-    moments = (_read(ckpt, lambda: _load_tensors(os.path.join(ckpt, "optimizer.safetensors")))
-               if optimizer is not None else None)
+def _read_weights(ckpt: str) -> dict:
+    return _read(ckpt, lambda: _load_tensors(os.path.join(ckpt, "model.safetensors")))
+
+
+def load_weights(ckpt: str, model: nn.Module,
+                 fresh: tuple = ("head.weight", "head.bias")) -> list[str]:
+    """Only ``ckpt``'s weights into ``model``, built under any layout (fine-tuning: optimizer,
+    schedule and random streams start anew). Entries named in ``fresh`` whose shapes differ from
+    the model's (a classifier for another number of classes) keep the model's initialisation;
+    returns their names."""
+    weights = _read_weights(ckpt)
+    own = model.state_dict()
+    kept_fresh = [k for k in fresh if k in weights and k in own
+                  and weights[k].shape != own[k].shape]
+    for k in kept_fresh:
+        weights[k] = own[k]
+    _load_into(ckpt, model, weights)
+    return kept_fresh
+
+
+def _load_into(ckpt: str, model: nn.Module, weights: dict) -> None:
+    """load_full_state_dict, with a mismatch explained as a checkpoint for another model."""
     try:
         load_full_state_dict(model, weights)
     except (KeyError, ValueError) as e:
@@ -345,6 +360,16 @@ def load(ckpt: str, model: nn.Module, optimizer=None, rank: int = 0, world_size:
             raise
         raise CheckpointError(f"checkpoint {ckpt} does not fit this model (a different model or "
                               f"model_args?): {str(e)[:500]}") from e
+
+
+def load(ckpt: str, model: nn.Module, optimizer=None, rank: int = 0, world_size: int = 1) -> dict:
+    """Load weights (and optimizer moments, this rank's RNG when the world size matches) into
+    a model built under any layout; returns the checkpoint's state dict."""
+    state = read_state(ckpt)
+    weights = _read_weights(ckpt)
+    moments = (_read(ckpt, lambda: _load_tensors(os.path.join(ckpt, "optimizer.safetensors")))
+               if optimizer is not None else None)
+    _load_into(ckpt, model, weights)
     if optimizer is not None:
         scatter_moments(model, optimizer, weights, moments, state.get("adam_steps", {}))
     rngs = state.get("rng") or []

@@ -72,6 +72,7 @@ class TrainConfig:
     device: str = "auto"  # auto, cpu or cuda
     grad_checkpointing: bool = False  # recompute blocks in the backward: less memory, more compute
     max_ep_size: Optional[int] = None  # expert-parallel size limit (default: world size)
+    init_from: Optional[str] = None  # fine-tune: start from this checkpoint folder's (or run dir's latest) weights; a head for another class count starts anew
     seed: int = 0  # seeds weights, data order, augmentation, noise and dropout
     checkpoint_every: int = 10  # save every N epochs (also at the best accuracy and the end)
     keep_checkpoints: int = 2  # periodic checkpoints kept (the best one is always kept)

@@ -211,6 +211,8 @@ class Trainer:
         ckpt = checkpoint.latest_in(self.run_dir) if again else None
         if ckpt is None and resume is not None:
             ckpt = checkpoint.find(resume)
+        if ckpt is None and cfg.init_from is not None:  # a resumed run has its own weights
+            self._init_from(model, checkpoint.find(cfg.init_from))
         self.model = parallelize(model)
         self.moe_names = [n for n, m in self.model.named_modules() if isinstance(m, MoE)]
         self.routing = RoutingMeter()
@@ -230,6 +232,13 @@ class Trainer:
             from tqdm import tqdm
 
             tqdm.write(msg)
+
+    def _init_from(self, model: torch.nn.Module, ckpt: str) -> None:
+        """Fine-tuning: ``ckpt``'s weights, the rest of training state new."""
+        fresh = checkpoint.load_weights(ckpt, model)
+        note = (f"; {' and '.join(fresh)} initialised anew for {model.head.out_features} "
+                "classes" if fresh else "")
+        self.log(f"initialised from the weights of {ckpt} (epoch and optimizer start anew{note})")
 
     def _load(self, ckpt: str) -> None:
         state = checkpoint.load(ckpt, self.model, self.opt, self.rank, self.world)
