@@ -248,6 +248,21 @@ def check_hidden_dropout_layouts(rank, world, seed):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=lambda m: f"{kw}: {m}")
 
 
+def check_reset_classifier_refused_while_synced(rank, world, ctx, seed):
+    """A zoo model inside a parallelized wrapper: replacing its head would leave the new head's
+    gradients unsynchronised, so reset_classifier refuses; returns the wrapper."""
+    import moesaic.models as zoo
+    set_context(ctx)
+    moesaic.moe_set_seed(seed)
+    wrapper = torch.nn.ModuleDict({"net": zoo.create(
+        "vit_moe_tiny", img_size=8, in_chans=1, patch_size=4, depth=2, d_model=16, num_heads=2,
+        num_experts=2)})
+    moesaic.parallelize(wrapper)
+    with _raises(RuntimeError, "reset the head first, then parallelize"):
+        wrapper["net"].reset_classifier(3)
+    return wrapper
+
+
 def check_zero_tokens(rank, world, ctx, seed):
     """No tokens on any rank (capacity 0): an empty output, in both modes and policies."""
     set_context(ctx)
@@ -430,6 +445,7 @@ def two_ranks(rank, world):
     moesaic.load_full_state_dict(shared, full)
     check_layout_independence(rank, world, 14)
     check_hidden_dropout_layouts(rank, world, 15)
+    wrapper = check_reset_classifier_refused_while_synced(rank, world, ctx, 16)
     set_context(ctx)
     y_kept, _ = shared["a"](torch.randn(3, D, requires_grad=True))  # a graph kept past destroy
     moesaic.destroy()
@@ -444,6 +460,7 @@ def two_ranks(rank, world):
         set_context(installed)
         with _raises(ValueError, "init_distributed"):
             moesaic.parallelize(shared)
+    wrapper["net"].reset_classifier(3)  # released by destroy: nothing syncs the head any more
     set_context(None)
     return True
 

@@ -108,6 +108,8 @@ def test_bad_values_name_field_and_value(tmp_path):
         apply_overrides(TrainConfig(), ["dataset=cifar10", "norm_std=(0.2, 0.2)"])
     with pytest.raises(ConfigError, match=r"norm_mean must be None or 1 finite number \("):
         apply_overrides(TrainConfig(), ["norm_mean=[0.1, 0.2]"])
+    with pytest.warns(UserWarning, match="norm_mean above 1: pixels are scaled to"):
+        apply_overrides(TrainConfig(), ["dataset=cifar10", "norm_mean=(125.3, 123.0, 113.9)"])
     cfg = apply_overrides(TrainConfig(), ["dataset=cifar10", "norm_std=[0.2023, 0.1994, 0.2010]"])
     assert cfg.norm_std == (0.2023, 0.1994, 0.2010) and cfg.to_dict()["norm_std"] == [
         0.2023, 0.1994, 0.2010]

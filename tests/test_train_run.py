@@ -341,8 +341,15 @@ def test_init_from_starts_a_new_run_from_the_weights(tmp_path, capsys):
     ckpt = checkpoint.find(first)
     saved = checkpoint._load_tensors(os.path.join(ckpt, "model.safetensors"))
     from moesaic.train.config import apply_overrides, load_file
-    tuned = apply_overrides(load_file(cfg), ["seed=7", f"init_from={first!r}"])
-    trainer = loop.Trainer(tuned, str(tmp_path / "tuned"))
+    bad = apply_overrides(load_file(cfg), [f"init_from={str(tmp_path / 'nowhere')!r}"])
+    with pytest.raises(checkpoint.CheckpointError, match="init_from: no checkpoint at"):
+        loop.Trainer(bad, str(tmp_path / "never"))
+    assert not os.path.exists(tmp_path / "never")  # found out before anything was written
+    tuned = apply_overrides(load_file(cfg), ["seed=7", f"init_from={first!r}",
+                                             "norm_std=(0.25, 0.25, 0.25)"])
+    with pytest.warns(UserWarning, match=r"trained on other inputs \(norm_std: None there"):
+        trainer = loop.Trainer(tuned, str(tmp_path / "tuned"))
+    assert trainer.cfg.init_from == os.path.abspath(first)
     assert trainer.epoch == 0 and not trainer.opt.state
     full = moesaic.full_state_dict(trainer.model)
     assert full.keys() == saved.keys()

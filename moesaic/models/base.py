@@ -113,12 +113,13 @@ class VisionModel(nn.Module):
 
     def reset_classifier(self, num_classes: int) -> None:
         """A new head for ``num_classes`` classes (fine-tuning on another dataset), initialised as
-        the constructor does; before ``moesaic.parallelize``, which registers the parameters
-        whose gradients it synchronises."""
-        if getattr(self, "moesaic_parallel", None) is not None:
+        the constructor does. Refused while a multi-process ``moesaic.parallelize`` (of this
+        model or one holding it) averages the old head's gradients: the new one's would not be."""
+        from ..parallel.model import grad_synced
+        if any(grad_synced(p) for p in self.head.parameters()):
             raise RuntimeError("reset_classifier after moesaic.parallelize: the new head's "
-                               "gradients would not be synchronised; reset the head first, then "
-                               "parallelize")
+                               "gradients would not be synchronised over the ranks; reset the "
+                               "head first, then parallelize")
         if not (_is_int(num_classes) and num_classes >= 1):
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
         num_classes = int(num_classes)

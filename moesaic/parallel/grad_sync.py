@@ -77,6 +77,10 @@ class GradSync:
         self._lanes[-1].append(len(self.buckets))
         self.buckets.append(b)
 
+    def covers(self, p: Tensor) -> bool:
+        """Whether ``p``'s gradient is averaged by this sync."""
+        return id(p) in self._index
+
     def release(self) -> None:
         """Remove the hooks and forget the process groups (after ``moesaic.destroy``)."""
         self.remove()

@@ -19,6 +19,7 @@ from .comm import PICKLE_ERROR, CommStats, run_collective
 from .context import ParallelContext, hold_groups
 from .dispatcher import AllToAllDispatcher
 from .grad_sync import GradSync, StaleSyncHook, scale_grad_hooks
+from .context import _HOLDERS
 from .layout import get_context
 from .seed import use_rank_streams
 
@@ -168,6 +169,13 @@ def parallelize(model: nn.Module, bucket_mb: float = 25.0) -> nn.Module:
 
 def parallel_state(model: nn.Module) -> Optional[ParallelState]:
     return getattr(model, "moesaic_parallel", None)
+
+
+def grad_synced(p: torch.Tensor) -> bool:
+    """Whether a live parallelized model (one not released by ``destroy``) averages ``p``'s
+    gradient over ranks: replacing ``p`` then would leave its successor unsynchronised."""
+    return any(isinstance(h, ParallelState) and not h.released and h.grad_sync is not None
+               and h.grad_sync.covers(p) for h in list(_HOLDERS))
 
 
 def comm_stats(model: nn.Module) -> CommStats:

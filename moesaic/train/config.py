@@ -57,8 +57,8 @@ class TrainConfig:
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     aux_loss_weight: float = 0.01  # weight of the MoE auxiliary (load-balance) loss
     clip_grad: Optional[float] = 1.0  # global gradient-norm clip (each expert counted once)
-    norm_mean: Optional[tuple] = None  # per-channel input mean (None: the training set's own)
-    norm_std: Optional[tuple] = None  # per-channel input std (None: the training set's own)
+    norm_mean: Optional[tuple] = None  # per-channel input mean, pixels on the 0-1 scale (None: the training set's own)
+    norm_std: Optional[tuple] = None  # per-channel input std, pixels on the 0-1 scale (None: the training set's own)
     crop_padding: int = 0  # random crop with this zero padding (0: off)
     hflip: bool = False  # random horizontal flip
     auto_augment: Optional[str] = None  # None or "cifar10" (AutoAugment's CIFAR-10 policy)
@@ -202,6 +202,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             and x > low for x in v)),
             f"{n} must be None or {channels} finite number{'s' if channels > 1 else ''}"
             f"{' > 0' if low == 0 else ''} (one per channel of {c.dataset}), got {v!r}")
+    big = [n for n in ("norm_mean", "norm_std") if getattr(c, n) is not None
+           and max(abs(x) for x in getattr(c, n)) > 1]
+    if big:
+        warnings.warn(f"{' and '.join(big)} above 1: pixels are scaled to [0, 1] before "
+                      "normalisation (0-255 statistics would squash the inputs)", stacklevel=2)
     _check(c.crop_padding >= 0, f"crop_padding must be >= 0, got {c.crop_padding!r}")
     _check(c.auto_augment in AUTO_AUGMENT, f"auto_augment must be one of {AUTO_AUGMENT}, got {c.auto_augment!r}")
     _check(c.randaug_ops >= 0, f"randaug_ops must be >= 0, got {c.randaug_ops!r}")

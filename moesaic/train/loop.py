@@ -174,6 +174,14 @@ def build_model(cfg: TrainConfig, img_shape: tuple, num_classes: int) -> torch.n
     return model
 
 
+def _find_init(path: str) -> str:
+    """The checkpoint ``init_from`` names, or a CheckpointError that says it was init_from."""
+    try:
+        return checkpoint.find(path)
+    except checkpoint.CheckpointError as e:
+        raise checkpoint.CheckpointError(f"init_from: {e}") from e
+
+
 class Trainer:
     """One run: ``Trainer(cfg, run_dir, resume).run()`` returns summary.json's dict."""
 
@@ -183,6 +191,10 @@ class Trainer:
             warnings.warn("plots=True but matplotlib is not installed (pip install "
                           "'moesaic[train]'): training without plots", stacklevel=2)
             cfg = dataclasses.replace(cfg, plots=False)
+        init_ckpt = None
+        if cfg.init_from is not None and resume is None:  # found before anything is written
+            init_ckpt = _find_init(cfg.init_from)
+            cfg = dataclasses.replace(cfg, init_from=os.path.abspath(cfg.init_from))
         self.cfg = cfg
         _init_for_restarts(cfg.timeout_s)
         self.ctx = start_processes(cfg)
@@ -211,8 +223,8 @@ class Trainer:
         ckpt = checkpoint.latest_in(self.run_dir) if again else None
         if ckpt is None and resume is not None:
             ckpt = checkpoint.find(resume)
-        if ckpt is None and cfg.init_from is not None:  # a resumed run has its own weights
-            self._init_from(model, checkpoint.find(cfg.init_from))
+        if ckpt is None and init_ckpt is not None:  # a resumed run has its own weights
+            self._init_from(model, init_ckpt)
         self.model = parallelize(model)
         self.moe_names = [n for n, m in self.model.named_modules() if isinstance(m, MoE)]
         self.routing = RoutingMeter()
@@ -234,11 +246,20 @@ class Trainer:
             tqdm.write(msg)
 
     def _init_from(self, model: torch.nn.Module, ckpt: str) -> None:
-        """Fine-tuning: ``ckpt``'s weights, the rest of training state new."""
+        """Fine-tuning: ``ckpt``'s weights, the rest of training state new; a warning when the
+        checkpoint saw its inputs otherwise (another dataset or normalisation)."""
         fresh = checkpoint.load_weights(ckpt, model)
         note = (f"; {' and '.join(fresh)} initialised anew for {model.head.out_features} "
                 "classes" if fresh else "")
         self.log(f"initialised from the weights of {ckpt} (epoch and optimizer start anew{note})")
+        theirs = checkpoint.read_state(ckpt).get("config", {})
+        ours = self.cfg.to_dict()
+        differ = [f"{k}: {theirs[k]!r} there, {ours[k]!r} here"
+                  for k in ("dataset", "norm_mean", "norm_std") if k in theirs
+                  and theirs[k] != ours[k]]
+        if differ and self.is_main:
+            warnings.warn(f"init_from {ckpt} was trained on other inputs ({'; '.join(differ)}): "
+                          "fine-tuning starts from features made for those", stacklevel=2)
 
     def _load(self, ckpt: str) -> None:
         state = checkpoint.load(ckpt, self.model, self.opt, self.rank, self.world)
