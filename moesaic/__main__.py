@@ -59,8 +59,8 @@ def _parser() -> argparse.ArgumentParser:
             ranks). With no --config, trains the embedded default: a small ViT-MoE on the 1,797
             8x8 handwritten digits that scikit-learn ships (2 CPU cores, under 2 minutes).
             Writes runs/<name>/<timestamp>/ with config.json, metrics.jsonl, summary.json,
-            curves.png, expert_load.png and checkpoints/. CIFAR-10 is read from $DATA (see
-            docs/training.md)."""),
+            curves.png, expert_load.png and checkpoints/. CIFAR-10 and CIFAR-100 are read from
+            $DATA (see docs/training.md)."""),
         epilog=EXAMPLES + "\n" + _config_keys_help())
     t.add_argument("--config", metavar="FILE",
                    help="config file: plain Python with UPPER_CASE names (BATCH_SIZE = 512) or a "

@@ -30,6 +30,42 @@ def write_cifar(root, n_train=40, n_test=40, seed=0):
     return d
 
 
+def write_cifar100(root, n_train=60, n_test=30, seed=0):
+    """CIFAR-100-format pickles under root/cifar-100-python: 'train' and 'test', 100 fine
+    classes (and the 20 coarse ones the real files also carry)."""
+    d = os.path.join(root, "cifar-100-python")
+    os.makedirs(d, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for name, n in (("train", n_train), ("test", n_test)):
+        fine = rng.integers(0, 100, n)
+        data = (rng.integers(0, 120, (n, 3072)) + fine[:, None]).astype(np.uint8)
+        with open(os.path.join(d, name), "wb") as f:
+            pickle.dump({b"filenames": [b"f"] * n, b"batch_label": b"x", b"data": data,
+                         b"fine_labels": fine.tolist(), b"coarse_labels": (fine // 5).tolist()},
+                        f)
+    return d
+
+
+def test_cifar100_loads_with_its_own_statistics_and_explains_its_layout(tmp_path, monkeypatch):
+    d = write_cifar100(str(tmp_path))
+    tr, te = load_dataset("cifar100", str(tmp_path))
+    assert tr.images_NCHW.shape == (60, 3, 32, 32) and len(te) == 30
+    assert tr.num_classes == te.num_classes == 100 and int(tr.labels_N.max()) < 100
+    x = tr.images_NCHW.double() / 255
+    torch.testing.assert_close(torch.tensor(tr.mean, dtype=torch.float64), x.mean(dim=(0, 2, 3)))
+    torch.testing.assert_close(torch.tensor(tr.std, dtype=torch.float64),
+                               x.std(dim=(0, 2, 3), unbiased=False))
+    assert te.mean == tr.mean  # the test set is normalised with the training statistics
+    with open(os.path.join(d, "test"), "wb") as f:
+        pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1]}, f)
+    with pytest.raises(DataError, match=r"CIFAR-100: .*test has keys .*expected 'data' and "
+                                         r"'fine_labels'"):
+        load_dataset("cifar100", d)
+    monkeypatch.setenv("DATA", str(tmp_path / "empty"))
+    with pytest.raises(DataError, match=r"(?s)CIFAR-100 not found.*cifar-100-python/train, test"):
+        load_dataset("cifar100")
+
+
 def test_cifar_pickles_load_from_data_or_folder(tmp_path, monkeypatch):
     d = write_cifar(str(tmp_path))
     monkeypatch.setenv("DATA", str(tmp_path))

@@ -362,6 +362,28 @@ def test_init_from_starts_a_new_run_from_the_weights(tmp_path, capsys):
     assert "initialised from" not in capsys.readouterr().out
 
 
+def test_fine_tune_a_cifar10_run_on_cifar100(tmp_path, capsys):
+    """init_from across label sets: every weight but the classifier comes from the CIFAR-10
+    run; the 100-class head starts anew (the log says so) and trains."""
+    from test_train_data import write_cifar100
+    write_cifar(str(tmp_path))
+    write_cifar100(str(tmp_path), n_train=80)
+    first = str(tmp_path / "c10")
+    assert main(["train", "--config", tiny_config(tmp_path / "c.py", tmp_path, EPOCHS=1),
+                 "--run-dir", first]) == 0
+    saved = checkpoint._load_tensors(os.path.join(checkpoint.find(first), "model.safetensors"))
+    cfg = tiny_config(tmp_path / "c100.py", tmp_path, EPOCHS=1, DATASET="cifar100",
+                      INIT_FROM=first)
+    run = str(tmp_path / "c100")
+    with pytest.warns(UserWarning, match="trained on other inputs .dataset: 'cifar10' there"):
+        assert main(["train", "--config", cfg, "--run-dir", run]) == 0
+    assert "head.weight and head.bias initialised anew for 100 classes" in capsys.readouterr().out
+    tuned = checkpoint._load_tensors(os.path.join(checkpoint.find(run), "model.safetensors"))
+    assert tuned["head.weight"].shape == (100, TINY_MODEL["d_model"])
+    assert tuned.keys() == saved.keys()
+    assert read_metrics(run)[0]["epoch"] == 1
+
+
 def test_missing_matplotlib_trains_without_plots(tmp_path, monkeypatch):
     write_cifar(str(tmp_path))
     cfg = tiny_config(tmp_path / "c.py", tmp_path, EPOCHS=1)

@@ -20,8 +20,8 @@ import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
-DATASETS = ("digits", "cifar10")
-CHANNELS = {"digits": 1, "cifar10": 3}  # input channels of each dataset
+DATASETS = ("digits", "cifar10", "cifar100")
+CHANNELS = {"digits": 1, "cifar10": 3, "cifar100": 3}  # input channels of each dataset
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = ("cosine", "constant")
@@ -39,8 +39,8 @@ class TrainConfig:
     name: str = "digits_vit_moe"  # run name: the run dir is runs/<name>/<timestamp>
     model: str = "vit_moe_tiny"  # a name from `moesaic models`
     model_args: dict = field(default_factory=dict)  # keywords for moesaic.models.create (not img_size/in_chans/num_classes: the dataset's; not aux_loss_coef: aux_loss_weight)
-    dataset: str = "digits"  # digits (scikit-learn's 8x8 digits, embedded) or cifar10
-    data_dir: Optional[str] = None  # cifar10 location; default $DATA
+    dataset: str = "digits"  # digits (scikit-learn's 8x8 digits, embedded), cifar10 or cifar100
+    data_dir: Optional[str] = None  # cifar10 / cifar100 location; default $DATA
     batch_size: int = 64  # global batch: split evenly over the ranks
     eval_batch_size: int = 256  # global evaluation batch
     epochs: int = 30  # training epochs (the schedule spans all of them)

@@ -1,6 +1,7 @@
 """Datasets held in memory as uint8 tensors, and per-rank shards of each epoch.
 
-CIFAR-10 is read from the python-pickle batches its authors distribute (nothing is downloaded);
+CIFAR-10 and CIFAR-100 are read from the python pickles their authors distribute (nothing is
+downloaded);
 the digits set is the 1,797 8x8 images scikit-learn ships. Images stay uint8 [N, C, H, W] on the
 training device; batches are gathered by index and augmented there.
 
@@ -52,67 +53,118 @@ class ImageSet:
         return tuple(self.images_NCHW.shape[1:])
 
 
-CIFAR_LAYOUT = (
-    "expected layout (the python version of CIFAR-10 as distributed at "
-    "https://www.cs.toronto.edu/~kriz/cifar.html, unpacked):\n"
-    f"  $DATA/{CIFAR_DIR}/data_batch_1 .. data_batch_5, test_batch\n"
-    f"  (or $DATA pointing at the {CIFAR_DIR} folder itself); each file a pickle of a dict with\n"
-    "  b'data' (uint8 [10000, 3072], rows of 1024 red, 1024 green, 1024 blue values of a 32x32\n"
-    "  image) and b'labels' (10000 ints in 0..9)"
-)
+@dataclass(frozen=True)
+class CifarFormat:
+    """Where one CIFAR variant's python-pickle files live and what they hold."""
+
+    title: str
+    folder: str
+    train: tuple
+    test: str
+    label_key: str
+    num_classes: int
+    files: str  # the files, for the layout message
+    sizes: str  # images per file, for the layout message
+
+    def layout(self) -> str:
+        return (f"expected layout (the python version of {self.title} as distributed at "
+                "https://www.cs.toronto.edu/~kriz/cifar.html, unpacked):\n"
+                f"  $DATA/{self.folder}/{self.files}\n"
+                f"  (or $DATA pointing at the {self.folder} folder itself); each file a pickle of "
+                "a dict with\n"
+                "  b'data' (uint8 [N, 3072], rows of 1024 red, 1024 green, 1024 blue values of a "
+                f"32x32 image)\n  and b'{self.label_key}' (N ints in 0..{self.num_classes - 1}); "
+                f"N = {self.sizes}")
 
 
-def find_cifar_dir(data_dir: Optional[str]) -> str:
-    """The folder holding the CIFAR-10 batches, from ``data_dir`` or $DATA."""
+CIFAR10 = CifarFormat("CIFAR-10", CIFAR_DIR, CIFAR_TRAIN, CIFAR_TEST, "labels", 10,
+                      "data_batch_1 .. data_batch_5, test_batch", "10000 in each")
+CIFAR100 = CifarFormat("CIFAR-100", "cifar-100-python", ("train",), "test", "fine_labels", 100,
+                       "train, test", "50000 in train, 10000 in test")
+CIFAR_LAYOUT = CIFAR10.layout()
+
+
+def find_cifar_dir(data_dir: Optional[str], fmt: CifarFormat = CIFAR10) -> str:
+    """The folder holding ``fmt``'s files, from ``data_dir`` or $DATA."""
     root = data_dir if data_dir is not None else os.environ.get("DATA")
     if not root:
-        raise DataError("CIFAR-10: no data location: set $DATA (or the config's data_dir)\n"
-                        + CIFAR_LAYOUT)
-    candidates = [os.path.join(root, CIFAR_DIR), root]
+        raise DataError(f"{fmt.title}: no data location: set $DATA (or the config's data_dir)\n"
+                        + fmt.layout())
+    candidates = [os.path.join(root, fmt.folder), root]
     for d in candidates:
-        if os.path.isfile(os.path.join(d, CIFAR_TRAIN[0])):
+        if os.path.isfile(os.path.join(d, fmt.train[0])):
             return d
     looked = "\n".join(f"  {os.path.abspath(d)}" for d in candidates)
-    raise DataError(f"CIFAR-10 not found: looked for {CIFAR_TRAIN[0]} in\n{looked}\n" + CIFAR_LAYOUT)
+    raise DataError(f"{fmt.title} not found: looked for {fmt.train[0]} in\n{looked}\n"
+                    + fmt.layout())
 
 
-def _read_cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
+def _read_cifar_batch(path: str, fmt: CifarFormat = CIFAR10) -> tuple[np.ndarray, np.ndarray]:
+    name, layout = fmt.title, fmt.layout()
     if not os.path.isfile(path):
-        raise DataError(f"CIFAR-10: missing file {os.path.abspath(path)}\n" + CIFAR_LAYOUT)
+        raise DataError(f"{name}: missing file {os.path.abspath(path)}\n" + layout)
     try:
         with open(path, "rb") as f:
             d = pickle.load(f, encoding="bytes")
     except Exception as e:
-        raise DataError(f"CIFAR-10: cannot read {os.path.abspath(path)} "
-                        f"({type(e).__name__}: {e}); the file is damaged\n" + CIFAR_LAYOUT) from e
+        raise DataError(f"{name}: cannot read {os.path.abspath(path)} "
+                        f"({type(e).__name__}: {e}); the file is damaged\n" + layout) from e
     if not isinstance(d, dict):
-        raise DataError(f"CIFAR-10: {os.path.abspath(path)} holds a {type(d).__name__}, "
-                        "not a dict\n" + CIFAR_LAYOUT)
+        raise DataError(f"{name}: {os.path.abspath(path)} holds a {type(d).__name__}, "
+                        "not a dict\n" + layout)
     d = {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
-    if "data" not in d or "labels" not in d:
-        raise DataError(f"CIFAR-10: {os.path.abspath(path)} has keys {sorted(d)}, expected "
-                        "'data' and 'labels'\n" + CIFAR_LAYOUT)
+    if "data" not in d or fmt.label_key not in d:
+        raise DataError(f"{name}: {os.path.abspath(path)} has keys {sorted(d)}, expected "
+                        f"'data' and '{fmt.label_key}'\n" + layout)
     data = np.asarray(d["data"])
-    labels = np.asarray(d["labels"], dtype=np.int64)
+    labels = np.asarray(d[fmt.label_key], dtype=np.int64)
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        raise DataError(f"CIFAR-10: {os.path.abspath(path)}: 'data' is {data.dtype} "
-                        f"{list(data.shape)}, expected uint8 [N, 3072]\n" + CIFAR_LAYOUT)
-    if labels.shape != (data.shape[0],) or (labels.size and (labels.min() < 0 or labels.max() > 9)):
-        raise DataError(f"CIFAR-10: {os.path.abspath(path)}: 'labels' must be {data.shape[0]} "
-                        f"ints in 0..9\n" + CIFAR_LAYOUT)
+        raise DataError(f"{name}: {os.path.abspath(path)}: 'data' is {data.dtype} "
+                        f"{list(data.shape)}, expected uint8 [N, 3072]\n" + layout)
+    if labels.shape != (data.shape[0],) or (labels.size and (
+            labels.min() < 0 or labels.max() >= fmt.num_classes)):
+        raise DataError(f"{name}: {os.path.abspath(path)}: '{fmt.label_key}' must be "
+                        f"{data.shape[0]} ints in 0..{fmt.num_classes - 1}\n" + layout)
     return data.reshape(-1, 3, 32, 32), labels
+
+
+def channel_stats(x_NCHW: np.ndarray, chunk: int = 4096) -> tuple[tuple, tuple]:
+    """Per-channel mean and std of uint8 images on the 0-1 scale, in float64 over chunks of
+    images (no float copy of the whole set)."""
+    C = x_NCHW.shape[1]
+    s, s2, n = np.zeros(C), np.zeros(C), 0
+    for i in range(0, len(x_NCHW), chunk):
+        x = x_NCHW[i:i + chunk].astype(np.float64).transpose(1, 0, 2, 3).reshape(C, -1) / 255
+        s += x.sum(1)
+        s2 += np.square(x).sum(1)
+        n += x.shape[1]
+    mean = s / max(n, 1)
+    std = np.sqrt(np.maximum(s2 / max(n, 1) - mean ** 2, 0))
+    return tuple(float(m) for m in mean), tuple(float(v) for v in std)
+
+
+def _load_cifar(fmt: CifarFormat, data_dir: Optional[str], mean=None, std=None):
+    d = find_cifar_dir(data_dir, fmt)
+    parts = [_read_cifar_batch(os.path.join(d, n), fmt) for n in fmt.train]
+    x_te, y_te = _read_cifar_batch(os.path.join(d, fmt.test), fmt)
+    x_tr = np.concatenate([p[0] for p in parts])
+    y_tr = np.concatenate([p[1] for p in parts])
+    if mean is None:
+        mean, std = channel_stats(x_tr)
+    mk = lambda x, y: ImageSet(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y),
+                               tuple(mean), tuple(std), fmt.num_classes)
+    return mk(x_tr, y_tr), mk(x_te, y_te)
 
 
 def load_cifar10(data_dir: Optional[str] = None) -> tuple[ImageSet, ImageSet]:
     """(train, test) from the pickle batches under ``data_dir`` or $DATA."""
-    d = find_cifar_dir(data_dir)
-    parts = [_read_cifar_batch(os.path.join(d, n)) for n in CIFAR_TRAIN]
-    x_te, y_te = _read_cifar_batch(os.path.join(d, CIFAR_TEST))
-    x_tr = np.concatenate([p[0] for p in parts])
-    y_tr = np.concatenate([p[1] for p in parts])
-    mk = lambda x, y: ImageSet(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y),
-                               CIFAR_MEAN, CIFAR_STD, 10)
-    return mk(x_tr, y_tr), mk(x_te, y_te)
+    return _load_cifar(CIFAR10, data_dir, CIFAR_MEAN, CIFAR_STD)
+
+
+def load_cifar100(data_dir: Optional[str] = None) -> tuple[ImageSet, ImageSet]:
+    """(train, test) of CIFAR-100's 100 fine classes, from the pickles under ``data_dir`` or
+    $DATA; normalised by the training set's own per-channel statistics."""
+    return _load_cifar(CIFAR100, data_dir)
 
 
 def load_digits() -> tuple[ImageSet, ImageSet]:
@@ -136,6 +188,8 @@ def load_dataset(name: str, data_dir: Optional[str] = None, mean: Optional[tuple
     """(train, test); ``mean`` / ``std`` replace the dataset's per-channel normalisation."""
     if name == "cifar10":
         sets = load_cifar10(data_dir)
+    elif name == "cifar100":
+        sets = load_cifar100(data_dir)
     elif name == "digits":
         sets = load_digits()
     else:
