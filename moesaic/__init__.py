@@ -1,4 +1,5 @@
 """moesaic: Mixture-of-Experts layers, expert parallelism, fused kernels and training."""
+from .balance import update_expert_biases
 from .config import MoEConfig
 from .layer import DenseMLP, MoE, MoeModule
 from .routing import RoutingPlan, RoutingStats
@@ -11,4 +12,4 @@ __version__ = "0.1.0"
 __all__ = ["MoE", "MoeModule", "MoEConfig", "DenseMLP", "RoutingPlan", "RoutingStats",
            "ParallelContext", "init_distributed", "destroy", "moe_set_seed", "parallelize",
            "clip_grad_norm_", "no_sync", "equal_batches", "full_state_dict",
-           "load_full_state_dict"]
+           "load_full_state_dict", "update_expert_biases"]

@@ -63,6 +63,7 @@ class MoEConfig:
     normalize_weights: Optional[bool] = None
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.0
+    bias_update_rate: float = 0.0
     activation: str = "gelu"
     bias: bool = True
     residual: bool = False
@@ -95,7 +96,7 @@ class MoEConfig:
         _require(self.activation in ACTIVATIONS,
                  f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         _require(self.kernels in KERNELS, f"kernels must be one of {KERNELS}, got {self.kernels!r}")
-        for name in ("aux_loss_coef", "z_loss_coef"):
+        for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
             v = getattr(self, name)
             _require(_is_number(v) and v >= 0 and math.isfinite(v),
                      f"{name} must be a finite number >= 0, got {v!r}")
@@ -111,7 +112,8 @@ class MoEConfig:
             bad = [f"{n}={v!r}" for n, v, ok in (
                 ("top_k", self.top_k, self.top_k == 1),
                 ("drop_tokens", self.drop_tokens, self.drop_tokens),
-                ("drop_policy", self.drop_policy, self.drop_policy == "position")) if not ok]
+                ("drop_policy", self.drop_policy, self.drop_policy == "position"),
+                ("bias_update_rate", self.bias_update_rate, self.bias_update_rate == 0)) if not ok]
             _require(not bad, f"router='expert_choice' takes no {', '.join(bad)}: each expert "
                      "takes its ceil(capacity_factor * T / E) best tokens, so capacity_factor "
                      "is the mean number of experts per token (top_k must stay 1)")

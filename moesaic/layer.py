@@ -55,7 +55,11 @@ class MoE(nn.Module):
     each expert take its ceil(cf * T / E) highest-probability tokens, cf being the mean number
     of experts per token (so eval_capacity_factor defaults to capacity_factor, as in Zhou et al.
     2022).
-    ``aux_loss = aux_loss_coef * balance + z_loss_coef * z``. With ``residual=True`` (PR-MoE)
+    ``aux_loss = aux_loss_coef * balance + z_loss_coef * z``. ``bias_update_rate`` u > 0 turns on
+    auxiliary-loss-free balancing (Wang et al. 2024, DeepSeek-V3): experts are chosen by
+    probability + ``router.expert_bias`` and weighted by the probability, and
+    :func:`moesaic.update_expert_biases` (after each optimizer step) moves each bias by u toward
+    balance. With ``residual=True`` (PR-MoE)
     the output is ``moe(x) * c0 + mlp(x) * c1`` with ``c = softmax(residual_coef(x))`` per token.
     ``dropout`` applies to the layer's output, ``hidden_dropout`` after the activation inside
     every expert (and the residual MLP), as in a dense transformer MLP; its masks do not depend
@@ -71,7 +75,8 @@ class MoE(nn.Module):
                  min_capacity: int = 4, drop_tokens: bool = True, drop_policy: str = "position",
                  router: str = "token_choice", noise_policy: Optional[str] = None,
                  normalize_weights: Optional[bool] = None, aux_loss_coef: float = 0.01,
-                 z_loss_coef: float = 0.0, activation: str = "gelu", bias: bool = True,
+                 z_loss_coef: float = 0.0, bias_update_rate: float = 0.0,
+                 activation: str = "gelu", bias: bool = True,
                  residual: bool = False, dropout: float = 0.0, hidden_dropout: float = 0.0,
                  kernels: str = "auto"):
         super().__init__()
@@ -80,12 +85,17 @@ class MoE(nn.Module):
             capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
             min_capacity=min_capacity, drop_tokens=drop_tokens, drop_policy=drop_policy,
             router=router, noise_policy=noise_policy, normalize_weights=normalize_weights,
-            aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef, activation=activation,
+            aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef,
+            bias_update_rate=bias_update_rate, activation=activation,
             bias=bias, residual=residual, dropout=dropout, hidden_dropout=hidden_dropout,
             kernels=kernels)
         self.config = cfg
         self.layout = expert_layout(num_experts)
-        self.router = routing.Router(d_model, num_experts, noise_policy)
+        self.router = routing.Router(d_model, num_experts, noise_policy,
+                                     selection_bias=cfg.bias_update_rate > 0)
+        if cfg.bias_update_rate > 0:  # assignments since the last moesaic.update_expert_biases
+            self.register_buffer("load_counts", torch.zeros(num_experts, dtype=torch.int64),
+                                 persistent=False)
         self.experts = Experts(d_model, d_ff, self.layout.global_ids, activation, bias,
                                layer_seed=next_layer_seed(), hidden_dropout=cfg.hidden_dropout)
         self.experts.triton_epilogue = kernels != "torch"  # "torch": no Triton anywhere
@@ -121,8 +131,11 @@ class MoE(nn.Module):
             capacity = None
             if c.drop_tokens:
                 capacity = routing.token_choice_capacity(T, E, c.top_k, cf, c.min_capacity)
+            bias_E = self.router.expert_bias if c.bias_update_rate > 0 else None
             plan, probs_TE, counts_E = ops.token_choice(
-                logits_TE, c.top_k, capacity, c.drop_policy, c.normalize_weights)
+                logits_TE, c.top_k, capacity, c.drop_policy, c.normalize_weights, bias_E)
+            if bias_E is not None and self.training and not in_backward():
+                self.load_counts += counts_E.detach()
             balance = routing.balance_loss(probs_TE, counts_E)
             dropped = (counts_E.sum() - plan.counts_E.sum()) / counts_E.sum().clamp(min=1)
         z = routing.z_loss(logits_TE)

@@ -1,6 +1,6 @@
 """Backend selection: the PyTorch path or the fused Triton kernels, behind one interface.
 
-An ops object has ``token_choice(logits_TE, top_k, capacity, drop_policy, normalize)``,
+An ops object has ``token_choice(logits_TE, top_k, capacity, drop_policy, normalize, bias_E)``,
 ``permute(x_TD, plan)`` and ``combine(y_ND, plan)``, with the semantics of the PyTorch
 functions in :mod:`moesaic.routing` and :mod:`moesaic.dispatch`.
 
@@ -21,8 +21,8 @@ class TorchOps:
     name = "torch"
 
     @staticmethod
-    def token_choice(logits_TE, top_k, capacity, drop_policy, normalize):
-        return routing.token_choice(logits_TE, top_k, capacity, drop_policy, normalize)
+    def token_choice(logits_TE, top_k, capacity, drop_policy, normalize, bias_E=None):
+        return routing.token_choice(logits_TE, top_k, capacity, drop_policy, normalize, bias_E)
 
     @staticmethod
     def permute(x_TD, plan):

@@ -79,17 +79,21 @@ def _weight_back_to_float32(router: "Router", incompatible_keys) -> None:
 class Router(nn.Module):
     """Linear gate ``logits = x W^T`` computed in float32, with optional training noise.
 
-    ``weight`` [E, D] stays float32 whatever dtype the model is cast to. Noise comes from torch's
+    ``weight`` [E, D] (and ``expert_bias`` [E], the selection bias of auxiliary-loss-free
+    balancing, when asked for) stay float32 whatever dtype the model is cast to. Noise comes from torch's
     default generator of the input's device, which activation checkpointing saves and restores, so
     a recomputed forward routes exactly as the first one. ``noise_generator`` overrides it; a
     private generator is not restored by ``torch.utils.checkpoint``.
     """
 
-    def __init__(self, d_model: int, num_experts: int, noise_policy: Optional[str] = None):
+    def __init__(self, d_model: int, num_experts: int, noise_policy: Optional[str] = None,
+                 selection_bias: bool = False):
         super().__init__()
         self.num_experts = num_experts
         self.noise_policy = noise_policy
         self.weight = nn.Parameter(torch.empty(num_experts, d_model, dtype=torch.float32))
+        if selection_bias:  # auxiliary-loss-free balancing: see moesaic.balance
+            self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
         self.noise_generator: Optional[torch.Generator] = None
         self.reset_parameters()
         self.register_load_state_dict_post_hook(_weight_back_to_float32)
@@ -172,9 +176,16 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def topk_weights(probs_TE: Tensor, top_k: int, normalize: bool) -> tuple[Tensor, Tensor]:
-    """Top-k experts of each token and their combine weights (renormalised when asked)."""
-    topk_prob_TK, topk_idx_TK = probs_TE.topk(top_k, dim=-1)
+def topk_weights(probs_TE: Tensor, top_k: int, normalize: bool,
+                 bias_E: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """Top-k experts of each token and their combine weights (renormalised when asked). With
+    ``bias_E`` the experts are chosen by probs + bias and weighted by the probabilities alone
+    (auxiliary-loss-free balancing)."""
+    if bias_E is None:
+        topk_prob_TK, topk_idx_TK = probs_TE.topk(top_k, dim=-1)
+    else:
+        topk_idx_TK = (probs_TE.detach() + bias_E.float()).topk(top_k, dim=-1).indices
+        topk_prob_TK = probs_TE.gather(1, topk_idx_TK)
     if normalize:
         return topk_prob_TK / topk_prob_TK.sum(-1, keepdim=True), topk_idx_TK
     return topk_prob_TK, topk_idx_TK
@@ -200,11 +211,13 @@ def assignment_slots(topk_idx_TK: Tensor, priority_T: Optional[Tensor], num_expe
 
 
 def token_choice(logits_TE: Tensor, top_k: int, capacity: Optional[int], drop_policy: str,
-                 normalize: bool) -> tuple[RoutingPlan, Tensor, Tensor]:
-    """Top-k token-choice routing. Returns (plan, probs_TE, counts_E before dropping)."""
+                 normalize: bool, bias_E: Optional[Tensor] = None
+                 ) -> tuple[RoutingPlan, Tensor, Tensor]:
+    """Top-k token-choice routing (selection biased by ``bias_E`` if given). Returns (plan,
+    probs_TE, counts_E before dropping)."""
     T, E = logits_TE.shape
     probs_TE = torch.softmax(logits_TE, dim=-1)
-    weight_TK, topk_idx_TK = topk_weights(probs_TE, top_k, normalize)
+    weight_TK, topk_idx_TK = topk_weights(probs_TE, top_k, normalize, bias_E)
     priority_T = None
     if capacity is not None and drop_policy == "score":
         priority_T = torch.argsort(probs_TE.detach().amax(-1), descending=True, stable=True)

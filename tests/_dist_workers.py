@@ -196,7 +196,8 @@ def check_unused_parameters(rank, world, ctx, seed):
 def check_layout_independence(rank, world, seed):
     """At a fixed world size, jitter noise, dropout and the experts' hidden dropout draw the
     same numbers whether the experts are split over the ranks (max_ep_size 2) or replicated
-    (1): 3 AdamW steps end equal, dropless and with capacity drops."""
+    (1), and the selection biases of auxiliary-loss-free balancing take the same steps: 3 AdamW
+    steps end equal, dropless and with capacity drops."""
     x, target = _data(world)
     lo, hi = rank * B, (rank + 1) * B
     for routing_kw in (dict(drop_tokens=False), dict(drop_tokens=True, capacity_factor=0.8)):
@@ -205,14 +206,20 @@ def check_layout_independence(rank, world, seed):
             moesaic.init_distributed(max_ep_size=max_ep, timeout_s=30)
             moesaic.moe_set_seed(seed)
             model = moesaic.parallelize(tiny_net(noise_policy="jitter", dropout=0.2, residual=True,
-                                                 hidden_dropout=0.3, **routing_kw))
+                                                 hidden_dropout=0.3, bias_update_rate=0.01,
+                                                 **routing_kw))
             assert model.moes[0].layout.ep_size == max_ep
             opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
             for _ in range(3):
                 out, aux = model(x[lo:hi])
                 ((out - target[lo:hi]).square().mean() + aux).backward()
                 opt.step()
+                moesaic.update_expert_biases(model)
                 opt.zero_grad()
+            bias = model.moes[0].router.expert_bias
+            everywhere = [torch.empty_like(bias) for _ in range(world)]
+            dist.all_gather(everywhere, bias)  # counts summed over ranks: one bias everywhere
+            assert bias.abs().sum() > 0 and all(torch.equal(b, bias) for b in everywhere)
             finals.append(moesaic.full_state_dict(model, all_ranks=True))
         assert finals[0].keys() == finals[1].keys()
         for k in finals[0]:

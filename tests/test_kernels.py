@@ -93,11 +93,16 @@ ROUTE_CASES = [
 
 
 @pytest.mark.parametrize("T,E,K,cap,policy,one_expert", ROUTE_CASES)
-def test_token_choice_matches_torch(tops, T, E, K, cap, policy, one_expert):
+@pytest.mark.parametrize("biased", [False, True])
+def test_token_choice_matches_torch(tops, T, E, K, cap, policy, one_expert, biased):
+    """Also with a selection bias (auxiliary-loss-free balancing) that overrides the
+    probabilities for some tokens."""
     logits_TE = logits_for(T, E, seed=T + E + K, one_expert=one_expert)
+    bias_E = (torch.randn(E, generator=torch.Generator().manual_seed(E)) * 0.3 if biased
+              else None)
     outs = {}
     for name, ops in (("torch", TorchOps), ("triton", tops)):
-        plan, probs_TE, counts_E = ops.token_choice(logits_TE, K, cap, policy, K >= 2)
+        plan, probs_TE, counts_E = ops.token_choice(logits_TE, K, cap, policy, K >= 2, bias_E)
         g = torch.Generator().manual_seed(1)
         loss = ((plan.row_weight_N * torch.rand(plan.row_weight_N.shape, generator=g)).sum()
                 + (plan.weight_TK * torch.rand(plan.weight_TK.shape, generator=g)).sum()
@@ -513,7 +518,7 @@ except ImportError:
 from moesaic.kernels import bias_act, dropout, route, rows
 
 target = GPUTarget("cuda", 90, 32)
-ROUTE = dict(logits_ptr="*fp32", probs_ptr="*fp32", idx_ptr="*i32", hist_ptr="*i32",
+ROUTE = dict(logits_ptr="*fp32", probs_ptr="*fp32", idx_ptr="*i32", hist_ptr="*i32", bias_ptr="*fp32",
              order_ptr="*i64", base_ptr="*i32", start_ptr="*i32", dest_ptr="*i64",
              row_token_ptr="*i64", row_assign_ptr="*i64", T="i32", E="i32", num_blocks="i32",
              capacity="i32")
@@ -530,7 +535,9 @@ def build(fn, sig, consts, warps):
     triton.compile(src, target=target, options={"num_warps": warps})
 for K in (1, 2):
     for BT, BE in ((32, 64), (128, 8)):
-        build(route._softmax_topk_kernel, ROUTE, dict(K=K, BT=BT, BE=BE, WRITE_HIST=True), 8)
+        for bias in (False, True):
+            build(route._softmax_topk_kernel, ROUTE, dict(K=K, BT=BT, BE=BE, WRITE_HIST=True,
+                                                          HAS_BIAS=bias), 8)
         build(route._ordered_hist_kernel, ROUTE, dict(K=K, BT=BT, BE=BE), 8)
         build(route._place_kernel, ROUTE, dict(K=K, BT=BT, BE=BE, HAS_ORDER=True,
                                               HAS_CAPACITY=True), 8)

@@ -135,11 +135,12 @@ def test_grad_checkpointing_needs_a_model_that_supports_it(monkeypatch):
 
 
 def test_resume_equals_uninterrupted(tmp_path):
-    """Noise, dropout and mixup all draw random numbers: resuming from epoch 1 must replay
-    epochs 2 and 3 bit for bit."""
+    """Noise, dropout and mixup all draw random numbers, and auxiliary-loss-free balancing
+    keeps selection biases: resuming from epoch 1 must replay epochs 2 and 3 bit for bit."""
     write_cifar(str(tmp_path))
     extra = dict(EPOCHS=3, MIXUP_ALPHA=0.5, CROP_PADDING=2,
-                 MODEL_ARGS={**TINY_MODEL, "noise_policy": "jitter", "drop_rate": 0.1})
+                 MODEL_ARGS={**TINY_MODEL, "noise_policy": "jitter", "drop_rate": 0.1,
+                             "bias_update_rate": 0.01})
     cfg = tiny_config(tmp_path / "c.py", tmp_path, **extra)
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     assert main(["train", "--config", cfg, "--run-dir", full]) == 0
@@ -154,6 +155,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     wa = checkpoint._load_tensors(os.path.join(full, "checkpoints/epoch_0003/model.safetensors"))
     wb = checkpoint._load_tensors(os.path.join(part, "checkpoints/epoch_0003/model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert wa["blocks.1.ffn.router.expert_bias"].abs().sum() > 0  # the trainer updated them
     assert main(["train", "--resume", part, "--set", "epochs=4"]) == 0  # longer, same run dir
     c = read_metrics(part)
     assert [r["epoch"] for r in c] == [1, 2, 3, 4] and c[:3] == b

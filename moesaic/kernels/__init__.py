@@ -18,8 +18,8 @@ class TritonOps:
     name = "triton"
 
     @staticmethod
-    def token_choice(logits_TE, top_k, capacity, drop_policy, normalize):
-        return _token_choice(logits_TE, top_k, capacity, drop_policy, normalize)
+    def token_choice(logits_TE, top_k, capacity, drop_policy, normalize, bias_E=None):
+        return _token_choice(logits_TE, top_k, capacity, drop_policy, normalize, bias_E)
 
     @staticmethod
     def permute(x_TD, plan):

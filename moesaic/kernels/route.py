@@ -12,7 +12,8 @@ assignments to their expert-major rows. Index traffic is O(T * K); the only O(T 
 is reading the logits and writing the probabilities once.
 
 Ties: on exactly equal probabilities the kernel takes the lowest expert id (torch.topk leaves
-the choice unspecified).
+the choice unspecified). With a selection bias (auxiliary-loss-free balancing) experts are
+chosen by probability + bias and weighted by the probability.
 
 Legend: T tokens, E experts, K top-k, B token blocks, N kept assignments (rows).
 """
@@ -30,9 +31,9 @@ from ..routing import RoutingPlan
 
 
 @triton.jit
-def _softmax_topk_kernel(logits_ptr, probs_ptr, idx_ptr, hist_ptr, T, E, num_blocks,
+def _softmax_topk_kernel(logits_ptr, probs_ptr, idx_ptr, hist_ptr, bias_ptr, T, E, num_blocks,
                          K: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr,
-                         WRITE_HIST: tl.constexpr):
+                         WRITE_HIST: tl.constexpr, HAS_BIAS: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BT + tl.arange(0, BT)
     cols = tl.arange(0, BE)
@@ -46,7 +47,10 @@ def _softmax_topk_kernel(logits_ptr, probs_ptr, idx_ptr, hist_ptr, T, E, num_blo
     denom = tl.where(row_ok, tl.sum(ex, 1), 1.0)
     p = ex / denom[:, None]
     tl.store(probs_ptr + offs, p, mask=ok)
-    work = tl.where(col_ok[None, :], p, -1.0)
+    score = p
+    if HAS_BIAS:  # selection only: the weights stay the probabilities
+        score = p + tl.load(bias_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    work = tl.where(col_ok[None, :], score, float("-inf"))
     for k in tl.static_range(K):
         top = tl.argmax(work, 1)
         tl.store(idx_ptr + rows.to(tl.int64) * K + k, top.to(tl.int32), mask=row_ok)
@@ -54,7 +58,7 @@ def _softmax_topk_kernel(logits_ptr, probs_ptr, idx_ptr, hist_ptr, T, E, num_blo
         if WRITE_HIST:
             cnt = tl.sum((chosen & row_ok[:, None]).to(tl.int32), 0)
             tl.store(hist_ptr + cols * (K * num_blocks) + k * num_blocks + pid, cnt, mask=col_ok)
-        work = tl.where(chosen, -2.0, work)
+        work = tl.where(chosen, float("-inf"), work)
 
 
 @triton.jit
@@ -116,7 +120,7 @@ class _SoftmaxTopK(torch.autograd.Function):
     """probs_TE = softmax(logits_TE) with its top-k ids (and the position-order histogram)."""
 
     @staticmethod
-    def forward(ctx, logits_TE: Tensor, top_k: int, write_hist: bool):
+    def forward(ctx, logits_TE: Tensor, top_k: int, write_hist: bool, bias_E: Optional[Tensor]):
         T, E = logits_TE.shape
         logits_TE = logits_TE.contiguous().float()
         BT, BE, B, warps = _blocks(T, E)
@@ -124,9 +128,11 @@ class _SoftmaxTopK(torch.autograd.Function):
         idx_TK = torch.empty(T, top_k, dtype=torch.int32, device=logits_TE.device)
         hist = torch.zeros(E, top_k * B if write_hist else 1, dtype=torch.int32,
                            device=logits_TE.device)
-        _softmax_topk_kernel[(B,)](logits_TE, probs_TE, idx_TK, hist, T, E, B,
+        has_bias = bias_E is not None
+        bias_E = bias_E.float().contiguous() if has_bias else probs_TE  # unread without bias
+        _softmax_topk_kernel[(B,)](logits_TE, probs_TE, idx_TK, hist, bias_E, T, E, B,
                                    K=top_k, BT=BT, BE=BE, WRITE_HIST=write_hist,
-                                   num_warps=warps)
+                                   HAS_BIAS=has_bias, num_warps=warps)
         ctx.save_for_backward(probs_TE)
         ctx.mark_non_differentiable(idx_TK, hist)
         return probs_TE, idx_TK, hist
@@ -136,18 +142,19 @@ class _SoftmaxTopK(torch.autograd.Function):
     def backward(ctx, grad_probs, _grad_idx, _grad_hist):
         (p,) = ctx.saved_tensors
         if grad_probs is None:
-            return None, None, None
+            return None, None, None, None
         g = grad_probs.float()
-        return p * (g - (g * p).sum(-1, keepdim=True)), None, None
+        return p * (g - (g * p).sum(-1, keepdim=True)), None, None, None
 
 
 def token_choice(logits_TE: Tensor, top_k: int, capacity: Optional[int], drop_policy: str,
-                 normalize: bool) -> tuple[RoutingPlan, Tensor, Tensor]:
+                 normalize: bool, bias_E: Optional[Tensor] = None
+                 ) -> tuple[RoutingPlan, Tensor, Tensor]:
     """Same contract and results as :func:`moesaic.routing.token_choice`, fused in Triton."""
     T, E = logits_TE.shape
     device = logits_TE.device
     by_score = capacity is not None and drop_policy == "score"
-    probs_TE, idx_TK, hist = _SoftmaxTopK.apply(logits_TE, top_k, not by_score)
+    probs_TE, idx_TK, hist = _SoftmaxTopK.apply(logits_TE, top_k, not by_score, bias_E)
     BT, BE, B, warps = _blocks(T, E)
     order_T = None
     if by_score:

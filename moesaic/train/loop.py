@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .. import models
+from ..balance import update_expert_biases
 from ..layer import MoE
 from ..parallel import clip_grad_norm_, equal_batches, init_distributed, moe_set_seed, parallelize
 from ..parallel.layout import mix_seed
@@ -338,6 +339,7 @@ class Trainer:
             clip_grad_norm_(self.model, cfg.clip_grad)
         self.scaler.step(self.opt)
         self.scaler.update()
+        update_expert_biases(self.model)  # auxiliary-loss-free balancing (a no-op without it)
         self.sched.step()
         self.step += 1
         _maybe_fault(self.step, self.rank)
