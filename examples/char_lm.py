@@ -86,7 +86,11 @@ def main(argv=None) -> dict:
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1: tiny matrices gain little from more, and a shared "
+                        "machine's cores stall them)")
     a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
 
     text = corpus()
     chars = sorted(set(text))

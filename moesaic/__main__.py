@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
         description=textwrap.dedent("""\
             Train a model on one process or, under torchrun, on many (experts split over the
             ranks). With no --config, trains the embedded default: a small ViT-MoE on the 1,797
-            8x8 handwritten digits that scikit-learn ships (2 CPU cores, under 2 minutes).
+            8x8 handwritten digits that scikit-learn ships (about 30-40 s on 2 CPU cores).
             Writes runs/<name>/<timestamp>/ with config.json, metrics.jsonl, summary.json,
             curves.png, expert_load.png and checkpoints/. CIFAR-10 and CIFAR-100 are read from
             $DATA (see docs/training.md)."""),

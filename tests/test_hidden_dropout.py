@@ -200,3 +200,5 @@ def test_residual_mlp_and_zoo_drop_rate():
     (moe,) = model.moe_layers()
     assert moe.config.hidden_dropout == 0.1 and moe.config.dropout == 0.1
     assert zoo.create("vit_moe_tiny").moe_layers()[0].config.hidden_dropout == 0.0
+    own = zoo.create("vit_moe_tiny", drop_rate=0.1, hidden_dropout=0.3).moe_layers()[0].config
+    assert own.hidden_dropout == 0.3 and own.dropout == 0.1  # set on its own

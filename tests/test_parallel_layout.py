@@ -31,7 +31,7 @@ def test_layout_rules():
     assert layout_for(8, 4, 5, 8).global_ids == [2, 3]
     replicated = layout_for(2, 4, 3, 4)  # fewer experts than max_ep_size: each held twice
     assert (replicated.ep_size, replicated.edp_size, replicated.global_ids) == (2, 2, [1])
-    with pytest.raises(ValueError, match=r"num_experts \(6\) and max_ep_size \(4\)"):
+    with pytest.raises(ValueError, match=r"num_experts \(6\) and max_ep_size \(4; the world size.*max_ep_size=1"):
         layout_for(6, 4, 0, 4)
 
 

@@ -32,10 +32,12 @@ def test_function_style_file(tmp_path):
     assert isinstance(cfg, TrainConfig) and cfg.epochs == 7 and cfg.hflip
 
 
-def test_lower_case_key_warns_and_failing_config_function_is_a_config_error(tmp_path):
-    with pytest.warns(UserWarning, match="batch_size is ignored.*BATCH_SIZE"):
-        cfg = load_file(_write(tmp_path, "batch_size = 32\nlr = 1e-3\nLR = 2 * lr\n"))
-    assert cfg.batch_size == 64 and cfg.lr == 2e-3
+def test_lower_case_key_is_an_error_and_failing_config_function_is_a_config_error(tmp_path):
+    """A known field in lower case would silently train with the default: refused. A helper
+    whose UPPER_CASE twin is set (lr below) is fine."""
+    with pytest.raises(ConfigError, match="batch_size would be ignored .*write BATCH_SIZE"):
+        load_file(_write(tmp_path, "batch_size = 32\nlr = 1e-3\nLR = 2 * lr\n"))
+    assert load_file(_write(tmp_path, "BATCH_SIZE = 32\nlr = 1e-3\nLR = 2 * lr\n")).lr == 2e-3
     p = _write(tmp_path, "from moesaic.train import TrainConfig\n"
                          "def config():\n    return TrainConfig(batch_siz=32)\n", "f.py")
     with pytest.raises(ConfigError, match="config\\(\\) in .* failed: TypeError.*batch_siz"):

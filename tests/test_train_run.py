@@ -467,5 +467,8 @@ def test_progress_bar_shows_finite_running_loss(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "BAR_EVERY", 1)
     write_cifar(str(tmp_path))
     cfg = tiny_config(tmp_path / "c.py", tmp_path, PROGRESS=True, STEPS_PER_EPOCH=3, EPOCHS=1)
+    assert main(["train", "--config", cfg, "--run-dir", str(tmp_path / "a")]) == 0
+    assert shown == []  # stderr is no terminal here: no bar (a log file gets no bar fragments)
+    monkeypatch.setattr(loop.sys.stderr, "isatty", lambda: True, raising=False)
     assert main(["train", "--config", cfg, "--run-dir", str(tmp_path / "run")]) == 0
     assert len(shown) == 3 and all(math.isfinite(float(kw["loss"])) for kw in shown), shown

@@ -74,10 +74,10 @@ class VisionModel(nn.Module):
 
     def _make_moe(self, num_experts: int, top_k: int, noise_policy, residual: bool) -> MoE:
         c = self.config
+        kw = {"hidden_dropout": c.drop_rate, **c.moe_kwargs}  # drop_rate unless set on its own
         return MoE(c.d_model, c.d_ff, num_experts, top_k=top_k, capacity_factor=c.capacity_factor,
                    eval_capacity_factor=c.eval_capacity_factor, noise_policy=noise_policy,
-                   residual=residual, dropout=c.drop_rate, hidden_dropout=c.drop_rate,
-                   **c.moe_kwargs)
+                   residual=residual, dropout=c.drop_rate, **kw)
 
     def _run_blocks(self, x_BSD: Tensor, aux: Tensor, stats: list) -> tuple[Tensor, Tensor]:
         """Run the blocks, summing MoE aux losses and appending each MoE call's stats."""

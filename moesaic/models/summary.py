@@ -62,9 +62,10 @@ def describe(model: nn.Module) -> str:
         c = layers[0].config
         extra = ", shared by all blocks" if len(layers) == 1 and cfg is not None and \
             hasattr(model, "block_experts") and sum(1 for e in model.block_experts() if e) > 1 else ""
+        capacity = (f"capacity {c.capacity_factor}/{c.eval_capacity_factor} (train/eval)"
+                    if c.drop_tokens or c.router == "expert_choice" else "dropless")
         lines.append(f"  MoE layers: {len(layers)}{extra}; top_k {c.top_k}, router {c.router}, "
-                     f"capacity {c.capacity_factor}/{c.eval_capacity_factor} (train/eval), "
-                     f"noise {c.noise_policy}, residual {c.residual}, "
+                     f"{capacity}, noise {c.noise_policy}, residual {c.residual}, "
                      f"ep_size {layers[0].layout.ep_size}")
     lines.append(f"  parameters: total {_millions(total)}, active per token {_millions(active)}")
     if hasattr(model, "flops_per_image"):

@@ -45,8 +45,10 @@ def ep_size_for(num_experts: int, max_ep_size: int) -> int:
         return max_ep_size
     if max_ep_size % num_experts == 0:
         return num_experts
-    raise ValueError(f"num_experts ({num_experts}) and max_ep_size ({max_ep_size}): one must "
-                     "divide the other to lay the experts out over the ranks")
+    raise ValueError(f"num_experts ({num_experts}) and max_ep_size ({max_ep_size}; the world "
+                     "size unless init_distributed was given one): one must divide the other to "
+                     "lay the experts out over the ranks; pick num_experts accordingly, or "
+                     "max_ep_size=1 to keep every expert on every rank")
 
 
 def layout_for(num_experts: int, max_ep_size: int, rank: int, world_size: int) -> ExpertLayout:

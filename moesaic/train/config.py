@@ -280,9 +280,8 @@ def load_file(path: str) -> TrainConfig:
     lower = sorted(k for k in ns if not k.isupper() and k.lower() in keys and k.upper() not in ns
                    and not callable(ns[k]) and not isinstance(ns[k], types.ModuleType))
     if lower and not callable(fn):  # a config() may use lower-case helpers of its own
-        warnings.warn(f"config file {path!r}: {', '.join(lower)} is ignored (config names are "
-                      f"UPPER_CASE); did you mean {', '.join(k.upper() for k in lower)}?",
-                      stacklevel=2)
+        raise ConfigError(f"config file {path!r}: {', '.join(lower)} would be ignored (config "
+                          f"names are UPPER_CASE): write {', '.join(k.upper() for k in lower)}")
     if callable(fn):
         if upper:
             raise ConfigError(f"config file {path!r} defines both config() and UPPER_CASE names "
