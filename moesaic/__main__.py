@@ -222,8 +222,10 @@ def _models(name: Optional[str]) -> int:
     from . import models
 
     if name is None:
-        for n in models.list_models():
-            print(n)
+        names = models.list_models()
+        width = max(map(len, names), default=0)
+        for n in names:
+            print(f"{n:<{width}}  {models.model_summary(n)}".rstrip())
         return 0
     try:
         print(models.describe(models.create(name)))

@@ -141,8 +141,10 @@ def test_help_explains_every_option(capsys):
 
 def test_models_lists_registry(capsys):
     assert main(["models"]) == 0
-    out = capsys.readouterr().out.split()
-    assert "vit_moe_lite6_prmoe" in out and "vit_lite6" in out
+    lines = capsys.readouterr().out.splitlines()
+    names = [line.split()[0] for line in lines]
+    assert "vit_moe_lite6_prmoe" in names and "vit_lite6" in names
+    assert all(len(line.split()) > 1 for line in lines)  # every model has its one-line summary
 
 
 def test_print_config(capsys):

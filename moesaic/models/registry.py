@@ -20,18 +20,28 @@ def closest(name: str, choices, n: int = 3) -> list[str]:
     return near or [c for c in choices if name.lower() in c.lower()][:n]
 
 
-def register(name: str):
-    """Decorator: register ``fn(**overrides) -> nn.Module`` under ``name``."""
+_SUMMARY: dict[str, str] = {}
+
+
+def register(name: str, summary: str = ""):
+    """Decorator: register ``fn(**overrides) -> nn.Module`` under ``name``; ``summary`` (default:
+    the first line of ``fn``'s docstring) is what ``moesaic models`` prints beside it."""
     def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"model name {name!r} is already registered")
         _REGISTRY[name] = fn
+        _SUMMARY[name] = summary or (fn.__doc__ or "").strip().split("\n")[0]
         return fn
     return wrap
 
 
 def list_models() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def model_summary(name: str) -> str:
+    """The one-line description a model was registered with ("" if none)."""
+    return _SUMMARY.get(name, "")
 
 
 def create(name: str, **overrides) -> nn.Module:

@@ -94,11 +94,13 @@ def _widenet(**preset):
 
 
 PAPER_ROUTING = dict(top_k=2, capacity_factor=1.2, normalize_weights=False)
-register("widenet_cifar")(_widenet(img_size=32, patch_size=4, depth=6, d_model=256,
+register("widenet_cifar", "WideNet for CIFAR: 6 blocks sharing attention and a 4-expert top-2 "
+         "MoE, own LayerNorms")(_widenet(img_size=32, patch_size=4, depth=6, d_model=256,
                                    num_heads=4, mlp_ratio=2.0, num_experts=4, **PAPER_ROUTING))
 # WideNet-B: the experts' hidden size is 4096 (moe_mlp_dim of the authors' ViT-MoE-B config), not
 # ViT-B's 3072; that gives the paper's 29M parameters. Stored as a ratio, so a d_model override
 # keeps d_ff = d_model * 16 / 3.
-register("widenet_imagenet")(_widenet(img_size=224, patch_size=16, num_classes=1000, depth=12,
+register("widenet_imagenet", "WideNet-B for ImageNet (224x224, 12 blocks, dim 768, 4 experts; "
+         "29M parameters)")(_widenet(img_size=224, patch_size=16, num_classes=1000, depth=12,
                                       d_model=768, num_heads=12, mlp_ratio=4096 / 768,
                                       num_experts=4, **PAPER_ROUTING))
