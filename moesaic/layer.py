@@ -50,8 +50,8 @@ class MoE(nn.Module):
     Token choice sends each token to its ``top_k`` most probable experts; each expert keeps at
     most C = min(T, max(min_capacity, ceil(cf * top_k * T / E))) assignments (cf =
     capacity_factor in training, eval_capacity_factor in eval, 2.0 unless given), ranked
-    choice-major and then by token position (``drop_policy="position"``) or by the token's top-1
-    probability (``"score"``); ``drop_tokens=False`` keeps every assignment. Expert choice lets
+    choice-major and then by token position (``drop_policy="position"``) or by the token's
+    probability for its first choice (``"score"``); ``drop_tokens=False`` keeps every assignment. Expert choice lets
     each expert take its ceil(cf * T / E) highest-probability tokens, cf being the mean number
     of experts per token (so eval_capacity_factor defaults to capacity_factor, as in Zhou et al.
     2022).
@@ -105,6 +105,12 @@ class MoE(nn.Module):
         self.residual_coef = nn.Linear(d_model, 2) if residual else None
         self.dropout = nn.Dropout(dropout)
         self.last_stats: Optional[routing.RoutingStats] = None
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Clears the balancing counts (after ``to_empty``); the submodules reset their own."""
+        if hasattr(self, "load_counts"):
+            self.load_counts.zero_()
 
     @classmethod
     def from_config(cls, cfg: MoEConfig) -> "MoE":

@@ -74,6 +74,17 @@ def _weight_back_to_float32(router: "Router", incompatible_keys) -> None:
     w = router.weight
     if w.dtype != torch.float32:
         router.weight = nn.Parameter(w.detach().float(), requires_grad=w.requires_grad)
+    bias = getattr(router, "expert_bias", None)
+    if bias is not None and bias.dtype != torch.float32:
+        router.expert_bias = bias.float()
+
+
+def _zero_bias_if_missing(router: "Router", state_dict, prefix, *args) -> None:
+    """A state dict saved without the feature (or before it existed) had no selection bias: it
+    loads as zeros, the bias such a model routed with (fine-tuning with balancing switched on)."""
+    if hasattr(router, "expert_bias") and prefix + "expert_bias" not in state_dict \
+            and prefix + "weight" in state_dict:
+        state_dict[prefix + "expert_bias"] = torch.zeros_like(router.expert_bias)
 
 
 class Router(nn.Module):
@@ -97,11 +108,14 @@ class Router(nn.Module):
         self.noise_generator: Optional[torch.Generator] = None
         self.reset_parameters()
         self.register_load_state_dict_post_hook(_weight_back_to_float32)
+        self.register_load_state_dict_pre_hook(_zero_bias_if_missing)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """nn.Linear's default weight init, from the default generator."""
+        """nn.Linear's default weight init, from the default generator; a zero selection bias."""
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if hasattr(self, "expert_bias"):
+            self.expert_bias.zero_()
 
     def _apply(self, fn, recurse=True):
         """Keep the weight (and its gradient) float32 whatever the model is cast to, without
@@ -191,6 +205,12 @@ def topk_weights(probs_TE: Tensor, top_k: int, normalize: bool,
     return topk_prob_TK, topk_idx_TK
 
 
+def first_choice_prob(probs_TE: Tensor, topk_idx_TK: Tensor) -> Tensor:
+    """Each token's probability for its first choice: the priority of ``drop_policy="score"``
+    (the top-1 probability, unless a selection bias chose another expert first)."""
+    return probs_TE.detach().gather(1, topk_idx_TK[:, :1].long()).squeeze(1)
+
+
 def assignment_slots(topk_idx_TK: Tensor, priority_T: Optional[Tensor], num_experts: int):
     """Rank assignments choice-major (then by token priority) and give each its expert slot.
 
@@ -220,7 +240,8 @@ def token_choice(logits_TE: Tensor, top_k: int, capacity: Optional[int], drop_po
     weight_TK, topk_idx_TK = topk_weights(probs_TE, top_k, normalize, bias_E)
     priority_T = None
     if capacity is not None and drop_policy == "score":
-        priority_T = torch.argsort(probs_TE.detach().amax(-1), descending=True, stable=True)
+        priority_T = torch.argsort(first_choice_prob(probs_TE, topk_idx_TK), descending=True,
+                                   stable=True)
     perm_A, slot_A, counts_E = assignment_slots(topk_idx_TK, priority_T, E)
     if capacity is None:
         kept_A, kept_counts_E = perm_A, counts_E

@@ -86,6 +86,35 @@ def test_biases_balance_a_skewed_router_and_eval_uses_them():
         busiest[0], busiest[-20:], last.tolist())
 
 
+def test_score_priority_is_the_chosen_experts_probability():
+    """drop_policy="score" ranks a token by its probability for the expert it chose: when the
+    bias moves tokens to expert 1, expert 1 keeps the tokens it is most sure of."""
+    logits = torch.randn(8, 2, generator=torch.Generator().manual_seed(5))
+    bias = torch.tensor([0.0, 1.0])  # every token chooses expert 1
+    plan, probs, _ = routing.token_choice(logits, 1, 4, "score", False, bias)
+    kept = plan.row_token_N
+    assert plan.counts_E.tolist() == [0, 4]
+    assert set(kept.tolist()) == set(probs[:, 1].topk(4).indices.tolist())
+
+
+def test_checkpoints_without_the_bias_load_as_zero_bias():
+    """A state dict from a model without balancing (an older checkpoint to fine-tune) loads
+    into one with it, the bias zero; the reverse would drop learned biases: an error. A bf16
+    bias loaded with assign=True is cast back to float32."""
+    torch.manual_seed(0)
+    plain = moesaic.MoE(D, FF, E, top_k=2)
+    layer = _layer()
+    layer.router.expert_bias.fill_(0.3)
+    layer.load_state_dict(plain.state_dict())
+    assert not layer.router.expert_bias.any()
+    with pytest.raises(RuntimeError, match="Unexpected key.*router.expert_bias"):
+        plain.load_state_dict(layer.state_dict())
+    sd = {k: (v.bfloat16() if k == "router.expert_bias" else v)
+          for k, v in layer.state_dict().items()}
+    layer.load_state_dict(sd, assign=True)
+    assert layer.router.expert_bias.dtype == torch.float32
+
+
 @pytest.mark.parametrize("kw", [dict(router="expert_choice"), dict(bias_update_rate=-1.0)])
 def test_bad_settings_name_the_field(kw):
     with pytest.raises(ValueError, match="bias_update_rate"):

@@ -144,7 +144,8 @@ def test_models_lists_registry(capsys):
     lines = capsys.readouterr().out.splitlines()
     names = [line.split()[0] for line in lines]
     assert "vit_moe_lite6_prmoe" in names and "vit_lite6" in names
-    assert all(len(line.split()) > 1 for line in lines)  # every model has its one-line summary
+    zoo = [line for line in lines if line.startswith(("vit_", "widenet_"))]
+    assert len(zoo) == 8 and all(len(line.split()) > 1 for line in zoo)  # one-line summaries
 
 
 def test_print_config(capsys):

@@ -27,7 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..autograd import first_order
-from ..routing import RoutingPlan
+from ..routing import RoutingPlan, first_choice_prob
 
 
 @triton.jit
@@ -158,7 +158,8 @@ def token_choice(logits_TE: Tensor, top_k: int, capacity: Optional[int], drop_po
     BT, BE, B, warps = _blocks(T, E)
     order_T = None
     if by_score:
-        order_T = torch.argsort(probs_TE.detach().amax(-1), descending=True, stable=True)
+        order_T = torch.argsort(first_choice_prob(probs_TE, idx_TK), descending=True,
+                                stable=True)
         hist = torch.empty(E, top_k * B, dtype=torch.int32, device=device)
         _ordered_hist_kernel[(B, top_k)](idx_TK, order_T, hist, T, E, B, K=top_k, BT=BT, BE=BE,
                                          num_warps=warps)
