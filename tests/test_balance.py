@@ -14,13 +14,7 @@ from moesaic import routing
 D, FF, E = 8, 16, 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes, hundreds of steps: one thread avoids oversubscription on a shared box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny shapes, hundreds of steps (conftest)
 
 
 def _layer(**kw):

@@ -295,9 +295,8 @@ def test_frozen_expert_weights_get_no_gradient_and_the_rest_are_unchanged(activa
         pytest.skip("no torch._grouped_mm")
     g = torch.Generator().manual_seed(8)
     E, D, Fdim, counts = 3, 8, 12, [4, 0, 5]
-    params = _ffn_params(g, E, D, Fdim, activation == "swiglu")
-    if activation == "swiglu":
-        params[1] = params[3] = None
+    gated = activation == "swiglu"
+    params = _ffn_params(g, E, D, Fdim, gated, biases=not gated)
     x = torch.randn(sum(counts), D, generator=g, requires_grad=True)
 
     def run(p):
@@ -318,8 +317,10 @@ def test_frozen_expert_weights_get_no_gradient_and_the_rest_are_unchanged(activa
             torch.testing.assert_close(grad, full[key], atol=1e-5, rtol=1e-5, msg=str(key))
 
 
-def _ffn_params(g, E, D, Fdim, with_w3):
-    shapes = [(E, D, Fdim), (E, Fdim), (E, Fdim, D), (E, D), (E, D, Fdim) if with_w3 else None]
+def _ffn_params(g, E, D, Fdim, with_w3, biases=True):
+    """[w1, b1, w2, b2, w3] as the experts hold them (None where absent)."""
+    shapes = [(E, D, Fdim), (E, Fdim) if biases else None, (E, Fdim, D),
+              (E, D) if biases else None, (E, D, Fdim) if with_w3 else None]
     return [None if s is None else torch.randn(s, generator=g).requires_grad_(True)
             for s in shapes]
 
@@ -432,9 +433,8 @@ def test_grouped_mm_hidden_dropout_equals_the_loop(activation, monkeypatch):
     from moesaic.kernels import dropout as kdrop
     g = torch.Generator().manual_seed(9)
     E, D, Fdim, counts = 3, 8, 24, [6, 0, 9]
-    params = _ffn_params(g, E, D, Fdim, activation == "swiglu")
-    if activation == "swiglu":
-        params[1] = params[3] = None
+    gated = activation == "swiglu"
+    params = _ffn_params(g, E, D, Fdim, gated, biases=not gated)
     x = torch.randn(sum(counts), D, generator=g, requires_grad=True)
     keys = torch.randint(-2**31, 2**31, (sum(counts),), dtype=torch.int32, generator=g)
     inputs = [x] + [p for p in params if p is not None]

@@ -19,13 +19,7 @@ PAPER_PARAMS = {"vit_lite6": 3.19e6, "vit_lite7": 3.72e6}  # Hassani et al. 2021
 SMALL = {"widenet_imagenet": dict(img_size=32, depth=2)}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These shapes are tiny: one thread avoids oversubscription on a shared 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny shapes (conftest)
 
 
 def _images(model, batch):
