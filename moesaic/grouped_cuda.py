@@ -125,8 +125,8 @@ class _HiddenDrop(torch.autograd.Function):
     @first_order
     def backward(ctx, grad_MF):
         (keys_M,) = ctx.saved_tensors
-        return (_hidden_drop_(grad_MF.contiguous().clone(), keys_M, ctx.p, ctx.use_triton),
-                None, None, None)
+        grad_MF = grad_MF.clone(memory_format=torch.contiguous_format)
+        return _hidden_drop_(grad_MF, keys_M, ctx.p, ctx.use_triton), None, None, None
 
 
 def _warn_fallback(what: str, e: Exception) -> None:

@@ -69,8 +69,8 @@ def cpu_uniform(shape, generator: Optional[torch.Generator] = None) -> Tensor:
 
 
 def _weight_back_to_float32(router: "Router", incompatible_keys) -> None:
-    """``load_state_dict(..., assign=True)`` installs the loaded tensor as it is: a bf16 one
-    would bypass the float32 guard of ``_apply``."""
+    """``load_state_dict(..., assign=True)`` installs the loaded tensors as they are: a bf16
+    weight or selection bias would bypass the float32 guard of ``_apply``."""
     w = router.weight
     if w.dtype != torch.float32:
         router.weight = nn.Parameter(w.detach().float(), requires_grad=w.requires_grad)

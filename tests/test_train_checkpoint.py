@@ -146,6 +146,17 @@ def test_load_weights_keeps_a_head_of_another_size_fresh(tmp_path):
     for k, v in target.state_dict().items():
         torch.testing.assert_close(v, head[k] if k in head else source.state_dict()[k], msg=k)
     assert checkpoint.load_weights(ckpt, source) == []  # same head: loaded too
+    balanced = M.create("vit_moe_tiny", num_classes=10, bias_update_rate=0.01, **kw)
+    assert checkpoint.load_weights(ckpt, balanced) == []  # no biases saved: they load as zero
+    assert not balanced.moe_layers()[0].router.expert_bias.any()
+    ckpt2 = str(tmp_path / "epoch_0002")
+    os.makedirs(ckpt2)
+    balanced.moe_layers()[0].router.expert_bias.fill_(0.5)
+    checkpoint._save_tensors(moesaic.full_state_dict(balanced),
+                             os.path.join(ckpt2, "model.safetensors"))
+    with pytest.warns(UserWarning, match="selection biases .*not used: this model has no "
+                                         "bias_update_rate"):
+        assert checkpoint.load_weights(ckpt2, source) == []
     wider = M.create("vit_moe_tiny", num_classes=10, **{**kw, "d_model": 48})
     with pytest.raises(checkpoint.CheckpointError, match="does not fit this model"):
         checkpoint.load_weights(ckpt, wider)

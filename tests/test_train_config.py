@@ -5,7 +5,7 @@ import pytest
 
 from moesaic.__main__ import main
 from moesaic.train import digits_default
-from moesaic.train.config import ConfigError, TrainConfig, apply_overrides, load_file
+from moesaic.train.config import ConfigError, TrainConfig, apply_overrides, load_file, validate
 
 
 def _write(tmp_path, text, name="cfg.py"):
@@ -112,6 +112,9 @@ def test_bad_values_name_field_and_value(tmp_path):
         apply_overrides(TrainConfig(), ["norm_mean=[0.1, 0.2]"])
     with pytest.warns(UserWarning, match="norm_mean above 1: pixels are scaled to"):
         apply_overrides(TrainConfig(), ["dataset=cifar10", "norm_mean=(125.3, 123.0, 113.9)"])
+    import numpy as np
+    numpy_std = validate(TrainConfig(dataset="cifar10", norm_std=(np.float32(0.5), np.int64(1), 0.25)))
+    assert numpy_std.norm_std == (0.5, 1.0, 0.25) and type(numpy_std.norm_std[0]) is float
     cfg = apply_overrides(TrainConfig(), ["dataset=cifar10", "norm_std=[0.2023, 0.1994, 0.2010]"])
     assert cfg.norm_std == (0.2023, 0.1994, 0.2010) and cfg.to_dict()["norm_std"] == [
         0.2023, 0.1994, 0.2010]

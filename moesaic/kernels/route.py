@@ -117,7 +117,8 @@ def _blocks(T: int, E: int):
 
 
 class _SoftmaxTopK(torch.autograd.Function):
-    """probs_TE = softmax(logits_TE) with its top-k ids (and the position-order histogram)."""
+    """probs_TE = softmax(logits_TE) with each token's top-k ids (of probs + bias when a
+    selection bias is given) and the position-order histogram."""
 
     @staticmethod
     def forward(ctx, logits_TE: Tensor, top_k: int, write_hist: bool, bias_E: Optional[Tensor]):

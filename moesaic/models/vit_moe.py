@@ -89,9 +89,9 @@ def _lite(depth: int, **preset):
 
 register("vit_lite6", "dense ViT-Lite-6/4 (depth 6, dim 256, 4 heads, MLP ratio 2)")(_lite(6))
 register("vit_lite7", "dense ViT-Lite-7/4 (depth 7, dim 256)")(_lite(7))
-register("vit_moe_lite6", "ViT-Lite-6/4 with 8 top-1 experts on the odd blocks")(
+register("vit_moe_lite6", "ViT-Lite-6/4 with 8 top-1 experts in every second block")(
     _lite(6, num_experts=8, top_k=1))
-register("vit_moe_lite7", "ViT-Lite-7/4 with 8 top-1 experts on the odd blocks")(
+register("vit_moe_lite7", "ViT-Lite-7/4 with 8 top-1 experts in every second block")(
     _lite(7, num_experts=8, top_k=1))
 register("vit_moe_lite6_prmoe", "PR-MoE ViT-Lite-6/4: experts [4, 4, 8], residual MLP, top-1, "
          "jitter (the 90.66% recipe's)")(_lite(6, num_experts=[4, 4, 8], top_k=1, residual=True,

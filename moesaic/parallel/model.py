@@ -16,10 +16,9 @@ import torch.nn as nn
 from ..experts import Experts
 from ..layer import MoE, moe_layers
 from .comm import PICKLE_ERROR, CommStats, run_collective
-from .context import ParallelContext, hold_groups
+from .context import _HOLDERS, ParallelContext, hold_groups
 from .dispatcher import AllToAllDispatcher
 from .grad_sync import GradSync, StaleSyncHook, scale_grad_hooks
-from .context import _HOLDERS
 from .layout import get_context
 from .seed import use_rank_streams
 

@@ -19,6 +19,7 @@ import json
 import os
 import pickle
 import shutil
+import warnings
 from typing import Optional
 
 import torch
@@ -337,9 +338,16 @@ def load_weights(ckpt: str, model: nn.Module,
     """Only ``ckpt``'s weights into ``model``, built under any layout (fine-tuning: optimizer,
     schedule and random streams start anew). Entries named in ``fresh`` whose shapes differ from
     the model's (a classifier for another number of classes) keep the model's initialisation;
-    returns their names."""
+    returns their names. Selection biases of auxiliary-loss-free balancing that this model does
+    not have (built without ``bias_update_rate``) are left out, with a warning."""
     weights = _read_weights(ckpt)
     own = model.state_dict()
+    unused_bias = sorted(k for k in weights if k.endswith("router.expert_bias") and k not in own)
+    if unused_bias:
+        for k in unused_bias:
+            del weights[k]
+        warnings.warn(f"init_from {ckpt}: its selection biases ({', '.join(unused_bias)}) are not "
+                      "used: this model has no bias_update_rate", stacklevel=2)
     kept_fresh = [k for k in fresh if k in weights and k in own
                   and weights[k].shape != own[k].shape]
     for k in kept_fresh:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import difflib
 import math
+import numbers
 import os
 import runpy
 import sys
@@ -19,6 +20,8 @@ import typing
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
+
+from ..config import _plain
 
 DATASETS = ("digits", "cifar10", "cifar100")
 CHANNELS = {"digits": 1, "cifar10": 3, "cifar100": 3}  # input channels of each dataset
@@ -198,10 +201,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for n, low in (("norm_mean", -math.inf), ("norm_std", 0.0)):
         v = getattr(c, n)
         _check(v is None or (len(v) == channels and all(
-            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+            isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
             and x > low for x in v)),
             f"{n} must be None or {channels} finite number{'s' if channels > 1 else ''}"
             f"{' > 0' if low == 0 else ''} (one per channel of {c.dataset}), got {v!r}")
+        if v is not None:
+            setattr(c, n, tuple(float(_plain(x)) for x in v))  # numpy scalars as plain floats
     big = [n for n in ("norm_mean", "norm_std") if getattr(c, n) is not None
            and max(abs(x) for x in getattr(c, n)) > 1]
     if big:

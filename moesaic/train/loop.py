@@ -363,7 +363,8 @@ class Trainer:
         totals_5 = torch.zeros(5, dtype=torch.float64, device=self.device)
         bar = tqdm(total=self.spe, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", leave=False,
                    dynamic_ncols=True, unit="step", mininterval=0.5,
-                   disable=not (self.is_main and cfg.progress and sys.stderr.isatty()))
+                   disable=not (self.is_main and cfg.progress and sys.stderr is not None
+                                and sys.stderr.isatty()))
         shown_5, shown_steps = torch.zeros(5, dtype=torch.float64), 0
         t0, stopped, steps = time.perf_counter(), False, 0
         with bar:  # closed on an interrupt too, so the error line starts a line of its own
