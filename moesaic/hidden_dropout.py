@@ -78,7 +78,8 @@ def keep_mask(keys_M: Tensor, width: int) -> Tensor:
 
 @_outside_compile
 def kept(keys_M: Tensor, width: int, p: float) -> Tensor:
-    """[M, width] bool: False where dropped (probability p)."""
+    """[M, width] bool: False where dropped (probability p). The whole mask at once: the
+    reference that ``drop_`` and the Triton kernel are checked against (tests, gpu.py)."""
     return (keep_mask(keys_M, width) & (2**_BITS - 1)) >= round(p * 2**_BITS)
 
 

@@ -51,10 +51,10 @@ class MoE(nn.Module):
     most C = min(T, max(min_capacity, ceil(cf * top_k * T / E))) assignments (cf =
     capacity_factor in training, eval_capacity_factor in eval, 2.0 unless given), ranked
     choice-major and then by token position (``drop_policy="position"``) or by the token's
-    probability for its first choice (``"score"``); ``drop_tokens=False`` keeps every assignment. Expert choice lets
-    each expert take its ceil(cf * T / E) highest-probability tokens, cf being the mean number
-    of experts per token (so eval_capacity_factor defaults to capacity_factor, as in Zhou et al.
-    2022).
+    probability for its first choice (``"score"``); ``drop_tokens=False`` keeps every
+    assignment. Expert choice lets each expert take its ceil(cf * T / E) highest-probability
+    tokens, cf being the mean number of experts per token (so eval_capacity_factor defaults to
+    capacity_factor, as in Zhou et al. 2022).
     ``aux_loss = aux_loss_coef * balance + z_loss_coef * z``. ``bias_update_rate`` u > 0 turns on
     auxiliary-loss-free balancing (Wang et al. 2024, DeepSeek-V3): experts are chosen by
     probability + ``router.expert_bias`` and weighted by the probability, and

@@ -91,9 +91,9 @@ class Router(nn.Module):
     """Linear gate ``logits = x W^T`` computed in float32, with optional training noise.
 
     ``weight`` [E, D] (and ``expert_bias`` [E], the selection bias of auxiliary-loss-free
-    balancing, when asked for) stay float32 whatever dtype the model is cast to. Noise comes from torch's
-    default generator of the input's device, which activation checkpointing saves and restores, so
-    a recomputed forward routes exactly as the first one. ``noise_generator`` overrides it; a
+    balancing, when asked for) stay float32 whatever dtype the model is cast to. Noise comes
+    from torch's default generator of the input's device, which activation checkpointing saves
+    and restores, so a recomputed forward routes exactly as the first one. ``noise_generator`` overrides it; a
     private generator is not restored by ``torch.utils.checkpoint``.
     """
 

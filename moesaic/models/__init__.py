@@ -12,5 +12,5 @@ from .summary import count_parameters, describe, moe_layers, routing_stats
 from .vit_moe import ViTMoE
 from .widenet import WideNet
 
-__all__ = ["create", "list_models", "model_summary", "register", "ViTMoE", "WideNet", "MoEStack", "VisionConfig",
-           "count_parameters", "describe", "moe_layers", "routing_stats"]
+__all__ = ["create", "list_models", "model_summary", "register", "ViTMoE", "WideNet", "MoEStack",
+           "VisionConfig", "count_parameters", "describe", "moe_layers", "routing_stats"]
