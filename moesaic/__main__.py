@@ -47,6 +47,19 @@ def _config_keys_help() -> str:
     return "\n".join(lines)
 
 
+def _key_value(text: str) -> str:
+    """A --set argument: KEY=VALUE in one word (``--set epochs 5`` is a common slip)."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE in one word, got {text!r} "
+                                         f"(write --set {text}=VALUE)")
+    return text
+
+
+def _add_set(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
+                        dest="overrides", type=_key_value, help=help)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moesaic", description="Mixture-of-Experts training and "
                                 "tools. Run `moesaic COMMAND --help` for a command's options.")
@@ -66,10 +79,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="config file: plain Python with UPPER_CASE names (BATCH_SIZE = 512) or a "
                    "config() function returning a TrainConfig; also a run's config.json. "
                    "Default: the embedded digits config (or, with --resume, the checkpoint's).")
-    t.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
-                   help="override one config key (repeatable); VALUE is a Python literal "
-                   "(3, 1e-3, True, None, (0.9, 0.99)) or else a string, e.g. --set epochs=5 "
-                   "--set model_args.depth=2")
+    _add_set(t, "override one config key (repeatable); VALUE is a Python literal (3, 1e-3, "
+             "True, None, (0.9, 0.99)) or else a string, e.g. --set epochs=5 "
+             "--set model_args.depth=2")
     t.add_argument("--resume", metavar="PATH_OR_RUN_DIR",
                    help="continue from a checkpoint folder, or from a run dir's latest "
                    "checkpoint; the run continues in that run dir unless --run-dir is given. "
@@ -89,9 +101,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="a checkpoint folder, or a run dir (its latest checkpoint)")
     e.add_argument("--best", action="store_true",
                    help="the run's best checkpoint (best.json) instead of its latest")
-    e.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
-                   help="override one config key, e.g. --set eval_batch_size=100 or "
-                   "--set model_args.eval_capacity_factor=1.0")
+    _add_set(e, "override one config key, e.g. --set eval_batch_size=100 or "
+             "--set model_args.eval_capacity_factor=1.0")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     m = sub.add_parser("models", help="list the model registry (moesaic models NAME describes one)")
     m.add_argument("name", nargs="?", help="describe this model (builds it)")

@@ -255,6 +255,26 @@ def check_hidden_dropout_layouts(rank, world, seed):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=lambda m: f"{kw}: {m}")
 
 
+def check_upcycle_layouts(rank, world, ctx, seed):
+    """Upcycling copies into the experts each rank holds: the full state dict equals the
+    one-process upcycled model's, and each rank's output is the dense MLP's for its tokens."""
+    torch.manual_seed(seed)
+    dense = torch.nn.ModuleDict({"ffn": moesaic.DenseMLP(D, F)})
+    set_context(None)
+    moesaic.moe_set_seed(seed)
+    ref = torch.nn.ModuleDict({"ffn": moesaic.MoE(D, F, 4, top_k=2, drop_tokens=False)})
+    moesaic.upcycle_(ref, dense.state_dict())
+    set_context(ctx)
+    moesaic.moe_set_seed(seed)
+    model = moesaic.parallelize(torch.nn.ModuleDict(
+        {"ffn": moesaic.MoE(D, F, 4, top_k=2, drop_tokens=False)}))
+    assert model["ffn"].layout.ep_size == 2
+    assert moesaic.upcycle_(model, dense.state_dict()) == ["ffn"]
+    _assert_state_equal(ref, model, "upcycled")
+    x = _data(world, seed)[0][rank * B:(rank + 1) * B]
+    torch.testing.assert_close(model["ffn"](x)[0], dense["ffn"](x), **TOL)
+
+
 def check_reset_classifier_refused_while_synced(rank, world, ctx, seed):
     """A zoo model inside a parallelized wrapper: replacing its head would leave the new head's
     gradients unsynchronised, so reset_classifier refuses; returns the wrapper."""
@@ -427,6 +447,7 @@ def two_ranks(rank, world):
     check_deepcopy_and_pickle(rank, world, ctx, 17)
     check_backward_that_raised_does_not_stop_sync(rank, world, ctx, 18)
     check_parallelize_setup_rules(rank, world, ctx, 19)
+    check_upcycle_layouts(rank, world, ctx, 20)
     # one expert, two ranks: replicated, synchronised over the two ranks
     check_equivalence(rank, world, ctx, 4, steps=1, experts=(1,), top_k=1)
     # per-rank noise streams: same router, same input, different noise on each rank

@@ -124,6 +124,12 @@ def test_cli_reports_config_errors(tmp_path, capsys):
     assert main(["train", "--set", "batchsize=3"]) == 2
     err = capsys.readouterr().err
     assert "unknown config key 'batchsize'" in err and "batch_size" in err
+    for command in (["train"], ["eval", "runs/x"]):  # a space for '=': said before anything runs
+        with pytest.raises(SystemExit) as e:
+            main([*command, "--set", "epochs", "2"])
+        assert e.value.code == 2
+        assert ("argument --set: expected KEY=VALUE in one word, got 'epochs' (write --set "
+                "epochs=VALUE)") in capsys.readouterr().err
 
 
 def test_help_explains_every_option(capsys):

@@ -3,6 +3,7 @@ a non-finite loss, missing data."""
 import json
 import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -335,7 +336,8 @@ def test_resume_with_another_model_warns(tmp_path):
 
 def test_init_from_starts_a_new_run_from_the_weights(tmp_path, capsys):
     """init_from: the new run's model starts with the checkpoint's weights (any layout), at
-    epoch 0 with a fresh optimizer, and trains; resuming that run ignores init_from."""
+    epoch 0 with a fresh optimizer, and trains; resuming that run ignores init_from. Other
+    statistics warn; the same ones spelt out (None resolved to them there) do not."""
     write_cifar(str(tmp_path))
     cfg = tiny_config(tmp_path / "c.py", tmp_path, EPOCHS=1)
     first = str(tmp_path / "first")
@@ -347,9 +349,17 @@ def test_init_from_starts_a_new_run_from_the_weights(tmp_path, capsys):
     with pytest.raises(checkpoint.CheckpointError, match="init_from: no checkpoint at"):
         loop.Trainer(bad, str(tmp_path / "never"))
     assert not os.path.exists(tmp_path / "never")  # found out before anything was written
+    inputs = checkpoint.read_state(ckpt)["inputs"]  # the statistics None resolved to
+    same = apply_overrides(load_file(cfg), [f"init_from={first!r}",
+                                            f"norm_mean={tuple(inputs['norm_mean'])!r}",
+                                            f"norm_std={tuple(inputs['norm_std'])!r}"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # spelt out, the same statistics do not warn
+        loop.Trainer(same, str(tmp_path / "same"))
+    moesaic.destroy()
     tuned = apply_overrides(load_file(cfg), ["seed=7", f"init_from={first!r}",
                                              "norm_std=(0.25, 0.25, 0.25)"])
-    with pytest.warns(UserWarning, match=r"trained on other inputs \(norm_std: None there"):
+    with pytest.warns(UserWarning, match=r"trained on other inputs \(norm_std: \[0\.\d+, "):
         trainer = loop.Trainer(tuned, str(tmp_path / "tuned"))
     assert trainer.cfg.init_from == os.path.abspath(first)
     assert trainer.epoch == 0 and not trainer.opt.state
@@ -384,6 +394,47 @@ def test_fine_tune_a_cifar10_run_on_cifar100(tmp_path, capsys):
     assert tuned["head.weight"].shape == (100, TINY_MODEL["d_model"])
     assert tuned.keys() == saved.keys()
     assert read_metrics(run)[0]["epoch"] == 1
+
+
+def test_upcycle_a_dense_run_into_an_moe_run(tmp_path, capsys):
+    """init_from a dense run (num_experts=0) with upcycle=True: each expert starts as the
+    dense MLP at its place, the rest is the dense run's, and it trains; without upcycle the
+    error says to set it; an MoE checkpoint, or upcycle without init_from, is refused."""
+    from moesaic.train.config import ConfigError
+    write_cifar(str(tmp_path))
+    dense_run = str(tmp_path / "dense")
+    cfg = tiny_config(tmp_path / "d.py", tmp_path, EPOCHS=1,
+                      MODEL_ARGS={**TINY_MODEL, "num_experts": 0})
+    assert main(["train", "--config", cfg, "--run-dir", dense_run]) == 0
+    dense = checkpoint._load_tensors(os.path.join(checkpoint.find(dense_run), "model.safetensors"))
+    moe_cfg = tiny_config(tmp_path / "m.py", tmp_path, EPOCHS=1, INIT_FROM=dense_run,
+                          MODEL_ARGS={**TINY_MODEL, "top_k": 2})
+    capsys.readouterr()
+    assert main(["train", "--config", moe_cfg, "--run-dir", str(tmp_path / "no")]) != 0
+    assert ("dense MLPs where this model has MoE layers (blocks.1.ffn): set upcycle=True"
+            in capsys.readouterr().err)
+    assert not os.path.exists(tmp_path / "no")  # found out before anything was written
+    from moesaic.train.config import apply_overrides, load_file
+    trainer = loop.Trainer(apply_overrides(load_file(moe_cfg), ["upcycle=True"]),
+                           str(tmp_path / "up"))
+    assert "upcycled (each dense MLP copied into every expert) from" in capsys.readouterr().out
+    layer = trainer.model.blocks[1].ffn
+    for e in range(4):
+        torch.testing.assert_close(layer.experts.w1[e], dense["blocks.1.ffn.fc1.weight"].t(),
+                                   rtol=0, atol=0)
+    torch.testing.assert_close(trainer.model.patch_embed.proj.weight,
+                               dense["patch_embed.proj.weight"], rtol=0, atol=0)
+    trainer.run()
+    moesaic.destroy()
+    moe_run = str(tmp_path / "up")
+    assert read_metrics(moe_run)[0]["epoch"] == 1
+    capsys.readouterr()
+    assert main(["train", "--config", moe_cfg, "--run-dir", str(tmp_path / "no"),
+                 "--set", f"init_from={moe_run!r}", "--set", "upcycle=True"]) != 0
+    assert "already holds experts (at blocks.1.ffn" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "no")
+    with pytest.raises(ConfigError, match="upcycle=True needs init_from"):
+        apply_overrides(load_file(cfg), ["upcycle=True"])
 
 
 def test_missing_matplotlib_trains_without_plots(tmp_path, monkeypatch):

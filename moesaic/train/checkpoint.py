@@ -333,15 +333,32 @@ def _read_weights(ckpt: str) -> dict:
     return _read(ckpt, lambda: _load_tensors(os.path.join(ckpt, "model.safetensors")))
 
 
-def load_weights(ckpt: str, model: nn.Module,
-                 fresh: tuple = ("head.weight", "head.bias")) -> list[str]:
+def _dense_under_experts(weights: dict, model: nn.Module) -> list[str]:
+    """Dense-MLP entries of ``weights`` at places where ``model`` has an MoE layer."""
+    from ..layer import MoE
+
+    places = [n for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, MoE)]
+    return [k for k in weights for p in places if k == f"{p}.fc1.weight"]
+
+
+def load_weights(ckpt: str, model: nn.Module, fresh: tuple = ("head.weight", "head.bias"),
+                 upcycle: bool = False) -> list[str]:
     """Only ``ckpt``'s weights into ``model``, built under any layout (fine-tuning: optimizer,
     schedule and random streams start anew). Entries named in ``fresh`` whose shapes differ from
     the model's (a classifier for another number of classes) keep the model's initialisation;
     returns their names. Selection biases of auxiliary-loss-free balancing that this model does
-    not have (built without ``bias_update_rate``) are left out, with a warning."""
+    not have (built without ``bias_update_rate``) are left out, with a warning. ``upcycle``:
+    ``ckpt`` is a dense model whose MLPs initialise the experts (:func:`moesaic.upcycle_`)."""
     weights = _read_weights(ckpt)
     own = model.state_dict()
+    if upcycle:
+        return _upcycle_from(ckpt, model, weights, own, fresh)
+    dense = _dense_under_experts(weights, model)
+    if dense:
+        raise CheckpointError(
+            f"checkpoint {ckpt} holds dense MLPs where this model has MoE layers "
+            f"({', '.join(k.rsplit('.', 2)[0] for k in dense)}): set upcycle=True to copy each "
+            "into every expert (sparse upcycling)")
     unused_bias = sorted(k for k in weights if k.endswith("router.expert_bias") and k not in own)
     if unused_bias:
         for k in unused_bias:
@@ -354,6 +371,24 @@ def load_weights(ckpt: str, model: nn.Module,
         weights[k] = own[k]
     _load_into(ckpt, model, weights)
     return kept_fresh
+
+
+def _upcycle_from(ckpt: str, model: nn.Module, weights: dict, own: dict,
+                  fresh: tuple) -> list[str]:
+    from ..upcycle import upcycle_
+
+    moe = sorted({k.split(".experts.")[0] for k in weights if ".experts." in k})
+    if moe:
+        raise CheckpointError(f"upcycle=True: checkpoint {ckpt} already holds experts (at "
+                              f"{', '.join(moe)}); upcycling starts from a dense model's")
+    keep = tuple(k for k in fresh if k in weights and k in own
+                 and weights[k].shape != own[k].shape)
+    try:
+        upcycle_(model, {k: v for k, v in weights.items() if k not in keep}, keep=keep)
+    except ValueError as e:
+        raise CheckpointError(f"upcycle=True: checkpoint {ckpt} does not fit this model: "
+                              f"{str(e).split(': ', 1)[-1]}") from e
+    return list(keep)
 
 
 def _load_into(ckpt: str, model: nn.Module, weights: dict) -> None:

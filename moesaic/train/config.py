@@ -76,6 +76,7 @@ class TrainConfig:
     grad_checkpointing: bool = False  # recompute blocks in the backward: less memory, more compute
     max_ep_size: Optional[int] = None  # expert-parallel size limit (default: world size)
     init_from: Optional[str] = None  # fine-tune: start from this checkpoint folder's (or run dir's latest) weights; a head for another class count starts anew
+    upcycle: bool = False  # with init_from: the checkpoint is a dense model (model_args num_experts=0): copy each of its MLPs into every expert of the MoE block at that place (sparse upcycling); routers start anew
     seed: int = 0  # seeds weights, data order, augmentation, noise and dropout
     checkpoint_every: int = 10  # save every N epochs (also at the best accuracy and the end)
     keep_checkpoints: int = 2  # periodic checkpoints kept (the best one is always kept)
@@ -222,6 +223,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _check(0 <= getattr(c, n) <= 1, f"{n} must be in [0, 1], got {getattr(c, n)!r}")
     _check(c.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {c.precision!r}")
     _check(c.device in DEVICES, f"device must be one of {DEVICES}, got {c.device!r}")
+    _check(not c.upcycle or c.init_from is not None,
+           "upcycle=True needs init_from: the checkpoint (or run dir) of the dense model to upcycle")
     _check(c.timeout_s > 0, f"timeout_s must be > 0, got {c.timeout_s!r}")
     return cfg
 

@@ -18,6 +18,7 @@ import dataclasses
 import datetime
 import importlib.util
 import json
+import math
 import os
 import signal
 import sys
@@ -176,6 +177,13 @@ def build_model(cfg: TrainConfig, img_shape: tuple, num_classes: int) -> torch.n
     return model
 
 
+def _same_inputs(a, b) -> bool:
+    """Equal datasets, or statistics equal to float32 precision (None only equals None)."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(math.isclose(x, y, rel_tol=1e-6) for x, y in zip(a, b))
+    return a == b
+
+
 def _find_init(path: str) -> str:
     """The checkpoint ``init_from`` names, or a CheckpointError that says it was init_from."""
     try:
@@ -212,6 +220,9 @@ class Trainer:
         self.spe = steps_per_epoch(len(train_set), cfg.batch_size, cfg.steps_per_epoch)
         moe_set_seed(cfg.seed)
         model = build_model(cfg, train_set.shape, train_set.num_classes).to(self.device)
+        # init_from's weights are loaded (and checked) before anything is written; a run that
+        # finds its own checkpoint below replaces them with that one's
+        init_notes = self._init_from(model, init_ckpt) if init_ckpt is not None else None
         own_dir = None  # the run dir the resumed checkpoint belongs to
         if resume is not None:
             parent = os.path.dirname(os.path.abspath(checkpoint.find(resume)))
@@ -225,8 +236,10 @@ class Trainer:
         ckpt = checkpoint.latest_in(self.run_dir) if again else None
         if ckpt is None and resume is not None:
             ckpt = checkpoint.find(resume)
-        if ckpt is None and init_ckpt is not None:  # a resumed run has its own weights
-            self._init_from(model, init_ckpt)
+        if ckpt is None and init_notes is not None:  # a resumed run has its own weights
+            self.log(init_notes[0])
+            if init_notes[1] and self.is_main:
+                warnings.warn(init_notes[1], stacklevel=2)
         self.model = parallelize(model)
         self.moe_names = [n for n, m in self.model.named_modules() if isinstance(m, MoE)]
         self.routing = RoutingMeter()
@@ -247,21 +260,25 @@ class Trainer:
 
             tqdm.write(msg)
 
-    def _init_from(self, model: torch.nn.Module, ckpt: str) -> None:
-        """Fine-tuning: ``ckpt``'s weights, the rest of training state new; a warning when the
-        checkpoint saw its inputs otherwise (another dataset or normalisation)."""
-        fresh = checkpoint.load_weights(ckpt, model)
+    def _init_from(self, model: torch.nn.Module, ckpt: str) -> tuple[str, Optional[str]]:
+        """Fine-tuning: ``ckpt``'s weights into ``model`` (upcycled with ``cfg.upcycle``), the rest
+        of training state new. Returns the log line and a warning (None unless the checkpoint
+        saw its inputs otherwise: another dataset or normalisation)."""
+        fresh = checkpoint.load_weights(ckpt, model, upcycle=self.cfg.upcycle)
         note = (f"; {' and '.join(fresh)} initialised anew for {model.head.out_features} "
                 "classes" if fresh else "")
-        self.log(f"initialised from the weights of {ckpt} (epoch and optimizer start anew{note})")
-        theirs = checkpoint.read_state(ckpt).get("config", {})
-        ours = self.cfg.to_dict()
+        how = "upcycled (each dense MLP copied into every expert) from" if self.cfg.upcycle \
+            else "initialised from"
+        line = f"{how} the weights of {ckpt} (epoch and optimizer start anew{note})"
+        state = checkpoint.read_state(ckpt)
+        theirs = state.get("inputs") or state.get("config", {})  # resolved, or as configured
+        ours = self._inputs() if state.get("inputs") else self.cfg.to_dict()
         differ = [f"{k}: {theirs[k]!r} there, {ours[k]!r} here"
                   for k in ("dataset", "norm_mean", "norm_std") if k in theirs
-                  and theirs[k] != ours[k]]
-        if differ and self.is_main:
-            warnings.warn(f"init_from {ckpt} was trained on other inputs ({'; '.join(differ)}): "
-                          "fine-tuning starts from features made for those", stacklevel=2)
+                  and not _same_inputs(theirs[k], ours[k])]
+        warning = (f"init_from {ckpt} was trained on other inputs ({'; '.join(differ)}): "
+                   "fine-tuning starts from features made for those") if differ else None
+        return line, warning
 
     def _load(self, ckpt: str) -> None:
         state = checkpoint.load(ckpt, self.model, self.opt, self.rank, self.world)
@@ -290,7 +307,13 @@ class Trainer:
     def _state(self) -> dict:
         return {"epoch": self.epoch, "step": self.step, "scheduler": self.sched.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
-                "history": self.history, "config": self.cfg.to_dict(), "world_size": self.world}
+                "history": self.history, "config": self.cfg.to_dict(), "world_size": self.world,
+                "inputs": self._inputs()}
+
+    def _inputs(self) -> dict:
+        """The dataset and the normalisation it resolved to (None in the config: computed)."""
+        return {"dataset": self.cfg.dataset, "norm_mean": list(self.train_set.mean),
+                "norm_std": list(self.train_set.std)}
 
     def _loss(self, logits_bL, labels_b, partner_labels_b, lam):
         """(cross-entropy, correct count), both mixed ``lam : 1 - lam`` between the labels and

@@ -1,0 +1,185 @@
+"""Sparse upcycling (Komatsuzaki et al. 2022): an MoE model initialised from a dense one.
+
+Every expert of an MoE layer (and the PR-MoE residual MLP) starts as a copy of the dense MLP at
+the same place; the router, the PR-MoE mixing coefficient and the selection biases keep the MoE
+model's own initialisation; every other weight is the dense model's. The copy is made into the
+experts this rank holds, so it gives the same model under any expert-parallel layout and needs
+no communication.
+
+Where the combine weights of a token sum to 1 (top_k >= 2 with ``normalize_weights``, the
+default there; or top-1 with ``normalize_weights=True``) and nothing is dropped, the upcycled
+layer computes exactly the dense MLP. With top-1 softmax weights it starts at p(x) * MLP(x).
+
+Legend: D model dim, F ffn dim, L experts held by this rank.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .layer import MoE
+
+__all__ = ["upcycle_layer_", "upcycle_"]
+
+
+def _ffn_tensors(layer: MoE, where: str, w1_FD: Tensor, b1_F: Optional[Tensor], w2_DF: Tensor,
+                 b2_D: Optional[Tensor], w3_FD: Optional[Tensor]) -> dict:
+    """The dense MLP's tensors checked against ``layer``; returns {experts' name: [D, F]-style
+    tensor of one expert} (biases zero where the dense MLP has none and the experts have one)."""
+    c = layer.config
+    ex = layer.experts
+
+    def need(name: str, t: Optional[Tensor], shape: tuple) -> None:
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{where}: the dense {name} has shape {tuple(t.shape)}, the experts "
+                             f"need {shape} (d_model={c.d_model}, d_ff={c.d_ff})")
+
+    need("fc1.weight", w1_FD, (c.d_ff, c.d_model))
+    need("fc2.weight", w2_DF, (c.d_model, c.d_ff))
+    need("fc1.bias", b1_F, (c.d_ff,))
+    need("fc2.bias", b2_D, (c.d_model,))
+    need("fc3.weight", w3_FD, (c.d_ff, c.d_model))
+    gated = ex.w3 is not None
+    if gated and w3_FD is None:
+        raise ValueError(f"{where}: the experts are gated (activation='swiglu') and need the "
+                         "dense MLP's up projection fc3 (fc1 is the gate)")
+    if not gated and w3_FD is not None:
+        raise ValueError(f"{where}: the dense MLP is gated (it has fc3) but the experts use "
+                         f"activation={c.activation!r}")
+    for name, t in (("fc1.bias", b1_F), ("fc2.bias", b2_D)):
+        if t is not None and ex.b1 is None:
+            raise ValueError(f"{where}: the dense {name} has a bias but the experts have none "
+                             "(built with bias=False or swiglu)")
+    out = {"w1": w1_FD.t(), "w2": w2_DF.t()}
+    if gated:
+        out["w3"] = w3_FD.t()
+    if ex.b1 is not None:
+        out["b1"] = b1_F if b1_F is not None else w1_FD.new_zeros(c.d_ff)
+        out["b2"] = b2_D if b2_D is not None else w2_DF.new_zeros(c.d_model)
+    return out
+
+
+def _residual_tensors(layer: MoE, w1_FD, b1_F, w2_DF, b2_D, w3_FD) -> dict:
+    """{residual MLP's parameter name: dense tensor}; absent biases are zero."""
+    r = layer.residual
+    out = {"fc1.weight": w1_FD, "fc2.weight": w2_DF}
+    if r.fc3 is not None:
+        out["fc3.weight"] = w3_FD
+    if r.fc1.bias is not None:
+        out["fc1.bias"] = b1_F if b1_F is not None else w1_FD.new_zeros(r.fc1.out_features)
+        out["fc2.bias"] = b2_D if b2_D is not None else w2_DF.new_zeros(r.fc2.out_features)
+    return out
+
+
+@torch.no_grad()
+def _copy(layer: MoE, where: str, w1_FD, b1_F, w2_DF, b2_D, w3_FD) -> None:
+    if layer.experts.w1.is_meta:
+        raise ValueError(f"{where}: the layer is on the meta device; materialise it first "
+                         "(to_empty and reset_parameters)")
+    per_expert = _ffn_tensors(layer, where, w1_FD, b1_F, w2_DF, b2_D, w3_FD)
+    for name, t in per_expert.items():
+        p = getattr(layer.experts, name)
+        p.copy_(t.to(p.dtype).expand_as(p))
+    if layer.residual is not None:
+        for name, t in _residual_tensors(layer, w1_FD, b1_F, w2_DF, b2_D, w3_FD).items():
+            layer.residual.get_parameter(name).copy_(t)
+
+
+def _linear(m, name: str) -> tuple[Tensor, Optional[Tensor]]:
+    if not isinstance(m, nn.Linear):
+        raise TypeError(f"{name} must be an nn.Linear, got {type(m).__name__}")
+    return m.weight, m.bias
+
+
+def upcycle_layer_(layer: MoE, fc1: nn.Linear, fc2: nn.Linear,
+                   fc3: Optional[nn.Linear] = None) -> MoE:
+    """Copy a dense MLP ``fc2(act(fc1(x)))`` into every expert ``layer`` holds (and its PR-MoE
+    residual MLP); for swiglu experts ``fc1`` is the gate (through silu) and ``fc3`` the up
+    projection: ``fc2(silu(fc1(x)) * fc3(x))``. The activation is the caller's to match. A dense
+    MLP without biases gives experts with zero biases. Returns ``layer``."""
+    if not isinstance(layer, MoE):
+        raise TypeError(f"layer must be a moesaic.MoE, got {type(layer).__name__}")
+    w1, b1 = _linear(fc1, "fc1")
+    w2, b2 = _linear(fc2, "fc2")
+    w3 = None
+    if fc3 is not None:
+        w3, b3 = _linear(fc3, "fc3")
+        if b3 is not None:
+            raise ValueError("fc3 (the gated MLP's up projection) must have no bias, as the "
+                             "swiglu experts have none")
+    _copy(layer, "upcycle_layer_", w1, b1, w2, b2, w3)
+    return layer
+
+
+def _moe_prefixes(model: nn.Module) -> dict[str, MoE]:
+    """Every name under which an MoE layer is reached (a shared layer under each name)."""
+    return {(name + "." if name else ""): m
+            for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, MoE)}
+
+
+@torch.no_grad()
+def upcycle_(model: nn.Module, dense_state: dict, keep: tuple = ()) -> list[str]:
+    """Initialise ``model`` from a dense model's state dict by sparse upcycling.
+
+    Each MoE layer reached as NAME takes the dense MLP stored as NAME.fc1.*, NAME.fc2.* (and
+    NAME.fc3.weight for swiglu) into all its experts and its residual MLP; its router, mixing
+    coefficient and selection biases keep their values. Every other entry of ``model`` must be
+    in ``dense_state`` with its shape, except those named in ``keep`` (left as they are, e.g. a
+    classifier for another number of classes), and every entry of ``dense_state`` must be used:
+    otherwise a ValueError names them. Works on a model under any expert-parallel layout, on
+    every rank, without communication. Returns the names of the upcycled layers."""
+    prefixes = _moe_prefixes(model)
+    own = model.state_dict()
+    used, missing, shapes = set(), [], []
+    new = {}
+    for key, t in own.items():
+        prefix = next((p for p in prefixes if key.startswith(p)), None)
+        if prefix is not None:
+            continue
+        if key in keep:
+            new[key] = t
+        elif key not in dense_state:
+            missing.append(key)
+        elif tuple(dense_state[key].shape) != tuple(t.shape):
+            shapes.append(f"{key}: {tuple(dense_state[key].shape)} in the dense model, "
+                          f"{tuple(t.shape)} here")
+        else:
+            new[key] = dense_state[key]
+            used.add(key)
+    done, layers = [], {}
+    for prefix, layer in prefixes.items():
+        names = {s: prefix + s for s in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias",
+                                         "fc3.weight")}
+        if names["fc1.weight"] not in dense_state or names["fc2.weight"] not in dense_state:
+            missing.append(f"{prefix}fc1.weight / {prefix}fc2.weight (the dense MLP for the MoE "
+                           f"layer {prefix[:-1] or '<model>'})")
+            continue
+        got = [dense_state.get(names[s]) for s in names]
+        _ffn_tensors(layer, prefix[:-1], *got)  # every layer checked before any is written
+        used.update(n for n in names.values() if n in dense_state)
+        first = layers.setdefault(id(layer), (prefix, got))
+        if first[1] is not got and not all(
+                (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+                for a, b in zip(first[1], got)):
+            raise ValueError(f"the MoE layer shared as {first[0][:-1]} and {prefix[:-1]} has "
+                             "different dense MLPs under those names")
+        done.append(prefix[:-1])
+    unused = sorted(k for k in dense_state if k not in used)
+    problems = []
+    if missing:
+        problems.append("missing in the dense state dict: " + ", ".join(missing))
+    if shapes:
+        problems.append("shapes differ: " + "; ".join(shapes))
+    if unused:
+        problems.append("not used (no such entry here and no MoE layer to upcycle into): "
+                        + ", ".join(unused))
+    if problems:
+        raise ValueError("upcycle_: the dense state dict does not fit this model: "
+                         + " | ".join(problems)[:1500])
+    for prefix, got in layers.values():
+        _copy(prefixes[prefix], prefix[:-1], *got)
+    model.load_state_dict(new, strict=False)
+    return done
