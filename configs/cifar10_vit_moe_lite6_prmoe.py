@@ -6,9 +6,8 @@ qkv and patch projections, mean of all tokens into a zero-initialised head, Laye
 router weights truncated-normal with std sqrt(0.1 / d_model), jitter on the router logits;
 drop_rate also drops inside every expert's MLP, after the activation), and that run's input
 normalisation (the widely copied CIFAR-10 std (0.2023, 0.1994, 0.2010), not the training set's
-own (0.2470, 0.2435, 0.2616)). One detail differs still: its experts and residual MLP each drop
-their own output where moesaic drops the mixed output of the layer (the same for a top-1 layer
-without the residual).
+own (0.2470, 0.2435, 0.2616)). Its experts and residual MLP each drop their own output before
+the two are mixed (dropout_branches; moesaic's default drops the mixed output).
 
 Launch: torchrun --nproc_per_node=N -m moesaic train --config configs/cifar10_vit_moe_lite6_prmoe.py
 """
@@ -16,7 +15,7 @@ NAME = "cifar10_vit_moe_lite6_prmoe"
 MODEL = "vit_moe_lite6_prmoe"  # experts [4, 4, 8] on blocks 1, 3, 5; residual MLP; top-1; jitter
 MODEL_ARGS = {"drop_rate": 0.1, "qkv_bias": True, "patch_bias": True, "pool": "mean",
               "zero_head": True, "norm_eps": 1e-6, "router_init_std": (0.1 / 256) ** 0.5,
-              "noise_policy": "logit_jitter"}
+              "noise_policy": "logit_jitter", "dropout_branches": True}
 DATASET = "cifar10"
 BATCH_SIZE = 512  # global, over all ranks
 EVAL_BATCH_SIZE = 1000

@@ -69,6 +69,7 @@ class MoEConfig:
     residual: bool = False
     dropout: float = 0.0
     hidden_dropout: float = 0.0
+    dropout_branches: bool = False
     kernels: str = "auto"
 
     def __post_init__(self) -> None:
@@ -103,7 +104,7 @@ class MoEConfig:
         for name in ("dropout", "hidden_dropout"):
             v = getattr(self, name)
             _require(_is_number(v) and 0 <= v < 1, f"{name} must be in [0, 1), got {v!r}")
-        for name in ("drop_tokens", "bias", "residual"):
+        for name in ("drop_tokens", "bias", "residual", "dropout_branches"):
             v = getattr(self, name)
             _require(isinstance(v, bool), f"{name} must be True or False, got {v!r}")
         _require(self.normalize_weights is None or isinstance(self.normalize_weights, bool),
@@ -117,6 +118,9 @@ class MoEConfig:
             _require(not bad, f"router='expert_choice' takes no {', '.join(bad)}: each expert "
                      "takes its ceil(capacity_factor * T / E) best tokens, so capacity_factor "
                      "is the mean number of experts per token (top_k must stay 1)")
+        _require(self.residual or not self.dropout_branches,
+                 "dropout_branches=True needs residual=True: it drops the PR-MoE branches' "
+                 "outputs (experts, residual MLP) separately instead of the layer's output")
         if self.normalize_weights is None:
             self.normalize_weights = self.top_k >= 2
 

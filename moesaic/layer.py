@@ -61,9 +61,10 @@ class MoE(nn.Module):
     :func:`moesaic.update_expert_biases` (after each optimizer step) moves each bias by u toward
     balance. With ``residual=True`` (PR-MoE)
     the output is ``moe(x) * c0 + mlp(x) * c1`` with ``c = softmax(residual_coef(x))`` per token.
-    ``dropout`` applies to the layer's output, ``hidden_dropout`` after the activation inside
-    every expert (and the residual MLP), as in a dense transformer MLP; its masks do not depend
-    on which rank holds an expert (:mod:`moesaic.hidden_dropout`).
+    ``dropout`` applies to the layer's output (with ``dropout_branches``, to the experts' and
+    the residual MLP's outputs separately, before mixing), ``hidden_dropout`` after the
+    activation inside every expert (and the residual MLP), as in a dense transformer MLP; its
+    masks do not depend on which rank holds an expert (:mod:`moesaic.hidden_dropout`).
 
     ``layer(x, return_stats=True)`` also returns the call's
     :class:`~moesaic.routing.RoutingStats` (device tensors, no host sync); ``layer.last_stats``
@@ -78,7 +79,7 @@ class MoE(nn.Module):
                  z_loss_coef: float = 0.0, bias_update_rate: float = 0.0,
                  activation: str = "gelu", bias: bool = True,
                  residual: bool = False, dropout: float = 0.0, hidden_dropout: float = 0.0,
-                 kernels: str = "auto"):
+                 dropout_branches: bool = False, kernels: str = "auto"):
         super().__init__()
         cfg = MoEConfig(
             d_model=d_model, d_ff=d_ff, num_experts=num_experts, top_k=top_k,
@@ -88,7 +89,7 @@ class MoE(nn.Module):
             aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef,
             bias_update_rate=bias_update_rate, activation=activation,
             bias=bias, residual=residual, dropout=dropout, hidden_dropout=hidden_dropout,
-            kernels=kernels)
+            dropout_branches=dropout_branches, kernels=kernels)
         self.config = cfg
         self.layout = expert_layout(num_experts)
         self.router = routing.Router(d_model, num_experts, noise_policy,
@@ -181,8 +182,12 @@ class MoE(nn.Module):
             xr_TD = x_TD if autocast_on else x_TD.to(self.residual_coef.weight.dtype)
             coef_T2 = F.softmax(self.residual_coef(xr_TD), dim=-1)
             mlp_TD = self.residual(xr_TD).to(y_TD.dtype)
+            if c.dropout_branches:  # each branch drops its own output (ColossalAI Titans')
+                y_TD, mlp_TD = self.dropout(y_TD), self.dropout(mlp_TD)
             y_TD = torch.lerp(mlp_TD, y_TD, coef_T2[:, :1].to(y_TD.dtype))
-        y = self.dropout(y_TD).to(x.dtype).reshape(x.shape)
+        if not c.dropout_branches:
+            y_TD = self.dropout(y_TD)
+        y = y_TD.to(x.dtype).reshape(x.shape)
         return (y, aux_loss, stats) if return_stats else (y, aux_loss)
 
 

@@ -200,7 +200,8 @@ def check_layout_independence(rank, world, seed):
     steps end equal, dropless and with capacity drops."""
     x, target = _data(world)
     lo, hi = rank * B, (rank + 1) * B
-    for routing_kw in (dict(drop_tokens=False), dict(drop_tokens=True, capacity_factor=0.8)):
+    for routing_kw in (dict(drop_tokens=False),
+                       dict(drop_tokens=True, capacity_factor=0.8, dropout_branches=True)):
         finals = []
         for max_ep in (1, 2):
             moesaic.init_distributed(max_ep_size=max_ep, timeout_s=30)

@@ -157,6 +157,34 @@ def test_residual_mixing():
     assert isinstance(layer.residual_coef, nn.Linear) and layer.residual_coef.out_features == 2
 
 
+def test_dropout_branches_drops_each_branch_before_mixing():
+    """dropout_branches: the experts' and the residual MLP's outputs get their own masks before
+    the mix (ColossalAI Titans' placement), so an output element is zero only where both masks
+    drop it (about p^2 of them), against p for dropout on the mixed output; eval is unchanged."""
+    x = torch.randn(4000, D)
+    zeros = {}
+    for branches in (False, True):
+        layer = make(residual=True, drop_tokens=False, dropout=0.5, dropout_branches=branches)
+        torch.manual_seed(1)
+        y, _ = layer.train()(x)
+        zeros[branches] = (y == 0).float().mean().item()
+        y_eval, _ = layer.eval()(x)
+        ref = make(residual=True, drop_tokens=False).eval()
+        torch.testing.assert_close(y_eval, ref(x)[0], rtol=0, atol=0)
+    assert abs(zeros[False] - 0.5) < 0.02 and abs(zeros[True] - 0.25) < 0.02, zeros
+    layer = make(residual=True, drop_tokens=False, dropout=0.5, dropout_branches=True)
+    torch.manual_seed(2)
+    y, _ = layer.train()(x)
+    plain = copy.deepcopy(layer)
+    plain.residual, plain.residual_coef = None, None
+    plain.config.dropout_branches = False
+    torch.manual_seed(2)  # the experts' mask is drawn first, then the residual MLP's
+    y_moe, _ = plain(x)
+    c = torch.softmax(layer.residual_coef(x), -1)
+    mlp = layer.dropout(layer.residual(x))
+    torch.testing.assert_close(y, torch.lerp(mlp, y_moe, c[:, :1]))
+
+
 def test_capacity_formula_and_eval_factor():
     layer = make(top_k=2, capacity_factor=0.5, eval_capacity_factor=1.0, min_capacity=3)
     x = torch.randn(20, D)
@@ -419,6 +447,7 @@ BAD = [
     (dict(kernels="cuda"), "kernels"), (dict(capacity_factor=float("inf")), "capacity_factor"),
     (dict(drop_tokens="no"), "drop_tokens"), (dict(bias=1), "bias"), (dict(residual=None), "residual"),
     (dict(normalize_weights=1), "normalize_weights"), (dict(z_loss_coef=float("inf")), "z_loss_coef"),
+    (dict(dropout_branches=1), "dropout_branches"), (dict(dropout_branches=True), "dropout_branches"),
 ]
 
 

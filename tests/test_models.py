@@ -217,13 +217,15 @@ def test_meta_build_then_reset_parameters_gives_the_eager_model(name):
 
 def test_titans_details_for_the_published_recipe():
     """The 90.66% run's model (Titans' ViTMoE): mean pooling into a zero head, LayerNorm eps
-    1e-6, truncated-normal routers; the recipe config sets them."""
+    1e-6, truncated-normal routers, dropout on each PR-MoE branch; the recipe config sets
+    them."""
     from moesaic.train.config import load_file
     cfg = load_file(os.path.join(ROOT, "configs", "cifar10_vit_moe_lite6_prmoe.py"))
     torch.manual_seed(0)
     model = M.create(cfg.model, img_size=16, **cfg.model_args)
     assert model.config.pool == "mean" and not model.head.weight.any()
     assert all(m.eps == 1e-6 for m in model.modules() if isinstance(m, torch.nn.LayerNorm))
+    assert all(m.config.dropout_branches and m.config.dropout == 0.1 for m in model.moe_layers())
     std = torch.cat([m.router.weight.flatten() for m in model.moe_layers()]).std().item()
     assert std == pytest.approx((0.1 / 256) ** 0.5, rel=0.1)
     model.head.weight.data.normal_()
