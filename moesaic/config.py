@@ -67,6 +67,7 @@ class MoEConfig:
     activation: str = "gelu"
     bias: bool = True
     residual: bool = False
+    num_shared_experts: int = 0
     dropout: float = 0.0
     hidden_dropout: float = 0.0
     dropout_branches: bool = False
@@ -88,6 +89,8 @@ class MoEConfig:
             v = getattr(self, name)
             _require(_is_number(v) and v > 0 and math.isfinite(v),
                      f"{name} must be a finite number > 0, got {v!r}")
+        _require(_is_int(self.num_shared_experts) and self.num_shared_experts >= 0,
+                 f"num_shared_experts must be an int >= 0, got {self.num_shared_experts!r}")
         _require(_is_int(self.min_capacity) and self.min_capacity >= 0,
                  f"min_capacity must be an int >= 0, got {self.min_capacity!r}")
         _require(self.drop_policy in DROP_POLICIES,
@@ -118,6 +121,9 @@ class MoEConfig:
             _require(not bad, f"router='expert_choice' takes no {', '.join(bad)}: each expert "
                      "takes its ceil(capacity_factor * T / E) best tokens, so capacity_factor "
                      "is the mean number of experts per token (top_k must stay 1)")
+        _require(not (self.residual and self.num_shared_experts),
+                 f"residual=True and num_shared_experts={self.num_shared_experts} are two forms of "
+                 "an always-on MLP (mixed by a learned coefficient, or added): choose one")
         _require(self.residual or not self.dropout_branches,
                  "dropout_branches=True needs residual=True: it drops the PR-MoE branches' "
                  "outputs (experts, residual MLP) separately instead of the layer's output")

@@ -60,7 +60,9 @@ class MoE(nn.Module):
     probability + ``router.expert_bias`` and weighted by the probability, and
     :func:`moesaic.update_expert_biases` (after each optimizer step) moves each bias by u toward
     balance. With ``residual=True`` (PR-MoE)
-    the output is ``moe(x) * c0 + mlp(x) * c1`` with ``c = softmax(residual_coef(x))`` per token.
+    the output is ``moe(x) * c0 + mlp(x) * c1`` with ``c = softmax(residual_coef(x))`` per token;
+    ``num_shared_experts`` n > 0 (DeepSeekMoE) adds a dense MLP of width n * d_ff that every
+    token passes through: ``moe(x) + shared(x)``.
     ``dropout`` applies to the layer's output (with ``dropout_branches``, to the experts' and
     the residual MLP's outputs separately, before mixing), ``hidden_dropout`` after the
     activation inside every expert (and the residual MLP), as in a dense transformer MLP; its
@@ -78,8 +80,9 @@ class MoE(nn.Module):
                  normalize_weights: Optional[bool] = None, aux_loss_coef: float = 0.01,
                  z_loss_coef: float = 0.0, bias_update_rate: float = 0.0,
                  activation: str = "gelu", bias: bool = True,
-                 residual: bool = False, dropout: float = 0.0, hidden_dropout: float = 0.0,
-                 dropout_branches: bool = False, kernels: str = "auto"):
+                 residual: bool = False, num_shared_experts: int = 0, dropout: float = 0.0,
+                 hidden_dropout: float = 0.0, dropout_branches: bool = False,
+                 kernels: str = "auto"):
         super().__init__()
         cfg = MoEConfig(
             d_model=d_model, d_ff=d_ff, num_experts=num_experts, top_k=top_k,
@@ -88,7 +91,8 @@ class MoE(nn.Module):
             router=router, noise_policy=noise_policy, normalize_weights=normalize_weights,
             aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef,
             bias_update_rate=bias_update_rate, activation=activation,
-            bias=bias, residual=residual, dropout=dropout, hidden_dropout=hidden_dropout,
+            bias=bias, residual=residual, num_shared_experts=num_shared_experts,
+            dropout=dropout, hidden_dropout=hidden_dropout,
             dropout_branches=dropout_branches, kernels=kernels)
         self.config = cfg
         self.layout = expert_layout(num_experts)
@@ -104,6 +108,8 @@ class MoE(nn.Module):
         self.residual = (DenseMLP(d_model, d_ff, activation, bias, cfg.hidden_dropout)
                          if residual else None)
         self.residual_coef = nn.Linear(d_model, 2) if residual else None
+        self.shared = (DenseMLP(d_model, d_ff * num_shared_experts, activation, bias,
+                                cfg.hidden_dropout) if num_shared_experts else None)
         self.dropout = nn.Dropout(dropout)
         self.last_stats: Optional[routing.RoutingStats] = None
 
@@ -185,6 +191,9 @@ class MoE(nn.Module):
             if c.dropout_branches:  # each branch drops its own output (ColossalAI Titans')
                 y_TD, mlp_TD = self.dropout(y_TD), self.dropout(mlp_TD)
             y_TD = torch.lerp(mlp_TD, y_TD, coef_T2[:, :1].to(y_TD.dtype))
+        if self.shared is not None:
+            xs_TD = x_TD if autocast_on else x_TD.to(self.shared.fc1.weight.dtype)
+            y_TD = y_TD + self.shared(xs_TD).to(y_TD.dtype)
         if not c.dropout_branches:
             y_TD = self.dropout(y_TD)
         y = y_TD.to(x.dtype).reshape(x.shape)

@@ -8,7 +8,8 @@ no communication.
 
 Where the combine weights of a token sum to 1 (top_k >= 2 with ``normalize_weights``, the
 default there; or top-1 with ``normalize_weights=True``) and nothing is dropped, the upcycled
-layer computes exactly the dense MLP. With top-1 softmax weights it starts at p(x) * MLP(x).
+layer computes the dense MLP (up to rounding; in eval, as dropout masks differ). With top-1
+softmax weights the experts' part starts at p(x) * MLP(x) (PR-MoE: (c0 * p(x) + c1) * MLP(x)).
 
 Legend: D model dim, F ffn dim, L experts held by this rank.
 """
@@ -31,8 +32,18 @@ def _ffn_tensors(layer: MoE, where: str, w1_FD: Tensor, b1_F: Optional[Tensor], 
     tensor of one expert} (biases zero where the dense MLP has none and the experts have one)."""
     c = layer.config
     ex = layer.experts
+    if ex.w1.is_meta:
+        raise ValueError(f"{where}: the layer is on the meta device; materialise it first "
+                         "(to_empty and reset_parameters)")
+    if layer.shared is not None:
+        raise ValueError(f"{where}: the layer has shared experts (num_shared_experts="
+                         f"{c.num_shared_experts}), which no copy of one dense MLP reproduces; "
+                         "upcycle a layer without them")
 
     def need(name: str, t: Optional[Tensor], shape: tuple) -> None:
+        if t is not None and (not isinstance(t, Tensor) or t.is_meta):
+            raise ValueError(f"{where}: the dense {name} must be a tensor with data, got "
+                             f"{'a meta tensor' if isinstance(t, Tensor) else type(t).__name__}")
         if t is not None and tuple(t.shape) != shape:
             raise ValueError(f"{where}: the dense {name} has shape {tuple(t.shape)}, the experts "
                              f"need {shape} (d_model={c.d_model}, d_ff={c.d_ff})")
@@ -51,8 +62,8 @@ def _ffn_tensors(layer: MoE, where: str, w1_FD: Tensor, b1_F: Optional[Tensor], 
                          f"activation={c.activation!r}")
     for name, t in (("fc1.bias", b1_F), ("fc2.bias", b2_D)):
         if t is not None and ex.b1 is None:
-            raise ValueError(f"{where}: the dense {name} has a bias but the experts have none "
-                             "(built with bias=False or swiglu)")
+            raise ValueError(f"{where}: the dense MLP has {name} but the experts have no biases "
+                             f"(bias={c.bias}, activation={c.activation!r})")
     out = {"w1": w1_FD.t(), "w2": w2_DF.t()}
     if gated:
         out["w3"] = w3_FD.t()
@@ -76,9 +87,6 @@ def _residual_tensors(layer: MoE, w1_FD, b1_F, w2_DF, b2_D, w3_FD) -> dict:
 
 @torch.no_grad()
 def _copy(layer: MoE, where: str, w1_FD, b1_F, w2_DF, b2_D, w3_FD) -> None:
-    if layer.experts.w1.is_meta:
-        raise ValueError(f"{where}: the layer is on the meta device; materialise it first "
-                         "(to_empty and reset_parameters)")
     per_expert = _ffn_tensors(layer, where, w1_FD, b1_F, w2_DF, b2_D, w3_FD)
     for name, t in per_expert.items():
         p = getattr(layer.experts, name)
@@ -120,66 +128,86 @@ def _moe_prefixes(model: nn.Module) -> dict[str, MoE]:
             for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, MoE)}
 
 
+def _listed(items: list[str], limit: int = 12) -> str:
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+DENSE_MLP = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "fc3.weight")
+
+
 @torch.no_grad()
-def upcycle_(model: nn.Module, dense_state: dict, keep: tuple = ()) -> list[str]:
+def upcycle_(model: nn.Module, dense_state_dict: dict, keep: tuple = ()) -> list[str]:
     """Initialise ``model`` from a dense model's state dict by sparse upcycling.
 
     Each MoE layer reached as NAME takes the dense MLP stored as NAME.fc1.*, NAME.fc2.* (and
     NAME.fc3.weight for swiglu) into all its experts and its residual MLP; its router, mixing
     coefficient and selection biases keep their values. Every other entry of ``model`` must be
-    in ``dense_state`` with its shape, except those named in ``keep`` (left as they are, e.g. a
-    classifier for another number of classes), and every entry of ``dense_state`` must be used:
-    otherwise a ValueError names them. Works on a model under any expert-parallel layout, on
-    every rank, without communication. Returns the names of the upcycled layers."""
+    in ``dense_state_dict`` with its shape, except those named in ``keep`` (left as they are,
+    e.g. a classifier for another number of classes), and every entry of ``dense_state_dict``
+    must be used (or kept): otherwise a ValueError names them, before anything is written.
+    Works on a model under any expert-parallel layout, on every rank, without communication.
+    Returns the names of the upcycled layers (a layer shared by several names once per name)."""
+    dense = dense_state_dict
+    if isinstance(keep, str):
+        raise TypeError(f"keep must be a tuple of state-dict keys, got the string {keep!r}")
     prefixes = _moe_prefixes(model)
     own = model.state_dict()
-    used, missing, shapes = set(), [], []
+    outside = {k for k in own if not any(k.startswith(p) for p in prefixes)}
+    stray = sorted(set(keep) - outside)
+    if stray:
+        raise ValueError(f"upcycle_: keep names {_listed(stray)}, which are not entries of this "
+                         "model outside its MoE layers")
+    used, missing, bad = set(keep) & set(dense), [], []
     new = {}
-    for key, t in own.items():
-        prefix = next((p for p in prefixes if key.startswith(p)), None)
-        if prefix is not None:
-            continue
+    for key in sorted(outside):
+        t, d = own[key], dense.get(key)
         if key in keep:
             new[key] = t
-        elif key not in dense_state:
+        elif key not in dense:
             missing.append(key)
-        elif tuple(dense_state[key].shape) != tuple(t.shape):
-            shapes.append(f"{key}: {tuple(dense_state[key].shape)} in the dense model, "
-                          f"{tuple(t.shape)} here")
+        elif not isinstance(d, Tensor) or d.is_meta:
+            bad.append(f"{key}: not a tensor with data "
+                       f"({'meta' if isinstance(d, Tensor) else type(d).__name__})")
+        elif tuple(d.shape) != tuple(t.shape):
+            bad.append(f"{key}: {tuple(d.shape)} in the dense model, {tuple(t.shape)} here")
         else:
-            new[key] = dense_state[key]
+            new[key] = d
             used.add(key)
     done, layers = [], {}
     for prefix, layer in prefixes.items():
-        names = {s: prefix + s for s in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias",
-                                         "fc3.weight")}
-        if names["fc1.weight"] not in dense_state or names["fc2.weight"] not in dense_state:
-            missing.append(f"{prefix}fc1.weight / {prefix}fc2.weight (the dense MLP for the MoE "
-                           f"layer {prefix[:-1] or '<model>'})")
+        name = prefix[:-1] or "<model>"
+        names = {s: prefix + s for s in DENSE_MLP}
+        absent = [names[s] for s in ("fc1.weight", "fc2.weight") if names[s] not in dense]
+        if absent:
+            missing.append(f"{' and '.join(absent)} (the dense MLP for the MoE layer {name})")
             continue
-        got = [dense_state.get(names[s]) for s in names]
-        _ffn_tensors(layer, prefix[:-1], *got)  # every layer checked before any is written
-        used.update(n for n in names.values() if n in dense_state)
+        got = [dense.get(names[s]) for s in DENSE_MLP]
+        _ffn_tensors(layer, name, *got)  # every layer checked before any is written
+        used.update(n for n in names.values() if n in dense)
         first = layers.setdefault(id(layer), (prefix, got))
-        if first[1] is not got and not all(
-                (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
-                for a, b in zip(first[1], got)):
-            raise ValueError(f"the MoE layer shared as {first[0][:-1]} and {prefix[:-1]} has "
-                             "different dense MLPs under those names")
-        done.append(prefix[:-1])
-    unused = sorted(k for k in dense_state if k not in used)
+        for s, a, b in zip(DENSE_MLP, first[1], got):
+            if (a is None) != (b is None) or (a is not None and not torch.equal(a, b)):
+                raise ValueError(f"upcycle_: the MoE layer shared as {first[0][:-1]} and {name} "
+                                 f"has different dense MLPs under those names ({s} differs)")
+        done.append(name)
+    under_moe = sorted(k for k in dense if k not in used and k not in outside
+                       and any(k.startswith(p) for p in prefixes))
+    unknown = sorted(k for k in dense if k not in used and k not in under_moe)
     problems = []
     if missing:
-        problems.append("missing in the dense state dict: " + ", ".join(missing))
-    if shapes:
-        problems.append("shapes differ: " + "; ".join(shapes))
-    if unused:
-        problems.append("not used (no such entry here and no MoE layer to upcycle into): "
-                        + ", ".join(unused))
+        problems.append("missing in the dense state dict: " + _listed(missing))
+    if bad:
+        problems.append("entries that do not fit: " + _listed(bad))
+    if under_moe:
+        problems.append("not a dense MLP's fc1/fc2 weight or bias or fc3 weight, at an MoE "
+                        "layer's place: " + _listed(under_moe))
+    if unknown:
+        problems.append("no such entry in this model: " + _listed(unknown))
     if problems:
         raise ValueError("upcycle_: the dense state dict does not fit this model: "
-                         + " | ".join(problems)[:1500])
-    for prefix, got in layers.values():
-        _copy(prefixes[prefix], prefix[:-1], *got)
+                         + " | ".join(problems))
     model.load_state_dict(new, strict=False)
+    for prefix, got in layers.values():
+        _copy(prefixes[prefix], prefix[:-1] or "<model>", *got)
     return done

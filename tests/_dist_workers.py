@@ -442,6 +442,7 @@ def two_ranks(rank, world):
     check_aux_loss(rank, world, ctx, 3)
     check_no_sync(rank, world, ctx, 8)
     check_equivalence(rank, world, ctx, 12, experts=(4, 2), residual=True)
+    check_equivalence(rank, world, ctx, 21, steps=2, experts=(4, 2), num_shared_experts=1)
     check_grad_scaler_skips_together(rank, world, ctx, 13)
     check_zero_tokens(rank, world, ctx, 15)
     check_grad_checkpointing(rank, world, ctx, 16)

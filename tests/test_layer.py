@@ -157,6 +157,25 @@ def test_residual_mixing():
     assert isinstance(layer.residual_coef, nn.Linear) and layer.residual_coef.out_features == 2
 
 
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_shared_experts_are_added_to_the_routed_output(activation):
+    """num_shared_experts n: a dense MLP of width n * d_ff that every token passes through,
+    added to the routed experts' output; its gradients flow like any dense layer's."""
+    layer = make(top_k=2, num_shared_experts=2, activation=activation, hidden_dropout=0.0)
+    assert layer.shared.fc1.weight.shape == (2 * FF, D) and layer.residual is None
+    x = torch.randn(10, D, requires_grad=True)
+    y, _ = layer(x)
+    routed = copy.deepcopy(layer)
+    routed.shared = None
+    torch.testing.assert_close(y, routed(x)[0] + layer.shared(x))
+    y.square().sum().backward()
+    assert layer.shared.fc2.weight.grad.abs().sum() > 0
+    shared = {n for n, _ in layer.named_parameters() if n.startswith("shared.")}
+    assert shared == ({"shared.fc1.weight", "shared.fc3.weight", "shared.fc2.weight"}
+                      if activation == "swiglu" else
+                      {"shared.fc1.weight", "shared.fc1.bias", "shared.fc2.weight", "shared.fc2.bias"})
+
+
 def test_dropout_branches_drops_each_branch_before_mixing():
     """dropout_branches: the experts' and the residual MLP's outputs get their own masks before
     the mix (ColossalAI Titans' placement), so an output element is zero only where both masks
@@ -263,8 +282,9 @@ def test_low_precision_inputs(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_input_to_float32_residual_layer(dtype):
-    layer = make(top_k=1, residual=True)
+@pytest.mark.parametrize("kw", [dict(residual=True), dict(num_shared_experts=1)])
+def test_low_precision_input_to_float32_residual_layer(dtype, kw):
+    layer = make(top_k=1, **kw)
     x = torch.randn(4, 8, D)
     y, _ = layer(x.to(dtype))
     assert y.dtype == dtype
@@ -448,6 +468,8 @@ BAD = [
     (dict(drop_tokens="no"), "drop_tokens"), (dict(bias=1), "bias"), (dict(residual=None), "residual"),
     (dict(normalize_weights=1), "normalize_weights"), (dict(z_loss_coef=float("inf")), "z_loss_coef"),
     (dict(dropout_branches=1), "dropout_branches"), (dict(dropout_branches=True), "dropout_branches"),
+    (dict(num_shared_experts=-1), "num_shared_experts"), (dict(num_shared_experts=1.5), "num_shared_experts"),
+    (dict(num_shared_experts=2, residual=True), "num_shared_experts"),
 ]
 
 

@@ -70,6 +70,10 @@ def test_moe_parameter_counts():
     residual = mlp + 256 * 2 + 2  # PR-MoE dense branch and its mixing coefficients
     assert total == dense + (3 + 3 + 7) * mlp + (4 + 4 + 8) * 256 + 3 * residual
     assert active == dense + (4 + 4 + 8) * 256 + 3 * residual
+    total, active = M.count_parameters(M.create("vit_moe_lite6", num_shared_experts=2))
+    shared = 2 * 256 * 1024 + 1024 + 256  # width 2 * d_ff, always active
+    assert total == dense + 3 * (7 * mlp + router + shared)
+    assert active == dense + 3 * (router + shared)
 
 
 def test_prmoe_pyramid_layout():
@@ -147,6 +151,8 @@ def test_moe_flops_equal_dense_at_top1_plus_router():
     dense = M.create("vit_lite6").flops_per_image()
     moe = M.create("vit_moe_lite6").flops_per_image()
     assert moe == dense + 3 * 2 * 65 * 256 * 8
+    shared = M.create("vit_moe_lite6", num_shared_experts=2).flops_per_image()
+    assert shared == moe + 3 * 2 * (4 * 65 * 256 * 512)
 
 
 def test_experts_keep_their_own_init():

@@ -72,7 +72,7 @@ def test_bad_dense_mlps_are_refused_and_change_nothing():
     mlp = _dense()
     with pytest.raises(ValueError, match="need the dense MLP's up projection fc3"):
         moesaic.upcycle_layer_(MoE(D, FF, 4, activation="swiglu"), mlp.fc1, mlp.fc2)
-    with pytest.raises(ValueError, match="has a bias but the experts have none"):
+    with pytest.raises(ValueError, match=r"has fc1.bias but the experts have no biases \(bias=False"):
         moesaic.upcycle_layer_(MoE(D, FF, 4, bias=False), mlp.fc1, mlp.fc2)
     with pytest.raises(TypeError, match="must be a moesaic.MoE"):
         moesaic.upcycle_layer_(mlp, mlp.fc1, mlp.fc2)
@@ -110,8 +110,13 @@ def test_upcycle_of_a_model_names_what_does_not_fit_and_writes_nothing():
     before = copy.deepcopy(moe.state_dict())
     sd = dense.state_dict()
     cases = [({k: v for k, v in sd.items() if k != "blocks.3.ffn.fc2.weight"},
-              r"missing in the dense state dict: blocks.3.ffn.fc1.weight / blocks.3.ffn.fc2"),
-             ({**sd, "extra.weight": torch.zeros(1)}, r"not used .*: extra.weight"),
+              r"missing in the dense state dict: blocks.3.ffn.fc2.weight \(the dense MLP for "
+              r"the MoE layer blocks.3.ffn\)"),
+             ({**sd, "extra.weight": torch.zeros(1)}, r"no such entry in this model: extra.weight"),
+             ({**sd, "blocks.1.ffn.router.weight": torch.zeros(4, 64)},
+              r"not a dense MLP's fc1/fc2 .* at an MoE layer's place: blocks.1.ffn.router.weight"),
+             ({**sd, "norm.bias": sd["norm.bias"].numpy()}, r"norm.bias: not a tensor with data "
+                                                            r"\(ndarray\)"),
              ({**sd, "norm.weight": torch.ones(3)}, r"norm.weight: \(3,\) in the dense model, "
                                                     r"\(64,\) here"),
              ({**sd, "blocks.3.ffn.fc1.weight": torch.zeros(FF, 64)},
@@ -121,9 +126,41 @@ def test_upcycle_of_a_model_names_what_does_not_fit_and_writes_nothing():
             moesaic.upcycle_(moe, bad)
         for k, v in moe.state_dict().items():
             assert torch.equal(v, before[k]), (msg, k)
+    with pytest.raises(TypeError, match="keep must be a tuple"):
+        moesaic.upcycle_(moe, sd, keep="head.weight")
+    with pytest.raises(ValueError, match="keep names blocks.1.ffn.router.weight, which are not"):
+        moesaic.upcycle_(moe, sd, keep=("blocks.1.ffn.router.weight",))
     head = {k: v for k, v in sd.items() if not k.startswith("head.")}
-    moesaic.upcycle_(moe, head, keep=("head.weight", "head.bias"))
-    assert torch.equal(moe.head.weight, before["head.weight"])
+    for dense_sd in (head, sd):  # kept entries may be in the dense state dict or not
+        moesaic.upcycle_(moe, dense_sd, keep=("head.weight", "head.bias"))
+        assert torch.equal(moe.head.weight, before["head.weight"])
+        assert torch.equal(moe.norm.weight, sd["norm.weight"])
+
+
+def test_a_layer_on_meta_or_with_shared_experts_is_refused_before_any_is_written():
+    mlp = _dense()
+    sd = {f"{n}.{k}": v for n in ("a", "b") for k, v in mlp.state_dict().items()}
+    with torch.device("meta"):
+        meta = MoE(D, FF, 2)
+    for second, msg in ((meta, "b: the layer is on the meta device"),
+                        (MoE(D, FF, 2, num_shared_experts=1), r"b: the layer has shared experts")):
+        net = nn.ModuleDict({"a": MoE(D, FF, 2), "b": second})
+        before = net["a"].experts.w1.clone()
+        with pytest.raises(ValueError, match=msg):
+            moesaic.upcycle_(net, sd)
+        assert torch.equal(net["a"].experts.w1, before)
+
+
+def test_top1_prmoe_starts_at_the_coefficient_mix():
+    """PR-MoE, top-1 softmax weights: (c0 * p + c1) * MLP(x)."""
+    mlp = _dense()
+    layer = moesaic.upcycle_layer_(MoE(D, FF, 4, drop_tokens=False, residual=True),
+                                   mlp.fc1, mlp.fc2)
+    x = torch.randn(20, D)
+    p_top1 = F.softmax(layer.router(x).float(), dim=-1).max(dim=-1).values
+    c = F.softmax(layer.residual_coef(x), dim=-1)
+    want = (c[:, 0] * p_top1 + c[:, 1])[:, None] * mlp(x)
+    torch.testing.assert_close(layer(x)[0], want, rtol=1e-5, atol=1e-6)
 
 
 def test_shared_layer_upcycles_once_and_checks_its_names_agree():
@@ -134,5 +171,6 @@ def test_shared_layer_upcycles_once_and_checks_its_names_agree():
     assert moesaic.upcycle_(net, sd) == ["a", "b"]
     torch.testing.assert_close(moe.experts.w1[1], mlp.fc1.weight.t(), rtol=0, atol=0)
     other = _dense(seed=1).state_dict()
-    with pytest.raises(ValueError, match="shared as a and b has different dense MLPs"):
+    with pytest.raises(ValueError, match=r"shared as a and b has different dense MLPs under "
+                                         r"those names \(fc1.weight differs\)"):
         moesaic.upcycle_(net, {**sd, **{f"b.{k}": v for k, v in other.items()}})

@@ -141,8 +141,8 @@ class VisionModel(nn.Module):
 
     def flops_per_image(self) -> int:
         """Forward FLOPs (2 per multiply-add) of one image, counting each token's top_k experts
-        (no drops; expert choice: capacity_factor experts on average), the router and the
-        PR-MoE residual; elementwise ops are left out."""
+        (no drops; expert choice: capacity_factor experts on average), the router, the
+        PR-MoE residual and shared experts; elementwise ops are left out."""
         c = self.config
         S, D, Fd, P = c.num_patches + 1, c.d_model, c.d_ff, c.num_patches
         total = 2 * P * c.in_chans * c.patch_size ** 2 * D + 2 * D * c.num_classes
@@ -156,6 +156,7 @@ class VisionModel(nn.Module):
                 total += 2 * S * D * E + round(layer.experts_per_token() * mlp)
                 if layer.residual:
                     total += mlp + 2 * S * D * 2
+                total += layer.num_shared_experts * mlp
         return total
 
     def _block_moe_configs(self):

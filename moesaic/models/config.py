@@ -14,7 +14,8 @@ from .registry import closest
 # Keyword arguments that go straight to moesaic.MoE.
 MOE_PASSTHROUGH = ("aux_loss_coef", "z_loss_coef", "drop_tokens", "drop_policy", "router",
                    "min_capacity", "normalize_weights", "kernels", "activation",
-                   "bias_update_rate", "hidden_dropout", "dropout_branches")
+                   "bias_update_rate", "hidden_dropout", "dropout_branches",
+                   "num_shared_experts")
 
 
 @dataclass

@@ -29,8 +29,9 @@ def _expert_params(layer: MoE) -> tuple[int, int]:
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(total, active per token): shared tensors count once; experts count globally in the
-    total and ``top_k`` of them per MoE layer in the active count (router and PR-MoE residual
-    MLP are always active; expert choice: capacity_factor experts on average)."""
+    total and ``top_k`` of them per MoE layer in the active count (router, PR-MoE residual
+    MLP and shared experts are always active; expert choice: capacity_factor experts on
+    average)."""
     local_total = sum(p.numel() for p in model.parameters())
     total = active = local_total
     for layer in moe_layers(model):
@@ -64,8 +65,9 @@ def describe(model: nn.Module) -> str:
             hasattr(model, "block_experts") and sum(1 for e in model.block_experts() if e) > 1 else ""
         capacity = (f"capacity {c.capacity_factor}/{c.eval_capacity_factor} (train/eval)"
                     if c.drop_tokens or c.router == "expert_choice" else "dropless")
+        shared = f"shared experts {c.num_shared_experts}, " if c.num_shared_experts else ""
         lines.append(f"  MoE layers: {len(layers)}{extra}; top_k {c.top_k}, router {c.router}, "
-                     f"{capacity}, noise {c.noise_policy}, residual {c.residual}, "
+                     f"{capacity}, noise {c.noise_policy}, residual {c.residual}, {shared}"
                      f"ep_size {layers[0].layout.ep_size}")
     lines.append(f"  parameters: total {_millions(total)}, active per token {_millions(active)}")
     if hasattr(model, "flops_per_image"):

@@ -384,7 +384,7 @@ def _upcycle_from(ckpt: str, model: nn.Module, weights: dict, own: dict,
     keep = tuple(k for k in fresh if k in weights and k in own
                  and weights[k].shape != own[k].shape)
     try:
-        upcycle_(model, {k: v for k, v in weights.items() if k not in keep}, keep=keep)
+        upcycle_(model, weights, keep=keep)
     except ValueError as e:
         raise CheckpointError(f"upcycle=True: checkpoint {ckpt} does not fit this model: "
                               f"{str(e).split(': ', 1)[-1]}") from e
