@@ -276,6 +276,23 @@ def check_upcycle_layouts(rank, world, ctx, seed):
     torch.testing.assert_close(model["ffn"](x)[0], dense["ffn"](x), **TOL)
 
 
+def check_init_from_fails_on_every_rank(rank):
+    """A checkpoint that fails to load on one rank stops every rank before the run dir is
+    chosen, the others naming the failing rank."""
+    from moesaic.train import checkpoint, loop
+
+    def load():
+        if rank == 1:
+            raise checkpoint.CheckpointError("checkpoint X is damaged")
+        return "loaded"
+
+    with _raises(checkpoint.CheckpointError,
+                 *(["init_from failed on rank 1: checkpoint X is damaged"] if rank == 0
+                   else ["checkpoint X is damaged"])):
+        loop._on_every_rank(load)
+    assert loop._on_every_rank(lambda: rank) == rank
+
+
 def check_reset_classifier_refused_while_synced(rank, world, ctx, seed):
     """A zoo model inside a parallelized wrapper: replacing its head would leave the new head's
     gradients unsynchronised, so reset_classifier refuses; returns the wrapper."""
@@ -450,6 +467,7 @@ def two_ranks(rank, world):
     check_backward_that_raised_does_not_stop_sync(rank, world, ctx, 18)
     check_parallelize_setup_rules(rank, world, ctx, 19)
     check_upcycle_layouts(rank, world, ctx, 20)
+    check_init_from_fails_on_every_rank(rank)
     # one expert, two ranks: replicated, synchronised over the two ranks
     check_equivalence(rank, world, ctx, 4, steps=1, experts=(1,), top_k=1)
     # per-rank noise streams: same router, same input, different noise on each rank

@@ -374,6 +374,28 @@ def test_init_from_starts_a_new_run_from_the_weights(tmp_path, capsys):
     assert "initialised from" not in capsys.readouterr().out
 
 
+def test_restart_resumes_its_own_checkpoint_without_reading_init_from(tmp_path, monkeypatch,
+                                                                      capsys):
+    """A torchrun restart (TORCHELASTIC_RESTART_COUNT > 0) into a run dir with a checkpoint
+    resumes that checkpoint: init_from is not read (here it is damaged) and not logged."""
+    write_cifar(str(tmp_path))
+    cfg = tiny_config(tmp_path / "c.py", tmp_path, EPOCHS=1)
+    first = str(tmp_path / "first")
+    assert main(["train", "--config", cfg, "--run-dir", first]) == 0
+    tuned = str(tmp_path / "tuned")
+    assert main(["train", "--config", cfg, "--run-dir", tuned, "--set",
+                 f"init_from={first!r}"]) == 0
+    with open(os.path.join(checkpoint.find(first), "model.safetensors"), "r+b") as f:
+        f.truncate(100)
+    capsys.readouterr()
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert main(["train", "--config", cfg, "--run-dir", tuned, "--set", f"init_from={first!r}",
+                 "--set", "epochs=2"]) == 0
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "initialised from" not in out
+    assert [r["epoch"] for r in read_metrics(tuned)] == [1, 2]
+
+
 def test_fine_tune_a_cifar10_run_on_cifar100(tmp_path, capsys):
     """init_from across label sets: every weight but the classifier comes from the CIFAR-10
     run; the 100-class head starts anew (the log says so) and trains."""
@@ -410,7 +432,7 @@ def test_upcycle_a_dense_run_into_an_moe_run(tmp_path, capsys):
     moe_cfg = tiny_config(tmp_path / "m.py", tmp_path, EPOCHS=1, INIT_FROM=dense_run,
                           MODEL_ARGS={**TINY_MODEL, "top_k": 2})
     capsys.readouterr()
-    assert main(["train", "--config", moe_cfg, "--run-dir", str(tmp_path / "no")]) != 0
+    assert main(["train", "--config", moe_cfg, "--run-dir", str(tmp_path / "no")]) == 1
     assert ("dense MLPs where this model has MoE layers (blocks.1.ffn): set upcycle=True"
             in capsys.readouterr().err)
     assert not os.path.exists(tmp_path / "no")  # found out before anything was written
@@ -430,11 +452,11 @@ def test_upcycle_a_dense_run_into_an_moe_run(tmp_path, capsys):
     assert read_metrics(moe_run)[0]["epoch"] == 1
     capsys.readouterr()
     assert main(["train", "--config", moe_cfg, "--run-dir", str(tmp_path / "no"),
-                 "--set", f"init_from={moe_run!r}", "--set", "upcycle=True"]) != 0
+                 "--set", f"init_from={moe_run!r}", "--set", "upcycle=True"]) == 1
     assert "already holds experts (at blocks.1.ffn" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "no")
     with pytest.raises(ConfigError, match="upcycle=True needs init_from"):
-        apply_overrides(load_file(cfg), ["upcycle=True"])
+        loop.Trainer(apply_overrides(load_file(cfg), ["upcycle=True"]), str(tmp_path / "no"))
 
 
 def test_missing_matplotlib_trains_without_plots(tmp_path, monkeypatch):

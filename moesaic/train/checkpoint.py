@@ -354,7 +354,7 @@ def load_weights(ckpt: str, model: nn.Module, fresh: tuple = ("head.weight", "he
     if upcycle:
         return _upcycle_from(ckpt, model, weights, own, fresh)
     dense = _dense_under_experts(weights, model)
-    if dense:
+    if dense and not any(".experts." in k for k in weights):
         raise CheckpointError(
             f"checkpoint {ckpt} holds dense MLPs where this model has MoE layers "
             f"({', '.join(k.rsplit('.', 2)[0] for k in dense)}): set upcycle=True to copy each "
@@ -386,8 +386,9 @@ def _upcycle_from(ckpt: str, model: nn.Module, weights: dict, own: dict,
     try:
         upcycle_(model, weights, keep=keep)
     except ValueError as e:
+        why = str(e).removeprefix("upcycle_: the dense state dict does not fit this model: ")
         raise CheckpointError(f"upcycle=True: checkpoint {ckpt} does not fit this model: "
-                              f"{str(e).split(': ', 1)[-1]}") from e
+                              f"{why}") from e
     return list(keep)
 
 

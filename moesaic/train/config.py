@@ -223,8 +223,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _check(0 <= getattr(c, n) <= 1, f"{n} must be in [0, 1], got {getattr(c, n)!r}")
     _check(c.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {c.precision!r}")
     _check(c.device in DEVICES, f"device must be one of {DEVICES}, got {c.device!r}")
-    _check(not c.upcycle or c.init_from is not None,
-           "upcycle=True needs init_from: the checkpoint (or run dir) of the dense model to upcycle")
     _check(c.timeout_s > 0, f"timeout_s must be > 0, got {c.timeout_s!r}")
     return cfg
 

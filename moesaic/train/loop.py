@@ -40,7 +40,7 @@ from . import checkpoint, report, rundir
 from .augment import Augmenter
 from .config import ConfigError, TrainConfig
 from .data import epoch_order, load_dataset, rank_batch, steps_per_epoch
-from .dist import all_reduce_, grad_scaler
+from .dist import all_reduce_, grad_scaler, multi_process
 from .evaluate import autocast, evaluate
 from .meters import RoutingMeter
 from .optim import WarmupCosine, make_optimizer
@@ -184,6 +184,26 @@ def _same_inputs(a, b) -> bool:
     return a == b
 
 
+def _on_every_rank(fn):
+    """``fn()``, raising on every rank if it raised on any (rank 0 would otherwise go on to
+    create the run dir while another rank dies)."""
+    error, out = None, None
+    try:
+        out = fn()
+    except Exception as e:  # re-raised below, on this rank as it was
+        error = e
+    if multi_process():
+        said = [None] * dist.get_world_size()
+        dist.all_gather_object(said, None if error is None else str(error))
+        failed = [(r, m) for r, m in enumerate(said) if m is not None]
+        if error is None and failed:
+            raise checkpoint.CheckpointError(f"init_from failed on rank {failed[0][0]}: "
+                                             f"{failed[0][1]}")
+    if error is not None:
+        raise error
+    return out
+
+
 def _find_init(path: str) -> str:
     """The checkpoint ``init_from`` names, or a CheckpointError that says it was init_from."""
     try:
@@ -202,6 +222,9 @@ class Trainer:
                           "'moesaic[train]'): training without plots", stacklevel=2)
             cfg = dataclasses.replace(cfg, plots=False)
         init_ckpt = None
+        if cfg.upcycle and cfg.init_from is None and resume is None:
+            raise ConfigError("upcycle=True needs init_from: the checkpoint (or run dir) of the "
+                              "dense model to upcycle")
         if cfg.init_from is not None and resume is None:  # found before anything is written
             init_ckpt = _find_init(cfg.init_from)
             cfg = dataclasses.replace(cfg, init_from=os.path.abspath(cfg.init_from))
@@ -220,9 +243,12 @@ class Trainer:
         self.spe = steps_per_epoch(len(train_set), cfg.batch_size, cfg.steps_per_epoch)
         moe_set_seed(cfg.seed)
         model = build_model(cfg, train_set.shape, train_set.num_classes).to(self.device)
-        # init_from's weights are loaded (and checked) before anything is written; a run that
-        # finds its own checkpoint below replaces them with that one's
-        init_notes = self._init_from(model, init_ckpt) if init_ckpt is not None else None
+        # init_from's weights are loaded (and checked, on every rank) before anything is
+        # written; a torchrun restart resumes its own checkpoint instead, so it loads them
+        # only if it finds none
+        init_notes = None
+        if init_ckpt is not None and rundir.restart_count() == 0:
+            init_notes = _on_every_rank(lambda: self._init_from(model, init_ckpt))
         own_dir = None  # the run dir the resumed checkpoint belongs to
         if resume is not None:
             parent = os.path.dirname(os.path.abspath(checkpoint.find(resume)))
@@ -236,10 +262,13 @@ class Trainer:
         ckpt = checkpoint.latest_in(self.run_dir) if again else None
         if ckpt is None and resume is not None:
             ckpt = checkpoint.find(resume)
-        if ckpt is None and init_notes is not None:  # a resumed run has its own weights
+        if ckpt is None and init_ckpt is not None:  # a resumed run has its own weights
+            if init_notes is None:
+                init_notes = self._init_from(model, init_ckpt)
             self.log(init_notes[0])
-            if init_notes[1] and self.is_main:
-                warnings.warn(init_notes[1], stacklevel=2)
+            if self.is_main:
+                for note in init_notes[1]:
+                    warnings.warn(note, stacklevel=3)
         self.model = parallelize(model)
         self.moe_names = [n for n, m in self.model.named_modules() if isinstance(m, MoE)]
         self.routing = RoutingMeter()
@@ -260,11 +289,15 @@ class Trainer:
 
             tqdm.write(msg)
 
-    def _init_from(self, model: torch.nn.Module, ckpt: str) -> tuple[str, Optional[str]]:
+    def _init_from(self, model: torch.nn.Module, ckpt: str) -> tuple[str, list[str]]:
         """Fine-tuning: ``ckpt``'s weights into ``model`` (upcycled with ``cfg.upcycle``), the rest
-        of training state new. Returns the log line and a warning (None unless the checkpoint
-        saw its inputs otherwise: another dataset or normalisation)."""
-        fresh = checkpoint.load_weights(ckpt, model, upcycle=self.cfg.upcycle)
+        of training state new. Returns the log line and the warnings to show (selection biases
+        left out; a checkpoint that saw its inputs otherwise: another dataset or
+        normalisation), held back until the run is known to start from it."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fresh = checkpoint.load_weights(ckpt, model, upcycle=self.cfg.upcycle)
+        notes = [str(w.message) for w in caught]
         note = (f"; {' and '.join(fresh)} initialised anew for {model.head.out_features} "
                 "classes" if fresh else "")
         how = "upcycled (each dense MLP copied into every expert) from" if self.cfg.upcycle \
@@ -276,9 +309,10 @@ class Trainer:
         differ = [f"{k}: {theirs[k]!r} there, {ours[k]!r} here"
                   for k in ("dataset", "norm_mean", "norm_std") if k in theirs
                   and not _same_inputs(theirs[k], ours[k])]
-        warning = (f"init_from {ckpt} was trained on other inputs ({'; '.join(differ)}): "
-                   "fine-tuning starts from features made for those") if differ else None
-        return line, warning
+        if differ:
+            notes.append(f"init_from {ckpt} was trained on other inputs ({'; '.join(differ)}): "
+                         "fine-tuning starts from features made for those")
+        return line, notes
 
     def _load(self, ckpt: str) -> None:
         state = checkpoint.load(ckpt, self.model, self.opt, self.rank, self.world)
