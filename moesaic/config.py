@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 from typing import Optional
 
 ROUTERS = ("token_choice", "expert_choice")
+SCORE_FUNCS = ("softmax", "sigmoid")
 DROP_POLICIES = ("position", "score")
 NOISE_POLICIES = (None, "jitter", "logit_jitter", "gaussian")
 ACTIVATIONS = ("gelu", "relu", "swiglu")
@@ -59,6 +60,7 @@ class MoEConfig:
     drop_tokens: bool = True
     drop_policy: str = "position"
     router: str = "token_choice"
+    score_func: str = "softmax"
     noise_policy: Optional[str] = None
     normalize_weights: Optional[bool] = None
     aux_loss_coef: float = 0.01
@@ -82,6 +84,8 @@ class MoEConfig:
         _require(_is_int(self.top_k) and 1 <= self.top_k <= self.num_experts,
                  f"top_k must be in [1, num_experts={self.num_experts}], got {self.top_k!r}")
         _require(self.router in ROUTERS, f"router must be one of {ROUTERS}, got {self.router!r}")
+        _require(self.score_func in SCORE_FUNCS,
+                 f"score_func must be one of {SCORE_FUNCS}, got {self.score_func!r}")
         if self.eval_capacity_factor is None:
             self.eval_capacity_factor = (2.0 if self.router == "token_choice"
                                          else self.capacity_factor)

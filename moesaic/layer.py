@@ -76,7 +76,8 @@ class MoE(nn.Module):
     def __init__(self, d_model: int, d_ff: int, num_experts: int, top_k: int = 1,
                  capacity_factor: float = 1.25, eval_capacity_factor: Optional[float] = None,
                  min_capacity: int = 4, drop_tokens: bool = True, drop_policy: str = "position",
-                 router: str = "token_choice", noise_policy: Optional[str] = None,
+                 router: str = "token_choice", score_func: str = "softmax",
+                 noise_policy: Optional[str] = None,
                  normalize_weights: Optional[bool] = None, aux_loss_coef: float = 0.01,
                  z_loss_coef: float = 0.0, bias_update_rate: float = 0.0,
                  activation: str = "gelu", bias: bool = True,
@@ -88,7 +89,8 @@ class MoE(nn.Module):
             d_model=d_model, d_ff=d_ff, num_experts=num_experts, top_k=top_k,
             capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
             min_capacity=min_capacity, drop_tokens=drop_tokens, drop_policy=drop_policy,
-            router=router, noise_policy=noise_policy, normalize_weights=normalize_weights,
+            router=router, score_func=score_func, noise_policy=noise_policy,
+            normalize_weights=normalize_weights,
             aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef,
             bias_update_rate=bias_update_rate, activation=activation,
             bias=bias, residual=residual, num_shared_experts=num_shared_experts,
@@ -135,7 +137,7 @@ class MoE(nn.Module):
         cf = c.capacity_factor if self.training else c.eval_capacity_factor
         if c.router == "expert_choice":
             capacity = routing.expert_choice_capacity(T, E, cf)
-            plan, probs_TE = routing.expert_choice(logits_TE, capacity)
+            plan, probs_TE = routing.expert_choice(logits_TE, capacity, c.score_func)
             counts_E = plan.counts_E
             balance = logits_TE.new_zeros(())
             taken_T = torch.zeros(T, dtype=torch.bool, device=logits_TE.device)
@@ -146,17 +148,19 @@ class MoE(nn.Module):
                 capacity = routing.token_choice_capacity(T, E, c.top_k, cf, c.min_capacity)
             bias_E = self.router.expert_bias if c.bias_update_rate > 0 else None
             plan, probs_TE, counts_E = ops.token_choice(
-                logits_TE, c.top_k, capacity, c.drop_policy, c.normalize_weights, bias_E)
+                logits_TE, c.top_k, capacity, c.drop_policy, c.normalize_weights, bias_E,
+                c.score_func)
             if bias_E is not None and self.training and not in_backward():
                 self.load_counts += counts_E.detach()
-            balance = routing.balance_loss(probs_TE, counts_E)
+            balance = routing.balance_loss(routing.score_distribution(probs_TE, c.score_func),
+                                           counts_E)
             dropped = (counts_E.sum() - plan.counts_E.sum()) / counts_E.sum().clamp(min=1)
         z = routing.z_loss(logits_TE)
         aux_loss = c.aux_loss_coef * balance + c.z_loss_coef * z
         stats = routing.RoutingStats(
             tokens_per_expert=counts_E.detach(), tokens_per_expert_kept=plan.counts_E.detach(),
             dropped_fraction=dropped.detach(),
-            router_entropy=routing.router_entropy(logits_TE.detach()),
+            router_entropy=routing.router_entropy(logits_TE.detach(), c.score_func),
             balance_loss=balance.detach(), z_loss=z.detach())
         return plan, aux_loss, stats
 

@@ -1,6 +1,7 @@
 """Backend selection: the PyTorch path or the fused Triton kernels, behind one interface.
 
-An ops object has ``token_choice(logits_TE, top_k, capacity, drop_policy, normalize, bias_E)``,
+An ops object has ``token_choice(logits_TE, top_k, capacity, drop_policy, normalize, bias_E,
+score_func)``,
 ``permute(x_TD, plan)`` and ``combine(y_ND, plan)``, with the semantics of the PyTorch
 functions in :mod:`moesaic.routing` and :mod:`moesaic.dispatch`.
 
@@ -21,8 +22,10 @@ class TorchOps:
     name = "torch"
 
     @staticmethod
-    def token_choice(logits_TE, top_k, capacity, drop_policy, normalize, bias_E=None):
-        return routing.token_choice(logits_TE, top_k, capacity, drop_policy, normalize, bias_E)
+    def token_choice(logits_TE, top_k, capacity, drop_policy, normalize, bias_E=None,
+                     score_func="softmax"):
+        return routing.token_choice(logits_TE, top_k, capacity, drop_policy, normalize, bias_E,
+                                    score_func)
 
     @staticmethod
     def permute(x_TD, plan):

@@ -190,6 +190,22 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def router_scores(logits_TE: Tensor, score_func: str = "softmax") -> Tensor:
+    """Each token's expert scores: softmax over the experts, or an independent sigmoid per
+    expert (DeepSeek-V3), which does not make the experts compete for one unit of mass."""
+    if score_func == "sigmoid":
+        return torch.sigmoid(logits_TE)
+    return torch.softmax(logits_TE, dim=-1)
+
+
+def score_distribution(scores_TE: Tensor, score_func: str = "softmax") -> Tensor:
+    """The scores as a distribution over experts (sigmoid scores normalised per token), as the
+    balance loss and the router entropy read them."""
+    if score_func == "sigmoid":
+        return scores_TE / scores_TE.sum(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+    return scores_TE
+
+
 def topk_weights(probs_TE: Tensor, top_k: int, normalize: bool,
                  bias_E: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Top-k experts of each token and their combine weights (renormalised when asked). With
@@ -231,12 +247,12 @@ def assignment_slots(topk_idx_TK: Tensor, priority_T: Optional[Tensor], num_expe
 
 
 def token_choice(logits_TE: Tensor, top_k: int, capacity: Optional[int], drop_policy: str,
-                 normalize: bool, bias_E: Optional[Tensor] = None
+                 normalize: bool, bias_E: Optional[Tensor] = None, score_func: str = "softmax"
                  ) -> tuple[RoutingPlan, Tensor, Tensor]:
-    """Top-k token-choice routing (selection biased by ``bias_E`` if given). Returns (plan,
-    probs_TE, counts_E before dropping)."""
+    """Top-k token-choice routing on ``router_scores(logits_TE, score_func)`` (selection biased
+    by ``bias_E`` if given). Returns (plan, scores_TE, counts_E before dropping)."""
     T, E = logits_TE.shape
-    probs_TE = torch.softmax(logits_TE, dim=-1)
+    probs_TE = router_scores(logits_TE, score_func)
     weight_TK, topk_idx_TK = topk_weights(probs_TE, top_k, normalize, bias_E)
     priority_T = None
     if capacity is not None and drop_policy == "score":
@@ -262,10 +278,11 @@ def token_choice(logits_TE: Tensor, top_k: int, capacity: Optional[int], drop_po
     return plan, probs_TE, counts_E
 
 
-def expert_choice(logits_TE: Tensor, capacity: int) -> tuple[RoutingPlan, Tensor]:
-    """Each expert takes the ``capacity`` tokens it gives the highest probability."""
+def expert_choice(logits_TE: Tensor, capacity: int, score_func: str = "softmax"
+                  ) -> tuple[RoutingPlan, Tensor]:
+    """Each expert takes the ``capacity`` tokens it gives the highest score."""
     T, E = logits_TE.shape
-    probs_TE = torch.softmax(logits_TE, dim=-1)
+    probs_TE = router_scores(logits_TE, score_func)
     weight_CE, token_CE = probs_TE.topk(capacity, dim=0)
     plan = RoutingPlan(
         row_token_N=token_CE.t().reshape(-1), row_weight_N=weight_CE.t().reshape(-1),
@@ -287,6 +304,10 @@ def z_loss(logits_TE: Tensor) -> Tensor:
     return torch.logsumexp(logits_TE, dim=-1).square().sum() / max(logits_TE.shape[0], 1)
 
 
-def router_entropy(logits_TE: Tensor) -> Tensor:
+def router_entropy(logits_TE: Tensor, score_func: str = "softmax") -> Tensor:
+    """Mean over tokens of the entropy of the router's distribution over experts."""
+    if score_func == "sigmoid":
+        p_TE = score_distribution(torch.sigmoid(logits_TE), score_func)
+        return -(p_TE * torch.log(p_TE.clamp(min=1e-30))).sum() / max(logits_TE.shape[0], 1)
     logp_TE = torch.log_softmax(logits_TE, dim=-1)
     return -(logp_TE.exp() * logp_TE).sum() / max(logits_TE.shape[0], 1)

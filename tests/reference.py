@@ -34,7 +34,11 @@ def reference_forward(layer, x):
     x_TD = x.reshape(-1, c.d_model)
     T, E = x_TD.shape[0], c.num_experts
     logits_TE = x_TD.float() @ layer.router.weight.t()
-    probs_TE = torch.softmax(logits_TE, -1)
+    if c.score_func == "sigmoid":  # DeepSeek-V3: independent scores, normalised for the loss
+        probs_TE = torch.sigmoid(logits_TE)
+        dist_TE = probs_TE / probs_TE.sum(-1, keepdim=True)
+    else:
+        probs_TE = dist_TE = torch.softmax(logits_TE, -1)
     cf = c.capacity_factor if layer.training else c.eval_capacity_factor
     outputs = [torch.zeros(c.d_model, dtype=x.dtype) for _ in range(T)]
     counts = [0] * E
@@ -65,11 +69,13 @@ def reference_forward(layer, x):
                 kept[e] += 1
                 outputs[t] = outputs[t] + w_TK[t, k] * expert_ffn(layer, e, x_TD[t])
         f = torch.tensor(counts, dtype=torch.float32) / (T * K)
-        balance = E * (f * probs_TE.mean(0)).sum()
+        balance = E * (f * dist_TE.mean(0)).sum()
     z = (torch.logsumexp(logits_TE, -1) ** 2).mean()
     y_TD = torch.stack(outputs)
     if layer.residual is not None:
         coef = torch.softmax(layer.residual_coef(x_TD), -1)
         y_TD = y_TD * coef[:, :1] + layer.residual(x_TD) * coef[:, 1:]
+    if layer.shared is not None:
+        y_TD = y_TD + layer.shared(x_TD)
     aux = c.aux_loss_coef * balance + c.z_loss_coef * z
     return y_TD.reshape(x.shape), aux, counts, kept

@@ -60,12 +60,14 @@ def test_counts_come_from_training_forwards_only():
     assert torch.equal(layer.load_counts, 2 * stats.tokens_per_expert)
 
 
-def test_biases_balance_a_skewed_router_and_eval_uses_them():
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+def test_biases_balance_a_skewed_router_and_eval_uses_them(score_func):
     """A router that sends almost every token to expert 0: 300 bias steps (no balance loss, the
     router's weights fixed) bring every expert's load near the mean of 100, and eval routes
-    with the learned biases too."""
+    with the learned biases too; with softmax and with sigmoid scores (DeepSeek-V3's)."""
     torch.manual_seed(0)
-    layer = moesaic.MoE(D, FF, E, top_k=1, bias_update_rate=0.002, aux_loss_coef=0.0)
+    layer = moesaic.MoE(D, FF, E, top_k=1, bias_update_rate=0.002, aux_loss_coef=0.0,
+                        score_func=score_func)
     with torch.no_grad():
         layer.router.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(4))
         layer.router.weight[0] += 0.2  # expert 0's logit grows with x's sum

@@ -93,16 +93,18 @@ ROUTE_CASES = [
 
 
 @pytest.mark.parametrize("T,E,K,cap,policy,one_expert", ROUTE_CASES)
-@pytest.mark.parametrize("biased", [False, True])
-def test_token_choice_matches_torch(tops, T, E, K, cap, policy, one_expert, biased):
+@pytest.mark.parametrize("score_func,biased", [("softmax", False), ("softmax", True),
+                                               ("sigmoid", True)])
+def test_token_choice_matches_torch(tops, T, E, K, cap, policy, one_expert, score_func, biased):
     """Also with a selection bias (auxiliary-loss-free balancing) that overrides the
-    probabilities for some tokens."""
+    probabilities for some tokens, and with sigmoid scores (DeepSeek-V3's pairing)."""
     logits_TE = logits_for(T, E, seed=T + E + K, one_expert=one_expert)
     bias_E = (torch.randn(E, generator=torch.Generator().manual_seed(E)) * 0.3 if biased
               else None)
     outs = {}
     for name, ops in (("torch", TorchOps), ("triton", tops)):
-        plan, probs_TE, counts_E = ops.token_choice(logits_TE, K, cap, policy, K >= 2, bias_E)
+        plan, probs_TE, counts_E = ops.token_choice(logits_TE, K, cap, policy, K >= 2, bias_E,
+                                                    score_func)
         g = torch.Generator().manual_seed(1)
         loss = ((plan.row_weight_N * torch.rand(plan.row_weight_N.shape, generator=g)).sum()
                 + (plan.weight_TK * torch.rand(plan.weight_TK.shape, generator=g)).sum()
@@ -182,6 +184,8 @@ LAYER_CASES = [
     dict(top_k=1, router="expert_choice"),
     dict(top_k=2, residual=True, min_capacity=0, capacity_factor=0.5),
     dict(top_k=2, residual=True, hidden_dropout=0.3, capacity_factor=1.0),
+    dict(top_k=2, score_func="sigmoid", bias_update_rate=1e-3, num_shared_experts=1,
+         capacity_factor=1.0),
 ]
 
 
@@ -535,9 +539,9 @@ def build(fn, sig, consts, warps):
     triton.compile(src, target=target, options={"num_warps": warps})
 for K in (1, 2):
     for BT, BE in ((32, 64), (128, 8)):
-        for bias in (False, True):
+        for bias, sigmoid in ((False, False), (True, False), (True, True)):
             build(route._softmax_topk_kernel, ROUTE, dict(K=K, BT=BT, BE=BE, WRITE_HIST=True,
-                                                          HAS_BIAS=bias), 8)
+                                                          HAS_BIAS=bias, SIGMOID=sigmoid), 8)
         build(route._ordered_hist_kernel, ROUTE, dict(K=K, BT=BT, BE=BE), 8)
         build(route._place_kernel, ROUTE, dict(K=K, BT=BT, BE=BE, HAS_ORDER=True,
                                               HAS_CAPACITY=True), 8)

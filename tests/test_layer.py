@@ -66,6 +66,10 @@ CASES = [
     dict(router="expert_choice", capacity_factor=1.0),
     dict(router="expert_choice", capacity_factor=0.5),
     dict(top_k=1, capacity_factor=0.8, residual=True),
+    dict(top_k=2, capacity_factor=0.75, score_func="sigmoid"),
+    dict(top_k=1, capacity_factor=1.0, score_func="sigmoid", num_shared_experts=1,
+         drop_policy="score"),
+    dict(router="expert_choice", capacity_factor=1.0, score_func="sigmoid"),
 ]
 
 
@@ -174,6 +178,25 @@ def test_shared_experts_are_added_to_the_routed_output(activation):
     assert shared == ({"shared.fc1.weight", "shared.fc3.weight", "shared.fc2.weight"}
                       if activation == "swiglu" else
                       {"shared.fc1.weight", "shared.fc1.bias", "shared.fc2.weight", "shared.fc2.bias"})
+
+
+def test_sigmoid_scores_weight_select_and_balance_as_deepseek_v3():
+    """score_func="sigmoid": top-1 weights are sigmoid(logit) (no competition between
+    experts), the experts chosen are the softmax's (both are monotone in the logit), and the
+    balance loss and entropy read the scores normalised per token."""
+    x = torch.randn(32, D)
+    soft = make(top_k=1, drop_tokens=False)
+    sig = make(top_k=1, drop_tokens=False, score_func="sigmoid")
+    logits = sig.router(x)
+    _, _, st_sig = sig(x, return_stats=True)
+    _, _, st_soft = soft(x, return_stats=True)
+    assert torch.equal(st_sig.tokens_per_expert, st_soft.tokens_per_expert)
+    s_TE = torch.sigmoid(logits)
+    p_TE = s_TE / s_TE.sum(-1, keepdim=True)
+    f_E = st_sig.tokens_per_expert.float() / 32
+    torch.testing.assert_close(st_sig.balance_loss, E * (f_E * p_TE.mean(0)).sum())
+    torch.testing.assert_close(st_sig.router_entropy, -(p_TE * p_TE.log()).sum(-1).mean())
+    # the outputs' weights are checked against the per-token loop (CASES)
 
 
 def test_dropout_branches_drops_each_branch_before_mixing():
@@ -470,6 +493,7 @@ BAD = [
     (dict(dropout_branches=1), "dropout_branches"), (dict(dropout_branches=True), "dropout_branches"),
     (dict(num_shared_experts=-1), "num_shared_experts"), (dict(num_shared_experts=1.5), "num_shared_experts"),
     (dict(num_shared_experts=2, residual=True), "num_shared_experts"),
+    (dict(score_func="tanh"), "score_func"),
 ]
 
 

@@ -18,8 +18,10 @@ class TritonOps:
     name = "triton"
 
     @staticmethod
-    def token_choice(logits_TE, top_k, capacity, drop_policy, normalize, bias_E=None):
-        return _token_choice(logits_TE, top_k, capacity, drop_policy, normalize, bias_E)
+    def token_choice(logits_TE, top_k, capacity, drop_policy, normalize, bias_E=None,
+                     score_func="softmax"):
+        return _token_choice(logits_TE, top_k, capacity, drop_policy, normalize, bias_E,
+                             score_func)
 
     @staticmethod
     def permute(x_TD, plan):

@@ -1,4 +1,4 @@
-"""Fused token-choice routing: softmax + top-k + capacity slots in Triton.
+"""Fused token-choice routing: softmax (or sigmoid) + top-k + capacity slots in Triton.
 
 Pass 1 (one program per block of tokens) reads the float32 logits once, writes the
 probabilities and each token's top-k expert ids, and, for position priority, counts each
@@ -13,7 +13,8 @@ is reading the logits and writing the probabilities once.
 
 Ties: on exactly equal probabilities the kernel takes the lowest expert id (torch.topk leaves
 the choice unspecified). With a selection bias (auxiliary-loss-free balancing) experts are
-chosen by probability + bias and weighted by the probability.
+chosen by probability + bias and weighted by the probability. ``score_func="sigmoid"`` scores
+each expert by sigmoid(logit) instead of the softmax (DeepSeek-V3).
 
 Legend: T tokens, E experts, K top-k, B token blocks, N kept assignments (rows).
 """
@@ -33,7 +34,8 @@ from ..routing import RoutingPlan, first_choice_prob
 @triton.jit
 def _softmax_topk_kernel(logits_ptr, probs_ptr, idx_ptr, hist_ptr, bias_ptr, T, E, num_blocks,
                          K: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr,
-                         WRITE_HIST: tl.constexpr, HAS_BIAS: tl.constexpr):
+                         WRITE_HIST: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         SIGMOID: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BT + tl.arange(0, BT)
     cols = tl.arange(0, BE)
@@ -42,10 +44,13 @@ def _softmax_topk_kernel(logits_ptr, probs_ptr, idx_ptr, hist_ptr, bias_ptr, T, 
     ok = row_ok[:, None] & col_ok[None, :]
     offs = rows.to(tl.int64)[:, None] * E + cols[None, :]
     x = tl.load(logits_ptr + offs, mask=ok, other=float("-inf")).to(tl.float32)
-    x_max = tl.where(row_ok, tl.max(x, 1), 0.0)
-    ex = tl.where(ok, tl.exp(x - x_max[:, None]), 0.0)
-    denom = tl.where(row_ok, tl.sum(ex, 1), 1.0)
-    p = ex / denom[:, None]
+    if SIGMOID:
+        p = tl.where(ok, tl.sigmoid(x), 0.0)
+    else:
+        x_max = tl.where(row_ok, tl.max(x, 1), 0.0)
+        ex = tl.where(ok, tl.exp(x - x_max[:, None]), 0.0)
+        denom = tl.where(row_ok, tl.sum(ex, 1), 1.0)
+        p = ex / denom[:, None]
     tl.store(probs_ptr + offs, p, mask=ok)
     score = p
     if HAS_BIAS:  # selection only: the weights stay the probabilities
@@ -117,11 +122,12 @@ def _blocks(T: int, E: int):
 
 
 class _SoftmaxTopK(torch.autograd.Function):
-    """probs_TE = softmax(logits_TE) with each token's top-k ids (of probs + bias when a
-    selection bias is given) and the position-order histogram."""
+    """probs_TE = softmax(logits_TE) (or sigmoid) with each token's top-k ids (of probs + bias
+    when a selection bias is given) and the position-order histogram."""
 
     @staticmethod
-    def forward(ctx, logits_TE: Tensor, top_k: int, write_hist: bool, bias_E: Optional[Tensor]):
+    def forward(ctx, logits_TE: Tensor, top_k: int, write_hist: bool, bias_E: Optional[Tensor],
+                sigmoid: bool = False):
         T, E = logits_TE.shape
         logits_TE = logits_TE.contiguous().float()
         BT, BE, B, warps = _blocks(T, E)
@@ -133,7 +139,8 @@ class _SoftmaxTopK(torch.autograd.Function):
         bias_E = bias_E.float().contiguous() if has_bias else probs_TE  # unread without bias
         _softmax_topk_kernel[(B,)](logits_TE, probs_TE, idx_TK, hist, bias_E, T, E, B,
                                    K=top_k, BT=BT, BE=BE, WRITE_HIST=write_hist,
-                                   HAS_BIAS=has_bias, num_warps=warps)
+                                   HAS_BIAS=has_bias, SIGMOID=sigmoid, num_warps=warps)
+        ctx.sigmoid = sigmoid
         ctx.save_for_backward(probs_TE)
         ctx.mark_non_differentiable(idx_TK, hist)
         return probs_TE, idx_TK, hist
@@ -143,19 +150,22 @@ class _SoftmaxTopK(torch.autograd.Function):
     def backward(ctx, grad_probs, _grad_idx, _grad_hist):
         (p,) = ctx.saved_tensors
         if grad_probs is None:
-            return None, None, None, None
+            return None, None, None, None, None
         g = grad_probs.float()
-        return p * (g - (g * p).sum(-1, keepdim=True)), None, None, None
+        if ctx.sigmoid:
+            return g * p * (1 - p), None, None, None, None
+        return p * (g - (g * p).sum(-1, keepdim=True)), None, None, None, None
 
 
 def token_choice(logits_TE: Tensor, top_k: int, capacity: Optional[int], drop_policy: str,
-                 normalize: bool, bias_E: Optional[Tensor] = None
+                 normalize: bool, bias_E: Optional[Tensor] = None, score_func: str = "softmax"
                  ) -> tuple[RoutingPlan, Tensor, Tensor]:
     """Same contract and results as :func:`moesaic.routing.token_choice`, fused in Triton."""
     T, E = logits_TE.shape
     device = logits_TE.device
     by_score = capacity is not None and drop_policy == "score"
-    probs_TE, idx_TK, hist = _SoftmaxTopK.apply(logits_TE, top_k, not by_score, bias_E)
+    probs_TE, idx_TK, hist = _SoftmaxTopK.apply(logits_TE, top_k, not by_score, bias_E,
+                                                score_func == "sigmoid")
     BT, BE, B, warps = _blocks(T, E)
     order_T = None
     if by_score:

@@ -66,6 +66,7 @@ def describe(model: nn.Module) -> str:
         capacity = (f"capacity {c.capacity_factor}/{c.eval_capacity_factor} (train/eval)"
                     if c.drop_tokens or c.router == "expert_choice" else "dropless")
         shared = f"shared experts {c.num_shared_experts}, " if c.num_shared_experts else ""
+        shared += "sigmoid scores, " if c.score_func == "sigmoid" else ""
         lines.append(f"  MoE layers: {len(layers)}{extra}; top_k {c.top_k}, router {c.router}, "
                      f"{capacity}, noise {c.noise_policy}, residual {c.residual}, {shared}"
                      f"ep_size {layers[0].layout.ep_size}")
