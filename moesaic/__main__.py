@@ -104,6 +104,17 @@ def _parser() -> argparse.ArgumentParser:
     _add_set(e, "override one config key, e.g. --set eval_batch_size=100 or "
              "--set model_args.eval_capacity_factor=1.0")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
+    c = sub.add_parser("compare", help="compare runs: accuracy, speed, expert load, config "
+                       "differences and curves",
+                       description="Runs side by side from their run dirs (config.json, "
+                       "metrics.jsonl, summary.json): best and final accuracy, training "
+                       "images/s, parameters, the last epoch's busiest expert over the mean "
+                       "load and dropped fraction, then the config keys whose values differ. "
+                       "Builds no model and writes nothing unless --plot is given.")
+    c.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                   help="run dirs; a folder of runs (runs/NAME) stands for every run in it")
+    c.add_argument("--plot", metavar="FILE.png",
+                   help="also draw every run's eval accuracy and train loss curves into this file")
     m = sub.add_parser("models", help="list the model registry (moesaic models NAME describes one)")
     m.add_argument("name", nargs="?", help="describe this model (builds it)")
     return p
@@ -229,6 +240,20 @@ def _eval(args) -> int:
     return 0
 
 
+def _compare(args) -> int:
+    from .train.compare import CompareError, compare
+
+    try:
+        print(compare(args.runs, args.plot))
+    except CompareError as e:
+        _error(str(e))
+        return 2
+    except ImportError as e:
+        _error(f"--plot needs matplotlib (pip install 'moesaic[train]'): {e}")
+        return 2
+    return 0
+
+
 def _models(name: Optional[str]) -> int:
     from . import models
 
@@ -252,6 +277,8 @@ def main(argv=None) -> int:
         return _train(args)
     if args.command == "eval":
         return _eval(args)
+    if args.command == "compare":
+        return _compare(args)
     if args.command == "models":
         return _models(args.name)
     _parser().print_help()

@@ -1,0 +1,182 @@
+"""``moesaic compare RUN_DIR...``: several runs side by side.
+
+Reads each run dir's config.json, metrics.jsonl and summary.json (a run still going, or one
+stopped early, has no summary: its numbers come from its metrics). Prints one row per run
+(accuracy, throughput, parameters, the last epoch's expert load), the config keys whose values
+differ between the runs, and draws their eval accuracy and train loss curves on one figure.
+Nothing is recomputed and no model is built.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+from .report import _save_fig
+
+
+class CompareError(ValueError):
+    """A run dir that cannot be read as a run."""
+
+
+def _read_json(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise CompareError(f"cannot read {path}: {e}") from e
+
+
+def load_run(run_dir: str) -> dict:
+    """{"dir", "config", "history", "summary" (None while a run has none)}."""
+    if not os.path.isdir(run_dir):
+        raise CompareError(f"no run dir at {run_dir}")
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(metrics):
+        raise CompareError(f"{run_dir} has no metrics.jsonl: not a run dir of `moesaic train`, "
+                           "or a run that has not finished an epoch")
+    try:
+        with open(metrics) as f:
+            history = [json.loads(line) for line in f if line.strip()]
+    except (OSError, ValueError) as e:
+        raise CompareError(f"cannot read {metrics}: {e}") from e
+    if not history:
+        raise CompareError(f"{metrics} is empty: the run has not finished an epoch")
+    config = _read_json(os.path.join(run_dir, "config.json"))
+    summary_path = os.path.join(run_dir, "summary.json")
+    summary = _read_json(summary_path) if os.path.exists(summary_path) else None
+    return {"dir": run_dir, "config": config, "history": history, "summary": summary}
+
+
+def _load_balance(record: dict) -> Optional[float]:
+    """The busiest expert's share over the mean share, worst MoE layer of an epoch record."""
+    ratios = [max(m["token_share"]) * len(m["token_share"]) for m in record.get("moe", [])
+              if m.get("token_share")]
+    return max(ratios) if ratios else None
+
+
+def row(run: dict) -> dict:
+    h, s = run["history"], run["summary"] or {}
+    best = max(h, key=lambda r: r["eval_accuracy"])
+    imgs = sum(r.get("train_images", 0) for r in h)
+    secs = sum(r.get("train_time_s", 0.0) for r in h)
+    return {
+        "run": run["dir"],
+        "model": run["config"].get("model", "?"),
+        "epochs": h[-1]["epoch"],
+        "finished": run["summary"] is not None,
+        "best_eval_accuracy": best["eval_accuracy"],
+        "best_epoch": best["epoch"],
+        "final_eval_accuracy": h[-1]["eval_accuracy"],
+        "train_images_per_second": s.get("train_images_per_second",
+                                         imgs / secs if secs > 0 else 0.0),
+        "params_total": s.get("params_total"),
+        "params_active_per_token": s.get("params_active_per_token"),
+        "max_load_over_mean": _load_balance(h[-1]),
+        "dropped_fraction": h[-1].get("dropped_fraction"),
+    }
+
+
+def config_differences(runs: list[dict]) -> dict[str, list]:
+    """{key: [value in each run]} for the config keys (model_args one by one) that differ."""
+    flat = []
+    for run in runs:
+        c = dict(run["config"])
+        args = c.pop("model_args", {}) or {}
+        c.update({f"model_args.{k}": v for k, v in args.items()})
+        c.pop("name", None)
+        flat.append(c)
+    keys = sorted(set().union(*flat))
+    return {k: [f.get(k, "-") for f in flat] for k in keys
+            if len({json.dumps(f.get(k, "-"), sort_keys=True) for f in flat}) > 1}
+
+
+def _pct(x: Optional[float]) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
+def table(rows: list[dict]) -> str:
+    head = ["#", "run", "model", "epochs", "best (epoch)", "final", "img/s", "params (active)",
+            "busiest/mean", "dropped"]
+    body = []
+    for i, r in enumerate(rows, 1):
+        params = ("-" if r["params_total"] is None else
+                  f"{r['params_total']:,} ({r['params_active_per_token']:,})")
+        body.append([str(i), r["run"], r["model"],
+                     f"{r['epochs']}{'' if r['finished'] else ' (running or stopped)'}",
+                     f"{_pct(r['best_eval_accuracy'])} ({r['best_epoch']})",
+                     _pct(r["final_eval_accuracy"]), f"{r['train_images_per_second']:.0f}",
+                     params,
+                     "-" if r["max_load_over_mean"] is None else f"{r['max_load_over_mean']:.3f}",
+                     _pct(r["dropped_fraction"])])
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])
+
+
+def _short(run_dir: str) -> str:
+    """NAME/TIMESTAMP for a run under runs/, else the folder's name."""
+    parts = os.path.normpath(run_dir).split(os.sep)
+    stamp = parts[-1].replace("-", "")
+    return "/".join(parts[-2:]) if stamp.isdigit() and len(parts) > 1 else parts[-1]
+
+
+def plot(path: str, runs: list[dict]) -> None:
+    """Eval accuracy and train loss of every run against epoch, one colour per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, run in enumerate(runs, 1):
+        h = run["history"]
+        ep = [r["epoch"] for r in h]
+        label = f"#{i} {_short(run['dir'])}"
+        a1.plot(ep, [100 * r["eval_accuracy"] for r in h], "-", marker="o", ms=2, label=label)
+        a2.plot(ep, [r["train_loss"] for r in h], "-", marker="o", ms=2, label=label)
+    for a, title, ylabel in ((a1, "eval accuracy", "accuracy (%)"),
+                             (a2, "train loss (with aux, smoothing)", "loss")):
+        a.set_title(title)
+        a.set_xlabel("epoch")
+        a.set_ylabel(ylabel)
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    fig.tight_layout()
+    _save_fig(fig, path)
+    plt.close(fig)
+
+
+def expand(paths: list[str]) -> list[str]:
+    """Run dirs as given; a folder that is not a run but holds runs (runs/NAME) stands for
+    them, oldest first."""
+    out = []
+    for p in paths:
+        if os.path.isdir(p) and not os.path.exists(os.path.join(p, "metrics.jsonl")):
+            inner = sorted(os.path.join(p, d) for d in os.listdir(p)
+                           if os.path.exists(os.path.join(p, d, "metrics.jsonl")))
+            if inner:
+                out += inner
+                continue
+        out.append(p)
+    return out
+
+
+def compare(run_dirs: list[str], out: Optional[str] = None) -> str:
+    """The printed report (table, then differing config keys); writes the plot to ``out``."""
+    runs = [load_run(d) for d in expand(run_dirs)]
+    text = [table([row(r) for r in runs])]
+    diff = config_differences(runs)
+    if len(runs) > 1:
+        text.append("")
+        if diff:
+            text.append("config keys that differ (#1, #2, ...):")
+            w = max(len(k) for k in diff)
+            text += [f"  {k:<{w}}  " + " | ".join(json.dumps(v) for v in vals)
+                     for k, vals in diff.items()]
+        else:
+            text.append("the configs are the same (apart from name)")
+    if out is not None:
+        plot(out, runs)
+        text.append(f"\ncurves: {out}")
+    return "\n".join(text)

@@ -1,0 +1,66 @@
+"""`moesaic compare`: runs side by side from their run dirs, written here by hand (no training)."""
+import json
+import os
+
+import pytest
+
+from moesaic.__main__ import main
+from moesaic.train.compare import CompareError, compare, config_differences, load_run
+
+
+def write_run(path, accs, config=None, summary=True, shares=(0.5, 0.5)):
+    os.makedirs(path)
+    cfg = {"name": "x", "model": "vit_moe_tiny", "lr": 1e-3, "model_args": {}, **(config or {})}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    with open(os.path.join(path, "metrics.jsonl"), "w") as f:
+        for i, a in enumerate(accs, 1):
+            f.write(json.dumps({"epoch": i, "eval_accuracy": a, "train_loss": 2.0 / i,
+                                "train_images": 100, "train_time_s": 0.5,
+                                "dropped_fraction": 0.01,
+                                "moe": [{"name": "blocks.1.ffn", "token_share": list(shares),
+                                         "dropped_fraction": 0.01}]}) + "\n")
+    if summary:
+        with open(os.path.join(path, "summary.json"), "w") as f:
+            json.dump({"best_eval_accuracy": max(accs), "final_eval_accuracy": accs[-1],
+                       "epochs": len(accs), "train_images_per_second": 180.0,
+                       "params_total": 1000, "params_active_per_token": 400}, f)
+    return str(path)
+
+
+def test_table_differences_and_plot(tmp_path):
+    a = write_run(tmp_path / "runs" / "exp" / "20261201-010000", [0.5, 0.9, 0.8])
+    b = write_run(tmp_path / "runs" / "exp" / "20261201-020000", [0.6, 0.7],
+                  config={"lr": 2e-3, "model_args": {"top_k": 2}}, summary=False,
+                  shares=(0.75, 0.25))
+    out = compare([str(tmp_path / "runs" / "exp")], str(tmp_path / "c.png"))  # the folder: both
+    lines = out.splitlines()
+    assert "best (epoch)" in lines[0]
+    assert "90.00% (2)" in lines[2] and "80.00%" in lines[2] and "180" in lines[2]
+    assert "1,000 (400)" in lines[2] and "1.000" in lines[2]
+    assert "2 (running or stopped)" in lines[3] and "70.00% (2)" in lines[3] and "200" in lines[3]
+    assert "1.500" in lines[3]  # busiest expert 0.75 of a mean 0.5
+    assert "lr" in out and "0.001 | 0.002" in out and 'model_args.top_k  "-" | 2' in out
+    assert os.path.getsize(tmp_path / "c.png") > 1000
+    assert config_differences([load_run(a), load_run(a)]) == {}
+    assert "the configs are the same" in compare([a, a])
+
+
+def test_bad_run_dirs_are_clear_errors(tmp_path, capsys):
+    good = write_run(tmp_path / "good", [0.5])
+    os.makedirs(tmp_path / "good" / "checkpoints")
+    os.makedirs(tmp_path / "empty")
+    open(tmp_path / "empty" / "metrics.jsonl", "w").close()
+    broken = write_run(tmp_path / "broken", [0.5])
+    with open(os.path.join(broken, "config.json"), "w") as f:
+        f.write("{not json")
+    for path, msg in ((tmp_path / "none", "no run dir at"),
+                      (tmp_path / "good" / "checkpoints", "has no metrics.jsonl"),
+                      (tmp_path / "empty", "is empty: the run has not finished an epoch"),
+                      (broken, "cannot read")):
+        with pytest.raises(CompareError, match=msg):
+            compare([good, str(path)])
+    assert main(["compare", str(tmp_path / "none")]) == 2
+    assert "error: no run dir at" in capsys.readouterr().err
+    assert main(["compare", good]) == 0
+    assert "50.00% (1)" in capsys.readouterr().out
