@@ -127,8 +127,12 @@ class MoE(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
+        extra = "".join([", residual=True" if c.residual else "",
+                         f", num_shared_experts={c.num_shared_experts}" if c.num_shared_experts
+                         else "",
+                         f", score_func={c.score_func}" if c.score_func != "softmax" else ""])
         return (f"d_model={c.d_model}, d_ff={c.d_ff}, num_experts={c.num_experts}, "
-                f"top_k={c.top_k}, router={c.router}, drop_tokens={c.drop_tokens}, "
+                f"top_k={c.top_k}, router={c.router}, drop_tokens={c.drop_tokens}{extra}, "
                 f"ep_size={self.layout.ep_size}")
 
     def _route(self, logits_TE: Tensor, ops):

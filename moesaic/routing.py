@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 JITTER_EPS = 0.01
+TINY = torch.finfo(torch.float32).tiny  # normalising sums clamp here: all-zero scores give 0, not NaN
 
 
 @dataclass
@@ -202,22 +203,26 @@ def score_distribution(scores_TE: Tensor, score_func: str = "softmax") -> Tensor
     """The scores as a distribution over experts (sigmoid scores normalised per token), as the
     balance loss and the router entropy read them."""
     if score_func == "sigmoid":
-        return scores_TE / scores_TE.sum(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+        return scores_TE / scores_TE.sum(-1, keepdim=True).clamp(min=TINY)
     return scores_TE
 
 
 def topk_weights(probs_TE: Tensor, top_k: int, normalize: bool,
-                 bias_E: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    """Top-k experts of each token and their combine weights (renormalised when asked). With
-    ``bias_E`` the experts are chosen by probs + bias and weighted by the probabilities alone
-    (auxiliary-loss-free balancing)."""
-    if bias_E is None:
+                 bias_E: Optional[Tensor] = None, select_TE: Optional[Tensor] = None
+                 ) -> tuple[Tensor, Tensor]:
+    """Top-k experts of each token and their combine weights (renormalised when asked; a token
+    whose k scores all underflow to 0 gets zero weights, not 0/0). With ``bias_E`` the experts
+    are chosen by probs + bias and weighted by the probabilities alone (auxiliary-loss-free
+    balancing); ``select_TE`` chooses them by other scores of the same order (sigmoid routing
+    selects by the logits, which do not saturate to ties at 1.0 as float32 sigmoids do)."""
+    if bias_E is None and select_TE is None:
         topk_prob_TK, topk_idx_TK = probs_TE.topk(top_k, dim=-1)
     else:
-        topk_idx_TK = (probs_TE.detach() + bias_E.float()).topk(top_k, dim=-1).indices
+        by_TE = probs_TE.detach() + bias_E.float() if bias_E is not None else select_TE.detach()
+        topk_idx_TK = by_TE.topk(top_k, dim=-1).indices
         topk_prob_TK = probs_TE.gather(1, topk_idx_TK)
     if normalize:
-        return topk_prob_TK / topk_prob_TK.sum(-1, keepdim=True), topk_idx_TK
+        return topk_prob_TK / topk_prob_TK.sum(-1, keepdim=True).clamp(min=TINY), topk_idx_TK
     return topk_prob_TK, topk_idx_TK
 
 
@@ -253,7 +258,8 @@ def token_choice(logits_TE: Tensor, top_k: int, capacity: Optional[int], drop_po
     by ``bias_E`` if given). Returns (plan, scores_TE, counts_E before dropping)."""
     T, E = logits_TE.shape
     probs_TE = router_scores(logits_TE, score_func)
-    weight_TK, topk_idx_TK = topk_weights(probs_TE, top_k, normalize, bias_E)
+    select_TE = logits_TE if score_func == "sigmoid" and bias_E is None else None
+    weight_TK, topk_idx_TK = topk_weights(probs_TE, top_k, normalize, bias_E, select_TE)
     priority_T = None
     if capacity is not None and drop_policy == "score":
         priority_T = torch.argsort(first_choice_prob(probs_TE, topk_idx_TK), descending=True,

@@ -94,7 +94,7 @@ ROUTE_CASES = [
 
 @pytest.mark.parametrize("T,E,K,cap,policy,one_expert", ROUTE_CASES)
 @pytest.mark.parametrize("score_func,biased", [("softmax", False), ("softmax", True),
-                                               ("sigmoid", True)])
+                                               ("sigmoid", False), ("sigmoid", True)])
 def test_token_choice_matches_torch(tops, T, E, K, cap, policy, one_expert, score_func, biased):
     """Also with a selection bias (auxiliary-loss-free balancing) that overrides the
     probabilities for some tokens, and with sigmoid scores (DeepSeek-V3's pairing)."""
@@ -122,6 +122,25 @@ def test_token_choice_matches_torch(tops, T, E, K, cap, policy, one_expert, scor
     torch.testing.assert_close(g1, g0, atol=1e-5, rtol=1e-4)
     if cap is not None and one_expert:
         assert int(p1.counts_E.sum()) < T * K  # the crowded expert dropped assignments
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # the interpreter's numpy
+@pytest.mark.parametrize("scale,shift", [(30.0, 0.0), (1.0, -120.0)])
+def test_sigmoid_routing_saturated_or_underflowing_scores(tops, scale, shift):
+    """Logits far above 17 saturate float32 sigmoids to 1.0 (ties): both paths select by the
+    logits and agree; logits below about -104 underflow every score to 0: the normalised
+    weights are 0, not NaN."""
+    logits_TE = (logits_for(40, 6, seed=3) * scale + shift).requires_grad_(True)
+    plans = [ops.token_choice(logits_TE, 2, None, "position", True, None, "sigmoid")[0]
+             for ops in (TorchOps, tops)]
+    for field in ("row_token_N", "counts_E", "dest_TK"):
+        assert torch.equal(getattr(plans[0], field), getattr(plans[1], field)), field
+    for plan in plans:
+        assert torch.isfinite(plan.weight_TK).all()
+        (g,) = torch.autograd.grad(plan.weight_TK.sum(), logits_TE)
+        assert torch.isfinite(g).all()
+    if shift < 0:
+        assert not plans[1].weight_TK.any()
 
 
 # (T, E, K, capacity, drop_policy, D)

@@ -153,6 +153,8 @@ def test_moe_flops_equal_dense_at_top1_plus_router():
     assert moe == dense + 3 * 2 * 65 * 256 * 8
     shared = M.create("vit_moe_lite6", num_shared_experts=2).flops_per_image()
     assert shared == moe + 3 * 2 * (4 * 65 * 256 * 512)
+    gated = M.create("vit_moe_lite6", activation="swiglu").flops_per_image()
+    assert gated == moe + 3 * (2 * 65 * 256 * 512)  # a third product per expert
 
 
 def test_experts_keep_their_own_init():

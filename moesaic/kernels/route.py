@@ -14,7 +14,9 @@ is reading the logits and writing the probabilities once.
 Ties: on exactly equal probabilities the kernel takes the lowest expert id (torch.topk leaves
 the choice unspecified). With a selection bias (auxiliary-loss-free balancing) experts are
 chosen by probability + bias and weighted by the probability. ``score_func="sigmoid"`` scores
-each expert by sigmoid(logit) instead of the softmax (DeepSeek-V3).
+each expert by sigmoid(logit) instead of the softmax (DeepSeek-V3); without a bias it selects
+by the logits (the same order, without the ties of float32 sigmoids saturated at 1.0 for
+logits above about 17); with a bias such saturated scores can tie, and the rule above applies.
 
 Legend: T tokens, E experts, K top-k, B token blocks, N kept assignments (rows).
 """
@@ -28,7 +30,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..autograd import first_order
-from ..routing import RoutingPlan, first_choice_prob
+from ..routing import TINY, RoutingPlan, first_choice_prob
 
 
 @triton.jit
@@ -55,6 +57,8 @@ def _softmax_topk_kernel(logits_ptr, probs_ptr, idx_ptr, hist_ptr, bias_ptr, T, 
     score = p
     if HAS_BIAS:  # selection only: the weights stay the probabilities
         score = p + tl.load(bias_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    elif SIGMOID:  # the logits: the sigmoid's order, without its float32 ties at 1.0
+        score = x
     work = tl.where(col_ok[None, :], score, float("-inf"))
     for k in tl.static_range(K):
         top = tl.argmax(work, 1)
@@ -189,7 +193,7 @@ def token_choice(logits_TE: Tensor, top_k: int, capacity: Optional[int], drop_po
         num_warps=warps)
     weight_TK = probs_TE.gather(1, idx_TK.long())
     if normalize:
-        weight_TK = weight_TK / weight_TK.sum(-1, keepdim=True)
+        weight_TK = weight_TK / weight_TK.sum(-1, keepdim=True).clamp(min=TINY)
     plan = RoutingPlan(
         row_token_N=row_token_N, row_weight_N=weight_TK.reshape(-1).index_select(0, row_assign_N),
         counts_E=kept_counts_E, num_tokens=T, capacity=capacity,

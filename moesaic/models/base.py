@@ -153,10 +153,11 @@ class VisionModel(nn.Module):
             if E == 0:
                 total += mlp
             else:
-                total += 2 * S * D * E + round(layer.experts_per_token() * mlp)
+                moe_mlp = mlp * 3 // 2 if layer.activation == "swiglu" else mlp  # three products
+                total += 2 * S * D * E + round(layer.experts_per_token() * moe_mlp)
                 if layer.residual:
-                    total += mlp + 2 * S * D * 2
-                total += layer.num_shared_experts * mlp
+                    total += moe_mlp + 2 * S * D * 2
+                total += layer.num_shared_experts * moe_mlp
         return total
 
     def _block_moe_configs(self):
