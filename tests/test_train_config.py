@@ -62,6 +62,14 @@ def test_shipped_configs_load():
             prmoe.auto_augment, prmoe.max_ep_size) == (512, 2e-3, 3e-2, 200, 40, 0.1, 0.01, 1.0,
                                                        4, "cifar10", 1)
     assert load_file("configs/digits_vit_moe.py") == digits_default()
+    up = load_file("configs/cifar10_vit_moe_lite6_prmoe_upcycled.py")
+    dense = load_file("configs/cifar10_vit_lite6.py")
+    assert up.upcycle and up.init_from is None  # given on the command line
+    import moesaic
+    import moesaic.models as M
+    names = moesaic.upcycle_(M.create(up.model, **up.model_args),
+                             M.create(dense.model, **dense.model_args).state_dict())
+    assert names == ["blocks.1.ffn", "blocks.3.ffn", "blocks.5.ffn"]
 
 
 def test_unknown_key_names_the_closest(tmp_path):
