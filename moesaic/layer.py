@@ -65,8 +65,9 @@ class MoE(nn.Module):
     token passes through: ``moe(x) + shared(x)``.
     ``dropout`` applies to the layer's output (with ``dropout_branches``, to the experts' and
     the residual MLP's outputs separately, before mixing), ``hidden_dropout`` after the
-    activation inside every expert (and the residual MLP), as in a dense transformer MLP; its
-    masks do not depend on which rank holds an expert (:mod:`moesaic.hidden_dropout`).
+    activation inside every expert (and the residual and shared MLPs), as in a dense
+    transformer MLP; its masks do not depend on which rank holds an expert
+    (:mod:`moesaic.hidden_dropout`).
 
     ``layer(x, return_stats=True)`` also returns the call's
     :class:`~moesaic.routing.RoutingStats` (device tensors, no host sync); ``layer.last_stats``
