@@ -241,16 +241,25 @@ def _eval(args) -> int:
 
 
 def _compare(args) -> int:
-    from .train.compare import CompareError, compare
+    from .train.compare import CompareError, plot, report
 
     try:
-        print(compare(args.runs, args.plot))
+        text, runs = report(args.runs)
     except CompareError as e:
         _error(str(e))
         return 2
+    print(text)
+    if args.plot is None:
+        return 0
+    try:
+        plot(args.plot, runs)
     except ImportError as e:
         _error(f"--plot needs matplotlib (pip install 'moesaic[train]'): {e}")
         return 2
+    except OSError as e:
+        _error(f"cannot write the plot {args.plot}: {e}")
+        return 2
+    print(f"\ncurves: {args.plot}")
     return 0
 
 

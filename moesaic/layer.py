@@ -44,6 +44,12 @@ class DenseMLP(nn.Module):
         return self.fc2(self.drop(_act(self.activation, self.fc1(x), u)))
 
 
+def _dense_input(x_TD: Tensor, mlp: DenseMLP, autocast_on: bool) -> Tensor:
+    """The layer's input for a dense branch: as it is under autocast, else in the branch's
+    weight dtype (a float32 layer takes bf16 inputs)."""
+    return x_TD if autocast_on else x_TD.to(mlp.fc1.weight.dtype)
+
+
 class MoE(nn.Module):
     """Mixture-of-Experts feed-forward: ``y, aux_loss = layer(x)`` for x of shape [..., d_model].
 
@@ -194,15 +200,14 @@ class MoE(nn.Module):
             y_ND = self.experts(x_ND, counts_E, keys_N)
             y_TD = self.dispatcher.combine(y_ND, plan, handle, ops)
         if self.residual is not None:
-            xr_TD = x_TD if autocast_on else x_TD.to(self.residual_coef.weight.dtype)
+            xr_TD = _dense_input(x_TD, self.residual, autocast_on)
             coef_T2 = F.softmax(self.residual_coef(xr_TD), dim=-1)
             mlp_TD = self.residual(xr_TD).to(y_TD.dtype)
             if c.dropout_branches:  # each branch drops its own output (ColossalAI Titans')
                 y_TD, mlp_TD = self.dropout(y_TD), self.dropout(mlp_TD)
             y_TD = torch.lerp(mlp_TD, y_TD, coef_T2[:, :1].to(y_TD.dtype))
         if self.shared is not None:
-            xs_TD = x_TD if autocast_on else x_TD.to(self.shared.fc1.weight.dtype)
-            y_TD = y_TD + self.shared(xs_TD).to(y_TD.dtype)
+            y_TD = y_TD + self.shared(_dense_input(x_TD, self.shared, autocast_on)).to(y_TD.dtype)
         if not c.dropout_branches:
             y_TD = self.dropout(y_TD)
         y = y_TD.to(x.dtype).reshape(x.shape)

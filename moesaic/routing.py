@@ -199,6 +199,12 @@ def router_scores(logits_TE: Tensor, score_func: str = "softmax") -> Tensor:
     return torch.softmax(logits_TE, dim=-1)
 
 
+def ranking_scores(scores_TE: Tensor, logits_TE: Tensor, score_func: str = "softmax") -> Tensor:
+    """What routing ranks by: the scores, or for sigmoid scores the logits (the same order
+    elementwise, without the ties of float32 sigmoids saturated at 1.0 above about 17)."""
+    return logits_TE if score_func == "sigmoid" else scores_TE
+
+
 def score_distribution(scores_TE: Tensor, score_func: str = "softmax") -> Tensor:
     """The scores as a distribution over experts (sigmoid scores normalised per token), as the
     balance loss and the router entropy read them."""
@@ -226,10 +232,11 @@ def topk_weights(probs_TE: Tensor, top_k: int, normalize: bool,
     return topk_prob_TK, topk_idx_TK
 
 
-def first_choice_prob(probs_TE: Tensor, topk_idx_TK: Tensor) -> Tensor:
-    """Each token's probability for its first choice: the priority of ``drop_policy="score"``
-    (the top-1 probability, unless a selection bias chose another expert first)."""
-    return probs_TE.detach().gather(1, topk_idx_TK[:, :1].long()).squeeze(1)
+def first_choice_prob(rank_TE: Tensor, topk_idx_TK: Tensor) -> Tensor:
+    """Each token's ranking score (:func:`ranking_scores`) for its first choice: the priority of
+    ``drop_policy="score"`` (the top-1 probability, unless a selection bias chose another expert
+    first; for sigmoid scores the logit)."""
+    return rank_TE.detach().gather(1, topk_idx_TK[:, :1].long()).squeeze(1)
 
 
 def assignment_slots(topk_idx_TK: Tensor, priority_T: Optional[Tensor], num_experts: int):
@@ -258,11 +265,12 @@ def token_choice(logits_TE: Tensor, top_k: int, capacity: Optional[int], drop_po
     by ``bias_E`` if given). Returns (plan, scores_TE, counts_E before dropping)."""
     T, E = logits_TE.shape
     probs_TE = router_scores(logits_TE, score_func)
-    select_TE = logits_TE if score_func == "sigmoid" and bias_E is None else None
+    rank_TE = ranking_scores(probs_TE, logits_TE, score_func)
+    select_TE = rank_TE if score_func == "sigmoid" and bias_E is None else None
     weight_TK, topk_idx_TK = topk_weights(probs_TE, top_k, normalize, bias_E, select_TE)
     priority_T = None
     if capacity is not None and drop_policy == "score":
-        priority_T = torch.argsort(first_choice_prob(probs_TE, topk_idx_TK), descending=True,
+        priority_T = torch.argsort(first_choice_prob(rank_TE, topk_idx_TK), descending=True,
                                    stable=True)
     perm_A, slot_A, counts_E = assignment_slots(topk_idx_TK, priority_T, E)
     if capacity is None:
@@ -289,7 +297,8 @@ def expert_choice(logits_TE: Tensor, capacity: int, score_func: str = "softmax"
     """Each expert takes the ``capacity`` tokens it gives the highest score."""
     T, E = logits_TE.shape
     probs_TE = router_scores(logits_TE, score_func)
-    weight_CE, token_CE = probs_TE.topk(capacity, dim=0)
+    token_CE = ranking_scores(probs_TE, logits_TE, score_func).detach().topk(capacity, dim=0).indices
+    weight_CE = probs_TE.gather(0, token_CE)
     plan = RoutingPlan(
         row_token_N=token_CE.t().reshape(-1), row_weight_N=weight_CE.t().reshape(-1),
         counts_E=torch.full((E,), capacity, dtype=torch.long, device=logits_TE.device),

@@ -9,9 +9,10 @@ no communication.
 Where the combine weights of a token sum to 1 (top_k >= 2 with ``normalize_weights``, the
 default there; or top-1 with ``normalize_weights=True``) and nothing is dropped, the upcycled
 layer computes the dense MLP (up to rounding; in eval, as dropout masks differ). With top-1
-softmax weights the experts' part starts at p(x) * MLP(x) (PR-MoE: (c0 * p(x) + c1) * MLP(x)).
+unnormalised weights w(x) (the softmax probability, or the sigmoid score) the experts' part
+starts at w(x) * MLP(x) (PR-MoE: (c0 * w(x) + c1) * MLP(x)).
 
-Legend: D model dim, F ffn dim, L experts held by this rank.
+Legend: D model dim, F ffn dim.
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ from torch import Tensor
 from .layer import MoE
 
 __all__ = ["upcycle_layer_", "upcycle_"]
+
+DENSE_MLP = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "fc3.weight")  # per MoE place
 
 
 def _ffn_tensors(layer: MoE, where: str, w1_FD: Tensor, b1_F: Optional[Tensor], w2_DF: Tensor,
@@ -122,8 +125,9 @@ def upcycle_layer_(layer: MoE, fc1: nn.Linear, fc2: nn.Linear,
     return layer
 
 
-def _moe_prefixes(model: nn.Module) -> dict[str, MoE]:
-    """Every name under which an MoE layer is reached (a shared layer under each name)."""
+def moe_prefixes(model: nn.Module) -> dict[str, MoE]:
+    """{"NAME.": layer} for every name under which an MoE layer is reached (a shared layer
+    under each name; "" for a model that is itself one)."""
     return {(name + "." if name else ""): m
             for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, MoE)}
 
@@ -131,9 +135,6 @@ def _moe_prefixes(model: nn.Module) -> dict[str, MoE]:
 def _listed(items: list[str], limit: int = 12) -> str:
     more = f" and {len(items) - limit} more" if len(items) > limit else ""
     return ", ".join(items[:limit]) + more
-
-
-DENSE_MLP = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "fc3.weight")
 
 
 @torch.no_grad()
@@ -151,7 +152,9 @@ def upcycle_(model: nn.Module, dense_state_dict: dict, keep: tuple = ()) -> list
     dense = dense_state_dict
     if isinstance(keep, str):
         raise TypeError(f"keep must be a tuple of state-dict keys, got the string {keep!r}")
-    prefixes = _moe_prefixes(model)
+    prefixes = moe_prefixes(model)
+    if not prefixes:
+        raise ValueError(f"upcycle_: {type(model).__name__} has no MoE layer to upcycle into")
     own = model.state_dict()
     outside = {k for k in own if not any(k.startswith(p) for p in prefixes)}
     stray = sorted(set(keep) - outside)

@@ -279,7 +279,7 @@ def check_upcycle_layouts(rank, world, ctx, seed):
 def check_init_from_fails_on_every_rank(rank):
     """A checkpoint that fails to load on one rank stops every rank before the run dir is
     chosen, the others naming the failing rank."""
-    from moesaic.train import checkpoint, loop
+    from moesaic.train import checkpoint, dist as train_dist
 
     def load():
         if rank == 1:
@@ -289,8 +289,8 @@ def check_init_from_fails_on_every_rank(rank):
     with _raises(checkpoint.CheckpointError,
                  *(["init_from failed on rank 1: checkpoint X is damaged"] if rank == 0
                    else ["checkpoint X is damaged"])):
-        loop._on_every_rank(load)
-    assert loop._on_every_rank(lambda: rank) == rank
+        train_dist.on_every_rank(load)
+    assert train_dist.on_every_rank(lambda: rank) == rank
 
 
 def check_reset_classifier_refused_while_synced(rank, world, ctx, seed):

@@ -199,6 +199,16 @@ def test_sigmoid_scores_weight_select_and_balance_as_deepseek_v3():
     # the outputs' weights are checked against the per-token loop (CASES)
 
 
+def test_sigmoid_ranks_saturated_scores_by_logit():
+    """Logits above about 17 saturate float32 sigmoids at 1.0: expert choice and the score
+    drop policy still take the highest logits, not whichever tie comes first."""
+    logits = torch.arange(48, dtype=torch.float32).view(48, 1) * 2.0  # one expert
+    plan, _ = routing.expert_choice(logits, 4, "sigmoid")
+    assert sorted(plan.row_token_N[:4].tolist()) == [44, 45, 46, 47]
+    plan, _, _ = routing.token_choice(logits, 1, 3, "score", False, None, "sigmoid")
+    assert sorted(plan.row_token_N.tolist()) == [45, 46, 47]
+
+
 def test_dropout_branches_drops_each_branch_before_mixing():
     """dropout_branches: the experts' and the residual MLP's outputs get their own masks before
     the mix (ColossalAI Titans' placement), so an output element is zero only where both masks

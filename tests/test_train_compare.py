@@ -5,12 +5,13 @@ import os
 import pytest
 
 from moesaic.__main__ import main
-from moesaic.train.compare import CompareError, compare, config_differences, load_run
+from moesaic.train.compare import CompareError, config_differences, load_run, plot, report
 
 
 def write_run(path, accs, config=None, summary=True, shares=(0.5, 0.5)):
     os.makedirs(path)
-    cfg = {"name": "x", "model": "vit_moe_tiny", "lr": 1e-3, "model_args": {}, **(config or {})}
+    cfg = {"name": "x", "model": "vit_moe_tiny", "lr": 1e-3, "model_args": {},
+           "epochs": len(accs), **(config or {})}
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f)
     with open(os.path.join(path, "metrics.jsonl"), "w") as f:
@@ -31,19 +32,39 @@ def write_run(path, accs, config=None, summary=True, shares=(0.5, 0.5)):
 def test_table_differences_and_plot(tmp_path):
     a = write_run(tmp_path / "runs" / "exp" / "20261201-010000", [0.5, 0.9, 0.8])
     b = write_run(tmp_path / "runs" / "exp" / "20261201-020000", [0.6, 0.7],
-                  config={"lr": 2e-3, "model_args": {"top_k": 2}}, summary=False,
+                  config={"lr": 2e-3, "model_args": {"top_k": 2}, "epochs": 3}, summary=False,
                   shares=(0.75, 0.25))
-    out = compare([str(tmp_path / "runs" / "exp")], str(tmp_path / "c.png"))  # the folder: both
+    os.makedirs(tmp_path / "runs" / "exp" / "20261201-030000" / "checkpoints")  # just started
+    out, runs = report([str(tmp_path / "runs" / "exp")])  # the folder: its runs
+    plot(str(tmp_path / "c.png"), runs)
     lines = out.splitlines()
     assert "best (epoch)" in lines[0]
     assert "90.00% (2)" in lines[2] and "80.00%" in lines[2] and "180" in lines[2]
     assert "1,000 (400)" in lines[2] and "1.000" in lines[2]
-    assert "2 (running or stopped)" in lines[3] and "70.00% (2)" in lines[3] and "200" in lines[3]
+    assert "2 of 3 (running or stopped)" in lines[3] and "70.00% (2)" in lines[3]
+    assert "200" in lines[3]
+    assert "skipped (no finished epoch yet): " in out and out.count("20261201-030000") == 1
     assert "1.500" in lines[3]  # busiest expert 0.75 of a mean 0.5
     assert "lr" in out and "0.001 | 0.002" in out and 'model_args.top_k  "-" | 2' in out
     assert os.path.getsize(tmp_path / "c.png") > 1000
     assert config_differences([load_run(a), load_run(a)]) == {}
-    assert "the configs are the same" in compare([a, a])
+    assert "the configs are the same" in report([a, a])[0]
+    old = write_run(tmp_path / "old", [0.5], config={"epochs": 3})
+    with open(os.path.join(old, "config.json")) as f:
+        cfg = json.load(f)
+    with open(os.path.join(old, "config.json"), "w") as f:  # written before a key existed
+        json.dump({k: v for k, v in cfg.items() if k != "upcycle"}, f)
+    assert "upcycle" not in report([a, old])[0]
+
+
+def test_a_run_stopped_mid_epoch_counts_its_completed_epochs(tmp_path):
+    run = write_run(tmp_path / "r", [0.5, 0.6], config={"epochs": 2})
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        recs = [json.loads(line) for line in f]
+    recs[-1]["partial_steps"] = 5
+    with open(os.path.join(run, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in recs)
+    assert "1 of 2 (running or stopped)" in report([run])[0]
 
 
 def test_bad_run_dirs_are_clear_errors(tmp_path, capsys):
@@ -54,13 +75,21 @@ def test_bad_run_dirs_are_clear_errors(tmp_path, capsys):
     broken = write_run(tmp_path / "broken", [0.5])
     with open(os.path.join(broken, "config.json"), "w") as f:
         f.write("{not json")
+    with open(tmp_path / "good" / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 2}\n')
+    with pytest.raises(CompareError, match="line 2 lacks epoch, eval_accuracy or train_loss"):
+        report([good])
+    good = write_run(tmp_path / "good2", [0.5])
     for path, msg in ((tmp_path / "none", "no run dir at"),
                       (tmp_path / "good" / "checkpoints", "has no metrics.jsonl"),
                       (tmp_path / "empty", "is empty: the run has not finished an epoch"),
                       (broken, "cannot read")):
         with pytest.raises(CompareError, match=msg):
-            compare([good, str(path)])
+            report([good, str(path)])
     assert main(["compare", str(tmp_path / "none")]) == 2
     assert "error: no run dir at" in capsys.readouterr().err
     assert main(["compare", good]) == 0
     assert "50.00% (1)" in capsys.readouterr().out
+    assert main(["compare", good, "--plot", str(tmp_path / "no" / "dir" / "c.png")]) == 2
+    captured = capsys.readouterr()
+    assert "50.00% (1)" in captured.out and "cannot write the plot" in captured.err

@@ -126,6 +126,8 @@ def test_upcycle_of_a_model_names_what_does_not_fit_and_writes_nothing():
             moesaic.upcycle_(moe, bad)
         for k, v in moe.state_dict().items():
             assert torch.equal(v, before[k]), (msg, k)
+    with pytest.raises(ValueError, match="ViTMoE has no MoE layer to upcycle into"):
+        moesaic.upcycle_(_tiny(num_experts=0), sd)
     with pytest.raises(TypeError, match="keep must be a tuple"):
         moesaic.upcycle_(moe, sd, keep="head.weight")
     with pytest.raises(ValueError, match="keep names blocks.1.ffn.router.weight, which are not"):

@@ -30,7 +30,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..autograd import first_order
-from ..routing import TINY, RoutingPlan, first_choice_prob
+from ..routing import TINY, RoutingPlan, first_choice_prob, ranking_scores
 
 
 @triton.jit
@@ -173,7 +173,8 @@ def token_choice(logits_TE: Tensor, top_k: int, capacity: Optional[int], drop_po
     BT, BE, B, warps = _blocks(T, E)
     order_T = None
     if by_score:
-        order_T = torch.argsort(first_choice_prob(probs_TE, idx_TK), descending=True,
+        rank_TE = ranking_scores(probs_TE, logits_TE, score_func)
+        order_T = torch.argsort(first_choice_prob(rank_TE, idx_TK), descending=True,
                                 stable=True)
         hist = torch.empty(E, top_k * B, dtype=torch.int32, device=device)
         _ordered_hist_kernel[(B, top_k)](idx_TK, order_T, hist, T, E, B, K=top_k, BT=BT, BE=BE,

@@ -335,10 +335,9 @@ def _read_weights(ckpt: str) -> dict:
 
 def _dense_under_experts(weights: dict, model: nn.Module) -> list[str]:
     """Dense-MLP entries of ``weights`` at places where ``model`` has an MoE layer."""
-    from ..layer import MoE
+    from ..upcycle import moe_prefixes
 
-    places = [n for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, MoE)]
-    return [k for k in weights for p in places if k == f"{p}.fc1.weight"]
+    return [k for k in weights for p in moe_prefixes(model) if k == f"{p}fc1.weight"]
 
 
 def load_weights(ckpt: str, model: nn.Module, fresh: tuple = ("head.weight", "head.bias"),

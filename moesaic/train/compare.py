@@ -1,9 +1,10 @@
 """``moesaic compare RUN_DIR...``: several runs side by side.
 
-Reads each run dir's config.json, metrics.jsonl and summary.json (a run still going, or one
-stopped early, has no summary: its numbers come from its metrics). Prints one row per run
-(accuracy, throughput, parameters, the last epoch's expert load), the config keys whose values
-differ between the runs, and draws their eval accuracy and train loss curves on one figure.
+Reads each run dir's config.json, metrics.jsonl and summary.json (written after every epoch;
+a run still going, or stopped early, shows its completed epochs of the planned ones). Prints
+one row per run (accuracy, throughput, parameters, the last epoch's expert load) and the
+config keys whose values differ between the runs (keys a run's version did not have count as
+their defaults); :func:`plot` draws their eval accuracy and train loss curves on one figure.
 Nothing is recomputed and no model is built.
 """
 from __future__ import annotations
@@ -12,11 +13,19 @@ import json
 import os
 from typing import Optional
 
-from .report import _save_fig
+from .report import save_fig
 
 
 class CompareError(ValueError):
     """A run dir that cannot be read as a run."""
+
+
+def _defaults() -> dict:
+    """The config keys of this version with their defaults: a run written before a key existed
+    ran with its default (the key was added with the old behaviour as its default)."""
+    from .config import TrainConfig
+
+    return TrainConfig().to_dict()
 
 
 def _read_json(path: str):
@@ -42,7 +51,11 @@ def load_run(run_dir: str) -> dict:
         raise CompareError(f"cannot read {metrics}: {e}") from e
     if not history:
         raise CompareError(f"{metrics} is empty: the run has not finished an epoch")
-    config = _read_json(os.path.join(run_dir, "config.json"))
+    bad = [i for i, r in enumerate(history, 1)
+           if not all(k in r for k in ("epoch", "eval_accuracy", "train_loss"))]
+    if bad:
+        raise CompareError(f"{metrics}: line {bad[0]} lacks epoch, eval_accuracy or train_loss")
+    config = {**_defaults(), **_read_json(os.path.join(run_dir, "config.json"))}
     summary_path = os.path.join(run_dir, "summary.json")
     summary = _read_json(summary_path) if os.path.exists(summary_path) else None
     return {"dir": run_dir, "config": config, "history": history, "summary": summary}
@@ -60,11 +73,14 @@ def row(run: dict) -> dict:
     best = max(h, key=lambda r: r["eval_accuracy"])
     imgs = sum(r.get("train_images", 0) for r in h)
     secs = sum(r.get("train_time_s", 0.0) for r in h)
+    completed = h[-1]["epoch"] - int("partial_steps" in h[-1])  # as summary.json counts them
+    planned = run["config"].get("epochs", completed)
     return {
         "run": run["dir"],
         "model": run["config"].get("model", "?"),
-        "epochs": h[-1]["epoch"],
-        "finished": run["summary"] is not None,
+        "epochs": completed,
+        "planned_epochs": planned,
+        "finished": completed >= planned,
         "best_eval_accuracy": best["eval_accuracy"],
         "best_epoch": best["epoch"],
         "final_eval_accuracy": h[-1]["eval_accuracy"],
@@ -103,7 +119,8 @@ def table(rows: list[dict]) -> str:
         params = ("-" if r["params_total"] is None else
                   f"{r['params_total']:,} ({r['params_active_per_token']:,})")
         body.append([str(i), r["run"], r["model"],
-                     f"{r['epochs']}{'' if r['finished'] else ' (running or stopped)'}",
+                     f"{r['epochs']}" + ("" if r["finished"] else
+                                         f" of {r['planned_epochs']} (running or stopped)"),
                      f"{_pct(r['best_eval_accuracy'])} ({r['best_epoch']})",
                      _pct(r["final_eval_accuracy"]), f"{r['train_images_per_second']:.0f}",
                      params,
@@ -143,29 +160,42 @@ def plot(path: str, runs: list[dict]) -> None:
         a.grid(alpha=0.3)
         a.legend(fontsize=8)
     fig.tight_layout()
-    _save_fig(fig, path)
+    save_fig(fig, path)
     plt.close(fig)
 
 
-def expand(paths: list[str]) -> list[str]:
-    """Run dirs as given; a folder that is not a run but holds runs (runs/NAME) stands for
-    them, oldest first."""
-    out = []
+def _has_epoch(run_dir: str) -> bool:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    return os.path.exists(path) and os.path.getsize(path) > 0
+
+
+def expand(paths: list[str]) -> tuple[list[str], list[str]]:
+    """(run dirs, skipped): run dirs as given; a folder that is not a run but holds runs
+    (runs/NAME) stands for those that have finished an epoch, oldest first; the others
+    (just started) are skipped."""
+    out, skipped = [], []
     for p in paths:
         if os.path.isdir(p) and not os.path.exists(os.path.join(p, "metrics.jsonl")):
             inner = sorted(os.path.join(p, d) for d in os.listdir(p)
-                           if os.path.exists(os.path.join(p, d, "metrics.jsonl")))
+                           if os.path.isdir(os.path.join(p, d, "checkpoints"))
+                           or os.path.exists(os.path.join(p, d, "metrics.jsonl")))
             if inner:
-                out += inner
+                out += [d for d in inner if _has_epoch(d)]
+                skipped += [d for d in inner if not _has_epoch(d)]
                 continue
         out.append(p)
-    return out
+    return out, skipped
 
 
-def compare(run_dirs: list[str], out: Optional[str] = None) -> str:
-    """The printed report (table, then differing config keys); writes the plot to ``out``."""
-    runs = [load_run(d) for d in expand(run_dirs)]
+def report(run_dirs: list[str]) -> tuple[str, list[dict]]:
+    """The printed report (table, then differing config keys) and the runs read."""
+    dirs, skipped = expand(run_dirs)
+    if not dirs:
+        raise CompareError(f"no run in {', '.join(run_dirs)} has finished an epoch yet")
+    runs = [load_run(d) for d in dirs]
     text = [table([row(r) for r in runs])]
+    if skipped:
+        text.append("skipped (no finished epoch yet): " + ", ".join(skipped))
     diff = config_differences(runs)
     if len(runs) > 1:
         text.append("")
@@ -176,7 +206,4 @@ def compare(run_dirs: list[str], out: Optional[str] = None) -> str:
                      for k, vals in diff.items()]
         else:
             text.append("the configs are the same (apart from name)")
-    if out is not None:
-        plot(out, runs)
-        text.append(f"\ncurves: {out}")
-    return "\n".join(text)
+    return "\n".join(text), runs

@@ -40,7 +40,7 @@ from . import checkpoint, report, rundir
 from .augment import Augmenter
 from .config import ConfigError, TrainConfig
 from .data import epoch_order, load_dataset, rank_batch, steps_per_epoch
-from .dist import all_reduce_, grad_scaler, multi_process
+from .dist import all_reduce_, grad_scaler, on_every_rank
 from .evaluate import autocast, evaluate
 from .meters import RoutingMeter
 from .optim import WarmupCosine, make_optimizer
@@ -184,26 +184,6 @@ def _same_inputs(a, b) -> bool:
     return a == b
 
 
-def _on_every_rank(fn):
-    """``fn()``, raising on every rank if it raised on any (rank 0 would otherwise go on to
-    create the run dir while another rank dies)."""
-    error, out = None, None
-    try:
-        out = fn()
-    except Exception as e:  # re-raised below, on this rank as it was
-        error = e
-    if multi_process():
-        said = [None] * dist.get_world_size()
-        dist.all_gather_object(said, None if error is None else str(error))
-        failed = [(r, m) for r, m in enumerate(said) if m is not None]
-        if error is None and failed:
-            raise checkpoint.CheckpointError(f"init_from failed on rank {failed[0][0]}: "
-                                             f"{failed[0][1]}")
-    if error is not None:
-        raise error
-    return out
-
-
 def _find_init(path: str) -> str:
     """The checkpoint ``init_from`` names, or a CheckpointError that says it was init_from."""
     try:
@@ -248,7 +228,7 @@ class Trainer:
         # only if it finds none
         init_notes = None
         if init_ckpt is not None and rundir.restart_count() == 0:
-            init_notes = _on_every_rank(lambda: self._init_from(model, init_ckpt))
+            init_notes = on_every_rank(lambda: self._init_from(model, init_ckpt))
         own_dir = None  # the run dir the resumed checkpoint belongs to
         if resume is not None:
             parent = os.path.dirname(os.path.abspath(checkpoint.find(resume)))
@@ -263,8 +243,8 @@ class Trainer:
         if ckpt is None and resume is not None:
             ckpt = checkpoint.find(resume)
         if ckpt is None and init_ckpt is not None:  # a resumed run has its own weights
-            if init_notes is None:
-                init_notes = self._init_from(model, init_ckpt)
+            if init_notes is None:  # a restart that found no checkpoint of its own
+                init_notes = on_every_rank(lambda: self._init_from(model, init_ckpt))
             self.log(init_notes[0])
             if self.is_main:
                 for note in init_notes[1]:

@@ -103,7 +103,7 @@ def plot_curves(path: str, history: list[dict]) -> None:
     for a in (a1, a2):
         a.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
-    _save_fig(fig, path)
+    save_fig(fig, path)
     plt.close(fig)
 
 
@@ -147,11 +147,11 @@ def plot_expert_load(path: str, history: list[dict]) -> None:
             axes[j // cols][j % cols].axis("off")
     fig.suptitle("tokens per expert (dotted lines: uniform shares)", fontsize=10)
     fig.tight_layout()
-    _save_fig(fig, path)
+    save_fig(fig, path)
     plt.close(fig)
 
 
-def _save_fig(fig, path: str) -> None:
+def save_fig(fig, path: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}.png"
     fig.savefig(tmp, dpi=100)
     os.replace(tmp, path)
