@@ -1,5 +1,5 @@
 """The embedded default (what `moesaic train` runs with no config): a small ViT-MoE on the 1,797
-8x8 handwritten digits scikit-learn ships; about 30-40 s on 2 CPU cores (28 s measured, see
+8x8 handwritten digits scikit-learn ships; about 30-40 s on 2 quiet CPU cores (measured runs in
 docs/benchmarks.md), 98.61% best test accuracy at the default seed."""
 NAME = "digits_vit_moe"
 MODEL = "vit_moe_tiny"

@@ -60,7 +60,8 @@ class MoE(nn.Module):
     probability for its first choice (``"score"``); ``drop_tokens=False`` keeps every
     assignment. Expert choice lets each expert take its ceil(cf * T / E) highest-probability
     tokens, cf being the mean number of experts per token (so eval_capacity_factor defaults to
-    capacity_factor, as in Zhou et al. 2022).
+    capacity_factor, as in Zhou et al. 2022). Scores are the softmax of the router's logits, or
+    with ``score_func="sigmoid"`` one sigmoid per expert (DeepSeek-V3).
     ``aux_loss = aux_loss_coef * balance + z_loss_coef * z``. ``bias_update_rate`` u > 0 turns on
     auxiliary-loss-free balancing (Wang et al. 2024, DeepSeek-V3): experts are chosen by
     probability + ``router.expert_bias`` and weighted by the probability, and

@@ -174,6 +174,7 @@ def upcycle_(model: nn.Module, dense_state_dict: dict, keep: tuple = ()) -> list
                        f"({'meta' if isinstance(d, Tensor) else type(d).__name__})")
         elif tuple(d.shape) != tuple(t.shape):
             bad.append(f"{key}: {tuple(d.shape)} in the dense model, {tuple(t.shape)} here")
+            used.add(key)  # reported here, not again as unused
         else:
             new[key] = d
             used.add(key)
@@ -201,7 +202,8 @@ def upcycle_(model: nn.Module, dense_state_dict: dict, keep: tuple = ()) -> list
     if missing:
         problems.append("missing in the dense state dict: " + _listed(missing))
     if bad:
-        problems.append("entries that do not fit: " + _listed(bad))
+        problems.append("entries that do not fit: " + _listed(bad) + " (keep=(NAME, ...) leaves "
+                        "entries as this model has them, e.g. a classifier for other classes)")
     if under_moe:
         problems.append("not a dense MLP's fc1/fc2 weight or bias or fc3 weight, at an MoE "
                         "layer's place: " + _listed(under_moe))

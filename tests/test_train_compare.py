@@ -45,7 +45,8 @@ def test_table_differences_and_plot(tmp_path):
     assert "200" in lines[3]
     assert "skipped (no finished epoch yet): " in out and out.count("20261201-030000") == 1
     assert "1.500" in lines[3]  # busiest expert 0.75 of a mean 0.5
-    assert "lr" in out and "0.001 | 0.002" in out and 'model_args.top_k  "-" | 2' in out
+    assert "lr" in out and "0.001 | 0.002" in out and "model_args.top_k  - | 2" in out
+    assert report([str(tmp_path / "runs")])[0].count("20261201-0") == 3  # the runs root too
     assert os.path.getsize(tmp_path / "c.png") > 1000
     assert config_differences([load_run(a), load_run(a)]) == {}
     assert "the configs are the same" in report([a, a])[0]

@@ -128,6 +128,13 @@ def test_bad_values_name_field_and_value(tmp_path):
         0.2023, 0.1994, 0.2010]
 
 
+def test_a_shipped_config_named_from_elsewhere_says_where_it_is(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"does not exist here .*; the shipped one is .*"
+                                          r"configs/digits_vit_moe.py"):
+        load_file("configs/digits_vit_moe.py")
+
+
 def test_cli_reports_config_errors(tmp_path, capsys):
     assert main(["train", "--set", "batchsize=3"]) == 2
     err = capsys.readouterr().err

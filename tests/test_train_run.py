@@ -348,6 +348,9 @@ def test_init_from_starts_a_new_run_from_the_weights(tmp_path, capsys):
     bad = apply_overrides(load_file(cfg), [f"init_from={str(tmp_path / 'nowhere')!r}"])
     with pytest.raises(checkpoint.CheckpointError, match="init_from: no checkpoint at"):
         loop.Trainer(bad, str(tmp_path / "never"))
+    with pytest.raises(checkpoint.CheckpointError, match=r"it holds runs: name one, e.g. .*first "
+                                                         r"\(the newest of 1\)"):
+        checkpoint.find(str(tmp_path))
     assert not os.path.exists(tmp_path / "never")  # found out before anything was written
     inputs = checkpoint.read_state(ckpt)["inputs"]  # the statistics None resolved to
     same = apply_overrides(load_file(cfg), [f"init_from={first!r}",

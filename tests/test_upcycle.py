@@ -126,6 +126,10 @@ def test_upcycle_of_a_model_names_what_does_not_fit_and_writes_nothing():
             moesaic.upcycle_(moe, bad)
         for k, v in moe.state_dict().items():
             assert torch.equal(v, before[k]), (msg, k)
+    with pytest.raises(ValueError) as err:  # another class count: one message, with the way out
+        moesaic.upcycle_(moe, _tiny(num_experts=0, num_classes=5).state_dict())
+    assert "head.bias: (5,) in the dense model, (10,) here" in str(err.value)
+    assert "keep=(NAME, ...)" in str(err.value) and "no such entry" not in str(err.value)
     with pytest.raises(ValueError, match="ViTMoE has no MoE layer to upcycle into"):
         moesaic.upcycle_(_tiny(num_experts=0), sd)
     with pytest.raises(TypeError, match="keep must be a tuple"):

@@ -100,7 +100,8 @@ register("vit_moe_lite6_prmoe", "PR-MoE ViT-Lite-6/4: experts [4, 4, 8], residua
 
 @register("vit_moe_tiny")
 def vit_moe_tiny(**overrides) -> ViTMoE:
-    """Small ViT-MoE for quick runs (e.g. 8x8 digits with img_size=8, patch_size=2, in_chans=1)."""
+    """Small ViT-MoE for quick runs (the digits default builds it with img_size=8, in_chans=1:
+    four 4x4 patches)."""
     kw = dict(depth=4, d_model=64, num_heads=4, mlp_ratio=2.0, num_experts=4, top_k=1)
     kw.update(overrides)
     return ViTMoE(**kw)

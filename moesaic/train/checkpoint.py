@@ -280,8 +280,13 @@ def find(path: str) -> str:
                 return ck
             raise CheckpointError(f"{latest} names {os.path.basename(ck)}, which holds no "
                                   f"{STATE_FILE} (deleted or moved?); {_others(root)}")
+    runs = sorted(d for d in (os.listdir(path) if os.path.isdir(path) else [])
+                  if os.path.isfile(os.path.join(path, d, "checkpoints", "latest.json")))
+    hint = (f"; it holds runs: name one, e.g. {os.path.join(path, runs[-1])} (the newest of "
+            f"{len(runs)})" if runs else "")
     raise CheckpointError(f"no checkpoint at {os.path.abspath(path)}: expected a checkpoint "
-                          f"folder (with {STATE_FILE}) or a run dir with checkpoints/latest.json")
+                          f"folder (with {STATE_FILE}) or a run dir with checkpoints/latest.json"
+                          + hint)
 
 
 def _others(ckpt_root: str, but: Optional[str] = None) -> str:
@@ -379,13 +384,15 @@ def _upcycle_from(ckpt: str, model: nn.Module, weights: dict, own: dict,
     moe = sorted({k.split(".experts.")[0] for k in weights if ".experts." in k})
     if moe:
         raise CheckpointError(f"upcycle=True: checkpoint {ckpt} already holds experts (at "
-                              f"{', '.join(moe)}); upcycling starts from a dense model's")
+                              f"{', '.join(moe)}); upcycling starts from a dense model's "
+                              "weights")
     keep = tuple(k for k in fresh if k in weights and k in own
                  and weights[k].shape != own[k].shape)
     try:
         upcycle_(model, weights, keep=keep)
     except ValueError as e:
-        why = str(e).removeprefix("upcycle_: the dense state dict does not fit this model: ")
+        why = str(e).removeprefix("upcycle_: ").removeprefix(
+            "the dense state dict does not fit this model: ")
         raise CheckpointError(f"upcycle=True: checkpoint {ckpt} does not fit this model: "
                               f"{why}") from e
     return list(keep)

@@ -42,8 +42,9 @@ def load_run(run_dir: str) -> dict:
         raise CompareError(f"no run dir at {run_dir}")
     metrics = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(metrics):
-        raise CompareError(f"{run_dir} has no metrics.jsonl: not a run dir of `moesaic train`, "
-                           "or a run that has not finished an epoch")
+        what = ("a run that has not finished an epoch" if _is_run(run_dir) else
+                "not a run dir of `moesaic train`, nor a folder of them")
+        raise CompareError(f"{run_dir} has no metrics.jsonl: {what}")
     try:
         with open(metrics) as f:
             history = [json.loads(line) for line in f if line.strip()]
@@ -93,6 +94,10 @@ def row(run: dict) -> dict:
     }
 
 
+IGNORED = ("name", "progress", "plots", "runs_root", "timeout_s")  # do not change results
+MISSING = "-"  # a model_args entry a run did not set (the model's default)
+
+
 def config_differences(runs: list[dict]) -> dict[str, list]:
     """{key: [value in each run]} for the config keys (model_args one by one) that differ."""
     flat = []
@@ -100,11 +105,12 @@ def config_differences(runs: list[dict]) -> dict[str, list]:
         c = dict(run["config"])
         args = c.pop("model_args", {}) or {}
         c.update({f"model_args.{k}": v for k, v in args.items()})
-        c.pop("name", None)
+        for k in IGNORED:
+            c.pop(k, None)
         flat.append(c)
     keys = sorted(set().union(*flat))
-    return {k: [f.get(k, "-") for f in flat] for k in keys
-            if len({json.dumps(f.get(k, "-"), sort_keys=True) for f in flat}) > 1}
+    return {k: [f.get(k, MISSING) for f in flat] for k in keys
+            if len({json.dumps(f.get(k, MISSING), sort_keys=True) for f in flat}) > 1}
 
 
 def _pct(x: Optional[float]) -> str:
@@ -169,16 +175,33 @@ def _has_epoch(run_dir: str) -> bool:
     return os.path.exists(path) and os.path.getsize(path) > 0
 
 
+def _is_run(path: str) -> bool:
+    return (os.path.isdir(os.path.join(path, "checkpoints"))
+            or os.path.exists(os.path.join(path, "metrics.jsonl")))
+
+
+def _runs_under(folder: str, depth: int = 2) -> list[str]:
+    """The run dirs in ``folder`` (runs/NAME) or one level further down (runs), sorted."""
+    found = []
+    for d in sorted(os.listdir(folder)):
+        sub = os.path.join(folder, d)
+        if not os.path.isdir(sub):
+            continue
+        if _is_run(sub):
+            found.append(sub)
+        elif depth > 1:
+            found += _runs_under(sub, depth - 1)
+    return found
+
+
 def expand(paths: list[str]) -> tuple[list[str], list[str]]:
     """(run dirs, skipped): run dirs as given; a folder that is not a run but holds runs
-    (runs/NAME) stands for those that have finished an epoch, oldest first; the others
-    (just started) are skipped."""
+    (runs/NAME, or runs) stands for those that have finished an epoch, in name order (oldest
+    first within a NAME); the others (just started) are skipped."""
     out, skipped = [], []
     for p in paths:
-        if os.path.isdir(p) and not os.path.exists(os.path.join(p, "metrics.jsonl")):
-            inner = sorted(os.path.join(p, d) for d in os.listdir(p)
-                           if os.path.isdir(os.path.join(p, d, "checkpoints"))
-                           or os.path.exists(os.path.join(p, d, "metrics.jsonl")))
+        if os.path.isdir(p) and not _is_run(p):
+            inner = _runs_under(p)
             if inner:
                 out += [d for d in inner if _has_epoch(d)]
                 skipped += [d for d in inner if not _has_epoch(d)]
@@ -202,8 +225,9 @@ def report(run_dirs: list[str]) -> tuple[str, list[dict]]:
         if diff:
             text.append("config keys that differ (#1, #2, ...):")
             w = max(len(k) for k in diff)
-            text += [f"  {k:<{w}}  " + " | ".join(json.dumps(v) for v in vals)
+            text += [f"  {k:<{w}}  " + " | ".join(MISSING if v == MISSING else json.dumps(v)
+                                                 for v in vals)
                      for k, vals in diff.items()]
         else:
-            text.append("the configs are the same (apart from name)")
+            text.append(f"the configs are the same (apart from {', '.join(IGNORED)})")
     return "\n".join(text), runs

@@ -262,6 +262,10 @@ def load_file(path: str) -> TrainConfig:
     """Run a config file and turn its UPPER_CASE names (or its ``config()``) into a config."""
     if not os.path.isfile(path):
         why = "is a directory, not a file" if os.path.isdir(path) else "does not exist"
+        shipped = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+            os.path.abspath(__file__)))), "configs", os.path.basename(path))
+        if not os.path.isabs(path) and os.path.isfile(shipped):
+            why += f" here ({os.getcwd()}); the shipped one is {shipped}"
         raise ConfigError(f"config file {path!r} {why}")
     folder = os.path.dirname(os.path.abspath(path))
     sys.path.insert(0, folder)  # a config may import a base config that sits beside it
