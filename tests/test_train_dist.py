@@ -111,3 +111,20 @@ def test_training_does_not_depend_on_the_expert_layout(setup):
         for key in ("train_loss", "train_aux", "eval_loss"):
             assert rb[key] == pytest.approx(ra[key], rel=1e-4), key
         assert abs(rb["eval_accuracy"] - ra["eval_accuracy"]) <= 1 / 41 + 1e-9
+
+
+def test_two_process_run_upcycled_from_a_one_process_dense_run(setup, tmp_path):
+    """upcycle=True under torchrun with the experts split over 2 ranks: each rank copies the
+    dense MLPs into the experts it holds; the run trains, and its checkpoint holds all 4."""
+    root, cfg, _, _ = setup
+    dense = str(tmp_path / "dense")
+    dense_cfg = apply_overrides(load_file(cfg), ["epochs=1", "max_ep_size=None",
+                                                 "model_args.num_experts=0"])
+    Trainer(dense_cfg, run_dir=dense).run()
+    run = str(tmp_path / "up")
+    out = torchrun(["--config", cfg, "--run-dir", run, "--set", "epochs=1", "--set",
+                    f"init_from={dense!r}", "--set", "upcycle=True"])
+    assert "upcycled (each dense MLP copied into every expert) from" in out and "ep_size [2]" in out
+    assert out.count("upcycled (each dense MLP") == 1  # logged by rank 0 only
+    saved = checkpoint._load_tensors(os.path.join(checkpoint.find(run), "model.safetensors"))
+    assert saved["blocks.1.ffn.experts.w1"].shape[0] == 4

@@ -377,6 +377,30 @@ def test_init_from_starts_a_new_run_from_the_weights(tmp_path, capsys):
     assert "initialised from" not in capsys.readouterr().out
 
 
+def test_eval_at_start_leaves_training_unchanged(tmp_path, capsys):
+    """eval_at_start evaluates before the first step without drawing random numbers: the run's
+    metrics equal a run without it (timings aside); summary.json and the end table show it,
+    and a resumed run keeps it."""
+    write_cifar(str(tmp_path))
+    cfg = tiny_config(tmp_path / "c.py", tmp_path, CROP_PADDING=2,
+                      MODEL_ARGS={**TINY_MODEL, "noise_policy": "jitter", "drop_rate": 0.1})
+    plain, first = str(tmp_path / "plain"), str(tmp_path / "first")
+    assert main(["train", "--config", cfg, "--run-dir", plain]) == 0
+    assert main(["train", "--config", cfg, "--run-dir", first, "--set", "eval_at_start=True"]) == 0
+    out = capsys.readouterr().out
+    assert "before training: eval loss" in out and "eval accuracy before training" in out
+    timing = ("images_per_second", "train_time_s", "eval_time_s")
+    strip = lambda recs: [{k: v for k, v in r.items() if k not in timing} for r in recs]
+    assert strip(read_metrics(plain)) == strip(read_metrics(first))
+    with open(os.path.join(first, "summary.json")) as f:
+        initial = json.load(f)["initial_eval_accuracy"]
+    assert 0 <= initial <= 1
+    assert main(["train", "--resume", first, "--set", "epochs=3"]) == 0
+    assert "before training: eval loss" not in capsys.readouterr().out  # not evaluated again
+    with open(os.path.join(first, "summary.json")) as f:
+        assert json.load(f)["initial_eval_accuracy"] == initial
+
+
 def test_restart_resumes_its_own_checkpoint_without_reading_init_from(tmp_path, monkeypatch,
                                                                       capsys):
     """A torchrun restart (TORCHELASTIC_RESTART_COUNT > 0) into a run dir with a checkpoint
@@ -440,7 +464,8 @@ def test_upcycle_a_dense_run_into_an_moe_run(tmp_path, capsys):
             in capsys.readouterr().err)
     assert not os.path.exists(tmp_path / "no")  # found out before anything was written
     from moesaic.train.config import apply_overrides, load_file
-    trainer = loop.Trainer(apply_overrides(load_file(moe_cfg), ["upcycle=True"]),
+    trainer = loop.Trainer(apply_overrides(load_file(moe_cfg), ["upcycle=True",
+                                                                "eval_at_start=True"]),
                            str(tmp_path / "up"))
     assert "upcycled (each dense MLP copied into every expert) from" in capsys.readouterr().out
     layer = trainer.model.blocks[1].ffn
@@ -449,10 +474,13 @@ def test_upcycle_a_dense_run_into_an_moe_run(tmp_path, capsys):
                                    rtol=0, atol=0)
     torch.testing.assert_close(trainer.model.patch_embed.proj.weight,
                                dense["patch_embed.proj.weight"], rtol=0, atol=0)
-    trainer.run()
+    summary = trainer.run()
     moesaic.destroy()
     moe_run = str(tmp_path / "up")
     assert read_metrics(moe_run)[0]["epoch"] == 1
+    # top-2 normalised weights, eval capacity for every token: it starts where the dense run ended
+    assert summary["initial_eval_accuracy"] == read_metrics(dense_run)[-1]["eval_accuracy"]
+    assert "before training: eval loss" in capsys.readouterr().out
     capsys.readouterr()
     assert main(["train", "--config", moe_cfg, "--run-dir", str(tmp_path / "no"),
                  "--set", f"init_from={moe_run!r}", "--set", "upcycle=True"]) == 1

@@ -77,6 +77,7 @@ class TrainConfig:
     max_ep_size: Optional[int] = None  # expert-parallel size limit (default: world size)
     init_from: Optional[str] = None  # fine-tune: start from this checkpoint folder's (or run dir's latest) weights; a head for another class count starts anew
     upcycle: bool = False  # with init_from: the checkpoint is a dense model (model_args num_experts=0): copy each of its MLPs into every expert of the MoE block at that place (sparse upcycling); routers start anew
+    eval_at_start: bool = False  # evaluate once before the first step (a fine-tuned or upcycled start); logged, and kept in summary.json as initial_eval_accuracy
     seed: int = 0  # seeds weights, data order, augmentation, noise and dropout
     checkpoint_every: int = 10  # save every N epochs (also at the best accuracy and the end)
     keep_checkpoints: int = 2  # periodic checkpoints kept (the best one is always kept)

@@ -259,6 +259,7 @@ class Trainer:
         self.augment = Augmenter(cfg, train_set.mean, train_set.std)
         self.params_total, self.params_active = models.count_parameters(self.model)
         self.epoch, self.step, self.history = 0, 0, []
+        self.initial_eval: Optional[dict] = None  # eval_at_start's result
         self.last_ckpt: Optional[str] = None
         if ckpt is not None:
             self._load(ckpt)
@@ -301,6 +302,7 @@ class Trainer:
         if state.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
         self.history = list(state.get("history", []))[: self.epoch]
+        self.initial_eval = state.get("initial_eval")
         self.last_ckpt = ckpt
         self.log(f"resumed from {ckpt} (epoch {self.epoch}, step {self.step})")
         changed = _model_changes(state.get("config", {}), self.cfg.to_dict())
@@ -322,7 +324,7 @@ class Trainer:
         return {"epoch": self.epoch, "step": self.step, "scheduler": self.sched.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
                 "history": self.history, "config": self.cfg.to_dict(), "world_size": self.world,
-                "inputs": self._inputs()}
+                "inputs": self._inputs(), "initial_eval": self.initial_eval}
 
     def _inputs(self) -> dict:
         """The dataset and the normalisation it resolved to (None in the config: computed)."""
@@ -438,12 +440,25 @@ class Trainer:
                      f"precision {self.amp_dtype or torch.float32}, ep_size {sorted(layers) or '-'}, "
                      f"{self.spe} steps/epoch of {cfg.batch_size} images")
         try:
+            if cfg.eval_at_start and self.step == 0:
+                self._eval_at_start()
             return self._run_epochs()
         except KeyboardInterrupt:
             where = (f"continue with: {_launcher()} --resume {self.run_dir} (from {self.last_ckpt})"
                      if self.last_ckpt else "no checkpoint had been written yet")
             raise TrainingInterrupted(f"interrupted at step {self.step} (epoch {self.epoch + 1}); "
                                       f"{where}") from None
+
+    def _eval_at_start(self) -> None:
+        """The test set before any step: where a fine-tuned or upcycled model starts. Eval
+        draws no random numbers, so the training that follows is unchanged."""
+        loss, acc = self.evaluate()
+        self.initial_eval = {"initial_eval_loss": loss, "initial_eval_accuracy": acc}
+        self.log(f"before training: eval loss {loss:.4f} acc {100 * acc:.2f}%")
+
+    def _summary(self) -> dict:
+        return {**report.summary(self.history, self.params_total, self.params_active),
+                **(self.initial_eval or {})}
 
     def _run_epochs(self) -> dict:
         cfg = self.cfg
@@ -481,7 +496,7 @@ class Trainer:
                 self.last_ckpt = checkpoint.save(self.ckpt_root, self.epoch, self.model, self.opt,
                                                  self._state(), self.is_main, is_best,
                                                  cfg.keep_checkpoints) or self.last_ckpt
-            summary = report.summary(self.history, self.params_total, self.params_active)
+            summary = self._summary()
             if self.is_main:
                 self._write_epoch(summary)
                 self.log(report.epoch_line(rec, cfg.epochs))
@@ -490,7 +505,7 @@ class Trainer:
             if stopped:
                 break
         if summary is None and self.history:
-            summary = report.summary(self.history, self.params_total, self.params_active)
+            summary = self._summary()
         if self.is_main and summary is not None:
             self.log(report.end_table(summary, self.history, self.run_dir))
         return summary or {}

@@ -57,7 +57,9 @@ def end_table(s: dict, history: list[dict], run_dir: str) -> str:
     where = f"epoch {best['epoch']}" + (", partial: not checkpointed" if "partial_steps" in best
                                         else "")
     dropped = [r["dropped_fraction"] for r in history if r.get("dropped_fraction") is not None]
-    rows = [
+    rows = [("eval accuracy before training", f"{100 * s['initial_eval_accuracy']:.2f}%")
+            ] if "initial_eval_accuracy" in s else []
+    rows += [
         ("best eval accuracy", f"{100 * s['best_eval_accuracy']:.2f}% ({where})"),
         ("final eval accuracy", f"{100 * s['final_eval_accuracy']:.2f}%"),
         ("epochs", str(s["epochs"])),
