@@ -276,6 +276,29 @@ def check_upcycle_layouts(rank, world, ctx, seed):
     torch.testing.assert_close(model["ffn"](x)[0], dense["ffn"](x), **TOL)
 
 
+def check_moeify_layouts(rank, world, ctx, seed):
+    """A model moeified before parallelize splits its new experts over the ranks: the full
+    state dict is the one-process model's, and each rank's output and aux loss are that
+    model's for its tokens."""
+    def build():
+        torch.manual_seed(seed)
+        dense = torch.nn.Sequential(torch.nn.Linear(D, D), moesaic.DenseMLP(D, F))
+        moesaic.moe_set_seed(seed)
+        moesaic.moeify_(dense, 4, top_k=2, drop_tokens=False, aux_loss_coef=1.0)
+        return dense
+
+    set_context(None)
+    ref = build()
+    set_context(ctx)
+    model = moesaic.parallelize(build())
+    assert model[1].moe.layout.ep_size == 2
+    _assert_state_equal(ref, model, "moeified")
+    x = _data(world, seed)[0][rank * B:(rank + 1) * B]
+    torch.testing.assert_close(model(x), ref(x), **TOL)
+    torch.testing.assert_close(moesaic.collect_aux_loss(model), moesaic.collect_aux_loss(ref),
+                               **TOL)
+
+
 def check_init_from_fails_on_every_rank(rank):
     """A checkpoint that fails to load on one rank stops every rank before the run dir is
     chosen, the others naming the failing rank."""
@@ -468,6 +491,7 @@ def two_ranks(rank, world):
     check_parallelize_setup_rules(rank, world, ctx, 19)
     check_upcycle_layouts(rank, world, ctx, 20)
     check_init_from_fails_on_every_rank(rank)
+    check_moeify_layouts(rank, world, ctx, 22)
     # one expert, two ranks: replicated, synchronised over the two ranks
     check_equivalence(rank, world, ctx, 4, steps=1, experts=(1,), top_k=1)
     # per-rank noise streams: same router, same input, different noise on each rank
