@@ -4,7 +4,7 @@ from .config import MoEConfig
 from .layer import DenseMLP, MoE, MoeModule
 from .routing import RoutingPlan, RoutingStats
 from .upcycle import upcycle_, upcycle_layer_
-from .moeify import MoEFeedForward, collect_aux_loss, moeify_
+from .moeify import MoEFeedForward, WithAuxLoss, collect_aux_loss, moeify_
 from .parallel import (ParallelContext, clip_grad_norm_, destroy, full_state_dict,
                        init_distributed, load_full_state_dict, moe_set_seed, no_sync, parallelize,
                        equal_batches)
@@ -15,4 +15,4 @@ __all__ = ["MoE", "MoeModule", "MoEConfig", "DenseMLP", "RoutingPlan", "RoutingS
            "ParallelContext", "init_distributed", "destroy", "moe_set_seed", "parallelize",
            "clip_grad_norm_", "no_sync", "equal_batches", "full_state_dict",
            "load_full_state_dict", "update_expert_biases", "upcycle_", "upcycle_layer_",
-           "MoEFeedForward", "moeify_", "collect_aux_loss"]
+           "MoEFeedForward", "moeify_", "collect_aux_loss", "WithAuxLoss"]

@@ -24,7 +24,7 @@ from .layer import MoE
 from .routing import RoutingStats
 from .upcycle import upcycle_layer_
 
-__all__ = ["MoEFeedForward", "moeify_", "collect_aux_loss"]
+__all__ = ["MoEFeedForward", "moeify_", "collect_aux_loss", "WithAuxLoss"]
 
 
 class MoEFeedForward(nn.Module):
@@ -110,3 +110,23 @@ def collect_aux_loss(model: nn.Module) -> Tensor:
         p = next(model.parameters(), None)
         return torch.zeros((), device=None if p is None else p.device)
     return torch.stack(losses).sum()
+
+
+class WithAuxLoss(nn.Module):
+    """A model that returns logits only, made to answer as the zoo's do: ``(logits,
+    aux_loss)``, or ``(logits, aux_loss, stats)`` with ``return_stats=True`` (the form
+    ``moesaic train`` calls), the aux loss from :func:`collect_aux_loss` and the statistics of
+    each MoE feed-forward's last call. Wrap a model after :func:`moeify_`."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor, return_stats: bool = False):
+        logits = self.model(x)
+        aux = collect_aux_loss(self.model)
+        if not return_stats:
+            return logits, aux
+        stats = [m.last_stats for m in self.model.modules()
+                 if isinstance(m, MoEFeedForward) and m.last_stats is not None]
+        return logits, aux, stats

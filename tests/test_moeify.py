@@ -102,3 +102,63 @@ def test_bad_selections_are_refused_before_anything_changes():
     moesaic.moeify_(model, 4)
     with pytest.raises(ValueError, match="no module of Sequential was selected"):
         moesaic.moeify_(model, 4)  # the MoE layers' own MLPs are never selected
+
+
+MODEL_FILE = '''
+import torch
+import torch.nn as nn
+import moesaic
+import moesaic.models as M
+
+
+class Mlp(nn.Module):
+    def __init__(self, d, f):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(d, f), nn.GELU(), nn.Linear(f, d)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class TinyViT(nn.Module):
+    """A model written without MoE layers: patches, pre-norm MLP blocks, mean pool, head."""
+
+    def __init__(self, img_size, in_chans, num_classes, d=32, depth=2, patch=4):
+        super().__init__()
+        self.embed = nn.Conv2d(in_chans, d, patch, stride=patch)
+        self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(depth))
+        self.mlps = nn.ModuleList(Mlp(d, 2 * d) for _ in range(depth))
+        self.head = nn.Linear(d, num_classes)
+
+    def forward(self, x):
+        h = self.embed(x).flatten(2).transpose(1, 2)
+        for norm, mlp in zip(self.norms, self.mlps):
+            h = h + mlp(norm(h))
+        return self.head(h.mean(1))
+
+
+def build(img_size, in_chans, num_classes, aux_loss_coef):
+    net = TinyViT(img_size, in_chans, num_classes)
+    moesaic.moeify_(net, 4, top_k=2, aux_loss_coef=aux_loss_coef)
+    return moesaic.WithAuxLoss(net)
+
+
+if "tiny_vit_moeified" not in M.list_models():
+    M.register("tiny_vit_moeified", "a model written without MoE layers, moeified")(build)
+'''
+
+
+def test_a_moeified_model_trains_with_moesaic_train(tmp_path, capsys):
+    """A model from outside the zoo, moeified and wrapped by WithAuxLoss, trains with the
+    training system: its aux losses reach the loss, its routing the metrics."""
+    from moesaic.__main__ import main
+    (tmp_path / "tiny_vit_moeified.py").write_text(MODEL_FILE)
+    cfg = tmp_path / "c.py"
+    cfg.write_text("import tiny_vit_moeified\nMODEL = 'tiny_vit_moeified'\nEPOCHS = 1\n"
+                   "STEPS_PER_EPOCH = 3\nPROGRESS = False\nPLOTS = False\nTHREADS = 1\n")
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--run-dir", str(run)]) == 0
+    import json
+    rec = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert rec["train_aux"] > 0 and len(rec["moe"]) == 2
+    assert "MoE layers: 2" in capsys.readouterr().out
