@@ -297,6 +297,9 @@ def check_moeify_layouts(rank, world, ctx, seed):
     torch.testing.assert_close(model(x), ref(x), **TOL)
     torch.testing.assert_close(moesaic.collect_aux_loss(model), moesaic.collect_aux_loss(ref),
                                **TOL)
+    late = moesaic.parallelize(torch.nn.Sequential(torch.nn.Linear(D, D), moesaic.DenseMLP(D, F)))
+    with _raises(ValueError, "already synchronises over ranks: moeify before parallelize"):
+        moesaic.moeify_(late, 4)
 
 
 def check_init_from_fails_on_every_rank(rank):

@@ -1,5 +1,8 @@
 """moeify_: a model written without MoE layers gets them in place of its MLP modules (upcycled),
 keeps calling them as before, and hands their aux losses over through collect_aux_loss."""
+import copy
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -86,6 +89,65 @@ def test_checkpointed_recomputation_adds_no_second_aux_loss():
     first = model[0].mlp.aux_loss.detach().clone()
     y.sum().backward()  # recomputes the MLP
     torch.testing.assert_close(moesaic.collect_aux_loss(model), first)
+
+
+def test_pending_aux_losses_never_grow_and_misuse_is_told():
+    """Training without collect_aux_loss, or collecting once for two backwards, drops the
+    stale aux loss with a warning (no graph grows); a forward with gradients off (reentrant
+    checkpointing) keeps none and says why; a copy leaves a pending loss behind."""
+    import moesaic.moeify as mf
+    mf._warned.clear()
+    model = net([Mlp(D, 32)]).train()
+    moesaic.moeify_(model, 4, aux_loss_coef=1.0)
+    x = torch.randn(2, 5, D)
+    with pytest.warns(UserWarning, match="not collected before the backward"):
+        for _ in range(3):
+            model(x).sum().backward()
+    aux = model[0].mlp.aux_loss
+    torch.testing.assert_close(aux.detach(), model[0].mlp.last_stats.balance_loss)  # one call's
+    copy.deepcopy(model)  # the pending loss is not copied
+    model[0].mlp.aux_loss = None
+    with pytest.warns(UserWarning, match="gradients off .reentrant"):
+        with torch.no_grad():
+            model(x)
+    assert model[0].mlp.aux_loss is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # each is said once
+        with torch.no_grad():
+            model(x)
+
+
+def test_activation_is_read_from_the_module_and_checked():
+    relu = net([DenseMLP(D, 32, "relu")])
+    x = torch.randn(2, 5, D)
+    ref = relu.eval()(x)
+    moesaic.moeify_(relu, 4, top_k=2, drop_tokens=False)
+    assert relu[0].mlp.moe.config.activation == "relu"
+    torch.testing.assert_close(relu(x), ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"0.mlp applies 'relu' but activation='gelu'"):
+        moesaic.moeify_(net([DenseMLP(D, 32, "relu")]), 4, activation="gelu")
+    odd = Mlp(D, 32)
+    odd.act = nn.Tanh()
+    with pytest.raises(ValueError, match=r"cannot tell the activation of 0.mlp .Mlp.; pass"):
+        moesaic.moeify_(net([odd]), 4)
+    gated = Mlp(D, 32)
+    gated.fc3 = nn.Linear(D, 32, bias=False)
+    with pytest.raises(ValueError, match=r"has an fc3 .* but its activation is 'gelu'"):
+        moesaic.moeify_(net([gated]), 4)
+
+
+def test_nested_and_meta_selections():
+    outer = Mlp(D, 32)
+    outer.inner = Mlp(D, 32)  # an MLP inside a selected MLP is replaced with it
+    model = net([outer])
+    assert moesaic.moeify_(model, 2) == ["0.mlp"]
+    assert len([m for m in model.modules() if isinstance(m, MoEFeedForward)]) == 1
+    with torch.device("meta"):
+        meta = net([Mlp(D, 32)])
+    with pytest.raises(ValueError, match="on the meta device, with no weights to upcycle"):
+        moesaic.moeify_(meta, 4)
+    moesaic.moeify_(meta, 4, upcycle=False)
+    assert meta[0].mlp.moe.experts.w1.is_meta
 
 
 def test_bad_selections_are_refused_before_anything_changes():

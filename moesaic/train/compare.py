@@ -94,7 +94,8 @@ def row(run: dict) -> dict:
     }
 
 
-IGNORED = ("name", "progress", "plots", "runs_root", "timeout_s")  # do not change results
+# keys that leave the results as they are
+IGNORED = ("name", "progress", "plots", "runs_root", "timeout_s", "eval_at_start")
 MISSING = "-"  # a model_args entry a run did not set (the model's default)
 
 

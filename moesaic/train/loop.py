@@ -442,6 +442,8 @@ class Trainer:
         try:
             if cfg.eval_at_start and self.step == 0:
                 self._eval_at_start()
+            elif cfg.eval_at_start and self.initial_eval is None:
+                self.log(f"eval_at_start: not evaluated, the run resumes at step {self.step}")
             return self._run_epochs()
         except KeyboardInterrupt:
             where = (f"continue with: {_launcher()} --resume {self.run_dir} (from {self.last_ckpt})"
