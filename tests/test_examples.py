@@ -19,6 +19,15 @@ def test_char_lm_trains_a_few_steps():
     assert len(out["expert_load"]) == 2 and all(abs(sum(l) - 1) < 1e-5 for l in out["expert_load"])
 
 
+def test_upcycle_any_model_example():
+    """The plain-PyTorch ViT is moeified after dense training: the upcycled model's accuracy is
+    the dense model's, then it trains on with its aux losses."""
+    out = _load("upcycle_any_model").main(["--dense-steps", "6", "--moe-steps", "3"])
+    assert out["upcycled_accuracy"] == out["dense_accuracy"]
+    assert 0 <= out["moe_accuracy"] <= 1 and len(out["expert_load"]) == 4
+    assert all(abs(sum(load) - 1) < 1e-5 for load in out["expert_load"])
+
+
 def test_expert_parallel_example_under_torchrun(tmp_path):
     """The runnable expert-parallel example, 2 processes on gloo: experts split, the loss falls,
     rank 0 writes the full (global-expert) state dict."""
