@@ -25,7 +25,8 @@ def write_run(path, accs, config=None, summary=True, shares=(0.5, 0.5)):
         with open(os.path.join(path, "summary.json"), "w") as f:
             json.dump({"best_eval_accuracy": max(accs), "final_eval_accuracy": accs[-1],
                        "epochs": len(accs), "train_images_per_second": 180.0,
-                       "params_total": 1000, "params_active_per_token": 400}, f)
+                       "params_total": 1000, "params_active_per_token": 400,
+                       **(summary if isinstance(summary, dict) else {})}, f)
     return str(path)
 
 
@@ -49,7 +50,10 @@ def test_table_differences_and_plot(tmp_path):
     assert report([str(tmp_path / "runs")])[0].count("20261201-0") == 3  # the runs root too
     assert os.path.getsize(tmp_path / "c.png") > 1000
     assert config_differences([load_run(a), load_run(a)]) == {}
-    assert "the configs are the same" in report([a, a])[0]
+    assert "the configs are the same" in report([a, a])[0] and "start" not in report([a])[0]
+    c = write_run(tmp_path / "c", [0.5], summary={"initial_eval_accuracy": 0.25})
+    lines = report([a, c])[0].splitlines()
+    assert "start" in lines[0] and "25.00%" in lines[3] and "  -  " in lines[2]
     old = write_run(tmp_path / "old", [0.5], config={"epochs": 3})
     with open(os.path.join(old, "config.json")) as f:
         cfg = json.load(f)

@@ -91,6 +91,7 @@ def row(run: dict) -> dict:
         "params_active_per_token": s.get("params_active_per_token"),
         "max_load_over_mean": _load_balance(h[-1]),
         "dropped_fraction": h[-1].get("dropped_fraction"),
+        "initial_eval_accuracy": s.get("initial_eval_accuracy"),  # eval_at_start's
     }
 
 
@@ -119,20 +120,25 @@ def _pct(x: Optional[float]) -> str:
 
 
 def table(rows: list[dict]) -> str:
+    """One line per run; a "start" column (eval_at_start's accuracy) when any run has one."""
+    start = any(r["initial_eval_accuracy"] is not None for r in rows)
     head = ["#", "run", "model", "epochs", "best (epoch)", "final", "img/s", "params (active)",
             "busiest/mean", "dropped"]
     body = []
     for i, r in enumerate(rows, 1):
         params = ("-" if r["params_total"] is None else
                   f"{r['params_total']:,} ({r['params_active_per_token']:,})")
-        body.append([str(i), r["run"], r["model"],
-                     f"{r['epochs']}" + ("" if r["finished"] else
-                                         f" of {r['planned_epochs']} (running or stopped)"),
+        epochs = f"{r['epochs']}" + ("" if r["finished"] else
+                                     f" of {r['planned_epochs']} (running or stopped)")
+        load = "-" if r["max_load_over_mean"] is None else f"{r['max_load_over_mean']:.3f}"
+        body.append([str(i), r["run"], r["model"], epochs,
                      f"{_pct(r['best_eval_accuracy'])} ({r['best_epoch']})",
                      _pct(r["final_eval_accuracy"]), f"{r['train_images_per_second']:.0f}",
-                     params,
-                     "-" if r["max_load_over_mean"] is None else f"{r['max_load_over_mean']:.3f}",
-                     _pct(r["dropped_fraction"])])
+                     params, load, _pct(r["dropped_fraction"])])
+    if start:
+        head.insert(4, "start")
+        for cells, r in zip(body, rows):
+            cells.insert(4, _pct(r["initial_eval_accuracy"]))
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])
