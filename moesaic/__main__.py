@@ -27,6 +27,10 @@ examples:
   torchrun --nproc_per_node=2 -m moesaic train --config configs/cifar10_widenet.py
   torchrun --nproc_per_node=2 --max-restarts=3 -m moesaic train --config ...   # auto-resume
   moesaic eval runs/digits_vit_moe/20261130-120000 --best   # test accuracy of the best epoch
+  moesaic train --set model_args.num_experts=0 --set name=digits_dense   # a dense twin, then:
+  moesaic train --set init_from=runs/digits_dense/20261201-120000 --set upcycle=True \
+                --set eval_at_start=True                    # MoE upcycled from it (sparse upcycling)
+  moesaic compare runs --plot cmp.png                       # every run side by side
 """
 
 
@@ -107,12 +111,15 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="compare runs: accuracy, speed, expert load, config "
                        "differences and curves",
                        description="Runs side by side from their run dirs (config.json, "
-                       "metrics.jsonl, summary.json): best and final accuracy, training "
-                       "images/s, parameters, the last epoch's busiest expert over the mean "
-                       "load and dropped fraction, then the config keys whose values differ. "
-                       "Builds no model and writes nothing unless --plot is given.")
+                       "metrics.jsonl, summary.json): the accuracy before training (runs with "
+                       "eval_at_start), best and final accuracy, training images/s, parameters, "
+                       "the last epoch's busiest expert over the mean load and dropped "
+                       "fraction, then the config keys whose values differ (not name, "
+                       "progress, plots, runs_root, timeout_s, eval_at_start). Builds no model "
+                       "and writes nothing unless --plot is given.")
     c.add_argument("runs", nargs="+", metavar="RUN_DIR",
-                   help="run dirs; a folder of runs (runs/NAME) stands for every run in it")
+                   help="run dirs; a folder of runs (runs/NAME, or runs) stands for every run "
+                   "in it that has finished an epoch")
     c.add_argument("--plot", metavar="FILE.png",
                    help="also draw every run's eval accuracy and train loss curves into this file")
     m = sub.add_parser("models", help="list the model registry (moesaic models NAME describes one)")

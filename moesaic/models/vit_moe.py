@@ -94,14 +94,15 @@ register("vit_moe_lite6", "ViT-Lite-6/4 with 8 top-1 experts in every second blo
 register("vit_moe_lite7", "ViT-Lite-7/4 with 8 top-1 experts in every second block")(
     _lite(7, num_experts=8, top_k=1))
 register("vit_moe_lite6_prmoe", "PR-MoE ViT-Lite-6/4: experts [4, 4, 8], residual MLP, top-1, "
-         "jitter (the 90.66% recipe's)")(_lite(6, num_experts=[4, 4, 8], top_k=1, residual=True,
+         "jitter (the preset the 90.66% recipe builds on)")(_lite(6, num_experts=[4, 4, 8], top_k=1, residual=True,
                                               noise_policy="jitter"))
 
 
 @register("vit_moe_tiny")
 def vit_moe_tiny(**overrides) -> ViTMoE:
-    """Small ViT-MoE for quick runs (the digits default builds it with img_size=8, in_chans=1:
-    four 4x4 patches)."""
+    """Small ViT-MoE for quick runs (the embedded digits default's model).
+
+    The digits default builds it with img_size=8, in_chans=1: four 4x4 patches."""
     kw = dict(depth=4, d_model=64, num_heads=4, mlp_ratio=2.0, num_experts=4, top_k=1)
     kw.update(overrides)
     return ViTMoE(**kw)
