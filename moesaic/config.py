@@ -70,6 +70,7 @@ class MoEConfig:
     bias: bool = True
     residual: bool = False
     num_shared_experts: int = 0
+    routed_scale: float = 1.0
     dropout: float = 0.0
     hidden_dropout: float = 0.0
     dropout_branches: bool = False
@@ -89,7 +90,7 @@ class MoEConfig:
         if self.eval_capacity_factor is None:
             self.eval_capacity_factor = (2.0 if self.router == "token_choice"
                                          else self.capacity_factor)
-        for name in ("capacity_factor", "eval_capacity_factor"):
+        for name in ("capacity_factor", "eval_capacity_factor", "routed_scale"):
             v = getattr(self, name)
             _require(_is_number(v) and v > 0 and math.isfinite(v),
                      f"{name} must be a finite number > 0, got {v!r}")

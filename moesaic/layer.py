@@ -69,7 +69,8 @@ class MoE(nn.Module):
     balance. With ``residual=True`` (PR-MoE)
     the output is ``moe(x) * c0 + mlp(x) * c1`` with ``c = softmax(residual_coef(x))`` per token;
     ``num_shared_experts`` n > 0 (DeepSeekMoE) adds a dense MLP of width n * d_ff that every
-    token passes through: ``moe(x) + shared(x)``.
+    token passes through: ``moe(x) + shared(x)``; ``routed_scale`` multiplies the routed
+    experts' output (DeepSeek-V3's ``routed_scaling_factor``).
     ``dropout`` applies to the layer's output (with ``dropout_branches``, to the experts' and
     the residual MLP's outputs separately, before mixing), ``hidden_dropout`` after the
     activation inside every expert (and the residual and shared MLPs), as in a dense
@@ -89,7 +90,8 @@ class MoE(nn.Module):
                  normalize_weights: Optional[bool] = None, aux_loss_coef: float = 0.01,
                  z_loss_coef: float = 0.0, bias_update_rate: float = 0.0,
                  activation: str = "gelu", bias: bool = True,
-                 residual: bool = False, num_shared_experts: int = 0, dropout: float = 0.0,
+                 residual: bool = False, num_shared_experts: int = 0,
+                 routed_scale: float = 1.0, dropout: float = 0.0,
                  hidden_dropout: float = 0.0, dropout_branches: bool = False,
                  kernels: str = "auto"):
         super().__init__()
@@ -102,6 +104,7 @@ class MoE(nn.Module):
             aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef,
             bias_update_rate=bias_update_rate, activation=activation,
             bias=bias, residual=residual, num_shared_experts=num_shared_experts,
+            routed_scale=routed_scale,
             dropout=dropout, hidden_dropout=hidden_dropout,
             dropout_branches=dropout_branches, kernels=kernels)
         self.config = cfg
@@ -200,6 +203,8 @@ class MoE(nn.Module):
                     draw_keys(plan.row_token_N.numel(), x.device), handle)
             y_ND = self.experts(x_ND, counts_E, keys_N)
             y_TD = self.dispatcher.combine(y_ND, plan, handle, ops)
+            if c.routed_scale != 1.0:  # DeepSeek-V3's routed_scaling_factor
+                y_TD = y_TD * c.routed_scale
         if self.residual is not None:
             xr_TD = _dense_input(x_TD, self.residual, autocast_on)
             coef_T2 = F.softmax(self.residual_coef(xr_TD), dim=-1)

@@ -7,10 +7,10 @@ experts this rank holds, so it gives the same model under any expert-parallel la
 no communication.
 
 Where the combine weights of a token sum to 1 (top_k >= 2 with ``normalize_weights``, the
-default there; or top-1 with ``normalize_weights=True``) and nothing is dropped, the upcycled
-layer computes the dense MLP (up to rounding; in eval, as dropout masks differ). With top-1
-unnormalised weights w(x) (the softmax probability, or the sigmoid score) the experts' part
-starts at w(x) * MLP(x) (PR-MoE: (c0 * w(x) + c1) * MLP(x)).
+default there; or top-1 with ``normalize_weights=True``), ``routed_scale`` is 1 and nothing is
+dropped, the upcycled layer computes the dense MLP (up to rounding; in eval, as dropout masks
+differ). With top-1 unnormalised weights w(x) (the softmax probability, or the sigmoid score)
+the experts' part starts at w(x) * MLP(x) (PR-MoE: (c0 * w(x) + c1) * MLP(x)).
 
 Legend: D model dim, F ffn dim.
 """

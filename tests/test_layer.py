@@ -209,6 +209,18 @@ def test_sigmoid_ranks_saturated_scores_by_logit():
     assert sorted(plan.row_token_N.tolist()) == [45, 46, 47]
 
 
+def test_routed_scale_multiplies_the_routed_part_only():
+    x = torch.randn(12, D)
+    base = make(top_k=2, num_shared_experts=1, drop_tokens=False)
+    scaled = copy.deepcopy(base)
+    scaled.config.routed_scale = 2.5
+    routed_only = copy.deepcopy(base)
+    routed_only.shared = None
+    want = 2.5 * routed_only(x)[0] + base.shared(x)
+    torch.testing.assert_close(scaled(x)[0], want, rtol=1e-5, atol=1e-6)
+    assert moesaic.MoE(D, FF, E, routed_scale=2.5).config.routed_scale == 2.5
+
+
 def test_dropout_branches_drops_each_branch_before_mixing():
     """dropout_branches: the experts' and the residual MLP's outputs get their own masks before
     the mix (ColossalAI Titans' placement), so an output element is zero only where both masks
@@ -503,7 +515,7 @@ BAD = [
     (dict(dropout_branches=1), "dropout_branches"), (dict(dropout_branches=True), "dropout_branches"),
     (dict(num_shared_experts=-1), "num_shared_experts"), (dict(num_shared_experts=1.5), "num_shared_experts"),
     (dict(num_shared_experts=2, residual=True), "num_shared_experts"),
-    (dict(score_func="tanh"), "score_func"),
+    (dict(score_func="tanh"), "score_func"), (dict(routed_scale=0.0), "routed_scale"),
 ]
 
 
