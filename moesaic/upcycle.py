@@ -76,16 +76,9 @@ def _ffn_tensors(layer: MoE, where: str, w1_FD: Tensor, b1_F: Optional[Tensor], 
     return out
 
 
-def _residual_tensors(layer: MoE, w1_FD, b1_F, w2_DF, b2_D, w3_FD) -> dict:
-    """{residual MLP's parameter name: dense tensor}; absent biases are zero."""
-    r = layer.residual
-    out = {"fc1.weight": w1_FD, "fc2.weight": w2_DF}
-    if r.fc3 is not None:
-        out["fc3.weight"] = w3_FD
-    if r.fc1.bias is not None:
-        out["fc1.bias"] = b1_F if b1_F is not None else w1_FD.new_zeros(r.fc1.out_features)
-        out["fc2.bias"] = b2_D if b2_D is not None else w2_DF.new_zeros(r.fc2.out_features)
-    return out
+# the PR-MoE residual MLP (built with the experts' activation and bias) names them so
+RESIDUAL_NAMES = {"w1": "fc1.weight", "w2": "fc2.weight", "w3": "fc3.weight", "b1": "fc1.bias",
+                  "b2": "fc2.bias"}
 
 
 @torch.no_grad()
@@ -94,9 +87,8 @@ def _copy(layer: MoE, where: str, w1_FD, b1_F, w2_DF, b2_D, w3_FD) -> None:
     for name, t in per_expert.items():
         p = getattr(layer.experts, name)
         p.copy_(t.to(p.dtype).expand_as(p))
-    if layer.residual is not None:
-        for name, t in _residual_tensors(layer, w1_FD, b1_F, w2_DF, b2_D, w3_FD).items():
-            layer.residual.get_parameter(name).copy_(t)
+        if layer.residual is not None:  # nn.Linear layout: weights [out, in]
+            layer.residual.get_parameter(RESIDUAL_NAMES[name]).copy_(t.t() if t.dim() == 2 else t)
 
 
 def _linear(m, name: str) -> tuple[Tensor, Optional[Tensor]]:

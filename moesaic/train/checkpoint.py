@@ -342,7 +342,8 @@ def _dense_under_experts(weights: dict, model: nn.Module) -> list[str]:
     """Dense-MLP entries of ``weights`` at places where ``model`` has an MoE layer."""
     from ..upcycle import moe_prefixes
 
-    return [k for k in weights for p in moe_prefixes(model) if k == f"{p}fc1.weight"]
+    places = {f"{p}fc1.weight" for p in moe_prefixes(model)}
+    return [k for k in weights if k in places]
 
 
 def load_weights(ckpt: str, model: nn.Module, fresh: tuple = ("head.weight", "head.bias"),
