@@ -132,7 +132,7 @@ def _checkpoint_config(ckpt: str, overrides: list):
     divide this world size (a run resumed or evaluated on fewer processes) becomes None."""
     from .train import checkpoint
     from .train.config import apply_overrides, from_dict
-    from .train.loop import world_size
+    from .train.setup import world_size
 
     state = checkpoint.read_state(ckpt)
     cfg = apply_overrides(from_dict(state["config"], " (from the checkpoint)"), overrides)

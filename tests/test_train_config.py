@@ -179,7 +179,7 @@ def test_print_config(capsys):
 
 def test_aux_loss_weight_is_the_balance_weight_and_z_loss_is_not_rescaled():
     from moesaic.layer import moe_layers
-    from moesaic.train.loop import build_model
+    from moesaic.train.setup import build_model
     cfg = apply_overrides(digits_default(), ["aux_loss_weight=0.5",
                                              "model_args.z_loss_coef=0.001"])
     model = build_model(cfg, (1, 8, 8), 10)

@@ -11,7 +11,8 @@ import torch
 
 from moesaic.train import checkpoint
 from moesaic.train.config import apply_overrides, load_file
-from moesaic.train.loop import FAULT_RANK_ENV, FAULT_STEP_ENV, Trainer
+from moesaic.train.loop import Trainer
+from moesaic.train.setup import FAULT_RANK_ENV, FAULT_STEP_ENV
 from test_train_data import write_cifar
 from test_train_run import TINY_MODEL, read_metrics, tiny_config
 

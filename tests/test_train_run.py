@@ -10,7 +10,7 @@ import torch
 
 import moesaic
 from moesaic.__main__ import main
-from moesaic.train import checkpoint, loop
+from moesaic.train import checkpoint, loop, setup
 from test_train_data import write_cifar
 
 TINY_MODEL = {"depth": 2, "d_model": 32, "num_heads": 2, "patch_size": 8, "num_experts": 4}
@@ -125,10 +125,10 @@ def test_grad_checkpointing_trains_exactly_like_stored_activations(tmp_path):
 
 
 def test_grad_checkpointing_needs_a_model_that_supports_it(monkeypatch):
-    monkeypatch.setattr(loop.models, "create", lambda name, **kw: torch.nn.Linear(2, 2))
+    monkeypatch.setattr(setup.models, "create", lambda name, **kw: torch.nn.Linear(2, 2))
     cfg = moesaic.train.config.TrainConfig(grad_checkpointing=True)
     try:
-        loop.build_model(cfg, (1, 8, 8), 10)
+        setup.build_model(cfg, (1, 8, 8), 10)
     except loop.ConfigError as e:
         assert "grad_checkpointing=True" in str(e) and "Linear" in str(e)
     else:
@@ -259,12 +259,12 @@ def test_ctrl_c_says_how_to_resume(tmp_path, monkeypatch, capsys):
 def test_resume_hint_names_the_launcher(monkeypatch):
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert loop._launcher() == "moesaic train"
+    assert setup.launcher() == "moesaic train"
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert loop._launcher() == "torchrun --nproc_per_node=2 -m moesaic train"
+    assert setup.launcher() == "torchrun --nproc_per_node=2 -m moesaic train"
     monkeypatch.setenv("WORLD_SIZE", "8")
-    assert loop._launcher() == "torchrun --nproc_per_node=2 --nnodes=4 ... -m moesaic train"
+    assert setup.launcher() == "torchrun --nproc_per_node=2 --nnodes=4 ... -m moesaic train"
 
 
 def test_sigterm_stops_like_ctrl_c(tmp_path, monkeypatch, capsys):

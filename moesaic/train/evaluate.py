@@ -74,12 +74,12 @@ def find_checkpoint(path: str, best: bool) -> str:
 def evaluate_checkpoint(cfg, ckpt: str) -> dict:
     """Build ``cfg``'s model on this process group, load ``ckpt``'s weights and evaluate it:
     ``{"checkpoint", "epoch", "eval_loss", "eval_accuracy", "moe"}``."""
-    from .loop import _device, _precision, _threads, build_model, start_processes
+    from .setup import build_model, device_for, precision_for, set_threads, start_processes
 
     ctx = start_processes(cfg)
-    _threads(cfg)
-    device = _device(cfg, ctx)
-    amp_dtype = _precision(cfg, device)
+    set_threads(cfg)
+    device = device_for(cfg, ctx)
+    amp_dtype = precision_for(cfg, device)
     train_set, test_set = load_dataset(cfg.dataset, cfg.data_dir, cfg.norm_mean, cfg.norm_std)
     moe_set_seed(cfg.seed)
     model = parallelize(build_model(cfg, train_set.shape, train_set.num_classes).to(device))

@@ -15,12 +15,8 @@ H/W image height/width, L classes (logits), E experts of a layer; ``_5`` / ``_3`
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import importlib.util
-import json
-import math
 import os
-import signal
 import sys
 import time
 import warnings
@@ -28,13 +24,12 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from .. import models
 from ..balance import update_expert_biases
 from ..layer import MoE
-from ..parallel import clip_grad_norm_, equal_batches, init_distributed, moe_set_seed, parallelize
+from ..parallel import clip_grad_norm_, equal_batches, moe_set_seed, parallelize
 from ..parallel.layout import mix_seed
 from . import checkpoint, report, rundir
 from .augment import Augmenter
@@ -42,11 +37,12 @@ from .config import ConfigError, TrainConfig
 from .data import epoch_order, load_dataset, rank_batch, steps_per_epoch
 from .dist import all_reduce_, grad_scaler, on_every_rank
 from .evaluate import autocast, evaluate
+from .init_from import find_init, load_init, model_changes
 from .meters import RoutingMeter
 from .optim import WarmupCosine, make_optimizer
+from .setup import (build_model, device_for, init_for_restarts, launcher, maybe_fault,
+                    precision_for, set_threads, start_processes)
 
-FAULT_STEP_ENV = "MOESAIC_FAULT_STEP"  # test hook: kill a rank at this global step ...
-FAULT_RANK_ENV = "MOESAIC_FAULT_RANK"  # ... on this rank, on the first attempt only
 BAR_EVERY = 10  # steps between progress-bar updates (each reads the device's running sums)
 
 
@@ -56,140 +52,6 @@ class NonFiniteLoss(RuntimeError):
 
 class TrainingInterrupted(RuntimeError):
     """Ctrl-C or SIGTERM: says where the run stopped and how to continue it."""
-
-
-def world_size() -> int:
-    """The process group's size once one exists, else torchrun's WORLD_SIZE (1 without it)."""
-    return dist.get_world_size() if dist.is_initialized() else int(
-        os.environ.get("WORLD_SIZE", "1"))
-
-
-def start_processes(cfg: TrainConfig):
-    """``init_distributed`` for a run, after checking that ``max_ep_size`` divides the world
-    size (a config error that names both numbers, not a traceback)."""
-    world = world_size()
-    if cfg.max_ep_size is not None and world % cfg.max_ep_size:
-        raise ConfigError(f"max_ep_size ({cfg.max_ep_size}) does not divide the world size "
-                          f"({world}): use a divisor of it, or None (the world size)")
-    return init_distributed(max_ep_size=cfg.max_ep_size, timeout_s=cfg.timeout_s)
-
-
-def _model_changes(was: dict, now: dict) -> list[str]:
-    """``model`` / ``model_args`` entries that differ between two configs' dicts (tuples and
-    lists compare alike, as config.json holds them)."""
-    def plain(v):
-        return json.loads(json.dumps(v, default=str))
-
-    return [f"{k}: {was[k]!r} -> {now[k]!r}" for k in ("model", "model_args")
-            if k in was and plain(was[k]) != plain(now[k])]
-
-
-def _launcher() -> str:
-    """How this run was started, for resume hints: torchrun with its per-machine process count
-    (and node count) when it set the environment, else the plain command."""
-    local, world = os.environ.get("LOCAL_WORLD_SIZE"), world_size()
-    if local is None or world <= 1:
-        return "moesaic train"
-    nodes = world // max(int(local), 1)
-    nnodes = f" --nnodes={nodes} ..." if nodes > 1 else ""
-    return f"torchrun --nproc_per_node={local}{nnodes} -m moesaic train"
-
-
-def _device(cfg: TrainConfig, ctx) -> torch.device:
-    if cfg.device == "cpu":
-        return torch.device("cpu")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: 'cuda' was asked for, but CUDA is not available")
-    return ctx.device
-
-
-def _precision(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype (None: float32). ``auto``: bf16 on CUDA (fp16 with loss scaling where
-    bf16 is unsupported), float32 on CPU, where bf16 autocast (which works) was slower for the
-    embedded default and about even for ViT-Lite-6 (docs/training.md has the numbers)."""
-    p = cfg.precision
-    if p == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if p == "fp16" and device.type != "cuda":
-        raise ConfigError("precision: 'fp16' needs CUDA (loss scaling); use 'bf16' or 'fp32' on CPU")
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[p]
-
-
-def _threads(cfg: TrainConfig) -> None:
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-        return
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if local > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
-
-
-def _init_for_restarts(timeout_s: float) -> None:
-    """Start the process group on a store namespaced by torchrun's restart count.
-
-    torchrun's workers share the agent's store across restarts, so a restarted group would read
-    the dead attempt's addresses and fail to connect (seen with torch 2.13 and gloo). A
-    per-attempt prefix keeps each attempt's keys apart. ``init_distributed`` then finds the
-    group already started and uses it.
-    """
-    if (dist.is_initialized() or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
-            or world_size() <= 1):
-        return
-    timeout = datetime.timedelta(seconds=timeout_s)
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                         is_master=False, timeout=timeout)
-    store = dist.PrefixStore(f"moesaic/attempt_{rundir.restart_count()}", base)
-    dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
-                            world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
-
-
-def _maybe_fault(step: int, rank: int) -> None:
-    """Test hook: SIGKILL this rank at a given step on torchrun's first attempt."""
-    at = os.environ.get(FAULT_STEP_ENV)
-    if at is None or rundir.restart_count() > 0:
-        return
-    if int(at) == step and int(os.environ.get(FAULT_RANK_ENV, "0")) == rank:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def build_model(cfg: TrainConfig, img_shape: tuple, num_classes: int) -> torch.nn.Module:
-    """The registry model with the dataset's image shape. ``aux_loss_weight`` is the MoE layers'
-    ``aux_loss_coef`` (the balance loss's weight); ``model_args.z_loss_coef`` weighs the z loss
-    unchanged, and the training loss adds the layers' aux loss as it is."""
-    C, H, _ = img_shape
-    kw = {"img_size": H, "in_chans": C, "num_classes": num_classes,
-          "aux_loss_coef": cfg.aux_loss_weight}
-    kw.update(cfg.model_args)
-    try:
-        model = models.create(cfg.model, **kw)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"model {cfg.model!r} with model_args {cfg.model_args}: {e}") from e
-    if cfg.grad_checkpointing:
-        if not hasattr(model, "set_grad_checkpointing"):
-            raise ConfigError(f"grad_checkpointing=True but model {cfg.model!r} "
-                              f"({type(model).__name__}) has no set_grad_checkpointing method")
-        model.set_grad_checkpointing(True)
-    return model
-
-
-def _same_inputs(a, b) -> bool:
-    """Equal datasets, or statistics equal to float32 precision (None only equals None)."""
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(math.isclose(x, y, rel_tol=1e-6) for x, y in zip(a, b))
-    return a == b
-
-
-def _find_init(path: str) -> str:
-    """The checkpoint ``init_from`` names, or a CheckpointError that says it was init_from."""
-    try:
-        return checkpoint.find(path)
-    except checkpoint.CheckpointError as e:
-        raise checkpoint.CheckpointError(f"init_from: {e}") from e
 
 
 class Trainer:
@@ -206,18 +68,18 @@ class Trainer:
             raise ConfigError("upcycle=True needs init_from: the checkpoint (or run dir) of the "
                               "dense model to upcycle")
         if cfg.init_from is not None and resume is None:  # found before anything is written
-            init_ckpt = _find_init(cfg.init_from)
+            init_ckpt = find_init(cfg.init_from)
             cfg = dataclasses.replace(cfg, init_from=os.path.abspath(cfg.init_from))
         self.cfg = cfg
-        _init_for_restarts(cfg.timeout_s)
+        init_for_restarts(cfg.timeout_s)
         self.ctx = start_processes(cfg)
         self.rank, self.world, self.is_main = self.ctx.rank, self.ctx.world_size, self.ctx.is_main
         if cfg.batch_size % self.world:
             raise ConfigError(f"batch_size ({cfg.batch_size}) must be divisible by the world size "
                               f"({self.world}): each rank takes an equal slice of every batch")
-        _threads(cfg)
-        self.device = _device(cfg, self.ctx)
-        self.amp_dtype = _precision(cfg, self.device)
+        set_threads(cfg)
+        self.device = device_for(cfg, self.ctx)
+        self.amp_dtype = precision_for(cfg, self.device)
         train_set, test_set = load_dataset(cfg.dataset, cfg.data_dir, cfg.norm_mean, cfg.norm_std)
         self.train_set, self.test_set = train_set.to(self.device), test_set.to(self.device)
         self.spe = steps_per_epoch(len(train_set), cfg.batch_size, cfg.steps_per_epoch)
@@ -227,8 +89,12 @@ class Trainer:
         # written; a torchrun restart resumes its own checkpoint instead, so it loads them
         # only if it finds none
         init_notes = None
+
+        def load_from_init():
+            return load_init(cfg, model, init_ckpt, self._inputs())
+
         if init_ckpt is not None and rundir.restart_count() == 0:
-            init_notes = on_every_rank(lambda: self._init_from(model, init_ckpt))
+            init_notes = on_every_rank(load_from_init)
         own_dir = None  # the run dir the resumed checkpoint belongs to
         if resume is not None:
             parent = os.path.dirname(os.path.abspath(checkpoint.find(resume)))
@@ -244,7 +110,7 @@ class Trainer:
             ckpt = checkpoint.find(resume)
         if ckpt is None and init_ckpt is not None:  # a resumed run has its own weights
             if init_notes is None:  # a restart that found no checkpoint of its own
-                init_notes = on_every_rank(lambda: self._init_from(model, init_ckpt))
+                init_notes = on_every_rank(load_from_init)
             self.log(init_notes[0])
             if self.is_main:
                 for note in init_notes[1]:
@@ -270,31 +136,6 @@ class Trainer:
 
             tqdm.write(msg)
 
-    def _init_from(self, model: torch.nn.Module, ckpt: str) -> tuple[str, list[str]]:
-        """Fine-tuning: ``ckpt``'s weights into ``model`` (upcycled with ``cfg.upcycle``), the rest
-        of training state new. Returns the log line and the warnings to show (selection biases
-        left out; a checkpoint that saw its inputs otherwise: another dataset or
-        normalisation), held back until the run is known to start from it."""
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            fresh = checkpoint.load_weights(ckpt, model, upcycle=self.cfg.upcycle)
-        notes = [str(w.message) for w in caught]
-        note = (f"; {' and '.join(fresh)} initialised anew for {model.head.out_features} "
-                "classes" if fresh else "")
-        how = "upcycled (each dense MLP copied into every expert) from" if self.cfg.upcycle \
-            else "initialised from"
-        line = f"{how} the weights of {ckpt} (epoch and optimizer start anew{note})"
-        state = checkpoint.read_state(ckpt)
-        theirs = state.get("inputs") or state.get("config", {})  # resolved, or as configured
-        ours = self._inputs() if state.get("inputs") else self.cfg.to_dict()
-        differ = [f"{k}: {theirs[k]!r} there, {ours[k]!r} here"
-                  for k in ("dataset", "norm_mean", "norm_std") if k in theirs
-                  and not _same_inputs(theirs[k], ours[k])]
-        if differ:
-            notes.append(f"init_from {ckpt} was trained on other inputs ({'; '.join(differ)}): "
-                         "fine-tuning starts from features made for those")
-        return line, notes
-
     def _load(self, ckpt: str) -> None:
         state = checkpoint.load(ckpt, self.model, self.opt, self.rank, self.world)
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
@@ -305,7 +146,7 @@ class Trainer:
         self.initial_eval = state.get("initial_eval")
         self.last_ckpt = ckpt
         self.log(f"resumed from {ckpt} (epoch {self.epoch}, step {self.step})")
-        changed = _model_changes(state.get("config", {}), self.cfg.to_dict())
+        changed = model_changes(state.get("config", {}), self.cfg.to_dict())
         if changed and self.is_main:
             warnings.warn(f"resuming {ckpt} with another model ({'; '.join(changed)}): its "
                           "weights loaded because the shapes fit, but the model differs from "
@@ -382,7 +223,7 @@ class Trainer:
         update_expert_biases(self.model)  # auxiliary-loss-free balancing (a no-op without it)
         self.sched.step()
         self.step += 1
-        _maybe_fault(self.step, self.rank)
+        maybe_fault(self.step, self.rank)
         return sums_5
 
     @torch.no_grad()
@@ -446,7 +287,7 @@ class Trainer:
                 self.log(f"eval_at_start: not evaluated, the run resumes at step {self.step}")
             return self._run_epochs()
         except KeyboardInterrupt:
-            where = (f"continue with: {_launcher()} --resume {self.run_dir} (from {self.last_ckpt})"
+            where = (f"continue with: {launcher()} --resume {self.run_dir} (from {self.last_ckpt})"
                      if self.last_ckpt else "no checkpoint had been written yet")
             raise TrainingInterrupted(f"interrupted at step {self.step} (epoch {self.epoch + 1}); "
                                       f"{where}") from None
@@ -537,5 +378,4 @@ def train(cfg: TrainConfig, run_dir: Optional[str] = None, resume: Optional[str]
     return Trainer(cfg, run_dir, resume).run()
 
 
-__all__ = ["train", "Trainer", "NonFiniteLoss", "TrainingInterrupted", "build_model",
-           "FAULT_STEP_ENV", "FAULT_RANK_ENV"]
+__all__ = ["train", "Trainer", "NonFiniteLoss", "TrainingInterrupted"]

@@ -1,0 +1,130 @@
+"""A run's process set-up: the process group (also across torchrun restarts), device, precision,
+threads and the model, shared by ``moesaic train`` and ``moesaic eval``."""
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .. import models
+from ..parallel import init_distributed
+from . import rundir
+from .config import ConfigError, TrainConfig
+
+FAULT_STEP_ENV = "MOESAIC_FAULT_STEP"  # test hook: kill a rank at this global step ...
+FAULT_RANK_ENV = "MOESAIC_FAULT_RANK"  # ... on this rank, on the first attempt only
+
+
+def world_size() -> int:
+    """The process group's size once one exists, else torchrun's WORLD_SIZE (1 without it)."""
+    return dist.get_world_size() if dist.is_initialized() else int(
+        os.environ.get("WORLD_SIZE", "1"))
+
+
+def start_processes(cfg: TrainConfig):
+    """``init_distributed`` for a run, after checking that ``max_ep_size`` divides the world
+    size (a config error that names both numbers, not a traceback)."""
+    world = world_size()
+    if cfg.max_ep_size is not None and world % cfg.max_ep_size:
+        raise ConfigError(f"max_ep_size ({cfg.max_ep_size}) does not divide the world size "
+                          f"({world}): use a divisor of it, or None (the world size)")
+    return init_distributed(max_ep_size=cfg.max_ep_size, timeout_s=cfg.timeout_s)
+
+
+def launcher() -> str:
+    """How this run was started, for resume hints: torchrun with its per-machine process count
+    (and node count) when it set the environment, else the plain command."""
+    local, world = os.environ.get("LOCAL_WORLD_SIZE"), world_size()
+    if local is None or world <= 1:
+        return "moesaic train"
+    nodes = world // max(int(local), 1)
+    nnodes = f" --nnodes={nodes} ..." if nodes > 1 else ""
+    return f"torchrun --nproc_per_node={local}{nnodes} -m moesaic train"
+
+
+def device_for(cfg: TrainConfig, ctx) -> torch.device:
+    """``cfg.device``, checked: "auto" takes the process group's device (this rank's GPU)."""
+    if cfg.device == "cpu":
+        return torch.device("cpu")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: 'cuda' was asked for, but CUDA is not available")
+    return ctx.device
+
+
+def precision_for(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype (None: float32). ``auto``: bf16 on CUDA (fp16 with loss scaling where
+    bf16 is unsupported), float32 on CPU, where bf16 autocast (which works) was slower for the
+    embedded default and about even for ViT-Lite-6 (docs/training.md has the numbers)."""
+    p = cfg.precision
+    if p == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if p == "fp16" and device.type != "cuda":
+        raise ConfigError("precision: 'fp16' needs CUDA (loss scaling); use 'bf16' or 'fp32' on CPU")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[p]
+
+
+def set_threads(cfg: TrainConfig) -> None:
+    """``cfg.threads``, else the machine's cores shared among torchrun's local processes."""
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+        return
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if local > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+
+
+def init_for_restarts(timeout_s: float) -> None:
+    """Start the process group on a store namespaced by torchrun's restart count.
+
+    torchrun's workers share the agent's store across restarts, so a restarted group would read
+    the dead attempt's addresses and fail to connect (seen with torch 2.13 and gloo). A
+    per-attempt prefix keeps each attempt's keys apart. ``init_distributed`` then finds the
+    group already started and uses it.
+    """
+    if (dist.is_initialized() or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+            or world_size() <= 1):
+        return
+    timeout = datetime.timedelta(seconds=timeout_s)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                         is_master=False, timeout=timeout)
+    store = dist.PrefixStore(f"moesaic/attempt_{rundir.restart_count()}", base)
+    dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
+                            world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
+
+
+def maybe_fault(step: int, rank: int) -> None:
+    """Test hook: SIGKILL this rank at a given step on torchrun's first attempt."""
+    at = os.environ.get(FAULT_STEP_ENV)
+    if at is None or rundir.restart_count() > 0:
+        return
+    if int(at) == step and int(os.environ.get(FAULT_RANK_ENV, "0")) == rank:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def build_model(cfg: TrainConfig, img_shape: tuple, num_classes: int) -> torch.nn.Module:
+    """The registry model with the dataset's image shape. ``aux_loss_weight`` is the MoE layers'
+    ``aux_loss_coef`` (the balance loss's weight); ``model_args.z_loss_coef`` weighs the z loss
+    unchanged, and the training loss adds the layers' aux loss as it is."""
+    C, H, _ = img_shape
+    kw = {"img_size": H, "in_chans": C, "num_classes": num_classes,
+          "aux_loss_coef": cfg.aux_loss_weight}
+    kw.update(cfg.model_args)
+    try:
+        model = models.create(cfg.model, **kw)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model {cfg.model!r} with model_args {cfg.model_args}: {e}") from e
+    if cfg.grad_checkpointing:
+        if not hasattr(model, "set_grad_checkpointing"):
+            raise ConfigError(f"grad_checkpointing=True but model {cfg.model!r} "
+                              f"({type(model).__name__}) has no set_grad_checkpointing method")
+        model.set_grad_checkpointing(True)
+    return model
