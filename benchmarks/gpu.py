@@ -163,24 +163,28 @@ def check(run: Run, name: str, err: float, tol: float, **extra):
 
 def check_routing(run, tops, device, gen, T, E):
     """Torch against Triton routing plans; the score-priority case also with a selection bias
-    (auxiliary-loss-free balancing), with softmax and with sigmoid scores."""
+    (auxiliary-loss-free balancing), with softmax and with sigmoid scores, and group-limited
+    (DeepSeek-V3: half the groups of 4 experts)."""
     for K in (1, 2):
-        for cap, policy, biased, score_func in (
-                (None, "position", False, "softmax"), ("cf", "position", False, "softmax"),
-                ("cf", "score", False, "softmax"), ("cf", "score", True, "softmax"),
-                ("cf", "score", True, "sigmoid")):
+        for cap, policy, biased, score_func, grouped in (
+                (None, "position", False, "softmax", False),
+                ("cf", "position", False, "softmax", False),
+                ("cf", "score", False, "softmax", False), ("cf", "score", True, "softmax", False),
+                ("cf", "score", True, "sigmoid", False), ("cf", "score", True, "sigmoid", True)):
             capacity = None if cap is None else token_choice_capacity(T, E, K, 1.0, 4)
             logits = torch.randn(T, E, device=device, generator=gen)
             bias = (torch.randn(E, device=device, generator=gen) * 0.1 if biased else None)
+            groups = (E // 4, max(1, E // 8)) if grouped else None
             p0, pr0, c0 = TorchOps.token_choice(logits, K, capacity, policy, K >= 2, bias,
-                                                score_func)
+                                                score_func, groups)
             p1, pr1, c1 = tops.token_choice(logits, K, capacity, policy, K >= 2, bias,
-                                            score_func)
+                                            score_func, groups)
             same_counts = torch.equal(c0, c1)
             dest_mismatch = float((p0.dest_TK != p1.dest_TK).float().mean())
             # ULP-level softmax differences may reorder near-ties, so allow a tiny fraction.
             name = f"routing T={T} E={E} K={K} capacity={capacity} {policy}"
             name += (" biased" if biased else "") + ("" if score_func == "softmax" else " sigmoid")
+            name += f" groups {groups[1]} of {groups[0]}" if groups else ""
             check(run, name + " dest mismatch", dest_mismatch + (0 if same_counts else 1), 1e-3,
                   exact=bool(torch.equal(p0.dest_TK, p1.dest_TK)
                              and torch.equal(p0.row_token_N, p1.row_token_N)))

@@ -12,6 +12,7 @@ from typing import Optional
 
 ROUTERS = ("token_choice", "expert_choice")
 SCORE_FUNCS = ("softmax", "sigmoid")
+BALANCE_SCOPES = ("batch", "sequence")
 DROP_POLICIES = ("position", "score")
 NOISE_POLICIES = (None, "jitter", "logit_jitter", "gaussian")
 ACTIVATIONS = ("gelu", "relu", "swiglu")
@@ -61,9 +62,12 @@ class MoEConfig:
     drop_policy: str = "position"
     router: str = "token_choice"
     score_func: str = "softmax"
+    num_groups: int = 1
+    topk_groups: Optional[int] = None
     noise_policy: Optional[str] = None
     normalize_weights: Optional[bool] = None
     aux_loss_coef: float = 0.01
+    balance_scope: str = "batch"
     z_loss_coef: float = 0.0
     bias_update_rate: float = 0.0
     activation: str = "gelu"
@@ -87,6 +91,22 @@ class MoEConfig:
         _require(self.router in ROUTERS, f"router must be one of {ROUTERS}, got {self.router!r}")
         _require(self.score_func in SCORE_FUNCS,
                  f"score_func must be one of {SCORE_FUNCS}, got {self.score_func!r}")
+        _require(_is_int(self.num_groups) and self.num_groups >= 1,
+                 f"num_groups must be a positive int, got {self.num_groups!r}")
+        _require(self.num_experts % self.num_groups == 0,
+                 f"num_experts ({self.num_experts}) is not divisible by num_groups "
+                 f"({self.num_groups}): expert groups are equal, contiguous blocks of experts")
+        if self.topk_groups is None:
+            self.topk_groups = self.num_groups
+        _require(_is_int(self.topk_groups) and 1 <= self.topk_groups <= self.num_groups,
+                 f"topk_groups must be None or in [1, num_groups={self.num_groups}], "
+                 f"got {self.topk_groups!r}")
+        group_size = self.num_experts // self.num_groups
+        _require(self.top_k <= self.topk_groups * group_size,
+                 f"top_k ({self.top_k}) exceeds the experts a token may use: topk_groups "
+                 f"({self.topk_groups}) groups of {group_size} = {self.topk_groups * group_size}")
+        _require(self.balance_scope in BALANCE_SCOPES,
+                 f"balance_scope must be one of {BALANCE_SCOPES}, got {self.balance_scope!r}")
         if self.eval_capacity_factor is None:
             self.eval_capacity_factor = (2.0 if self.router == "token_choice"
                                          else self.capacity_factor)
@@ -122,7 +142,9 @@ class MoEConfig:
                 ("top_k", self.top_k, self.top_k == 1),
                 ("drop_tokens", self.drop_tokens, self.drop_tokens),
                 ("drop_policy", self.drop_policy, self.drop_policy == "position"),
-                ("bias_update_rate", self.bias_update_rate, self.bias_update_rate == 0)) if not ok]
+                ("bias_update_rate", self.bias_update_rate, self.bias_update_rate == 0),
+                ("topk_groups", self.topk_groups, self.topk_groups == self.num_groups),
+                ("balance_scope", self.balance_scope, self.balance_scope == "batch")) if not ok]
             _require(not bad, f"router='expert_choice' takes no {', '.join(bad)}: each expert "
                      "takes its ceil(capacity_factor * T / E) best tokens, so capacity_factor "
                      "is the mean number of experts per token (top_k must stay 1)")
@@ -134,6 +156,10 @@ class MoEConfig:
                  "outputs (experts, residual MLP) separately instead of the layer's output")
         if self.normalize_weights is None:
             self.normalize_weights = self.top_k >= 2
+
+    def group_limit(self) -> Optional[tuple[int, int]]:
+        """(num_groups, topk_groups) when routing is limited to some groups, else None."""
+        return (self.num_groups, self.topk_groups) if self.topk_groups < self.num_groups else None
 
     def experts_per_token(self) -> float:
         """Experts a token uses on average with no drops: top_k, or for expert choice the

@@ -7,6 +7,7 @@ Legend: T tokens, D model dim, F ffn dim, E experts, K top-k, N rows of the expe
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -86,8 +87,10 @@ class MoE(nn.Module):
                  capacity_factor: float = 1.25, eval_capacity_factor: Optional[float] = None,
                  min_capacity: int = 4, drop_tokens: bool = True, drop_policy: str = "position",
                  router: str = "token_choice", score_func: str = "softmax",
+                 num_groups: int = 1, topk_groups: Optional[int] = None,
                  noise_policy: Optional[str] = None,
                  normalize_weights: Optional[bool] = None, aux_loss_coef: float = 0.01,
+                 balance_scope: str = "batch",
                  z_loss_coef: float = 0.0, bias_update_rate: float = 0.0,
                  activation: str = "gelu", bias: bool = True,
                  residual: bool = False, num_shared_experts: int = 0,
@@ -99,9 +102,10 @@ class MoE(nn.Module):
             d_model=d_model, d_ff=d_ff, num_experts=num_experts, top_k=top_k,
             capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
             min_capacity=min_capacity, drop_tokens=drop_tokens, drop_policy=drop_policy,
-            router=router, score_func=score_func, noise_policy=noise_policy,
-            normalize_weights=normalize_weights,
-            aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef,
+            router=router, score_func=score_func, num_groups=num_groups,
+            topk_groups=topk_groups, noise_policy=noise_policy,
+            normalize_weights=normalize_weights, aux_loss_coef=aux_loss_coef,
+            balance_scope=balance_scope, z_loss_coef=z_loss_coef,
             bias_update_rate=bias_update_rate, activation=activation,
             bias=bias, residual=residual, num_shared_experts=num_shared_experts,
             routed_scale=routed_scale,
@@ -141,12 +145,16 @@ class MoE(nn.Module):
         extra = "".join([", residual=True" if c.residual else "",
                          f", num_shared_experts={c.num_shared_experts}" if c.num_shared_experts
                          else "",
-                         f", score_func={c.score_func}" if c.score_func != "softmax" else ""])
+                         f", score_func={c.score_func}" if c.score_func != "softmax" else "",
+                         f", topk_groups={c.topk_groups} of num_groups={c.num_groups}"
+                         if c.group_limit() else "",
+                         f", balance_scope={c.balance_scope}" if c.balance_scope != "batch"
+                         else ""])
         return (f"d_model={c.d_model}, d_ff={c.d_ff}, num_experts={c.num_experts}, "
                 f"top_k={c.top_k}, router={c.router}, drop_tokens={c.drop_tokens}{extra}, "
                 f"ep_size={self.layout.ep_size}")
 
-    def _route(self, logits_TE: Tensor, ops):
+    def _route(self, logits_TE: Tensor, ops, num_seqs: int = 1):
         c = self.config
         T, E = logits_TE.shape
         cf = c.capacity_factor if self.training else c.eval_capacity_factor
@@ -164,11 +172,14 @@ class MoE(nn.Module):
             bias_E = self.router.expert_bias if c.bias_update_rate > 0 else None
             plan, probs_TE, counts_E = ops.token_choice(
                 logits_TE, c.top_k, capacity, c.drop_policy, c.normalize_weights, bias_E,
-                c.score_func)
+                c.score_func, c.group_limit())
             if bias_E is not None and self.training and not in_backward():
                 self.load_counts += counts_E.detach()
-            balance = routing.balance_loss(routing.score_distribution(probs_TE, c.score_func),
-                                           counts_E)
+            dist_TE = routing.score_distribution(probs_TE, c.score_func)
+            if c.balance_scope == "sequence":
+                balance = routing.sequence_balance_loss(dist_TE, plan.expert_TK, num_seqs)
+            else:
+                balance = routing.balance_loss(dist_TE, counts_E)
             dropped = (counts_E.sum() - plan.counts_E.sum()) / counts_E.sum().clamp(min=1)
         z = routing.z_loss(logits_TE)
         aux_loss = c.aux_loss_coef * balance + c.z_loss_coef * z
@@ -189,7 +200,8 @@ class MoE(nn.Module):
             raise ValueError(f"input's last dim must be d_model={c.d_model}, got shape {tuple(x.shape)}")
         ops = select_ops(c.kernels, x.device)
         x_TD = x.reshape(-1, c.d_model)
-        plan, aux_loss, stats = self._route(self.router(x_TD), ops)
+        num_seqs = math.prod(x.shape[:-2]) if x.dim() >= 3 else 1  # [..., S, D]: S per sequence
+        plan, aux_loss, stats = self._route(self.router(x_TD), ops, num_seqs)
         if not in_backward():  # a checkpoint's recomputation leaves the forward's stats
             self.last_stats = stats
         autocast_on = torch.is_autocast_enabled(x.device.type)

@@ -36,6 +36,7 @@ class RoutingPlan:
     capacity: Optional[int]  # None in dropless mode
     dest_TK: Optional[Tensor] = None  # row of each token-choice assignment, -1 where dropped
     weight_TK: Optional[Tensor] = None  # combine weight of each token-choice assignment
+    expert_TK: Optional[Tensor] = None  # expert of each token-choice assignment (kept or not)
 
 
 @dataclass
@@ -213,18 +214,35 @@ def score_distribution(scores_TE: Tensor, score_func: str = "softmax") -> Tensor
     return scores_TE
 
 
+def allowed_groups(score_TE: Tensor, num_groups: int, topk_groups: int) -> Tensor:
+    """[T, E] bool: the experts of each token's ``topk_groups`` best groups (DeepSeek-V3's
+    group-limited routing). Experts form ``num_groups`` contiguous groups of E / num_groups; a
+    group's score is the sum of its two best scores (its best one for groups of one expert)."""
+    T, E = score_TE.shape
+    size = E // num_groups
+    group_TG = score_TE.view(T, num_groups, size).topk(min(2, size), dim=-1).values.sum(-1)
+    keep_TG = torch.zeros(T, num_groups, dtype=torch.bool, device=score_TE.device)
+    keep_TG.scatter_(1, group_TG.topk(topk_groups, dim=-1).indices, True)
+    return keep_TG.repeat_interleave(size, dim=1)
+
+
 def topk_weights(probs_TE: Tensor, top_k: int, normalize: bool,
-                 bias_E: Optional[Tensor] = None, select_TE: Optional[Tensor] = None
-                 ) -> tuple[Tensor, Tensor]:
+                 bias_E: Optional[Tensor] = None, select_TE: Optional[Tensor] = None,
+                 groups: Optional[tuple[int, int]] = None) -> tuple[Tensor, Tensor]:
     """Top-k experts of each token and their combine weights (renormalised when asked; a token
     whose k scores all underflow to 0 gets zero weights, not 0/0). With ``bias_E`` the experts
     are chosen by probs + bias and weighted by the probabilities alone (auxiliary-loss-free
     balancing); ``select_TE`` chooses them by other scores of the same order (sigmoid routing
-    selects by the logits, which do not saturate to ties at 1.0 as float32 sigmoids do)."""
-    if bias_E is None and select_TE is None:
+    selects by the logits, which do not saturate to ties at 1.0 as float32 sigmoids do).
+    ``groups = (num_groups, topk_groups)`` restricts the choice to the experts of each token's
+    best groups, scored by probs (+ bias): :func:`allowed_groups`."""
+    if bias_E is None and select_TE is None and groups is None:
         topk_prob_TK, topk_idx_TK = probs_TE.topk(top_k, dim=-1)
     else:
-        by_TE = probs_TE.detach() + bias_E.float() if bias_E is not None else select_TE.detach()
+        score_TE = probs_TE.detach() + bias_E.float() if bias_E is not None else probs_TE.detach()
+        by_TE = score_TE if select_TE is None else select_TE.detach()
+        if groups is not None:
+            by_TE = by_TE.masked_fill(~allowed_groups(score_TE, *groups), float("-inf"))
         topk_idx_TK = by_TE.topk(top_k, dim=-1).indices
         topk_prob_TK = probs_TE.gather(1, topk_idx_TK)
     if normalize:
@@ -259,15 +277,16 @@ def assignment_slots(topk_idx_TK: Tensor, priority_T: Optional[Tensor], num_expe
 
 
 def token_choice(logits_TE: Tensor, top_k: int, capacity: Optional[int], drop_policy: str,
-                 normalize: bool, bias_E: Optional[Tensor] = None, score_func: str = "softmax"
-                 ) -> tuple[RoutingPlan, Tensor, Tensor]:
+                 normalize: bool, bias_E: Optional[Tensor] = None, score_func: str = "softmax",
+                 groups: Optional[tuple[int, int]] = None) -> tuple[RoutingPlan, Tensor, Tensor]:
     """Top-k token-choice routing on ``router_scores(logits_TE, score_func)`` (selection biased
-    by ``bias_E`` if given). Returns (plan, scores_TE, counts_E before dropping)."""
+    by ``bias_E`` if given, limited to each token's best expert groups with ``groups =
+    (num_groups, topk_groups)``). Returns (plan, scores_TE, counts_E before dropping)."""
     T, E = logits_TE.shape
     probs_TE = router_scores(logits_TE, score_func)
     rank_TE = ranking_scores(probs_TE, logits_TE, score_func)
     select_TE = rank_TE if score_func == "sigmoid" and bias_E is None else None
-    weight_TK, topk_idx_TK = topk_weights(probs_TE, top_k, normalize, bias_E, select_TE)
+    weight_TK, topk_idx_TK = topk_weights(probs_TE, top_k, normalize, bias_E, select_TE, groups)
     priority_T = None
     if capacity is not None and drop_policy == "score":
         priority_T = torch.argsort(first_choice_prob(rank_TE, topk_idx_TK), descending=True,
@@ -287,7 +306,7 @@ def token_choice(logits_TE: Tensor, top_k: int, capacity: Optional[int], drop_po
         row_token_N=torch.div(kept_A, top_k, rounding_mode="floor"),
         row_weight_N=weight_TK.reshape(-1).index_select(0, kept_A),
         counts_E=kept_counts_E, num_tokens=T, capacity=capacity,
-        dest_TK=dest_TK.view(T, top_k), weight_TK=weight_TK,
+        dest_TK=dest_TK.view(T, top_k), weight_TK=weight_TK, expert_TK=topk_idx_TK,
     )
     return plan, probs_TE, counts_E
 
@@ -312,6 +331,21 @@ def balance_loss(probs_TE: Tensor, counts_E: Tensor) -> Tensor:
     T, E = probs_TE.shape
     f_E = counts_E.to(probs_TE.dtype) / counts_E.sum().clamp(min=1)
     return E * torch.sum(f_E * probs_TE.sum(0) / max(T, 1))
+
+
+def sequence_balance_loss(probs_TE: Tensor, expert_TK: Tensor, num_seqs: int) -> Tensor:
+    """The mean over sequences of :func:`balance_loss` taken within each (DeepSeek-V3's
+    sequence-wise balance loss): the T tokens are ``num_seqs`` sequences of T / num_seqs."""
+    T, E = probs_TE.shape
+    if T == 0:
+        return probs_TE.new_zeros(())
+    K = expert_TK.shape[1]
+    seq_A = torch.arange(T, device=probs_TE.device).div(T // num_seqs, rounding_mode="floor")
+    seq_A = seq_A.repeat_interleave(K)
+    counts_BE = torch.bincount(seq_A * E + expert_TK.reshape(-1).long(),
+                               minlength=num_seqs * E).view(num_seqs, E)
+    f_BE = counts_BE.to(probs_TE.dtype) / (K * (T // num_seqs))
+    return E * (f_BE * probs_TE.view(num_seqs, -1, E).mean(1)).sum(1).mean()
 
 
 def z_loss(logits_TE: Tensor) -> Tensor:

@@ -123,19 +123,21 @@ def check_no_sync(rank, world, ctx, seed):
     assert moesaic.parallelize(model) is model
 
 
-def check_aux_loss(rank, world, ctx, seed):
+def check_aux_loss(rank, world, ctx, seed, **kw):
     """The balance loss is per rank: each rank's aux loss equals the one-process layer's on
-    that rank's slice, and the synchronised router gradient is the mean over the ranks' slices."""
+    that rank's slice, and the synchronised router gradient is the mean over the ranks' slices.
+    Per sequence (``balance_scope="sequence"``) the ranks' mean is the whole batch's loss."""
     set_context(None)
     moesaic.moe_set_seed(seed)
-    ref = moesaic.MoE(D, F, 4, top_k=2, drop_tokens=False, z_loss_coef=0.1)
+    ref = moesaic.MoE(D, F, 4, top_k=2, drop_tokens=False, z_loss_coef=0.1, **kw)
     set_context(ctx)
     moesaic.moe_set_seed(seed)
-    layer = moesaic.parallelize(moesaic.MoE(D, F, 4, top_k=2, drop_tokens=False, z_loss_coef=0.1))
+    layer = moesaic.parallelize(moesaic.MoE(D, F, 4, top_k=2, drop_tokens=False, z_loss_coef=0.1,
+                                            **kw))
     x, _ = _data(world, seed=7)
     _, aux = layer(x[rank * B:(rank + 1) * B])
     aux.backward()
-    grads = []
+    grads, auxes = [], []
     for r in range(world):
         ref.zero_grad()
         _, aux_r = ref(x[r * B:(r + 1) * B])
@@ -143,7 +145,10 @@ def check_aux_loss(rank, world, ctx, seed):
         if r == rank:
             torch.testing.assert_close(aux, aux_r, **TOL)
         grads.append(ref.router.weight.grad.clone())
+        auxes.append(aux_r.detach())
     torch.testing.assert_close(layer.router.weight.grad, torch.stack(grads).mean(0), **TOL)
+    if kw.get("balance_scope") == "sequence":
+        torch.testing.assert_close(torch.stack(auxes).mean(), ref(x)[1].detach(), **TOL)
 
 
 def check_uneven_capacity(rank, world, ctx, seed):
@@ -486,6 +491,8 @@ def two_ranks(rank, world):
     check_no_sync(rank, world, ctx, 8)
     check_equivalence(rank, world, ctx, 12, experts=(4, 2), residual=True)
     check_equivalence(rank, world, ctx, 21, steps=2, experts=(4, 2), num_shared_experts=1)
+    check_equivalence(rank, world, ctx, 23, steps=2, experts=(4,), num_groups=2, topk_groups=1)
+    check_aux_loss(rank, world, ctx, 24, balance_scope="sequence", num_groups=2, topk_groups=1)
     check_grad_scaler_skips_together(rank, world, ctx, 13)
     check_zero_tokens(rank, world, ctx, 15)
     check_grad_checkpointing(rank, world, ctx, 16)

@@ -28,9 +28,21 @@ def expert_ffn(layer, e, x_D):
     return y
 
 
+def token_experts(c, probs_E):
+    """One token's top_k experts, best first: within its topk_groups best groups (a group scored
+    by the sum of its two best scores) when routing is group-limited."""
+    E, size = c.num_experts, c.num_experts // c.num_groups
+    group_score = [sum(sorted(probs_E[g * size:(g + 1) * size].tolist(), reverse=True)[:2])
+                   for g in range(c.num_groups)]
+    groups = sorted(range(c.num_groups), key=lambda g: -group_score[g])[:c.topk_groups]
+    allowed = [e for e in range(E) if e // size in groups]
+    return sorted(allowed, key=lambda e: -probs_E[e].item())[:c.top_k]
+
+
 def reference_forward(layer, x):
     """Returns (y, aux_loss, counts_before_drop, counts_kept) for a layer without noise."""
     c = layer.config
+    num_seqs = math.prod(x.shape[:-2]) if x.dim() >= 3 else 1
     x_TD = x.reshape(-1, c.d_model)
     T, E = x_TD.shape[0], c.num_experts
     logits_TE = x_TD.float() @ layer.router.weight.t()
@@ -54,22 +66,31 @@ def reference_forward(layer, x):
         balance = torch.zeros(())
     else:
         K = c.top_k
-        topv, topi = probs_TE.topk(K, dim=-1)
+        topi = torch.stack([torch.tensor(token_experts(c, probs_TE[t])) for t in range(T)])
+        topv = probs_TE.gather(1, topi)
         w_TK = topv / topv.sum(-1, keepdim=True) if c.normalize_weights else topv
         cap = max(c.min_capacity, math.ceil(cf * K * T / E)) if c.drop_tokens else None
         order = list(range(T))
         if cap is not None and c.drop_policy == "score":
-            order = sorted(order, key=lambda t: -probs_TE[t].max().item())
+            order = sorted(order, key=lambda t: -probs_TE[t, topi[t, 0]].item())
+        seq_len = T // num_seqs
+        seq_counts = [[0] * E for _ in range(num_seqs)]
         for k in range(K):
             for t in order:
                 e = int(topi[t, k])
                 counts[e] += 1
+                seq_counts[t // seq_len][e] += 1
                 if cap is not None and kept[e] >= cap:
                     continue
                 kept[e] += 1
                 outputs[t] = outputs[t] + w_TK[t, k] * expert_ffn(layer, e, x_TD[t])
-        f = torch.tensor(counts, dtype=torch.float32) / (T * K)
-        balance = E * (f * dist_TE.mean(0)).sum()
+        if c.balance_scope == "sequence":
+            balance = sum(E * (torch.tensor(seq_counts[i], dtype=torch.float32) / (seq_len * K)
+                               * dist_TE[i * seq_len:(i + 1) * seq_len].mean(0)).sum()
+                          for i in range(num_seqs)) / num_seqs
+        else:
+            f = torch.tensor(counts, dtype=torch.float32) / (T * K)
+            balance = E * (f * dist_TE.mean(0)).sum()
     z = (torch.logsumexp(logits_TE, -1) ** 2).mean()
     y_TD = torch.stack(outputs)
     if layer.residual is not None:

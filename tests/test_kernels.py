@@ -101,10 +101,41 @@ def test_token_choice_matches_torch(tops, T, E, K, cap, policy, one_expert, scor
     logits_TE = logits_for(T, E, seed=T + E + K, one_expert=one_expert)
     bias_E = (torch.randn(E, generator=torch.Generator().manual_seed(E)) * 0.3 if biased
               else None)
+    p1 = assert_same_routing(tops, logits_TE, K, cap, policy, bias_E, score_func)
+    if cap is not None and one_expert:
+        assert int(p1.counts_E.sum()) < T * K  # the crowded expert dropped assignments
+
+
+# (T, E, K, capacity, drop_policy, num_groups, topk_groups)
+GROUP_CASES = [
+    (40, 8, 2, None, "position", 4, 2),
+    (40, 8, 2, 12, "score", 4, 1),
+    (33, 16, 4, 10, "position", 8, 3),
+    (20, 6, 1, 5, "score", 6, 2),   # groups of one expert
+    (1, 8, 2, 4, "position", 2, 1),
+]
+
+
+@pytest.mark.parametrize("T,E,K,cap,policy,G,TG", GROUP_CASES)
+@pytest.mark.parametrize("score_func,biased", [("softmax", False), ("sigmoid", True),
+                                               ("sigmoid", False)])
+def test_group_limited_token_choice_matches_torch(tops, T, E, K, cap, policy, G, TG, score_func,
+                                                  biased):
+    """DeepSeek-V3's group limit in the kernel: same groups, experts, slots and gradients."""
+    logits_TE = logits_for(T, E, seed=T * G + TG)
+    bias_E = torch.randn(E, generator=torch.Generator().manual_seed(E)) * 0.1 if biased else None
+    plan = assert_same_routing(tops, logits_TE, K, cap, policy, bias_E, score_func, (G, TG))
+    assert ((plan.expert_TK.long() // (E // G)).sort(-1).values.diff(dim=-1) != 0).sum(-1).le(
+        TG - 1).all()
+
+
+def assert_same_routing(tops, logits_TE, K, cap, policy, bias_E, score_func, groups=None):
+    """The Triton plan equals the PyTorch one, and so do the gradients of weights and scores."""
+    T = logits_TE.shape[0]
     outs = {}
     for name, ops in (("torch", TorchOps), ("triton", tops)):
         plan, probs_TE, counts_E = ops.token_choice(logits_TE, K, cap, policy, K >= 2, bias_E,
-                                                    score_func)
+                                                    score_func, groups)
         g = torch.Generator().manual_seed(1)
         loss = ((plan.row_weight_N * torch.rand(plan.row_weight_N.shape, generator=g)).sum()
                 + (plan.weight_TK * torch.rand(plan.weight_TK.shape, generator=g)).sum()
@@ -115,13 +146,13 @@ def test_token_choice_matches_torch(tops, T, E, K, cap, policy, one_expert, scor
     for field in ("row_token_N", "counts_E", "dest_TK"):
         a, b = getattr(p0, field), getattr(p1, field)
         assert a.dtype == b.dtype and torch.equal(a, b), field
+    assert torch.equal(p0.expert_TK.long(), p1.expert_TK.long())
     assert torch.equal(c0, c1) and p1.capacity == cap and p1.num_tokens == T
     torch.testing.assert_close(p1.row_weight_N, p0.row_weight_N, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(p1.weight_TK, p0.weight_TK, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(pr1, pr0, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(g1, g0, atol=1e-5, rtol=1e-4)
-    if cap is not None and one_expert:
-        assert int(p1.counts_E.sum()) < T * K  # the crowded expert dropped assignments
+    return p1
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # the interpreter's numpy
@@ -205,6 +236,7 @@ LAYER_CASES = [
     dict(top_k=2, residual=True, hidden_dropout=0.3, capacity_factor=1.0),
     dict(top_k=2, score_func="sigmoid", bias_update_rate=1e-3, num_shared_experts=1,
          capacity_factor=1.0),
+    dict(top_k=2, num_groups=2, topk_groups=1, balance_scope="sequence", capacity_factor=1.0),
 ]
 
 
@@ -558,9 +590,12 @@ def build(fn, sig, consts, warps):
     triton.compile(src, target=target, options={"num_warps": warps})
 for K in (1, 2):
     for BT, BE in ((32, 64), (128, 8)):
-        for bias, sigmoid in ((False, False), (True, False), (True, True)):
+        for bias, sigmoid, G, TOPG in ((False, False, 1, 1), (True, False, 1, 1),
+                                       (True, True, 1, 1), (True, True, 4, 2),
+                                       (False, False, 8, 1)):
             build(route._softmax_topk_kernel, ROUTE, dict(K=K, BT=BT, BE=BE, WRITE_HIST=True,
-                                                          HAS_BIAS=bias, SIGMOID=sigmoid), 8)
+                                                          HAS_BIAS=bias, SIGMOID=sigmoid, G=G,
+                                                          TOPG=TOPG, GS=BE // G), 8)
         build(route._ordered_hist_kernel, ROUTE, dict(K=K, BT=BT, BE=BE), 8)
         build(route._place_kernel, ROUTE, dict(K=K, BT=BT, BE=BE, HAS_ORDER=True,
                                               HAS_CAPACITY=True), 8)

@@ -70,6 +70,9 @@ CASES = [
     dict(top_k=1, capacity_factor=1.0, score_func="sigmoid", num_shared_experts=1,
          drop_policy="score"),
     dict(router="expert_choice", capacity_factor=1.0, score_func="sigmoid"),
+    dict(top_k=2, capacity_factor=0.75, num_groups=2, topk_groups=1, drop_policy="score"),
+    dict(top_k=2, drop_tokens=False, num_groups=4, topk_groups=2, score_func="sigmoid"),
+    dict(top_k=2, capacity_factor=0.5, min_capacity=1, balance_scope="sequence"),
 ]
 
 
@@ -286,7 +289,10 @@ def test_expert_choice_keeps_its_compute_budget_in_eval():
 
 @pytest.mark.parametrize("kw,named", [(dict(top_k=2), "top_k=2"),
                                       (dict(drop_tokens=False), "drop_tokens=False"),
-                                      (dict(drop_policy="score"), "drop_policy='score'")])
+                                      (dict(drop_policy="score"), "drop_policy='score'"),
+                                      (dict(num_groups=2, topk_groups=1), "topk_groups=1"),
+                                      (dict(balance_scope="sequence"),
+                                       "balance_scope='sequence'")])
 def test_expert_choice_refuses_token_choice_options(kw, named):
     with pytest.raises(ValueError, match=f"router='expert_choice' takes no {named}: "):
         make(router="expert_choice", **kw)
@@ -516,6 +522,10 @@ BAD = [
     (dict(num_shared_experts=-1), "num_shared_experts"), (dict(num_shared_experts=1.5), "num_shared_experts"),
     (dict(num_shared_experts=2, residual=True), "num_shared_experts"),
     (dict(score_func="tanh"), "score_func"), (dict(routed_scale=0.0), "routed_scale"),
+    (dict(num_groups=3), "num_groups"), (dict(num_groups=0), "num_groups"),
+    (dict(topk_groups=3, num_groups=2), "topk_groups"), (dict(topk_groups=0), "topk_groups"),
+    (dict(top_k=3, num_groups=2, topk_groups=1), "top_k"),
+    (dict(balance_scope="token"), "balance_scope"),
 ]
 
 
@@ -680,3 +690,52 @@ def test_routing_stats_are_returned():
     assert stats is layer.last_stats and int(stats.tokens_per_expert.sum()) == 32
     y2, aux2 = layer(x)
     assert torch.equal(y, y2) and torch.equal(aux, aux2) and layer.last_stats is not stats
+
+
+def test_group_limited_routing_takes_each_tokens_best_groups():
+    """DeepSeek-V3's group limit: a token's experts come from its topk_groups groups with the
+    largest sum of their two best scores; with every group allowed, routing is unchanged."""
+    T, E, G, TG, K = 200, 16, 4, 2, 4
+    logits_TE = torch.randn(T, E, generator=torch.Generator().manual_seed(0))
+    for bias_E in (None, torch.randn(E) * 0.05):
+        for score_func in ("softmax", "sigmoid"):
+            plan, probs_TE, _ = routing.token_choice(logits_TE, K, None, "position", True, bias_E,
+                                                     score_func, (G, TG))
+            score_TE = probs_TE if bias_E is None else probs_TE + bias_E
+            group_TG = score_TE.view(T, G, E // G).topk(2, -1).values.sum(-1)
+            best_TG = group_TG.topk(TG, -1).indices.sort(-1).values
+            chosen_TK = (plan.expert_TK // (E // G)).sort(-1).values
+            assert all(set(c.tolist()) == set(b.tolist()) for c, b in zip(chosen_TK, best_TG))
+            free = routing.token_choice(logits_TE, K, None, "position", True, bias_E, score_func)
+            same = routing.token_choice(logits_TE, K, None, "position", True, bias_E, score_func,
+                                        (G, G))
+            assert torch.equal(free[0].expert_TK, same[0].expert_TK)
+            if score_func == "softmax":  # some tokens would have left their groups
+                assert not torch.equal(free[0].expert_TK.sort(-1).values,
+                                       plan.expert_TK.sort(-1).values)
+    assert make(num_groups=2).config.group_limit() is None
+    assert make(num_groups=2, topk_groups=1, top_k=2).config.group_limit() == (2, 1)
+
+
+def test_sequence_balance_loss_is_the_mean_over_sequences():
+    B, S, K = 3, 10, 2
+    logits_TE = torch.randn(B * S, E, generator=torch.Generator().manual_seed(1))
+    plan, probs_TE, counts_E = routing.token_choice(logits_TE, K, None, "position", True)
+    per_seq = [routing.balance_loss(probs_TE[b * S:(b + 1) * S],
+                                    torch.bincount(plan.expert_TK[b * S:(b + 1) * S].reshape(-1),
+                                                   minlength=E)) for b in range(B)]
+    seq = routing.sequence_balance_loss(probs_TE, plan.expert_TK, B)
+    torch.testing.assert_close(seq, torch.stack(per_seq).mean())
+    torch.testing.assert_close(routing.sequence_balance_loss(probs_TE, plan.expert_TK, 1),
+                               routing.balance_loss(probs_TE, counts_E))
+    # the layer reads sequences off its input's shape: [B, S, D] is B of S, [T, D] is one
+    batch, per_sequence = make(top_k=2), make(top_k=2, balance_scope="sequence")
+    x = torch.randn(B, S, D)
+    _, _, s_batch = batch(x, return_stats=True)
+    _, aux, s_seq = per_sequence(x, return_stats=True)
+    assert not torch.allclose(s_batch.balance_loss, s_seq.balance_loss)
+    torch.testing.assert_close(per_sequence(x.reshape(B * S, D))[1], batch(x)[1])
+    aux.backward()
+    assert per_sequence.router.weight.grad.abs().sum() > 0
+    assert "balance_scope=sequence" in repr(per_sequence)
+    assert "topk_groups=1 of num_groups=2" in repr(make(top_k=2, num_groups=2, topk_groups=1))

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import moesaic
 import moesaic.models as M
 from moesaic.models.layers import Attention
 
@@ -438,3 +439,15 @@ def test_widenet_shared_moe_trains_the_same_under_expert_parallelism():
         assert state.keys() == ref.state_dict().keys()
         for k, v in ref.state_dict().items():
             torch.testing.assert_close(state[k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_group_limit_and_sequence_balance_reach_every_moe_layer():
+    """DeepSeek-V3's group limit and sequence-wise balance loss pass through the zoo's
+    ``moe_kwargs``; each image is one sequence."""
+    model = M.create("vit_moe_tiny", num_experts=4, top_k=2, num_groups=2, topk_groups=1,
+                     balance_scope="sequence")
+    layers = [m for m in model.modules() if isinstance(m, moesaic.MoE)]
+    assert layers and all(m.config.group_limit() == (2, 1) for m in layers)
+    assert all(m.config.balance_scope == "sequence" for m in layers)
+    logits, aux, stats = model(torch.randn(3, 3, 32, 32), return_stats=True)
+    assert logits.shape[0] == 3 and torch.isfinite(aux)

@@ -17,6 +17,9 @@ chosen by probability + bias and weighted by the probability. ``score_func="sigm
 each expert by sigmoid(logit) instead of the softmax (DeepSeek-V3); without a bias it selects
 by the logits (the same order, without the ties of float32 sigmoids saturated at 1.0 for
 logits above about 17); with a bias such saturated scores can tie, and the rule above applies.
+Group-limited routing (``groups``, DeepSeek-V3) scores each group of experts by the sum of its
+two best scores (+ bias) and masks the experts outside each token's best groups before the
+top-k; equal group scores go to the lower group id.
 
 Legend: T tokens, E experts, K top-k, B token blocks, N kept assignments (rows).
 """
@@ -37,7 +40,8 @@ from ..routing import TINY, RoutingPlan, first_choice_prob, ranking_scores
 def _softmax_topk_kernel(logits_ptr, probs_ptr, idx_ptr, hist_ptr, bias_ptr, T, E, num_blocks,
                          K: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr,
                          WRITE_HIST: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         SIGMOID: tl.constexpr):
+                         SIGMOID: tl.constexpr, G: tl.constexpr, TOPG: tl.constexpr,
+                         GS: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BT + tl.arange(0, BT)
     cols = tl.arange(0, BE)
@@ -57,9 +61,28 @@ def _softmax_topk_kernel(logits_ptr, probs_ptr, idx_ptr, hist_ptr, bias_ptr, T, 
     score = p
     if HAS_BIAS:  # selection only: the weights stay the probabilities
         score = p + tl.load(bias_ptr + cols, mask=col_ok, other=0.0)[None, :]
-    elif SIGMOID:  # the logits: the sigmoid's order, without its float32 ties at 1.0
+    group_score = score
+    if not HAS_BIAS and SIGMOID:  # the logits: the sigmoid's order, without its float32 ties
         score = x
     work = tl.where(col_ok[None, :], score, float("-inf"))
+    if TOPG < G:  # group-limited: only the experts of each token's TOPG best groups of GS
+        group_C = cols // GS
+        value_TC = tl.zeros([BT, BE], dtype=tl.float32)  # each column's group score
+        for g in tl.static_range(G):
+            in_g = (group_C == g) & col_ok
+            s_g = tl.where(in_g[None, :], group_score, float("-inf"))
+            best = tl.max(s_g, 1)
+            if GS > 1:  # plus the second best
+                first = tl.argmax(s_g, 1)
+                best += tl.max(tl.where(cols[None, :] == first[:, None], float("-inf"), s_g), 1)
+            value_TC = tl.where(in_g[None, :], best[:, None], value_TC)
+        ahead_TC = tl.zeros([BT, BE], dtype=tl.int32)  # groups ranked before each column's
+        for g in tl.static_range(G):
+            in_g = (group_C == g) & col_ok
+            v_g = tl.max(tl.where(in_g[None, :], value_TC, float("-inf")), 1)[:, None]
+            ahead_TC += ((v_g > value_TC) | ((v_g == value_TC) & (g < group_C[None, :]))
+                         ).to(tl.int32)
+        work = tl.where(ahead_TC < TOPG, work, float("-inf"))
     for k in tl.static_range(K):
         top = tl.argmax(work, 1)
         tl.store(idx_ptr + rows.to(tl.int64) * K + k, top.to(tl.int32), mask=row_ok)
@@ -131,7 +154,7 @@ class _SoftmaxTopK(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits_TE: Tensor, top_k: int, write_hist: bool, bias_E: Optional[Tensor],
-                sigmoid: bool = False):
+                sigmoid: bool = False, groups: Optional[tuple[int, int]] = None):
         T, E = logits_TE.shape
         logits_TE = logits_TE.contiguous().float()
         BT, BE, B, warps = _blocks(T, E)
@@ -139,11 +162,13 @@ class _SoftmaxTopK(torch.autograd.Function):
         idx_TK = torch.empty(T, top_k, dtype=torch.int32, device=logits_TE.device)
         hist = torch.zeros(E, top_k * B if write_hist else 1, dtype=torch.int32,
                            device=logits_TE.device)
+        G, topg = groups if groups is not None else (1, 1)
         has_bias = bias_E is not None
         bias_E = bias_E.float().contiguous() if has_bias else probs_TE  # unread without bias
         _softmax_topk_kernel[(B,)](logits_TE, probs_TE, idx_TK, hist, bias_E, T, E, B,
                                    K=top_k, BT=BT, BE=BE, WRITE_HIST=write_hist,
-                                   HAS_BIAS=has_bias, SIGMOID=sigmoid, num_warps=warps)
+                                   HAS_BIAS=has_bias, SIGMOID=sigmoid, G=G, TOPG=topg,
+                                   GS=E // G, num_warps=warps)
         ctx.sigmoid = sigmoid
         ctx.save_for_backward(probs_TE)
         ctx.mark_non_differentiable(idx_TK, hist)
@@ -154,22 +179,22 @@ class _SoftmaxTopK(torch.autograd.Function):
     def backward(ctx, grad_probs, _grad_idx, _grad_hist):
         (p,) = ctx.saved_tensors
         if grad_probs is None:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         g = grad_probs.float()
         if ctx.sigmoid:
-            return g * p * (1 - p), None, None, None, None
-        return p * (g - (g * p).sum(-1, keepdim=True)), None, None, None, None
+            return g * p * (1 - p), None, None, None, None, None
+        return p * (g - (g * p).sum(-1, keepdim=True)), None, None, None, None, None
 
 
 def token_choice(logits_TE: Tensor, top_k: int, capacity: Optional[int], drop_policy: str,
-                 normalize: bool, bias_E: Optional[Tensor] = None, score_func: str = "softmax"
-                 ) -> tuple[RoutingPlan, Tensor, Tensor]:
+                 normalize: bool, bias_E: Optional[Tensor] = None, score_func: str = "softmax",
+                 groups: Optional[tuple[int, int]] = None) -> tuple[RoutingPlan, Tensor, Tensor]:
     """Same contract and results as :func:`moesaic.routing.token_choice`, fused in Triton."""
     T, E = logits_TE.shape
     device = logits_TE.device
     by_score = capacity is not None and drop_policy == "score"
     probs_TE, idx_TK, hist = _SoftmaxTopK.apply(logits_TE, top_k, not by_score, bias_E,
-                                                score_func == "sigmoid")
+                                                score_func == "sigmoid", groups)
     BT, BE, B, warps = _blocks(T, E)
     order_T = None
     if by_score:
@@ -198,5 +223,5 @@ def token_choice(logits_TE: Tensor, top_k: int, capacity: Optional[int], drop_po
     plan = RoutingPlan(
         row_token_N=row_token_N, row_weight_N=weight_TK.reshape(-1).index_select(0, row_assign_N),
         counts_E=kept_counts_E, num_tokens=T, capacity=capacity,
-        dest_TK=dest_TK, weight_TK=weight_TK)
+        dest_TK=dest_TK, weight_TK=weight_TK, expert_TK=idx_TK)
     return plan, probs_TE, counts_E

@@ -15,7 +15,8 @@ from .registry import closest
 MOE_PASSTHROUGH = ("aux_loss_coef", "z_loss_coef", "drop_tokens", "drop_policy", "router",
                    "min_capacity", "normalize_weights", "kernels", "activation",
                    "bias_update_rate", "hidden_dropout", "dropout_branches",
-                   "num_shared_experts", "score_func", "routed_scale")
+                   "num_shared_experts", "score_func", "routed_scale", "num_groups",
+                   "topk_groups", "balance_scope")
 
 
 @dataclass
