@@ -96,15 +96,15 @@ class MoEConfig:
         _require(self.num_experts % self.num_groups == 0,
                  f"num_experts ({self.num_experts}) is not divisible by num_groups "
                  f"({self.num_groups}): expert groups are equal, contiguous blocks of experts")
-        if self.topk_groups is None:
-            self.topk_groups = self.num_groups
-        _require(_is_int(self.topk_groups) and 1 <= self.topk_groups <= self.num_groups,
+        _require(self.topk_groups is None or (_is_int(self.topk_groups)
+                                               and 1 <= self.topk_groups <= self.num_groups),
                  f"topk_groups must be None or in [1, num_groups={self.num_groups}], "
                  f"got {self.topk_groups!r}")
+        groups = self.topk_groups or self.num_groups
         group_size = self.num_experts // self.num_groups
-        _require(self.top_k <= self.topk_groups * group_size,
+        _require(self.top_k <= groups * group_size,
                  f"top_k ({self.top_k}) exceeds the experts a token may use: topk_groups "
-                 f"({self.topk_groups}) groups of {group_size} = {self.topk_groups * group_size}")
+                 f"({groups}) groups of {group_size} = {groups * group_size}")
         _require(self.balance_scope in BALANCE_SCOPES,
                  f"balance_scope must be one of {BALANCE_SCOPES}, got {self.balance_scope!r}")
         if self.eval_capacity_factor is None:
@@ -143,7 +143,7 @@ class MoEConfig:
                 ("drop_tokens", self.drop_tokens, self.drop_tokens),
                 ("drop_policy", self.drop_policy, self.drop_policy == "position"),
                 ("bias_update_rate", self.bias_update_rate, self.bias_update_rate == 0),
-                ("topk_groups", self.topk_groups, self.topk_groups == self.num_groups),
+                ("topk_groups", self.topk_groups, self.group_limit() is None),
                 ("balance_scope", self.balance_scope, self.balance_scope == "batch")) if not ok]
             _require(not bad, f"router='expert_choice' takes no {', '.join(bad)}: each expert "
                      "takes its ceil(capacity_factor * T / E) best tokens, so capacity_factor "
@@ -159,7 +159,9 @@ class MoEConfig:
 
     def group_limit(self) -> Optional[tuple[int, int]]:
         """(num_groups, topk_groups) when routing is limited to some groups, else None."""
-        return (self.num_groups, self.topk_groups) if self.topk_groups < self.num_groups else None
+        if self.topk_groups is None or self.topk_groups >= self.num_groups:
+            return None
+        return self.num_groups, self.topk_groups
 
     def experts_per_token(self) -> float:
         """Experts a token uses on average with no drops: top_k, or for expert choice the

@@ -217,12 +217,14 @@ def score_distribution(scores_TE: Tensor, score_func: str = "softmax") -> Tensor
 def allowed_groups(score_TE: Tensor, num_groups: int, topk_groups: int) -> Tensor:
     """[T, E] bool: the experts of each token's ``topk_groups`` best groups (DeepSeek-V3's
     group-limited routing). Experts form ``num_groups`` contiguous groups of E / num_groups; a
-    group's score is the sum of its two best scores (its best one for groups of one expert)."""
+    group's score is the sum of its two best scores (its best one for groups of one expert), in
+    float32; equal group scores go to the lower group id (a stable sort), as in the kernel."""
     T, E = score_TE.shape
     size = E // num_groups
-    group_TG = score_TE.view(T, num_groups, size).topk(min(2, size), dim=-1).values.sum(-1)
+    group_TG = score_TE.float().view(T, num_groups, size).topk(min(2, size), dim=-1).values.sum(-1)
+    best_TG = torch.sort(group_TG, dim=-1, descending=True, stable=True).indices[:, :topk_groups]
     keep_TG = torch.zeros(T, num_groups, dtype=torch.bool, device=score_TE.device)
-    keep_TG.scatter_(1, group_TG.topk(topk_groups, dim=-1).indices, True)
+    keep_TG.scatter_(1, best_TG, True)
     return keep_TG.repeat_interleave(size, dim=1)
 
 
@@ -337,6 +339,8 @@ def sequence_balance_loss(probs_TE: Tensor, expert_TK: Tensor, num_seqs: int) ->
     """The mean over sequences of :func:`balance_loss` taken within each (DeepSeek-V3's
     sequence-wise balance loss): the T tokens are ``num_seqs`` sequences of T / num_seqs."""
     T, E = probs_TE.shape
+    if T % max(num_seqs, 1):
+        raise ValueError(f"{T} tokens do not split into num_seqs ({num_seqs}) equal sequences")
     if T == 0:
         return probs_TE.new_zeros(())
     K = expert_TK.shape[1]

@@ -129,6 +129,18 @@ def test_group_limited_token_choice_matches_torch(tops, T, E, K, cap, policy, G,
         TG - 1).all()
 
 
+def test_group_ties_go_to_the_lower_group_on_both_paths(tops):
+    """Equal group scores (all-zero logits; sigmoids saturated at 1.0) pick the lower group ids
+    on both paths: a stable sort in PyTorch, the comparison order in the kernel."""
+    saturated = torch.tensor([[18.0, 18, -5, -5, -5, -5, 40, 40]])
+    for logits_TE, groups, want in ((torch.zeros(3, 8), (4, 2), [0, 1]),
+                                    (saturated, (4, 1), [0])):
+        for ops in (TorchOps, tops):
+            plan = ops.token_choice(logits_TE, 2, None, "position", True, None, "sigmoid",
+                                    groups)[0]
+            assert set((plan.expert_TK.long() // 2).unique().tolist()) <= set(want), ops
+
+
 def assert_same_routing(tops, logits_TE, K, cap, policy, bias_E, score_func, groups=None):
     """The Triton plan equals the PyTorch one, and so do the gradients of weights and scores."""
     T = logits_TE.shape[0]
