@@ -37,8 +37,10 @@ def _worker(rank, world, port, a, queue):
     torch.set_num_threads(a.threads)
     moesaic.init_distributed(timeout_s=120)
     moesaic.moe_set_seed(0)
+    groups = dict(num_groups=a.groups[0], topk_groups=a.groups[1]) if a.groups else {}
     model = moesaic.parallelize(MoEStack(a.d_model, a.d_ff, [a.experts] * a.layers, top_k=a.top_k,
-                                         drop_tokens=a.capacity, capacity_factor=1.25))
+                                         drop_tokens=a.capacity, capacity_factor=1.25, **groups),
+                                dedup_tokens=a.dedup)
     T = a.tokens * 2 // world
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(T, a.d_model, generator=g)
@@ -85,7 +87,14 @@ def main():
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--dedup", action="store_true",
+                   help="instead: 2 ranks, dropless, plain against deduplicated dispatch "
+                        "(dedup_tokens), routing unlimited and limited to one of two expert "
+                        "groups (each token's experts on one rank)")
     a = p.parse_args()
+    a.groups, a.dedup_table, a.dedup = None, a.dedup, False
+    if a.dedup_table:
+        return dedup_table(a)
     print(f"# benchmarks/ep.py  {date.today()}  torch {torch.__version__}  "
           f"{platform.platform()}  {os.cpu_count()} CPUs  backend gloo")
     print(f"# model: {a.layers} MoE layers, D={a.d_model} F={a.d_ff} E={a.experts} "
@@ -109,6 +118,31 @@ def main():
           "baselines; 0.5 vs x1 = perfect scaling); MB sent counts "
           "MoE all-to-all payload (incl. token counts) one rank sends to the other per step; "
           "formula = 4 exchanges x layers x alltoall_bytes_per_rank (balanced routing)")
+
+
+def dedup_table(a):
+    """2 ranks, dropless: plain all-to-all against dedup_tokens, with and without group limits."""
+    print(f"# benchmarks/ep.py --dedup  {date.today()}  torch {torch.__version__}  "
+          f"{platform.platform()}  {os.cpu_count()} CPUs  backend gloo")
+    print(f"# model: {a.layers} MoE layers, D={a.d_model} F={a.d_ff} E={a.experts} "
+          f"top_k={a.top_k}, dropless, float32; 2 ranks x 1 thread, {a.tokens} tokens per rank; "
+          f"median of {a.steps} steps (fwd+bwd+grad sync) after {a.warmup} warm-up")
+    print(f"# load average before: {os.getloadavg()[0]:.2f} (the machine is shared)")
+    print(f"{'routing':<22}{'plain ms':>10}{'dedup ms':>10}{'time ratio':>11}"
+          f"{'plain MB':>10}{'dedup MB':>10}{'MB ratio':>10}")
+    a.capacity = False
+    for groups in (None, (2, 1)):
+        a.groups = groups
+        res = []
+        for dedup in (False, True):
+            a.dedup = dedup
+            res.append(run(2, 1, a))
+        (tp, mp_), (td, md) = res
+        name = "unlimited" if groups is None else f"{groups[1]} of {groups[0]} groups"
+        print(f"{name:<22}{tp * 1e3:>10.1f}{td * 1e3:>10.1f}{td / tp:>11.2f}"
+              f"{mp_ / 1e6:>10.2f}{md / 1e6:>10.2f}{md / mp_:>10.2f}")
+    print("# MB = MoE all-to-all payload one rank sends to the other per step (rows, token "
+          "counts, and with dedup the pair-index and weight columns); ratio = dedup / plain")
 
 
 if __name__ == "__main__":

@@ -36,15 +36,39 @@ def _data(world, seed=123):
     return torch.randn(world * B, S, D, generator=g), torch.randn(world * B, S, D, generator=g)
 
 
-def _build_pair(ctx, seed, **kw):
+def _build_pair(ctx, seed, dedup_tokens=False, **kw):
     """(single-process reference, model built under ctx and parallelized), same seed."""
     set_context(None)
     moesaic.moe_set_seed(seed)
     ref = tiny_net(**kw)
     set_context(ctx)
     moesaic.moe_set_seed(seed)
-    model = moesaic.parallelize(tiny_net(**kw))
+    model = moesaic.parallelize(tiny_net(**kw), dedup_tokens=dedup_tokens)
     return ref, model
+
+
+def check_dedup_dispatch(rank, world, ctx, seed):
+    """Deduplicated dropless dispatch: the same outputs, gradients and steps as one process
+    (checked by check_equivalence), the same hidden-dropout masks as the plain exchange, and
+    fewer bytes when each token's experts share a rank (groups = ranks, one group per token)."""
+    kw = dict(experts=(4,), top_k=2, num_groups=2, topk_groups=1, hidden_dropout=0.3)
+    x, target = _data(world)
+    lo, hi = rank * B, (rank + 1) * B
+    sent, outs = [], []
+    for dedup_tokens in (False, True):
+        set_context(ctx)
+        moesaic.moe_set_seed(seed)
+        model = moesaic.parallelize(tiny_net(**kw), dedup_tokens=dedup_tokens)
+        comm_stats(model).reset()
+        torch.manual_seed(seed + rank)  # the same hidden-dropout keys in both runs
+        out, _ = model.train()(x[lo:hi])
+        (out - target[lo:hi]).square().mean().backward()
+        sent.append(comm_stats(model).bytes_sent)
+        outs.append((out.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    torch.testing.assert_close(outs[1][0], outs[0][0], **TOL)
+    for name, grad in outs[0][1].items():
+        torch.testing.assert_close(outs[1][1][name], grad, **TOL, msg=name)
+    assert sent[1] < 0.75 * sent[0], sent  # rows: half of them both ways, plus small columns
 
 
 @contextlib.contextmanager
@@ -340,17 +364,20 @@ def check_reset_classifier_refused_while_synced(rank, world, ctx, seed):
 
 
 def check_zero_tokens(rank, world, ctx, seed):
-    """No tokens on any rank (capacity 0): an empty output, in both modes and policies."""
+    """No tokens on any rank (capacity 0), or on one rank only: an empty output there, in both
+    modes and policies, and with deduplicated dispatch."""
     set_context(ctx)
-    for kw in (dict(), dict(drop_tokens=False)):
+    for kw, dedup_tokens in ((dict(), False), (dict(drop_tokens=False), False),
+                             (dict(drop_tokens=False, top_k=2), True)):
         moesaic.moe_set_seed(seed)
-        moe = moesaic.parallelize(moesaic.MoE(D, F, 4, **kw))
+        moe = moesaic.parallelize(moesaic.MoE(D, F, 4, **kw), dedup_tokens=dedup_tokens)
         for training in (True, False):
-            x = torch.randn(0, D, requires_grad=True)
-            y, aux = moe.train(training)(x)
-            assert y.shape == (0, D), (kw, training, y.shape)
-            if training:
-                (y.sum() + aux).backward()
+            for n in (0, 5 * (rank == 0)):
+                x = torch.randn(n, D, requires_grad=True)
+                y, aux = moe.train(training)(x)
+                assert y.shape == (n, D), (kw, training, y.shape)
+                if training:
+                    (y.sum() + aux).backward()
 
 
 def check_grad_checkpointing(rank, world, ctx, seed):
@@ -493,6 +520,10 @@ def two_ranks(rank, world):
     check_equivalence(rank, world, ctx, 21, steps=2, experts=(4, 2), num_shared_experts=1)
     check_equivalence(rank, world, ctx, 23, steps=2, experts=(4,), num_groups=2, topk_groups=1)
     check_aux_loss(rank, world, ctx, 24, balance_scope="sequence", num_groups=2, topk_groups=1)
+    check_equivalence(rank, world, ctx, 25, steps=2, experts=(4, 2), dedup_tokens=True)
+    check_equivalence(rank, world, ctx, 26, steps=2, experts=(4,), num_groups=2, topk_groups=1,
+                      dedup_tokens=True)
+    check_dedup_dispatch(rank, world, ctx, 27)
     check_grad_scaler_skips_together(rank, world, ctx, 13)
     check_zero_tokens(rank, world, ctx, 15)
     check_grad_checkpointing(rank, world, ctx, 16)
@@ -550,6 +581,7 @@ def two_ranks(rank, world):
 def four_ranks(rank, world):
     ctx = moesaic.init_distributed(max_ep_size=2, timeout_s=60)
     model = check_equivalence(rank, world, ctx, 11, steps=2, experts=(4, 2))
+    check_equivalence(rank, world, ctx, 13, steps=1, experts=(4, 8), top_k=3, dedup_tokens=True)
     layout = model.moes[0].layout
     assert (layout.ep_size, layout.edp_size) == (2, 2)
     assert model.moes[0].experts.global_ids == [[0, 1], [2, 3]][rank % 2]

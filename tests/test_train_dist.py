@@ -129,3 +129,22 @@ def test_two_process_run_upcycled_from_a_one_process_dense_run(setup, tmp_path):
     assert out.count("upcycled (each dense MLP") == 1  # logged by rank 0 only
     saved = checkpoint._load_tensors(os.path.join(checkpoint.find(run), "model.safetensors"))
     assert saved["blocks.1.ffn.experts.w1"].shape[0] == 4
+
+
+def test_deduplicated_dispatch_trains_like_replicated_experts(setup):
+    """``dedup_tokens=True`` end to end: a dropless top-2 model limited to one of two expert
+    groups (so each token's experts share a rank) trains at max_ep_size 2 with deduplicated
+    all-to-alls as it does at max_ep_size 1 (no all-to-all), to float32 rounding."""
+    root = setup[0]
+    args = {**TINY_MODEL, "top_k": 2, "drop_tokens": False, "num_groups": 2, "topk_groups": 1}
+    runs = {}
+    for ep in (1, 2):
+        cfg = tiny_config(root / f"dedup{ep}.py", root, MAX_EP_SIZE=ep, MODEL_ARGS=args,
+                          DEDUP_TOKENS=True)
+        runs[ep] = str(root / f"dedup{ep}")
+        torchrun(["--config", cfg, "--run-dir", runs[ep]])
+    a, b = read_metrics(runs[1]), read_metrics(runs[2])
+    assert len(a) == len(b) == 2
+    for ra, rb in zip(a, b):
+        for key in ("train_loss", "train_aux", "eval_loss"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-4), key

@@ -9,6 +9,8 @@ expert's rows are contiguous for the grouped FFN, and back again before the retu
 
 - dropless (``plan.capacity is None``): counts are exchanged first ([ep, E_local] int64), then
   rows with an uneven ``all_to_all_single``;
+  With ``dedup=True`` a token goes to a rank once, however many of its experts that rank holds
+  (:mod:`moesaic.parallel.dedup`);
 - capacity: every rank sends a zero-padded [E, C, D] block; the experts run on the whole
   [E_local, sum of the sources' C] block. C comes from each rank's own token count, so the
   ranks first exchange their C (one int64 each) and source s sends [E_local, C_s] rows to each
@@ -30,31 +32,9 @@ import torch
 from torch import Tensor
 
 from ..routing import RoutingPlan
+from . import dedup
 from .comm import PICKLE_ERROR, CommStats, GroupRef, all_to_all_rows, exchange
-
-
-def _exclusive_cumsum(x: Tensor) -> Tensor:
-    return torch.cumsum(x, 0) - x
-
-
-def block_order(counts_SL: Tensor) -> Tensor:
-    """Row index that turns a buffer of blocks in [S, L] order into [L, S] order: out[i] =
-    in[idx[i]], where block (s, l) holds ``counts_SL[s, l]`` rows."""
-    S, L = counts_SL.shape
-    start_SL = _exclusive_cumsum(counts_SL.reshape(-1)).view(S, L)
-    counts_LS = counts_SL.t().reshape(-1)
-    start_LS = start_SL.t().reshape(-1)
-    n = int(counts_LS.sum())
-    first = torch.repeat_interleave(start_LS, counts_LS)
-    offset = torch.arange(n, device=counts_SL.device) - torch.repeat_interleave(
-        _exclusive_cumsum(counts_LS), counts_LS)
-    return first + offset
-
-
-def _inverse(perm: Tensor) -> Tensor:
-    inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(perm.numel(), device=perm.device)
-    return inv
+from .rows import block_order, exclusive_cumsum, inverse
 
 
 _PROMISE = (" under equal_batches (every rank of the group must route the same number of "
@@ -68,23 +48,26 @@ class _Handle:
     order_M: Optional[Tensor]  # [S, L] -> [L, S] row order (dropless)
     pos_N: Optional[Tensor]  # slot of each kept row in the padded [E * C] block (capacity)
     shape: Optional[tuple]  # (L, S, C) of the received capacity block
+    pairs: Optional[dedup.Pairs] = None  # deduplicated dropless dispatch
 
 
 class AllToAllDispatcher:
     """Moves rows to the ranks that hold their experts and brings the outputs back.
 
     ``stats`` (a :class:`~moesaic.parallel.comm.CommStats`) counts the bytes this rank sends,
-    forward and backward.
+    forward and backward. ``dedup``: dropless rows go once per (rank, token) pair
+    (:mod:`moesaic.parallel.dedup`).
     """
 
     def __init__(self, group, ranks: Sequence[int], num_experts: int,
-                 stats: Optional[CommStats] = None):
+                 stats: Optional[CommStats] = None, dedup: bool = False):
         self.group_ref, self.ranks = GroupRef(group), tuple(ranks)
         self.ep_size = len(self.ranks)
         self.num_experts = num_experts
         self.num_local = num_experts // self.ep_size
         self.stats = stats if stats is not None else CommStats()
         self.equal_batches = False  # True: every rank routes the same token count (same C)
+        self.dedup = dedup
 
     @property
     def group(self):
@@ -107,6 +90,10 @@ class AllToAllDispatcher:
 
     def dispatch(self, x_TD: Tensor, plan: RoutingPlan, ops):
         self.group_ref.get()  # a clear error once destroy() has run
+        if self.dedup and plan.capacity is None and plan.dest_TK is not None:
+            x_ND, counts_L, pairs, splits, recv_splits, order_M = dedup.dispatch(
+                x_TD, plan, self.ep_size, self.num_local, self.group_ref, self.ranks, self.stats)
+            return x_ND, counts_L, _Handle(splits, recv_splits, order_M, None, None, pairs)
         x_ND = ops.permute(x_TD, plan)
         if plan.capacity is None:
             return self._dispatch_dropless(x_ND, plan)
@@ -124,8 +111,10 @@ class AllToAllDispatcher:
         return keys_M.reshape(S, L, C).transpose(0, 1).reshape(L * S * C)
 
     def combine(self, y_ND: Tensor, plan: RoutingPlan, handle: _Handle, ops) -> Tensor:
+        if handle.pairs is not None:
+            return dedup.combine(y_ND, handle.pairs, self.group_ref, self.ranks, self.stats)
         if handle.order_M is not None:
-            y_MD = y_ND.index_select(0, _inverse(handle.order_M))
+            y_MD = y_ND.index_select(0, inverse(handle.order_M))
         else:
             L, S, C = handle.shape
             D = y_ND.shape[-1]  # spelled out: with C = 0 (no tokens anywhere) -1 is ambiguous
@@ -163,7 +152,7 @@ class AllToAllDispatcher:
         counts_E = plan.counts_E.to(torch.int64)
         pos_N = None
         if x_ND.shape[0] != E * C:
-            start_E = _exclusive_cumsum(counts_E)
+            start_E = exclusive_cumsum(counts_E)
             n = x_ND.shape[0]
             pos_N = (torch.arange(n, device=x_ND.device)
                      - torch.repeat_interleave(start_E, counts_E)

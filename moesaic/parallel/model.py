@@ -106,14 +106,18 @@ def _broadcast_coalesced(tensors: list, ranks, group=None, what="shared paramete
             offset += t.numel()
 
 
-def parallelize(model: nn.Module, bucket_mb: float = 25.0) -> nn.Module:
+def parallelize(model: nn.Module, bucket_mb: float = 25.0, dedup_tokens: bool = False
+                ) -> nn.Module:
     """Make a model built under ``init_distributed`` train as one model over all ranks.
 
     Checks that every rank built the same model (a clear ``ValueError`` otherwise), installs an
     all-to-all dispatcher on every MoE layer whose ep_size > 1, broadcasts shared parameters
     and buffers from rank 0, attaches bucketed gradient all-reduce (shared parameters over the
     world, experts over their expert-data-parallel group, both giving the mean over the world's
-    tokens) and moves router noise and dropout to per-rank streams. Returns ``model`` itself.
+    tokens) and moves router noise and dropout to per-rank streams. With ``dedup_tokens`` the
+    dropless layers send a token to a rank once, however many of its experts the rank holds
+    (:mod:`moesaic.parallel.dedup`; worth it for top_k >= 2, above all with group-limited
+    routing). Returns ``model`` itself.
     """
     old = parallel_state(model)
     if old is not None and not old.released:
@@ -149,7 +153,8 @@ def parallelize(model: nn.Module, bucket_mb: float = 25.0) -> nn.Module:
             g = ctx.groups(layer.layout.ep_size)
             if g.ep_size > 1:
                 layer.dispatcher = AllToAllDispatcher(g.ep_group, g.ep_ranks,
-                                                      layer.config.num_experts, stats)
+                                                      layer.config.num_experts, stats,
+                                                      dedup=dedup_tokens)
             params = list(layer.experts.parameters())
             state.hooks += scale_grad_hooks(params, 1.0 / g.ep_size)
             by_ep.setdefault(g.ep_size, (g, []))[1].extend(params)

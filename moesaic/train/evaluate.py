@@ -82,7 +82,8 @@ def evaluate_checkpoint(cfg, ckpt: str) -> dict:
     amp_dtype = precision_for(cfg, device)
     train_set, test_set = load_dataset(cfg.dataset, cfg.data_dir, cfg.norm_mean, cfg.norm_std)
     moe_set_seed(cfg.seed)
-    model = parallelize(build_model(cfg, train_set.shape, train_set.num_classes).to(device))
+    model = parallelize(build_model(cfg, train_set.shape, train_set.num_classes).to(device),
+                        dedup_tokens=cfg.dedup_tokens)
     state = checkpoint.load(ckpt, model)
     meter = RoutingMeter()
     loss, acc = evaluate(model, test_set.to(device), cfg.eval_batch_size, ctx.rank,

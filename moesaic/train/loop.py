@@ -115,7 +115,7 @@ class Trainer:
             if self.is_main:
                 for note in init_notes[1]:
                     warnings.warn(note, stacklevel=3)
-        self.model = parallelize(model)
+        self.model = parallelize(model, dedup_tokens=cfg.dedup_tokens)
         self.moe_names = [n for n, m in self.model.named_modules() if isinstance(m, MoE)]
         self.routing = RoutingMeter()
         self.opt = make_optimizer(self.model, cfg)
