@@ -7,6 +7,12 @@ of Python's standard library (always on disk), about 15 s on 2 CPU cores (17 s w
 
     python3 examples/char_lm.py                 # 300 steps
     python3 examples/char_lm.py --steps 20 --experts 8 --top-k 1
+    python3 examples/char_lm.py --routing deepseek --experts 8
+
+``--routing deepseek`` swaps Switch-style routing (softmax, capacity 1.25, jitter, balance loss
+0.01) for DeepSeek-V3's: sigmoid scores, selection biases moved after every step
+(``moesaic.update_expert_biases``), a per-sequence balance loss at 1e-4, each token limited to
+half of the expert groups (pairs of experts), one shared expert, nothing dropped.
 
 Prints the loss as it trains, then each MoE layer's share of tokens per expert.
 
@@ -31,17 +37,31 @@ def corpus() -> str:
     return "".join(inspect.getsource(m) for m in (json, argparse, inspect))
 
 
+def _deepseek(num_experts: int) -> dict:
+    groups = max(1, num_experts // 2)
+    return dict(score_func="sigmoid", bias_update_rate=1e-3, aux_loss_coef=1e-4,
+                balance_scope="sequence", num_groups=groups, topk_groups=max(1, groups // 2),
+                num_shared_experts=1, drop_tokens=False)
+
+
+ROUTING = {  # each routing recipe's moesaic.MoE options, given the expert count
+    "switch": lambda num_experts: dict(capacity_factor=1.25, noise_policy="jitter"),
+    "deepseek": _deepseek,
+}
+
+
 class Block(nn.Module):
     """Pre-norm causal self-attention, then a pre-norm MoE feed-forward."""
 
-    def __init__(self, d_model: int, num_heads: int, num_experts: int, top_k: int):
+    def __init__(self, d_model: int, num_heads: int, num_experts: int, top_k: int,
+                 routing: str = "switch"):
         super().__init__()
         self.num_heads = num_heads
         self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
         self.moe = moesaic.MoE(d_model, 4 * d_model, num_experts, top_k=top_k,
-                               capacity_factor=1.25, noise_policy="jitter")
+                               **ROUTING[routing](num_experts))
 
     def forward(self, x_BSD):
         B, S, D = x_BSD.shape
@@ -55,11 +75,11 @@ class Block(nn.Module):
 
 class CharLM(nn.Module):
     def __init__(self, vocab: int, seq_len: int, d_model: int, depth: int, num_heads: int,
-                 num_experts: int, top_k: int):
+                 num_experts: int, top_k: int, routing: str = "switch"):
         super().__init__()
         self.tok = nn.Embedding(vocab, d_model)
         self.pos = nn.Parameter(torch.zeros(seq_len, d_model))
-        self.blocks = nn.ModuleList(Block(d_model, num_heads, num_experts, top_k)
+        self.blocks = nn.ModuleList(Block(d_model, num_heads, num_experts, top_k, routing)
                                     for _ in range(depth))
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab)
@@ -84,6 +104,9 @@ def main(argv=None) -> dict:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--experts", type=int, default=4)
     p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--routing", choices=sorted(ROUTING), default="switch",
+                   help="switch: softmax, capacity 1.25, jitter, balance loss 0.01; deepseek: "
+                        "DeepSeek-V3's (see the module docstring)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1,
@@ -98,7 +121,8 @@ def main(argv=None) -> dict:
     split = int(0.9 * len(data_N))
     train_N, val_N = data_N[:split], data_N[split:]
     moesaic.moe_set_seed(a.seed)
-    model = CharLM(len(chars), a.seq_len, a.d_model, a.depth, a.heads, a.experts, a.top_k)
+    model = CharLM(len(chars), a.seq_len, a.d_model, a.depth, a.heads, a.experts, a.top_k,
+                   a.routing)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01)
     g = torch.Generator().manual_seed(a.seed)
 
@@ -108,7 +132,7 @@ def main(argv=None) -> dict:
         return idx_BS[:, :-1], idx_BS[:, 1:]
 
     print(f"corpus {len(text):,} chars, vocab {len(chars)}; {a.depth} blocks, D={a.d_model}, "
-          f"{a.experts} experts top-{a.top_k}; "
+          f"{a.experts} experts top-{a.top_k}, {a.routing} routing; "
           f"{sum(q.numel() for q in model.parameters()):,} parameters")
     t0, every = time.perf_counter(), max(1, a.steps // 10)
     for step in range(1, a.steps + 1):
@@ -121,6 +145,7 @@ def main(argv=None) -> dict:
         opt.zero_grad(set_to_none=True)
         (loss + aux).backward()
         opt.step()
+        moesaic.update_expert_biases(model)  # selection biases (deepseek); a no-op otherwise
         if step % every == 0 or step == a.steps:
             print(f"step {step:4d}  loss {loss.item():.3f}  aux {aux.item():.4f}  "
                   f"{time.perf_counter() - t0:.0f} s", flush=True)

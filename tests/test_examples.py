@@ -17,6 +17,9 @@ def test_char_lm_trains_a_few_steps():
     out = _load("char_lm").main(["--steps", "3", "--batch", "4", "--seq-len", "16"])
     assert math.isfinite(out["train_loss"]) and math.isfinite(out["val_loss"])
     assert len(out["expert_load"]) == 2 and all(abs(sum(l) - 1) < 1e-5 for l in out["expert_load"])
+    ds = _load("char_lm").main(["--steps", "3", "--batch", "4", "--seq-len", "16", "--experts",
+                                "8", "--routing", "deepseek"])
+    assert math.isfinite(ds["val_loss"]) and len(ds["expert_load"][0]) == 8
 
 
 def test_upcycle_any_model_example():
