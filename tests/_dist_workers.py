@@ -69,6 +69,49 @@ def check_dedup_dispatch(rank, world, ctx, seed):
     for name, grad in outs[0][1].items():
         torch.testing.assert_close(outs[1][1][name], grad, **TOL, msg=name)
     assert sent[1] < 0.75 * sent[0], sent  # rows: half of them both ways, plus small columns
+    # bf16: the router's gradient stays a float32 dot product, as on the plain path
+    grads = []
+    for dedup_tokens in (False, True):
+        moesaic.moe_set_seed(seed)
+        model = moesaic.parallelize(tiny_net(experts=(4,), top_k=3).to(torch.bfloat16),
+                                    dedup_tokens=dedup_tokens)
+        out, _ = model(x[lo:hi].bfloat16())
+        (out.float() - target[lo:hi]).square().mean().backward()
+        grads.append(model.moes[0].router.weight.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-5)
+    # top-1: nothing to deduplicate, the plain exchange runs (same bytes)
+    sent = []
+    for dedup_tokens in (False, True):
+        moesaic.moe_set_seed(seed)
+        model = moesaic.parallelize(tiny_net(experts=(4,), top_k=1), dedup_tokens=dedup_tokens)
+        comm_stats(model).reset()
+        model(x[lo:hi])[0].sum().backward()
+        sent.append(comm_stats(model).bytes_sent)
+    assert sent[0] == sent[1], sent
+    with _raises(ValueError, "already parallelized with dedup_tokens=True"):
+        moesaic.parallelize(model, dedup_tokens=False)
+
+
+def dedup_with_kernels(rank, world):
+    """Deduplicated dispatch through the Triton kernels (the interpreter, on CPU) equals the
+    plain exchange on the PyTorch path: outputs and every gradient."""
+    ctx = moesaic.init_distributed(timeout_s=60)
+    x, target = _data(world)
+    lo, hi = rank * B, (rank + 1) * B
+    results = []
+    for kernels, dedup_tokens in (("torch", False), ("triton", True)):
+        set_context(ctx)
+        moesaic.moe_set_seed(5)
+        model = moesaic.parallelize(tiny_net(experts=(4,), top_k=2, kernels=kernels),
+                                    dedup_tokens=dedup_tokens)
+        out, _ = model(x[lo:hi])
+        (out - target[lo:hi]).square().mean().backward()
+        results.append((out.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    torch.testing.assert_close(results[1][0], results[0][0], **TOL)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, **TOL, msg=name)
+    moesaic.destroy()
+    return True
 
 
 @contextlib.contextmanager
@@ -587,6 +630,7 @@ def four_ranks(rank, world):
     assert model.moes[0].experts.global_ids == [[0, 1], [2, 3]][rank % 2]
     # PR-MoE pyramid [2, 4] on 4 ranks: the 2-expert layer is replicated twice
     ctx = moesaic.init_distributed(max_ep_size=4, timeout_s=60)
+    check_equivalence(rank, world, ctx, 14, steps=1, experts=(8,), top_k=3, dedup_tokens=True)
     model = check_equivalence(rank, world, ctx, 12, steps=2, experts=(2, 4), top_k=1,
                               drop_tokens=True, capacity_factor=8.0)
     assert [m.layout.ep_size for m in model.moes] == [2, 4]

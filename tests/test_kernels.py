@@ -635,3 +635,12 @@ def test_kernels_compile_for_sm90(tmp_path):
     if proc.returncode == 3:
         pytest.skip("this Triton has no ahead-of-time compile API we know")
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_deduplicated_dispatch_through_the_kernels():
+    """Expert parallelism's deduplicated dispatch on the Triton path (2 gloo processes, which
+    inherit TRITON_INTERPRET=1) equals the plain exchange on the PyTorch path."""
+    from _dist_harness import run_ranks
+    import _dist_workers as workers
+
+    assert run_ranks(workers.dedup_with_kernels, 2, timeout=240) == [True, True]

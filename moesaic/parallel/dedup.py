@@ -2,20 +2,23 @@
 experts that rank holds.
 
 The plain dropless exchange sends one row per assignment, so a token whose k experts share a
-rank goes there k times, and k outputs come back. Here the sender finds the distinct
-(rank, token) pairs of its assignments and sends each token row once per rank, with two small
-per-assignment columns: the pair it belongs to (int32) and its combine weight (float32). The
-receiver expands pairs into its experts' rows, and after the experts sums each pair's outputs,
-weighted, so one row per pair goes back. Volume per token: the number of distinct ranks among
-its experts, not k; group-limited routing (``num_groups`` = ep_size, ``topk_groups`` = m)
-bounds it by m. The weights are applied where the experts ran, so their gradients (the router's
-signal) come back through the same exchange.
+rank goes there k times, and k outputs come back. Here the sender marks the distinct
+(rank, token) pairs of its assignments ([S, T] membership, no sort) and sends each token row
+once per rank, with one float32 [N, 2] column block per assignment: the pair it belongs to
+(exact in float32 below 2**24 pairs) and its combine weight. The receiver expands pairs into its
+experts' rows and, after the experts, sums each pair's outputs with their weights, so one row
+per pair goes back; the sender adds its pairs per token. The weights are applied where the
+experts ran, so their gradients, the router's signal, come back through the same exchange.
 
-The results equal the plain exchange's up to the order of the float sums. Capacity mode keeps
-its padded [E, C] blocks (no deduplication).
+Both sums and both expansions are the backend's token-centric ``ops.permute`` / ``ops.combine``
+(Triton or PyTorch) over small plans built here, one "token" per pair or per token: no
+scatter-add, so results are deterministic, and weight gradients are float32 dot products as in
+the plain path. Results equal the plain exchange's up to the order of the float sums. Capacity
+mode keeps its padded [E, C] blocks, and top-1 layers the plain exchange (nothing to save).
 
 Legend: T tokens, D model dim, E global experts, L local experts, S ranks of the ep group,
-N assignment rows sent, M received, P (rank, token) pairs sent, Q pairs received.
+K top-k, N assignment rows sent, R rows received (the experts' rows, [local expert, source
+rank] order), P (rank, token) pairs sent, Q pairs received.
 """
 from __future__ import annotations
 
@@ -28,57 +31,101 @@ from ..routing import RoutingPlan
 from .comm import all_to_all_rows, exchange
 from .rows import block_order, exclusive_cumsum
 
+MAX_PAIRS = 2 ** 24  # pair indices travel as float32 next to the weights: exact below this
+
+
+def worth_it(plan: RoutingPlan) -> bool:
+    """Dropless token choice with top_k >= 2: a top-1 token has one row to send anyway."""
+    return plan.capacity is None and plan.dest_TK is not None and plan.dest_TK.shape[1] > 1
+
+
+def owner_slots(owner_R: Tensor, num_owners: int, K: int) -> tuple[Tensor, Tensor]:
+    """For rows that each belong to one of ``num_owners`` owners (at most K rows each): the
+    [num_owners, K] table of each owner's rows in row order (-1 pads), and each row's flat slot
+    in it. One stable sort; no host sync."""
+    R = owner_R.numel()
+    order_R = torch.argsort(owner_R, stable=True)
+    sorted_owner_R = owner_R.index_select(0, order_R)
+    counts_O = torch.zeros(num_owners, dtype=torch.int64, device=owner_R.device)
+    counts_O.scatter_add_(0, owner_R, torch.ones_like(owner_R))
+    pos_R = torch.arange(R, device=owner_R.device) - exclusive_cumsum(counts_O).index_select(
+        0, sorted_owner_R)
+    slot_R = torch.empty_like(owner_R).index_copy_(0, order_R, sorted_owner_R * K + pos_R)
+    dest_OK = torch.full((num_owners * K,), -1, dtype=torch.int64, device=owner_R.device)
+    dest_OK.index_copy_(0, slot_R, torch.arange(R, device=owner_R.device))
+    return dest_OK.view(num_owners, K), slot_R
+
+
+def _sum_plan(owner_R: Tensor, weight_R: Tensor, num_owners: int, K: int) -> RoutingPlan:
+    """A plan whose "tokens" are owners (pairs, or tokens) and whose rows are their members,
+    so ``ops.permute`` copies owner rows out and ``ops.combine`` sums members back, weighted.
+    The [owners, K] weights are built from ``weight_R`` differentiably (the Triton combine
+    takes gradients through them, the PyTorch one through ``row_weight_N``)."""
+    dest_OK, slot_R = owner_slots(owner_R, num_owners, K)
+    weight_OK = weight_R.new_zeros(num_owners * K).index_put((slot_R,), weight_R).view(
+        num_owners, K)
+    return RoutingPlan(row_token_N=owner_R, row_weight_N=weight_R, counts_E=None,
+                       num_tokens=num_owners, capacity=None, dest_TK=dest_OK,
+                       weight_TK=weight_OK)
+
 
 @dataclass
 class Pairs:
-    """What ``combine`` needs to send each pair's summed output back to its token."""
+    """What ``combine`` needs: the two sum plans and the pair exchange's splits."""
 
-    pair_token_P: Tensor  # token of each pair this rank sent, grouped by destination rank
+    token_plan: RoutingPlan  # sender: tokens own their pairs (weights 1)
+    pair_plan: RoutingPlan  # receiver: pairs own their expert rows (the combine weights)
     pair_splits: list  # pairs sent to each rank
     recv_pair_splits: list  # pairs received from each rank
-    pair_N: Tensor  # received pair (row of the received block) of each expert row, [L, S] order
-    weight_N: Tensor  # combine weight of each expert row, float32, differentiable
-    num_tokens: int
 
 
-def dispatch(x_TD: Tensor, plan: RoutingPlan, S: int, L: int, group_ref, ranks, stats):
-    """Returns (x_ND rows in [local expert, source rank] order, rows per local expert, Pairs,
-    row splits sent, row splits received, the [S, L] -> [L, S] order of the received rows)."""
-    T, dev = x_TD.shape[0], x_TD.device
-    counts_E = plan.counts_E.to(torch.int64)
-    rank_N = torch.repeat_interleave(torch.arange(S, device=dev), counts_E.view(S, L).sum(1))
-    key_P, pair_N = torch.unique(rank_N * T + plan.row_token_N, sorted=True, return_inverse=True)
-    pairs_S = torch.bincount(torch.div(key_P, max(T, 1), rounding_mode="floor"), minlength=S)
-    pair_token_P = key_P - torch.div(key_P, max(T, 1), rounding_mode="floor") * T
-    local_pair_N = (pair_N - exclusive_cumsum(pairs_S).index_select(0, rank_N)).to(torch.int32)
-    send_SL = counts_E.view(S, L)
-    sizes = exchange(torch.cat([send_SL, pairs_S.view(S, 1)], 1), [1] * S, [1] * S,
-                     group_ref.get(), ranks, stats, "MoE token-count exchange (deduplicated)")
-    recv_SL, recv_pairs_S = sizes[:, :L], sizes[:, L]
-    row_splits, recv_row_splits = send_SL.sum(1).tolist(), recv_SL.sum(1).tolist()
-    pair_splits, recv_pair_splits = pairs_S.tolist(), recv_pairs_S.tolist()
-    x_QD = all_to_all_rows(x_TD.index_select(0, pair_token_P), recv_pair_splits, pair_splits,
+def dispatch(x_TD: Tensor, plan: RoutingPlan, S: int, L: int, group_ref, ranks, stats, ops):
+    """Returns (x_RD: the experts' rows in [local expert, source rank] order, rows per local
+    expert, Pairs, row splits sent, row splits received, the [source, expert] -> [expert,
+    source] order of the received rows (hidden-dropout keys follow it))."""
+    T, K, N, dev = x_TD.shape[0], plan.dest_TK.shape[1], plan.row_token_N.numel(), x_TD.device
+    if T >= MAX_PAIRS:
+        raise ValueError(f"dedup_tokens handles fewer than {MAX_PAIRS} tokens per rank, got {T}")
+    send_SL = plan.counts_E.to(torch.int64).view(S, L)
+    rank_N = torch.repeat_interleave(torch.arange(S, device=dev), send_SL.sum(1), output_size=N)
+    cell_N = rank_N * T + plan.row_token_N  # flat [rank, token] cell of each assignment
+    member_ST = torch.zeros(S * T, dtype=torch.bool, device=dev).index_fill_(0, cell_N, True)
+    pair_ST = torch.cumsum(member_ST, 0) - 1  # pairs numbered rank-major, then by token
+    pairs_S = member_ST.view(S, T).sum(1)
+    pair_N = pair_ST.index_select(0, cell_N)
+    sent_SX = torch.cat([send_SL, pairs_S.view(S, 1)], 1)  # [S, L + 1]: rows per expert, pairs
+    recv_SX = exchange(sent_SX, [1] * S, [1] * S, group_ref.get(), ranks, stats,
+                       "MoE token-count exchange (deduplicated)")
+    host = torch.stack([sent_SX, recv_SX]).tolist()  # the one host read of the exchange sizes
+    row_splits = [sum(r[:L]) for r in host[0]]
+    recv_row_splits = [sum(r[:L]) for r in host[1]]
+    pair_splits, recv_pair_splits = [r[L] for r in host[0]], [r[L] for r in host[1]]
+    P, Q, R = sum(pair_splits), sum(recv_pair_splits), sum(recv_row_splits)
+
+    pair_token_P = torch.empty(P, dtype=torch.int64, device=dev).index_put_(
+        (pair_N,), plan.row_token_N)  # every pair has a row; duplicates write the same token
+    token_plan = _sum_plan(pair_token_P, torch.ones(P, device=dev), T, K)
+    x_QD = all_to_all_rows(ops.permute(x_TD, token_plan), recv_pair_splits, pair_splits,
                            group_ref, ranks, stats, "MoE dispatch all-to-all (deduplicated)")
-    local_pair_M = exchange(local_pair_N, recv_row_splits, row_splits, group_ref.get(), ranks,
-                            stats, "MoE pair-index all-to-all")
-    weight_M = all_to_all_rows(plan.row_weight_N.float().unsqueeze(1), recv_row_splits,
-                               row_splits, group_ref, ranks, stats,
-                               "MoE combine-weight all-to-all").squeeze(1)
-    source_M = torch.repeat_interleave(torch.arange(S, device=dev), recv_SL.sum(1))
-    pair_M = local_pair_M.long() + exclusive_cumsum(recv_pairs_S).index_select(0, source_M)
-    order_M = block_order(recv_SL)
-    pair_ND = pair_M.index_select(0, order_M)
-    pairs = Pairs(pair_token_P, pair_splits, recv_pair_splits, pair_ND,
-                  weight_M.index_select(0, order_M), T)
-    return (x_QD.index_select(0, pair_ND), recv_SL.sum(0), pairs, row_splits, recv_row_splits,
-            order_M)
+    local_pair_N = (pair_N - exclusive_cumsum(pairs_S).index_select(0, rank_N)).float()
+    columns_R2 = all_to_all_rows(torch.stack([local_pair_N, plan.row_weight_N.float()], 1),
+                                 recv_row_splits, row_splits, group_ref, ranks, stats,
+                                 "MoE pair-index and combine-weight all-to-all")
+    recv_SL = recv_SX[:, :L]
+    source_R = torch.repeat_interleave(torch.arange(S, device=dev), recv_SL.sum(1),
+                                       output_size=R)
+    order_R = block_order(recv_SL, total=R)
+    pair_R = (columns_R2[:, 0].detach().long()
+              + exclusive_cumsum(recv_SX[:, L]).index_select(0, source_R)).index_select(0, order_R)
+    pair_plan = _sum_plan(pair_R, columns_R2[:, 1].index_select(0, order_R), Q, K)
+    pairs = Pairs(token_plan, pair_plan, pair_splits, recv_pair_splits)
+    return (ops.permute(x_QD, pair_plan), recv_SL.sum(0), pairs, row_splits, recv_row_splits,
+            order_R)
 
 
-def combine(y_ND: Tensor, pairs: Pairs, group_ref, ranks, stats) -> Tensor:
+def combine(y_RD: Tensor, pairs: Pairs, group_ref, ranks, stats, ops) -> Tensor:
     """Each pair's weighted sum of its expert rows goes back once; tokens sum their pairs."""
-    D = y_ND.shape[1]
-    weighted_ND = y_ND * pairs.weight_N.to(y_ND.dtype).unsqueeze(1)
-    y_QD = y_ND.new_zeros(sum(pairs.recv_pair_splits), D).index_add(0, pairs.pair_N, weighted_ND)
+    y_QD = ops.combine(y_RD, pairs.pair_plan)
     y_PD = all_to_all_rows(y_QD, pairs.pair_splits, pairs.recv_pair_splits, group_ref, ranks,
                            stats, "MoE combine all-to-all (deduplicated)")
-    return y_ND.new_zeros(pairs.num_tokens, D).index_add(0, pairs.pair_token_P, y_PD)
+    return ops.combine(y_PD, pairs.token_plan)

@@ -9,8 +9,8 @@ expert's rows are contiguous for the grouped FFN, and back again before the retu
 
 - dropless (``plan.capacity is None``): counts are exchanged first ([ep, E_local] int64), then
   rows with an uneven ``all_to_all_single``;
-  With ``dedup=True`` a token goes to a rank once, however many of its experts that rank holds
-  (:mod:`moesaic.parallel.dedup`);
+  with ``dedup=True`` (top_k >= 2), a token goes to a rank once, however many of its experts
+  that rank holds (:mod:`moesaic.parallel.dedup`);
 - capacity: every rank sends a zero-padded [E, C, D] block; the experts run on the whole
   [E_local, sum of the sources' C] block. C comes from each rank's own token count, so the
   ranks first exchange their C (one int64 each) and source s sends [E_local, C_s] rows to each
@@ -90,10 +90,11 @@ class AllToAllDispatcher:
 
     def dispatch(self, x_TD: Tensor, plan: RoutingPlan, ops):
         self.group_ref.get()  # a clear error once destroy() has run
-        if self.dedup and plan.capacity is None and plan.dest_TK is not None:
-            x_ND, counts_L, pairs, splits, recv_splits, order_M = dedup.dispatch(
-                x_TD, plan, self.ep_size, self.num_local, self.group_ref, self.ranks, self.stats)
-            return x_ND, counts_L, _Handle(splits, recv_splits, order_M, None, None, pairs)
+        if self.dedup and dedup.worth_it(plan):
+            x_RD, counts_L, pairs, splits, recv_splits, order_R = dedup.dispatch(
+                x_TD, plan, self.ep_size, self.num_local, self.group_ref, self.ranks, self.stats,
+                ops)
+            return x_RD, counts_L, _Handle(splits, recv_splits, order_R, None, None, pairs)
         x_ND = ops.permute(x_TD, plan)
         if plan.capacity is None:
             return self._dispatch_dropless(x_ND, plan)
@@ -112,7 +113,7 @@ class AllToAllDispatcher:
 
     def combine(self, y_ND: Tensor, plan: RoutingPlan, handle: _Handle, ops) -> Tensor:
         if handle.pairs is not None:
-            return dedup.combine(y_ND, handle.pairs, self.group_ref, self.ranks, self.stats)
+            return dedup.combine(y_ND, handle.pairs, self.group_ref, self.ranks, self.stats, ops)
         if handle.order_M is not None:
             y_MD = y_ND.index_select(0, inverse(handle.order_M))
         else:

@@ -121,6 +121,11 @@ def parallelize(model: nn.Module, bucket_mb: float = 25.0, dedup_tokens: bool = 
     """
     old = parallel_state(model)
     if old is not None and not old.released:
+        was = {d.dedup for d in (getattr(m, "dispatcher", None) for m in old.moe_layers)
+               if isinstance(d, AllToAllDispatcher)}
+        if was and was != {dedup_tokens}:
+            raise ValueError(f"the model is already parallelized with dedup_tokens="
+                             f"{was.pop()}; parallelize runs once per model")
         return model
     for name, m in model.named_modules():
         inner = parallel_state(m)
