@@ -576,3 +576,30 @@ def test_progress_bar_shows_finite_running_loss(tmp_path, monkeypatch):
     monkeypatch.setattr(loop.sys.stderr, "isatty", lambda: True, raising=False)
     assert main(["train", "--config", cfg, "--run-dir", str(tmp_path / "run")]) == 0
     assert len(shown) == 3 and all(math.isfinite(float(kw["loss"])) for kw in shown), shown
+
+
+def test_accumulated_micro_batches_train_like_the_whole_batch(tmp_path):
+    """accum_steps 2 runs each batch as two forward/backward passes and one optimizer step:
+    with nothing that depends on the micro-batch (dropless, no balance loss, no augmentation
+    or noise), the run equals the whole-batch run to float32 rounding."""
+    write_cifar(str(tmp_path))
+    args = {**TINY_MODEL, "drop_tokens": False, "top_k": 2}
+    runs = []
+    for accum in (1, 2):
+        cfg = tiny_config(tmp_path / f"a{accum}.py", tmp_path, MODEL_ARGS=args,
+                          AUX_LOSS_WEIGHT=0.0, ACCUM_STEPS=accum)
+        runs.append(str(tmp_path / f"accum{accum}"))
+        assert main(["train", "--config", cfg, "--run-dir", runs[-1]]) == 0
+    a, b = read_metrics(runs[0]), read_metrics(runs[1])
+    for ra, rb in zip(a, b):
+        for key in ("train_loss", "eval_loss"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-5), key
+        assert rb["train_images"] == ra["train_images"] == 80
+        assert rb["moe"][0]["token_share"] == pytest.approx(ra["moe"][0]["token_share"])
+    from moesaic.train.config import load_file
+
+    bad = tiny_config(tmp_path / "bad.py", tmp_path, ACCUM_STEPS=3)
+    with pytest.raises(moesaic.train.config.ConfigError,
+                       match=r"accum_steps \(3\) must divide each rank's share of the batch "
+                             r"\(40 / 1 processes = 40\)"):
+        loop.Trainer(load_file(bad), str(tmp_path / "never"))

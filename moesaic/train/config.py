@@ -45,6 +45,7 @@ class TrainConfig:
     dataset: str = "digits"  # digits (scikit-learn's 8x8 digits, embedded), cifar10 or cifar100
     data_dir: Optional[str] = None  # cifar10 / cifar100 location; default $DATA
     batch_size: int = 64  # global batch: split evenly over the ranks
+    accum_steps: int = 1  # micro-batches per optimizer step: each rank's share of the batch runs as this many forward/backward passes (less activation memory, the same global batch)
     eval_batch_size: int = 256  # global evaluation batch
     epochs: int = 30  # training epochs (the schedule spans all of them)
     steps_per_epoch: Optional[int] = None  # cap on optimizer steps per epoch (short smoke runs)
@@ -173,7 +174,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check(c.name not in ("", ".", "..") and "/" not in c.name,
            f"name must be a non-empty folder name without '/' (not '.' or '..'), got {c.name!r}")
     _check(c.dataset in DATASETS, f"dataset must be one of {DATASETS}, got {c.dataset!r}")
-    for n in ("batch_size", "eval_batch_size", "epochs", "checkpoint_every", "keep_checkpoints"):
+    for n in ("batch_size", "eval_batch_size", "epochs", "checkpoint_every", "keep_checkpoints",
+              "accum_steps"):
         _check(getattr(c, n) >= 1, f"{n} must be >= 1, got {getattr(c, n)!r}")
     for n in ("steps_per_epoch", "max_steps", "max_ep_size", "threads"):
         v = getattr(c, n)

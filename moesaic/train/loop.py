@@ -1,19 +1,22 @@
 """The training loop: one process or many (torchrun), expert-parallel, resumable exactly.
 
-Per step: this rank's slice of the global batch -> batched augmentation on the device (its
-random streams seeded by (seed, step, rank), so a step is reproducible) -> forward under
-autocast -> cross-entropy (label smoothing, mixup/cutmix) + the MoE aux loss -> one
-all-reduce of the step's loss and accuracy (every rank sees a non-finite loss at once) ->
-backward (gradients synchronised by ``moesaic.parallelize``) -> EP-aware clipping -> AdamW ->
-warmup/cosine scheduler. Each epoch ends with an evaluation at the eval capacity factor,
+Per step: this rank's slice of the global batch, in ``accum_steps`` micro-batches, each:
+batched augmentation on the device (its random streams seeded by (seed, step, rank,
+micro-batch), so a step is reproducible) -> forward under autocast -> cross-entropy (label
+smoothing, mixup/cutmix) + the MoE aux loss -> one all-reduce of its loss and accuracy (every
+rank sees a non-finite loss at once) -> backward (gradients accumulated locally, synchronised
+by ``moesaic.parallelize`` after the last); then EP-aware clipping -> AdamW -> warmup/cosine
+scheduler. Each epoch ends with an evaluation at the eval capacity factor,
 metrics, plots and, when due, a checkpoint.
 
-Legend: B global batch, b per-rank batch (train or eval), N images of a dataset, C channels,
+Legend: B global batch, b per-rank batch (train or eval), m micro-batch (b / accum_steps),
+N images of a dataset, C channels,
 H/W image height/width, L classes (logits), E experts of a layer; ``_5`` / ``_3``: the step's
 [loss, ce, aux, correct, images] and eval's [loss, correct, images] sums.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import os
@@ -29,7 +32,7 @@ import torch.nn.functional as F
 from .. import models
 from ..balance import update_expert_biases
 from ..layer import MoE
-from ..parallel import clip_grad_norm_, equal_batches, moe_set_seed, parallelize
+from ..parallel import clip_grad_norm_, equal_batches, moe_set_seed, no_sync, parallelize
 from ..parallel.layout import mix_seed
 from . import checkpoint, report, rundir
 from .augment import Augmenter
@@ -77,6 +80,10 @@ class Trainer:
         if cfg.batch_size % self.world:
             raise ConfigError(f"batch_size ({cfg.batch_size}) must be divisible by the world size "
                               f"({self.world}): each rank takes an equal slice of every batch")
+        if (cfg.batch_size // self.world) % cfg.accum_steps:
+            raise ConfigError(f"accum_steps ({cfg.accum_steps}) must divide each rank's share of "
+                              f"the batch ({cfg.batch_size} / {self.world} processes = "
+                              f"{cfg.batch_size // self.world}): micro-batches are equal")
         set_threads(cfg)
         self.device = device_for(cfg, self.ctx)
         self.amp_dtype = precision_for(cfg, self.device)
@@ -186,35 +193,58 @@ class Trainer:
         correct = correct + (1 - lam) * (pred_b == partner_labels_b).sum()
         return ce, correct
 
+    def _micro_inputs(self, idx_m: torch.Tensor, micro: int):
+        """Augmented images and labels of one micro-batch; its random streams are seeded by
+        (seed, step, rank, micro-batch), so a step is reproducible (micro-batch 0 keeps the
+        seeds of a step without accumulation)."""
+        cfg = self.cfg
+        extra = (micro,) if micro else ()
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(mix_seed(cfg.seed, self.step, self.rank, 0xA06, *extra))
+        rng = np.random.default_rng([cfg.seed, self.step, self.rank, 0x313, *extra])
+        return self.augment(self.train_set.images_NCHW[idx_m], self.train_set.labels_N[idx_m],
+                            gen, rng)
+
+    def _stop_if_not_finite(self, sums_5: torch.Tensor, batch_in_epoch: int) -> None:
+        # The one host read per micro-batch, on purpose: every rank stops before applying a
+        # bad step.
+        if torch.isfinite(sums_5[:3]).all():
+            return
+        where = (f"at step {self.step + 1} (epoch {self.epoch + 1}, batch {batch_in_epoch + 1} "
+                 f"of {self.spe})")
+        keep = (f"the last good checkpoint, {self.last_ckpt}, is left intact" if self.last_ckpt
+                else "no checkpoint had been written yet")
+        loss_now = float(sums_5[0] / sums_5[4])
+        fp32 = "" if self.amp_dtype is None else " or precision='fp32'"
+        raise NonFiniteLoss(f"non-finite loss ({loss_now}) {where}; stopping before applying "
+                            f"this step: {keep}. Try a lower lr, a longer warmup{fp32}.")
+
     def train_step(self, idx_b: torch.Tensor, batch_in_epoch: int) -> torch.Tensor:
-        """One optimizer step on this rank's images ``idx_b``; returns the global [loss, ce,
-        aux, correct, images] of the step, still on the device."""
+        """One optimizer step on this rank's images ``idx_b`` (in ``accum_steps`` micro-batches,
+        gradients synchronised once, after the last); returns the global [loss, ce, aux,
+        correct, images] of the step, still on the device."""
         cfg, dev = self.cfg, self.device
-        gen = torch.Generator(device=dev)
-        gen.manual_seed(mix_seed(cfg.seed, self.step, self.rank, 0xA06))
-        rng = np.random.default_rng([cfg.seed, self.step, self.rank, 0x313])
-        x_bCHW, labels_b, partner_labels_b, lam = self.augment(
-            self.train_set.images_NCHW[idx_b], self.train_set.labels_N[idx_b], gen, rng)
         self.opt.zero_grad(set_to_none=True)
-        with self._autocast(), equal_batches(self.model):  # every rank takes batch_size / world
-            logits_bL, aux, stats = self.model(x_bCHW, return_stats=True)
-        self.routing.step(stats)
-        ce, correct = self._loss(logits_bL, labels_b, partner_labels_b, lam)
-        loss = ce + aux.float()
-        n = torch.tensor(float(idx_b.numel()), device=dev)
-        sums_5 = all_reduce_(torch.stack([loss.detach() * n, ce.detach() * n,
-                                          aux.detach().float() * n, correct.float(), n]))
-        # The one host read per step, on purpose: every rank stops before applying a bad step.
-        if not torch.isfinite(sums_5[:3]).all():
-            where = (f"at step {self.step + 1} (epoch {self.epoch + 1}, batch {batch_in_epoch + 1} "
-                     f"of {self.spe})")
-            keep = (f"the last good checkpoint, {self.last_ckpt}, is left intact" if self.last_ckpt
-                    else "no checkpoint had been written yet")
-            loss_now = float(sums_5[0] / sums_5[4])
-            fp32 = "" if self.amp_dtype is None else " or precision='fp32'"
-            raise NonFiniteLoss(f"non-finite loss ({loss_now}) {where}; stopping before applying "
-                                f"this step: {keep}. Try a lower lr, a longer warmup{fp32}.")
-        self.scaler.scale(loss).backward()
+        micros = idx_b.chunk(cfg.accum_steps)
+        step_5 = None
+        for j, idx_m in enumerate(micros):
+            x_mCHW, labels_m, partner_labels_m, lam = self._micro_inputs(idx_m, j)
+            last = j == len(micros) - 1
+            with contextlib.ExitStack() as stack:
+                if not last:  # accumulate locally; the last backward averages over the ranks
+                    stack.enter_context(no_sync(self.model))
+                with self._autocast(), equal_batches(self.model):  # equal micro-batches
+                    logits_mL, aux, stats = self.model(x_mCHW, return_stats=True)
+                self.routing.step(stats)
+                ce, correct = self._loss(logits_mL, labels_m, partner_labels_m, lam)
+                loss = ce + aux.float()
+                n = torch.tensor(float(idx_m.numel()), device=dev)
+                sums_5 = all_reduce_(torch.stack([loss.detach() * n, ce.detach() * n,
+                                                  aux.detach().float() * n, correct.float(), n]))
+                self._stop_if_not_finite(sums_5, batch_in_epoch)
+                self.scaler.scale(loss / len(micros) if len(micros) > 1 else loss).backward()
+            step_5 = sums_5 if step_5 is None else step_5 + sums_5
+        sums_5 = step_5
         if cfg.clip_grad is not None:
             self.scaler.unscale_(self.opt)
             clip_grad_norm_(self.model, cfg.clip_grad)
