@@ -28,7 +28,7 @@ import torch
 import moesaic
 from moesaic.models import MoEStack
 from moesaic.parallel import comm_stats
-from moesaic.parallel.volume import alltoall_bytes_per_rank
+from moesaic.parallel.volume import alltoall_bytes_per_rank, dedup_bytes_per_rank
 
 
 def _worker(rank, world, port, a, queue):
@@ -129,7 +129,7 @@ def dedup_table(a):
           f"median of {a.steps} steps (fwd+bwd+grad sync) after {a.warmup} warm-up")
     print(f"# load average before: {os.getloadavg()[0]:.2f} (the machine is shared)")
     print(f"{'routing':<22}{'plain ms':>10}{'dedup ms':>10}{'time ratio':>11}"
-          f"{'plain MB':>10}{'dedup MB':>10}{'MB ratio':>10}")
+          f"{'plain MB':>10}{'dedup MB':>10}{'MB ratio':>10}{'model MB':>10}")
     a.capacity = False
     for groups in (None, (2, 1)):
         a.groups = groups
@@ -139,10 +139,14 @@ def dedup_table(a):
             res.append(run(2, 1, a))
         (tp, mp_), (td, md) = res
         name = "unlimited" if groups is None else f"{groups[1]} of {groups[0]} groups"
+        model = 4 * a.layers * dedup_bytes_per_rank(a.tokens, a.d_model, a.top_k, 2, a.experts, 4,
+                                                    None if groups is None else groups[1])
         print(f"{name:<22}{tp * 1e3:>10.1f}{td * 1e3:>10.1f}{td / tp:>11.2f}"
-              f"{mp_ / 1e6:>10.2f}{md / 1e6:>10.2f}{md / mp_:>10.2f}")
+              f"{mp_ / 1e6:>10.2f}{md / 1e6:>10.2f}{md / mp_:>10.2f}{model / 1e6:>10.2f}")
     print("# MB = MoE all-to-all payload one rank sends to the other per step (rows, token "
-          "counts, and with dedup the pair-index and weight columns); ratio = dedup / plain")
+          "counts, and with dedup the pair-index and weight columns); ratio = dedup / plain; "
+          "model MB = 4 exchanges x layers x moesaic.parallel.volume.dedup_bytes_per_rank "
+          "(balanced routing)")
 
 
 if __name__ == "__main__":

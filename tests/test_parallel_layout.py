@@ -132,6 +132,23 @@ def test_alltoall_volume_formula():
     assert t8 == pytest.approx(1.0)
 
 
+def test_dedup_volume_model():
+    """Distinct ranks per token under balanced routing, checked against counting every choice
+    of k experts; with one group per rank and per token, a token crosses once."""
+    from itertools import combinations
+
+    for E, ep, k in ((8, 2, 2), (8, 4, 3), (16, 4, 4)):
+        per = E // ep
+        choices = list(combinations(range(E), k))
+        mean = sum(len({e // per for e in c}) for c in choices) / len(choices)
+        assert volume.ranks_per_token(E, ep, k) == pytest.approx(mean)
+    assert volume.ranks_per_token(8, 2, 2, topk_groups=1) == 1.0
+    assert volume.ranks_per_token(64, 8, 1) == pytest.approx(1.0)
+    plain = volume.alltoall_bytes_per_rank(2048, 256, 4, 2, 4)
+    ratio = volume.dedup_bytes_per_rank(2048, 256, 4, 2, 8, 4, topk_groups=1) / plain
+    assert ratio == pytest.approx(0.25 + 4 * 4 / (4 * 256 * 4), rel=1e-6)  # 1/k + columns
+
+
 def test_parallelize_attaches_again_after_release():
     """After destroy() released a model's parallel state, parallelize installs a new one (it
     used to return early and would have left the model without gradient sync)."""

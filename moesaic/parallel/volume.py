@@ -11,10 +11,14 @@ exchanges per layer (dispatch and combine forward, their reverses backward); inf
 Time of one exchange: latency + max(on-node bytes / intra-node bandwidth, off-node bytes /
 inter-node bandwidth), peers spread evenly over ep - 1 ranks, ``gpus_per_node`` per node.
 
+With ``dedup_tokens`` a token sends one row to each rank holding any of its experts
+(:func:`ranks_per_token` of them, expected, under balanced routing) instead of k.
+
 Legend: T tokens per rank, D model dim, E experts, K top-k, C capacity, ep expert-parallel size.
 """
 from __future__ import annotations
 
+from math import comb
 from typing import Optional
 
 from ..routing import token_choice_capacity
@@ -35,6 +39,29 @@ def alltoall_bytes_per_rank(tokens: int, d_model: int, top_k: int, ep_size: int,
         rows = num_experts * token_choice_capacity(tokens, num_experts, top_k, capacity_factor,
                                                    min_capacity)
     return rows * d_model * bytes_per_elem * (ep_size - 1) / ep_size
+
+
+def ranks_per_token(num_experts: int, ep_size: int, top_k: int, topk_groups: Optional[int] = None
+                    ) -> float:
+    """Expected number of distinct ranks among a token's top_k experts when the experts are
+    uniformly random (balanced routing): what ``dedup_tokens`` sends per token instead of
+    top_k rows. ``topk_groups`` = m: group-limited routing with one group per rank
+    (``num_groups`` = ep_size), the k experts uniform within m uniform groups."""
+    m = ep_size if topk_groups is None else topk_groups
+    per_rank = num_experts // ep_size
+    pool = m * per_rank  # experts a token may choose from
+    return m * (1 - comb(pool - per_rank, top_k) / comb(pool, top_k))
+
+
+def dedup_bytes_per_rank(tokens: int, d_model: int, top_k: int, ep_size: int, num_experts: int,
+                         bytes_per_elem: int = 2, topk_groups: Optional[int] = None) -> float:
+    """Bytes one rank sends to other ranks in one deduplicated dropless exchange, averaged over
+    a training step's four: a row per remote (rank, token) pair, plus half of the 8-byte
+    [pair index, weight] column per remote assignment (it travels with the dispatch and its
+    backward, not with the combine)."""
+    rows = ranks_per_token(num_experts, ep_size, top_k, topk_groups) * tokens
+    remote = (ep_size - 1) / ep_size
+    return rows * remote * d_model * bytes_per_elem + top_k * tokens * remote * 4
 
 
 def predicted_alltoall_seconds(bytes_per_rank: float, ep_size: int, gpus_per_node: int = 8,
@@ -68,5 +95,22 @@ def table(gpus=(8, 64, 512), tokens: int = 8192, d_model: int = 4096, top_k: int
     return "\n".join(lines)
 
 
+def dedup_table(ep_size: int = 8, num_experts: int = 64, tokens: int = 8192, d_model: int = 4096,
+                top_ks=(2, 4, 8), bytes_per_elem: int = 2) -> str:
+    """MB per rank per exchange, plain against ``dedup_tokens`` (unlimited, and with one expert
+    group per rank and topk_groups m), balanced routing."""
+    lines = [f"| top_k | plain | dedup, unlimited | dedup, 2 of {ep_size} groups | "
+             f"dedup, 1 of {ep_size} groups |", "|---|---|---|---|---|"]
+    for k in top_ks:
+        plain = alltoall_bytes_per_rank(tokens, d_model, k, ep_size, bytes_per_elem)
+        cells = [dedup_bytes_per_rank(tokens, d_model, k, ep_size, num_experts, bytes_per_elem, m)
+                 for m in (None, 2, 1)]
+        lines.append(f"| {k} | {plain / 1e6:.1f} | "
+                     + " | ".join(f"{c / 1e6:.1f} ({c / plain:.2f})" for c in cells) + " |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     print(table())
+    print()
+    print(dedup_table())
