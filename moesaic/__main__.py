@@ -28,7 +28,7 @@ examples:
   torchrun --nproc_per_node=2 --max-restarts=3 -m moesaic train --config ...   # auto-resume
   moesaic eval runs/digits_vit_moe/20261130-120000 --best   # test accuracy of the best epoch
   moesaic train --set model_args.num_experts=0 --set name=digits_dense   # a dense twin, then:
-  moesaic train --set init_from=runs/digits_dense/20261201-120000 --set upcycle=True \
+  moesaic train --set init_from=runs/digits_dense/20261201-120000 --set upcycle=True \\
                 --set eval_at_start=True                    # MoE upcycled from it (sparse upcycling)
   moesaic compare runs --plot cmp.png                       # every run side by side
 """

@@ -144,7 +144,7 @@ class AllToAllDispatcher:
         out_splits = recv_SL.sum(1).tolist()
         x_MD = all_to_all_rows(x_ND, out_splits, in_splits, self.group_ref, self.ranks, self.stats,
                                what)
-        order_M = block_order(recv_SL)
+        order_M = block_order(recv_SL, total=sum(out_splits))
         return (x_MD.index_select(0, order_M), recv_SL.sum(0),
                 _Handle(in_splits, out_splits, order_M, pos_N, None))
 
