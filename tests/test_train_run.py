@@ -598,6 +598,28 @@ def test_accumulated_micro_batches_train_like_the_whole_batch(tmp_path):
         assert rb["moe"][0]["token_share"] == pytest.approx(ra["moe"][0]["token_share"])
     from moesaic.train.config import load_file
 
+    # the gradients the optimizer sees (AdamW would hide a constant factor such as a missing 1/n)
+    grads = []
+    for accum in (1, 2):
+        cfg = tiny_config(tmp_path / f"g{accum}.py", tmp_path, MODEL_ARGS=args,
+                          AUX_LOSS_WEIGHT=0.0, ACCUM_STEPS=accum, CLIP_GRAD=None)
+        tr = loop.Trainer(load_file(cfg), str(tmp_path / f"grads{accum}"))
+        seen = {}
+        step = tr.scaler.step
+
+        def spy(opt, tr=tr, seen=seen, step=step):
+            seen.update({n: p.grad.clone() for n, p in tr.model.named_parameters()
+                         if p.grad is not None})
+            return step(opt)
+
+        tr.scaler.step = spy
+        tr.train_step(torch.arange(40), 0)
+        grads.append(seen)
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6,
+                                   msg=name)
+
     bad = tiny_config(tmp_path / "bad.py", tmp_path, ACCUM_STEPS=3)
     with pytest.raises(moesaic.train.config.ConfigError,
                        match=r"accum_steps \(3\) must divide each rank's share of the batch "

@@ -3,10 +3,10 @@
 Per step: this rank's slice of the global batch, in ``accum_steps`` micro-batches, each:
 batched augmentation on the device (its random streams seeded by (seed, step, rank,
 micro-batch), so a step is reproducible) -> forward under autocast -> cross-entropy (label
-smoothing, mixup/cutmix) + the MoE aux loss -> one all-reduce of its loss and accuracy (every
-rank sees a non-finite loss at once) -> backward (gradients accumulated locally, synchronised
-by ``moesaic.parallelize`` after the last); then EP-aware clipping -> AdamW -> warmup/cosine
-scheduler. Each epoch ends with an evaluation at the eval capacity factor,
+smoothing, mixup/cutmix) + the MoE aux loss -> backward (gradients accumulated locally,
+synchronised by ``moesaic.parallelize`` after the last); then one all-reduce of the step's
+loss and accuracy (every rank sees a non-finite loss at once and all stop before the step is
+applied) -> EP-aware clipping -> AdamW -> warmup/cosine scheduler. Each epoch ends with an evaluation at the eval capacity factor,
 metrics, plots and, when due, a checkpoint.
 
 Legend: B global batch, b per-rank batch (train or eval), m micro-batch (b / accum_steps),
@@ -206,8 +206,8 @@ class Trainer:
                             gen, rng)
 
     def _stop_if_not_finite(self, sums_5: torch.Tensor, batch_in_epoch: int) -> None:
-        # The one host read per micro-batch, on purpose: every rank stops before applying a
-        # bad step.
+        # The one host read per step, on purpose: every rank sees the all-reduced sums, so all
+        # stop together before applying a bad step.
         if torch.isfinite(sums_5[:3]).all():
             return
         where = (f"at step {self.step + 1} (epoch {self.epoch + 1}, batch {batch_in_epoch + 1} "
@@ -226,25 +226,24 @@ class Trainer:
         cfg, dev = self.cfg, self.device
         self.opt.zero_grad(set_to_none=True)
         micros = idx_b.chunk(cfg.accum_steps)
-        step_5 = None
+        local_5 = torch.zeros(5, device=dev)
         for j, idx_m in enumerate(micros):
             x_mCHW, labels_m, partner_labels_m, lam = self._micro_inputs(idx_m, j)
-            last = j == len(micros) - 1
             with contextlib.ExitStack() as stack:
-                if not last:  # accumulate locally; the last backward averages over the ranks
+                if j < len(micros) - 1:  # accumulate locally; the last backward syncs the ranks
                     stack.enter_context(no_sync(self.model))
                 with self._autocast(), equal_batches(self.model):  # equal micro-batches
                     logits_mL, aux, stats = self.model(x_mCHW, return_stats=True)
                 self.routing.step(stats)
                 ce, correct = self._loss(logits_mL, labels_m, partner_labels_m, lam)
                 loss = ce + aux.float()
-                n = torch.tensor(float(idx_m.numel()), device=dev)
-                sums_5 = all_reduce_(torch.stack([loss.detach() * n, ce.detach() * n,
-                                                  aux.detach().float() * n, correct.float(), n]))
-                self._stop_if_not_finite(sums_5, batch_in_epoch)
+                n = float(idx_m.numel())
+                local_5 += torch.stack([loss.detach() * n, ce.detach() * n,
+                                        aux.detach().float() * n, correct.float(),
+                                        torch.tensor(n, device=dev)])
                 self.scaler.scale(loss / len(micros) if len(micros) > 1 else loss).backward()
-            step_5 = sums_5 if step_5 is None else step_5 + sums_5
-        sums_5 = step_5
+        sums_5 = all_reduce_(local_5)
+        self._stop_if_not_finite(sums_5, batch_in_epoch)  # before the optimizer step
         if cfg.clip_grad is not None:
             self.scaler.unscale_(self.opt)
             clip_grad_norm_(self.model, cfg.clip_grad)
