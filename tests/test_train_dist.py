@@ -95,22 +95,31 @@ def test_killed_rank_restarts_and_finishes_like_uninterrupted(setup):
         assert a[k] == b[k]
 
 
-def test_training_does_not_depend_on_the_expert_layout(setup):
-    """The mission's seeding promise end to end: two processes at max_ep_size 2 (experts split,
-    all-to-all) and at max_ep_size 1 (experts replicated, data parallel) train the same model,
-    router noise and dropout included, to float32 rounding."""
-    root = setup[0]
-    args = {**TINY_MODEL, "noise_policy": "jitter", "drop_rate": 0.1}
-    runs = {}
+def _same_training_at_both_layouts(root, name, model_args, extra=lambda ep: {}):
+    """Two-process runs of the tiny config at max_ep_size 1 and 2 (``extra(ep)``: more config
+    values for each) train alike to float32 rounding; returns both runs' metrics."""
+    metrics = []
     for ep in (1, 2):
-        cfg = tiny_config(root / f"layout{ep}.py", root, MAX_EP_SIZE=ep, MODEL_ARGS=args)
-        runs[ep] = str(root / f"layout{ep}")
-        torchrun(["--config", cfg, "--run-dir", runs[ep]])
-    a, b = read_metrics(runs[1]), read_metrics(runs[2])
+        cfg = tiny_config(root / f"{name}{ep}.py", root, MAX_EP_SIZE=ep, MODEL_ARGS=model_args,
+                          **extra(ep))
+        run = str(root / f"{name}{ep}")
+        torchrun(["--config", cfg, "--run-dir", run])
+        metrics.append(read_metrics(run))
+    a, b = metrics
     assert len(a) == len(b) == 2
     for ra, rb in zip(a, b):
         for key in ("train_loss", "train_aux", "eval_loss"):
             assert rb[key] == pytest.approx(ra[key], rel=1e-4), key
+    return a, b
+
+
+def test_training_does_not_depend_on_the_expert_layout(setup):
+    """The mission's seeding promise end to end: two processes at max_ep_size 2 (experts split,
+    all-to-all) and at max_ep_size 1 (experts replicated, data parallel) train the same model,
+    router noise and dropout included, to float32 rounding."""
+    args = {**TINY_MODEL, "noise_policy": "jitter", "drop_rate": 0.1}
+    a, b = _same_training_at_both_layouts(setup[0], "layout", args)
+    for ra, rb in zip(a, b):
         assert abs(rb["eval_accuracy"] - ra["eval_accuracy"]) <= 1 / 41 + 1e-9
 
 
@@ -137,16 +146,6 @@ def test_deduplicated_dispatch_trains_like_replicated_experts(setup):
     all-to-alls, in two micro-batches per step (gradients synchronised once, after the
     second), as it does at max_ep_size 1 (no all-to-all) on whole batches, to float32
     rounding (no balance loss, which is taken per micro-batch)."""
-    root = setup[0]
     args = {**TINY_MODEL, "top_k": 2, "drop_tokens": False, "num_groups": 2, "topk_groups": 1}
-    runs = {}
-    for ep in (1, 2):
-        cfg = tiny_config(root / f"dedup{ep}.py", root, MAX_EP_SIZE=ep, MODEL_ARGS=args,
-                          DEDUP_TOKENS=True, ACCUM_STEPS=ep, AUX_LOSS_WEIGHT=0.0)
-        runs[ep] = str(root / f"dedup{ep}")
-        torchrun(["--config", cfg, "--run-dir", runs[ep]])
-    a, b = read_metrics(runs[1]), read_metrics(runs[2])
-    assert len(a) == len(b) == 2
-    for ra, rb in zip(a, b):
-        for key in ("train_loss", "train_aux", "eval_loss"):
-            assert rb[key] == pytest.approx(ra[key], rel=1e-4), key
+    _same_training_at_both_layouts(setup[0], "dedup", args, lambda ep: dict(
+        DEDUP_TOKENS=True, ACCUM_STEPS=ep, AUX_LOSS_WEIGHT=0.0))
