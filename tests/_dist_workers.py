@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -79,11 +80,15 @@ def check_dedup_dispatch(rank, world, ctx, seed):
         (out.float() - target[lo:hi]).square().mean().backward()
         grads.append(model.moes[0].router.weight.grad)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-5)
-    # top-1: nothing to deduplicate, the plain exchange runs (same bytes)
+    # top-1: nothing to deduplicate, the plain exchange runs (same bytes), and parallelize says so
     sent = []
     for dedup_tokens in (False, True):
         moesaic.moe_set_seed(seed)
-        model = moesaic.parallelize(tiny_net(experts=(4,), top_k=1), dedup_tokens=dedup_tokens)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = moesaic.parallelize(tiny_net(experts=(4,), top_k=1),
+                                        dedup_tokens=dedup_tokens)
+        assert any("has no effect" in str(w.message) for w in caught) == dedup_tokens, caught
         comm_stats(model).reset()
         model(x[lo:hi])[0].sum().backward()
         sent.append(comm_stats(model).bytes_sent)

@@ -159,3 +159,20 @@ def test_parallelize_attaches_again_after_release():
     assert first.released
     second = moesaic.parallelize(model).moesaic_parallel
     assert second is not first and not second.released
+
+
+def test_volume_command_plans_a_layer(capsys):
+    """``python -m moesaic.parallel.volume --tokens ...`` prints one layer's bytes and times,
+    plain and deduplicated; without sizes, the docs' tables; bad sizes are an error."""
+    volume.main(["--tokens", "8192", "--experts", "256", "--top-k", "8", "--ep", "64",
+                 "--topk-groups", "4"])
+    out = capsys.readouterr().out
+    plain = volume.alltoall_bytes_per_rank(8192, 4096, 8, 64, 2)
+    assert f"{plain / 1e6:9.2f} MB" in out and "dedup_tokens" in out and "4 of 64 groups" in out
+    volume.main(["--tokens", "8192", "--capacity-factor", "1.25"])
+    assert "dedup_tokens" not in capsys.readouterr().out  # capacity mode: not deduplicated
+    volume.main([])
+    assert capsys.readouterr().out.startswith("| GPUs (= ep = E) |")
+    with pytest.raises(SystemExit):
+        volume.main(["--tokens", "10", "--experts", "10", "--ep", "4"])
+    assert "--experts (10) is not divisible by --ep (4)" in capsys.readouterr().err

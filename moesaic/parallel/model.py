@@ -6,6 +6,7 @@ The model object is returned as it is (no wrapper), so its attributes and method
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -168,12 +169,24 @@ def parallelize(model: nn.Module, bucket_mb: float = 25.0, dedup_tokens: bool = 
                 _broadcast_coalesced(params, g.edp_ranks, g.edp_group, "replicated experts")
                 sync_groups.append((g.edp_group, g.edp_ranks, params))
         state.grad_sync = GradSync(sync_groups, bucket_mb)
+        _check_dedup_applies(layers, dedup_tokens)
         for m in {id(m): m for m in [model, *layers]}.values():  # a raised backward: see hook
             state.hooks.append(m.register_forward_pre_hook(StaleSyncHook(state.grad_sync)))
     use_rank_streams(ctx.rank)
     hold_groups(state)
     model.moesaic_parallel = state
     return model
+
+
+def _check_dedup_applies(layers: list, dedup_tokens: bool) -> None:
+    """``dedup_tokens`` changes only dropless token-choice layers with top_k >= 2 and experts
+    split over ranks: say so when a model has none (the option would do nothing)."""
+    if dedup_tokens and not any(
+            m.layout.ep_size > 1 and not m.config.drop_tokens and m.config.top_k > 1
+            and m.config.router == "token_choice" for m in layers):
+        warnings.warn("parallelize(dedup_tokens=True) has no effect on this model: no MoE layer "
+                      "is dropless (drop_tokens=False) with top_k >= 2 and its experts split "
+                      "over ranks", stacklevel=3)
 
 
 def parallel_state(model: nn.Module) -> Optional[ParallelState]:

@@ -110,7 +110,53 @@ def dedup_table(ep_size: int = 8, num_experts: int = 64, tokens: int = 8192, d_m
     return "\n".join(lines)
 
 
+def main(argv=None) -> None:
+    """``python -m moesaic.parallel.volume``: the docs' tables, or one layer's numbers for the
+    sizes given (planning a run: bytes and predicted time per exchange, plain and deduplicated)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m moesaic.parallel.volume",
+                                description="All-to-all bytes and predicted time of one MoE "
+                                            "layer's exchange (balanced routing). Without "
+                                            "--tokens: the tables of docs/parallelism.md.")
+    p.add_argument("--tokens", type=int, help="tokens per rank (per GPU) in one forward")
+    p.add_argument("--d-model", type=int, default=4096)
+    p.add_argument("--experts", type=int, default=64)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--ep", type=int, default=8, help="expert-parallel size (ranks)")
+    p.add_argument("--topk-groups", type=int, default=None,
+                   help="group limit with one group per rank (num_groups = --ep)")
+    p.add_argument("--capacity-factor", type=float, default=None,
+                   help="capacity mode (default: dropless)")
+    p.add_argument("--bytes", type=int, default=2, help="bytes per element (2: bf16)")
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--intra-gbps", type=float, default=150.0, help="GB/s per GPU in a node")
+    p.add_argument("--inter-gbps", type=float, default=25.0, help="GB/s per GPU between nodes")
+    a = p.parse_args(argv)
+    if a.tokens is None:
+        print(table())
+        print()
+        print(dedup_table())
+        return
+    if a.experts % a.ep:
+        p.error(f"--experts ({a.experts}) is not divisible by --ep ({a.ep})")
+    cap = {} if a.capacity_factor is None else dict(num_experts=a.experts,
+                                                   capacity_factor=a.capacity_factor)
+    rows = [("plain", alltoall_bytes_per_rank(a.tokens, a.d_model, a.top_k, a.ep, a.bytes,
+                                              **cap))]
+    if a.capacity_factor is None and a.top_k > 1:
+        rows.append(("dedup_tokens", dedup_bytes_per_rank(a.tokens, a.d_model, a.top_k, a.ep,
+                                                          a.experts, a.bytes, a.topk_groups)))
+    print(f"T={a.tokens} per rank, D={a.d_model}, E={a.experts}, top_k={a.top_k}, ep={a.ep}"
+          + (f", {a.topk_groups} of {a.ep} groups" if a.topk_groups else "")
+          + (f", capacity factor {a.capacity_factor}" if a.capacity_factor else ", dropless")
+          + f", {a.bytes} bytes/element; {a.gpus_per_node} GPUs/node, {a.intra_gbps:g} / "
+          f"{a.inter_gbps:g} GB/s per GPU inside / between nodes")
+    for name, b in rows:
+        t = predicted_alltoall_seconds(b, a.ep, a.gpus_per_node, a.intra_gbps, a.inter_gbps)
+        print(f"{name:>13}: {b / 1e6:9.2f} MB per rank per exchange, {t * 1e3:7.3f} ms; "
+              f"per training step (4 exchanges) {4 * t * 1e3:8.3f} ms")
+
+
 if __name__ == "__main__":
-    print(table())
-    print()
-    print(dedup_table())
+    main()
