@@ -6,6 +6,11 @@ regress a fixed random two-layer network, so the loss falls within a few dozen s
 
     torchrun --nproc_per_node=2 examples/expert_parallel.py          # 2 processes, gloo on CPU
     python3 examples/expert_parallel.py                              # also runs in one process
+    torchrun --nproc_per_node=2 examples/expert_parallel.py --topk-groups 1 --dedup
+
+``--topk-groups M`` limits each token to the experts of M ranks (one expert group per rank,
+DeepSeek-V3's group limit); ``--dedup`` sends a token to each of those ranks once
+(``parallelize(..., dedup_tokens=True)``): compare the all-to-all bytes printed at the end.
 
 Rank 0 prints the loss, the all-to-all traffic and where the full checkpoint went.
 
@@ -29,14 +34,21 @@ def main(argv=None) -> float:
     p.add_argument("--steps", type=int, default=60, help="optimizer steps")
     p.add_argument("--batch", type=int, default=8, help="sequences per rank and step (B)")
     p.add_argument("--experts", type=int, default=4, help="experts per MoE layer")
+    p.add_argument("--topk-groups", type=int, default=None,
+                   help="each token's experts within this many ranks' experts (one group per rank)")
+    p.add_argument("--dedup", action="store_true",
+                   help="send a token to a rank once, however many of its experts it holds")
     p.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "moesaic_ep_example.pt"),
                    help="where rank 0 writes the full state dict")
     a = p.parse_args(argv)
     ctx = moesaic.init_distributed(timeout_s=120)  # reads torchrun's environment, if any
     moesaic.moe_set_seed(0)  # same shared weights everywhere, experts seeded by global id
     D, S = 32, 16
+    groups = {}
+    if a.topk_groups is not None:  # one group per rank: num_groups = the expert-parallel size
+        groups = dict(num_groups=ctx.world_size, topk_groups=min(a.topk_groups, ctx.world_size))
     model = moesaic.parallelize(MoEStack(D, 64, [a.experts, a.experts], top_k=2,
-                                         drop_tokens=False))
+                                         drop_tokens=False, **groups), dedup_tokens=a.dedup)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(1000 + ctx.rank)  # each rank its own data
     target = torch.nn.Sequential(torch.nn.Linear(D, D), torch.nn.Tanh(), torch.nn.Linear(D, D))

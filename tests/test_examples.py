@@ -2,6 +2,7 @@
 import importlib.util
 import math
 import os
+import re
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,3 +56,13 @@ def test_expert_parallel_example_under_torchrun(tmp_path):
     assert last < 0.8 * first, line
     state = torch.load(out)
     assert state["moes.0.experts.w1"].shape[0] == 4
+    sent = []
+    for flags in ([], ["--topk-groups", "1", "--dedup"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+             f"--master_port={free_port()}", os.path.join(ROOT, "examples", "expert_parallel.py"),
+             "--steps", "3", "--out", str(out), *flags],
+            capture_output=True, text=True, timeout=180, env=env, cwd=str(tmp_path))
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        sent.append(int(re.search(r"bytes_sent=([\d,]+)", proc.stdout)[1].replace(",", "")))
+    assert sent[1] < 0.6 * sent[0], sent  # each token to one rank, once
