@@ -87,12 +87,12 @@ def main():
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--dedup", action="store_true",
+    p.add_argument("--dedup", dest="dedup_table", action="store_true",
                    help="instead: 2 ranks, dropless, plain against deduplicated dispatch "
                         "(dedup_tokens), routing unlimited and limited to one of two expert "
                         "groups (each token's experts on one rank)")
     a = p.parse_args()
-    a.groups, a.dedup_table, a.dedup = None, a.dedup, False
+    a.groups, a.dedup = None, False
     if a.dedup_table:
         return dedup_table(a)
     print(f"# benchmarks/ep.py  {date.today()}  torch {torch.__version__}  "
@@ -137,12 +137,12 @@ def dedup_table(a):
         for dedup in (False, True):
             a.dedup = dedup
             res.append(run(2, 1, a))
-        (tp, mp_), (td, md) = res
+        (tp, plain_bytes), (td, dedup_bytes) = res
         name = "unlimited" if groups is None else f"{groups[1]} of {groups[0]} groups"
         model = 4 * a.layers * dedup_bytes_per_rank(a.tokens, a.d_model, a.top_k, 2, a.experts, 4,
                                                     None if groups is None else groups[1])
         print(f"{name:<22}{tp * 1e3:>10.1f}{td * 1e3:>10.1f}{td / tp:>11.2f}"
-              f"{mp_ / 1e6:>10.2f}{md / 1e6:>10.2f}{md / mp_:>10.2f}{model / 1e6:>10.2f}")
+              f"{plain_bytes / 1e6:>10.2f}{dedup_bytes / 1e6:>10.2f}{dedup_bytes / plain_bytes:>10.2f}{model / 1e6:>10.2f}")
     print("# MB = MoE all-to-all payload one rank sends to the other per step (rows, token "
           "counts, and with dedup the pair-index and weight columns); ratio = dedup / plain; "
           "model MB = 4 exchanges x layers x moesaic.parallel.volume.dedup_bytes_per_rank "

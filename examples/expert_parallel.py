@@ -46,7 +46,7 @@ def main(argv=None) -> float:
     D, S = 32, 16
     groups = {}
     if a.topk_groups is not None:  # one group per rank: num_groups = the expert-parallel size
-        groups = dict(num_groups=ctx.world_size, topk_groups=min(a.topk_groups, ctx.world_size))
+        groups = dict(num_groups=ctx.world_size, topk_groups=a.topk_groups)
     model = moesaic.parallelize(MoEStack(D, 64, [a.experts, a.experts], top_k=2,
                                          drop_tokens=False, **groups), dedup_tokens=a.dedup)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)

@@ -62,12 +62,9 @@ class MoEConfig:
     drop_policy: str = "position"
     router: str = "token_choice"
     score_func: str = "softmax"
-    num_groups: int = 1
-    topk_groups: Optional[int] = None
     noise_policy: Optional[str] = None
     normalize_weights: Optional[bool] = None
     aux_loss_coef: float = 0.01
-    balance_scope: str = "batch"
     z_loss_coef: float = 0.0
     bias_update_rate: float = 0.0
     activation: str = "gelu"
@@ -79,6 +76,9 @@ class MoEConfig:
     hidden_dropout: float = 0.0
     dropout_branches: bool = False
     kernels: str = "auto"
+    num_groups: int = 1  # added after kernels, so positional arguments keep their meaning
+    topk_groups: Optional[int] = None
+    balance_scope: str = "batch"
 
     def __post_init__(self) -> None:
         for f in fields(self):

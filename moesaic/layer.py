@@ -90,16 +90,15 @@ class MoE(nn.Module):
                  capacity_factor: float = 1.25, eval_capacity_factor: Optional[float] = None,
                  min_capacity: int = 4, drop_tokens: bool = True, drop_policy: str = "position",
                  router: str = "token_choice", score_func: str = "softmax",
-                 num_groups: int = 1, topk_groups: Optional[int] = None,
                  noise_policy: Optional[str] = None,
                  normalize_weights: Optional[bool] = None, aux_loss_coef: float = 0.01,
-                 balance_scope: str = "batch",
                  z_loss_coef: float = 0.0, bias_update_rate: float = 0.0,
                  activation: str = "gelu", bias: bool = True,
                  residual: bool = False, num_shared_experts: int = 0,
                  routed_scale: float = 1.0, dropout: float = 0.0,
                  hidden_dropout: float = 0.0, dropout_branches: bool = False,
-                 kernels: str = "auto"):
+                 kernels: str = "auto", num_groups: int = 1, topk_groups: Optional[int] = None,
+                 balance_scope: str = "batch"):
         super().__init__()
         cfg = MoEConfig(
             d_model=d_model, d_ff=d_ff, num_experts=num_experts, top_k=top_k,

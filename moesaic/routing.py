@@ -6,7 +6,8 @@ row counts. Plans are built by one stable sort of T*K expert ids, never by one-h
 tensors, so memory stays O(T * K).
 
 Legend: T tokens, D model dim, E experts (global), K top-k, A = T*K assignments,
-N kept assignments (rows of the expert-major buffer), C capacity per expert.
+N kept assignments (rows of the expert-major buffer), C capacity per expert, G expert groups,
+Q sequences (balance_scope="sequence").
 """
 from __future__ import annotations
 
@@ -222,9 +223,9 @@ def allowed_groups(score_TE: Tensor, num_groups: int, topk_groups: int) -> Tenso
     T, E = score_TE.shape
     size = E // num_groups
     group_TG = score_TE.float().view(T, num_groups, size).topk(min(2, size), dim=-1).values.sum(-1)
-    best_TG = torch.sort(group_TG, dim=-1, descending=True, stable=True).indices[:, :topk_groups]
+    best_idx = torch.sort(group_TG, dim=-1, descending=True, stable=True).indices[:, :topk_groups]
     keep_TG = torch.zeros(T, num_groups, dtype=torch.bool, device=score_TE.device)
-    keep_TG.scatter_(1, best_TG, True)
+    keep_TG.scatter_(1, best_idx, True)
     return keep_TG.repeat_interleave(size, dim=1)
 
 
@@ -339,17 +340,17 @@ def sequence_balance_loss(probs_TE: Tensor, expert_TK: Tensor, num_seqs: int) ->
     """The mean over sequences of :func:`balance_loss` taken within each (DeepSeek-V3's
     sequence-wise balance loss): the T tokens are ``num_seqs`` sequences of T / num_seqs."""
     T, E = probs_TE.shape
-    if T % max(num_seqs, 1):
+    if num_seqs < 1 or T % num_seqs:
         raise ValueError(f"{T} tokens do not split into num_seqs ({num_seqs}) equal sequences")
     if T == 0:
         return probs_TE.new_zeros(())
     K = expert_TK.shape[1]
     seq_A = torch.arange(T, device=probs_TE.device).div(T // num_seqs, rounding_mode="floor")
     seq_A = seq_A.repeat_interleave(K)
-    counts_BE = torch.bincount(seq_A * E + expert_TK.reshape(-1).long(),
+    counts_QE = torch.bincount(seq_A * E + expert_TK.reshape(-1).long(),
                                minlength=num_seqs * E).view(num_seqs, E)
-    f_BE = counts_BE.to(probs_TE.dtype) / (K * (T // num_seqs))
-    return E * (f_BE * probs_TE.view(num_seqs, -1, E).mean(1)).sum(1).mean()
+    f_QE = counts_QE.to(probs_TE.dtype) / (K * (T // num_seqs))
+    return E * (f_QE * probs_TE.view(num_seqs, -1, E).mean(1)).sum(1).mean()
 
 
 def z_loss(logits_TE: Tensor) -> Tensor:

@@ -49,9 +49,10 @@ def _build_pair(ctx, seed, dedup_tokens=False, **kw):
 
 
 def check_dedup_dispatch(rank, world, ctx, seed):
-    """Deduplicated dropless dispatch: the same outputs, gradients and steps as one process
-    (checked by check_equivalence), the same hidden-dropout masks as the plain exchange, and
-    fewer bytes when each token's experts share a rank (groups = ranks, one group per token)."""
+    """Deduplicated dropless dispatch against the plain exchange (the one-process equivalence
+    is the check_equivalence calls with dedup_tokens=True): the same outputs and gradients with
+    hidden dropout, fewer bytes when each token's experts share a rank (groups = ranks, one
+    group per token), the same float32 router gradient in bf16, top-1 left alone."""
     kw = dict(experts=(4,), top_k=2, num_groups=2, topk_groups=1, hidden_dropout=0.3)
     x, target = _data(world)
     lo, hi = rank * B, (rank + 1) * B

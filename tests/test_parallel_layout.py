@@ -144,6 +144,9 @@ def test_dedup_volume_model():
         assert volume.ranks_per_token(E, ep, k) == pytest.approx(mean)
     assert volume.ranks_per_token(8, 2, 2, topk_groups=1) == 1.0
     assert volume.ranks_per_token(64, 8, 1) == pytest.approx(1.0)
+    for bad in ((8, 8, 2, 1), (8, 2, 9, None), (8, 4, 2, 9), (10, 4, 2, None)):
+        with pytest.raises(ValueError, match="no such routing"):
+            volume.ranks_per_token(*bad)
     plain = volume.alltoall_bytes_per_rank(2048, 256, 4, 2, 4)
     ratio = volume.dedup_bytes_per_rank(2048, 256, 4, 2, 8, 4, topk_groups=1) / plain
     assert ratio == pytest.approx(0.25 + 4 * 4 / (4 * 256 * 4), rel=1e-6)  # 1/k + columns
@@ -176,3 +179,6 @@ def test_volume_command_plans_a_layer(capsys):
     with pytest.raises(SystemExit):
         volume.main(["--tokens", "10", "--experts", "10", "--ep", "4"])
     assert "--experts (10) is not divisible by --ep (4)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        volume.main(["--tokens", "100", "--experts", "8", "--ep", "8", "--topk-groups", "1"])
+    assert "--top-k (2) must be at most the experts of --topk-groups (1)" in capsys.readouterr().err

@@ -591,6 +591,7 @@ def test_accumulated_micro_batches_train_like_the_whole_batch(tmp_path):
         runs.append(str(tmp_path / f"accum{accum}"))
         assert main(["train", "--config", cfg, "--run-dir", runs[-1]]) == 0
     a, b = read_metrics(runs[0]), read_metrics(runs[1])
+    assert len(a) == len(b) == 2
     for ra, rb in zip(a, b):
         for key in ("train_loss", "eval_loss"):
             assert rb[key] == pytest.approx(ra[key], rel=1e-5), key

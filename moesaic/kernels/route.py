@@ -21,7 +21,8 @@ Group-limited routing (``groups``, DeepSeek-V3) scores each group of experts by 
 two best scores (+ bias) and masks the experts outside each token's best groups before the
 top-k; equal group scores go to the lower group id.
 
-Legend: T tokens, E experts, K top-k, B token blocks, N kept assignments (rows).
+Legend: T tokens, E experts (columns of a block), K top-k, B token blocks, N kept assignments
+(rows); G groups of GS experts, TOPG kept per token.
 """
 from __future__ import annotations
 
@@ -66,23 +67,23 @@ def _softmax_topk_kernel(logits_ptr, probs_ptr, idx_ptr, hist_ptr, bias_ptr, T, 
         score = x
     work = tl.where(col_ok[None, :], score, float("-inf"))
     if TOPG < G:  # group-limited: only the experts of each token's TOPG best groups of GS
-        group_C = cols // GS
-        value_TC = tl.zeros([BT, BE], dtype=tl.float32)  # each column's group score
+        group_E = cols // GS
+        value_TE = tl.zeros([BT, BE], dtype=tl.float32)  # each column's group score
         for g in tl.static_range(G):
-            in_g = (group_C == g) & col_ok
+            in_g = (group_E == g) & col_ok
             s_g = tl.where(in_g[None, :], group_score, float("-inf"))
             best = tl.max(s_g, 1)
             if GS > 1:  # plus the second best
                 first = tl.argmax(s_g, 1)
                 best += tl.max(tl.where(cols[None, :] == first[:, None], float("-inf"), s_g), 1)
-            value_TC = tl.where(in_g[None, :], best[:, None], value_TC)
-        ahead_TC = tl.zeros([BT, BE], dtype=tl.int32)  # groups ranked before each column's
+            value_TE = tl.where(in_g[None, :], best[:, None], value_TE)
+        ahead_TE = tl.zeros([BT, BE], dtype=tl.int32)  # groups ranked before each column's
         for g in tl.static_range(G):
-            in_g = (group_C == g) & col_ok
-            v_g = tl.max(tl.where(in_g[None, :], value_TC, float("-inf")), 1)[:, None]
-            ahead_TC += ((v_g > value_TC) | ((v_g == value_TC) & (g < group_C[None, :]))
+            in_g = (group_E == g) & col_ok
+            v_g = tl.max(tl.where(in_g[None, :], value_TE, float("-inf")), 1)[:, None]
+            ahead_TE += ((v_g > value_TE) | ((v_g == value_TE) & (g < group_E[None, :]))
                          ).to(tl.int32)
-        work = tl.where(ahead_TC < TOPG, work, float("-inf"))
+        work = tl.where(ahead_TE < TOPG, work, float("-inf"))
     for k in tl.static_range(K):
         top = tl.argmax(work, 1)
         tl.store(idx_ptr + rows.to(tl.int64) * K + k, top.to(tl.int32), mask=row_ok)

@@ -14,11 +14,13 @@ Both sums and both expansions are the backend's token-centric ``ops.permute`` / 
 (Triton or PyTorch) over small plans built here, one "token" per pair or per token: no
 scatter-add, so results are deterministic, and weight gradients are float32 dot products as in
 the plain path. Results equal the plain exchange's up to the order of the float sums. Capacity
-mode keeps its padded [E, C] blocks, and top-1 layers the plain exchange (nothing to save).
+mode keeps its padded [E, C] blocks, and top-1 layers keep the plain exchange (nothing to
+save). Each of the two sum plans takes one stable sort of its members.
 
 Legend: T tokens, D model dim, E global experts, L local experts, S ranks of the ep group,
 K top-k, N assignment rows sent, R rows received (the experts' rows, [local expert, source
-rank] order), P (rank, token) pairs sent, Q pairs received.
+rank] order), P (rank, token) pairs sent, Q pairs received, X = L + 1 size columns (rows per
+local expert, pairs); in the sum-plan helpers, O owners and M their member rows.
 """
 from __future__ import annotations
 
@@ -39,32 +41,32 @@ def worth_it(plan: RoutingPlan) -> bool:
     return plan.capacity is None and plan.dest_TK is not None and plan.dest_TK.shape[1] > 1
 
 
-def owner_slots(owner_R: Tensor, num_owners: int, K: int) -> tuple[Tensor, Tensor]:
+def _owner_slots(owner_M: Tensor, num_owners: int, K: int) -> tuple[Tensor, Tensor]:
     """For rows that each belong to one of ``num_owners`` owners (at most K rows each): the
     [num_owners, K] table of each owner's rows in row order (-1 pads), and each row's flat slot
     in it. One stable sort; no host sync."""
-    R = owner_R.numel()
-    order_R = torch.argsort(owner_R, stable=True)
-    sorted_owner_R = owner_R.index_select(0, order_R)
-    counts_O = torch.zeros(num_owners, dtype=torch.int64, device=owner_R.device)
-    counts_O.scatter_add_(0, owner_R, torch.ones_like(owner_R))
-    pos_R = torch.arange(R, device=owner_R.device) - exclusive_cumsum(counts_O).index_select(
-        0, sorted_owner_R)
-    slot_R = torch.empty_like(owner_R).index_copy_(0, order_R, sorted_owner_R * K + pos_R)
-    dest_OK = torch.full((num_owners * K,), -1, dtype=torch.int64, device=owner_R.device)
-    dest_OK.index_copy_(0, slot_R, torch.arange(R, device=owner_R.device))
-    return dest_OK.view(num_owners, K), slot_R
+    M = owner_M.numel()
+    order_M = torch.argsort(owner_M, stable=True)
+    sorted_owner_M = owner_M.index_select(0, order_M)
+    counts_O = torch.zeros(num_owners, dtype=torch.int64, device=owner_M.device)
+    counts_O.scatter_add_(0, owner_M, torch.ones_like(owner_M))
+    pos_M = torch.arange(M, device=owner_M.device) - exclusive_cumsum(counts_O).index_select(
+        0, sorted_owner_M)
+    slot_M = torch.empty_like(owner_M).index_copy_(0, order_M, sorted_owner_M * K + pos_M)
+    dest_OK = torch.full((num_owners * K,), -1, dtype=torch.int64, device=owner_M.device)
+    dest_OK.index_copy_(0, slot_M, torch.arange(M, device=owner_M.device))
+    return dest_OK.view(num_owners, K), slot_M
 
 
-def _sum_plan(owner_R: Tensor, weight_R: Tensor, num_owners: int, K: int) -> RoutingPlan:
+def _sum_plan(owner_M: Tensor, weight_M: Tensor, num_owners: int, K: int) -> RoutingPlan:
     """A plan whose "tokens" are owners (pairs, or tokens) and whose rows are their members,
     so ``ops.permute`` copies owner rows out and ``ops.combine`` sums members back, weighted.
-    The [owners, K] weights are built from ``weight_R`` differentiably (the Triton combine
+    The [owners, K] weights are built from ``weight_M`` differentiably (the Triton combine
     takes gradients through them, the PyTorch one through ``row_weight_N``)."""
-    dest_OK, slot_R = owner_slots(owner_R, num_owners, K)
-    weight_OK = weight_R.new_zeros(num_owners * K).index_put((slot_R,), weight_R).view(
+    dest_OK, slot_M = _owner_slots(owner_M, num_owners, K)
+    weight_OK = weight_M.new_zeros(num_owners * K).index_put((slot_M,), weight_M).view(
         num_owners, K)
-    return RoutingPlan(row_token_N=owner_R, row_weight_N=weight_R, counts_E=None,
+    return RoutingPlan(row_token_N=owner_M, row_weight_N=weight_M, counts_E=None,
                        num_tokens=num_owners, capacity=None, dest_TK=dest_OK,
                        weight_TK=weight_OK)
 

@@ -91,10 +91,10 @@ class AllToAllDispatcher:
     def dispatch(self, x_TD: Tensor, plan: RoutingPlan, ops):
         self.group_ref.get()  # a clear error once destroy() has run
         if self.dedup and dedup.worth_it(plan):
-            x_RD, counts_L, pairs, splits, recv_splits, order_R = dedup.dispatch(
+            x_MD, counts_L, pairs, splits, recv_splits, order_M = dedup.dispatch(
                 x_TD, plan, self.ep_size, self.num_local, self.group_ref, self.ranks, self.stats,
                 ops)
-            return x_RD, counts_L, _Handle(splits, recv_splits, order_R, None, None, pairs)
+            return x_MD, counts_L, _Handle(splits, recv_splits, order_M, None, None, pairs)
         x_ND = ops.permute(x_TD, plan)
         if plan.capacity is None:
             return self._dispatch_dropless(x_ND, plan)

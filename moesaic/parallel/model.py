@@ -169,9 +169,9 @@ def parallelize(model: nn.Module, bucket_mb: float = 25.0, dedup_tokens: bool = 
                 _broadcast_coalesced(params, g.edp_ranks, g.edp_group, "replicated experts")
                 sync_groups.append((g.edp_group, g.edp_ranks, params))
         state.grad_sync = GradSync(sync_groups, bucket_mb)
-        _check_dedup_applies(layers, dedup_tokens)
         for m in {id(m): m for m in [model, *layers]}.values():  # a raised backward: see hook
             state.hooks.append(m.register_forward_pre_hook(StaleSyncHook(state.grad_sync)))
+    _check_dedup_applies(layers, dedup_tokens)
     use_rank_streams(ctx.rank)
     hold_groups(state)
     model.moesaic_parallel = state
@@ -180,7 +180,8 @@ def parallelize(model: nn.Module, bucket_mb: float = 25.0, dedup_tokens: bool = 
 
 def _check_dedup_applies(layers: list, dedup_tokens: bool) -> None:
     """``dedup_tokens`` changes only dropless token-choice layers with top_k >= 2 and experts
-    split over ranks: say so when a model has none (the option would do nothing)."""
+    split over ranks: say so when a model has none (the option would do nothing). The same
+    rule as :func:`moesaic.parallel.dedup.worth_it`, read from the configs instead of a plan."""
     if dedup_tokens and not any(
             m.layout.ep_size > 1 and not m.config.drop_tokens and m.config.top_k > 1
             and m.config.router == "token_choice" for m in layers):

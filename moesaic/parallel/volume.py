@@ -50,6 +50,10 @@ def ranks_per_token(num_experts: int, ep_size: int, top_k: int, topk_groups: Opt
     m = ep_size if topk_groups is None else topk_groups
     per_rank = num_experts // ep_size
     pool = m * per_rank  # experts a token may choose from
+    if num_experts % ep_size or not 1 <= m <= ep_size or not 1 <= top_k <= pool:
+        raise ValueError(f"no such routing: num_experts ({num_experts}) over ep_size ({ep_size}) "
+                         f"ranks, top_k ({top_k}) within topk_groups ({m}) ranks' experts "
+                         f"({pool})")
     return m * (1 - comb(pool - per_rank, top_k) / comb(pool, top_k))
 
 
@@ -140,6 +144,10 @@ def main(argv=None) -> None:
         return
     if a.experts % a.ep:
         p.error(f"--experts ({a.experts}) is not divisible by --ep ({a.ep})")
+    groups = a.ep if a.topk_groups is None else a.topk_groups
+    if not 1 <= groups <= a.ep or not 1 <= a.top_k <= groups * a.experts // a.ep:
+        p.error(f"--top-k ({a.top_k}) must be at most the experts of --topk-groups ({groups}) "
+                f"of --ep ({a.ep}) ranks: {groups * a.experts // a.ep}")
     cap = {} if a.capacity_factor is None else dict(num_experts=a.experts,
                                                    capacity_factor=a.capacity_factor)
     rows = [("plain", alltoall_bytes_per_rank(a.tokens, a.d_model, a.top_k, a.ep, a.bytes,

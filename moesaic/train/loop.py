@@ -241,7 +241,7 @@ class Trainer:
                 local_5 += torch.stack([loss.detach() * n, ce.detach() * n,
                                         aux.detach().float() * n, correct.float(),
                                         torch.tensor(n, device=dev)])
-                self.scaler.scale(loss / len(micros) if len(micros) > 1 else loss).backward()
+                self.scaler.scale(loss / len(micros)).backward()  # / 1 is exact
         sums_5 = all_reduce_(local_5)
         self._stop_if_not_finite(sums_5, batch_in_epoch)  # before the optimizer step
         if cfg.clip_grad is not None:
