@@ -12,7 +12,7 @@ from typing import Optional
 
 ROUTERS = ("token_choice", "expert_choice")
 SCORE_FUNCS = ("softmax", "sigmoid")
-BALANCE_SCOPES = ("batch", "sequence")
+BALANCE_SCOPES = ("batch", "sequence", "global")
 DROP_POLICIES = ("position", "score")
 NOISE_POLICIES = (None, "jitter", "logit_jitter", "gaussian")
 ACTIVATIONS = ("gelu", "relu", "swiglu")

@@ -131,6 +131,7 @@ class MoE(nn.Module):
                                 cfg.hidden_dropout) if num_shared_experts else None)
         self.dropout = nn.Dropout(dropout)
         self.last_stats: Optional[routing.RoutingStats] = None
+        self.count_sum = None  # balance_scope="global" across ranks: set by moesaic.parallelize
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -180,7 +181,9 @@ class MoE(nn.Module):
             dist_TE = routing.score_distribution(probs_TE, c.score_func)
             if c.balance_scope == "sequence":
                 balance = routing.sequence_balance_loss(dist_TE, plan.expert_TK, num_seqs)
-            else:
+            elif c.balance_scope == "global" and self.training and self.count_sum is not None:
+                balance = routing.balance_loss(dist_TE, self.count_sum(counts_E))
+            else:  # "batch"; "global" in one process, or in eval (no collective there)
                 balance = routing.balance_loss(dist_TE, counts_E)
             dropped = (counts_E.sum() - plan.counts_E.sum()) / counts_E.sum().clamp(min=1)
         z = routing.z_loss(logits_TE)

@@ -98,6 +98,34 @@ def check_dedup_dispatch(rank, world, ctx, seed):
         moesaic.parallelize(model, dedup_tokens=False)
 
 
+def check_global_balance(rank, world, ctx, seed):
+    """balance_scope="global": the loads are counted over both ranks' tokens, so the mean of the
+    ranks' aux losses is the one-process loss of the whole batch and the synchronised router
+    gradient is its gradient; eval forwards do not sum counts (ranks' eval shards may differ
+    in number)."""
+    set_context(None)
+    moesaic.moe_set_seed(seed)
+    ref = moesaic.MoE(D, F, 4, top_k=2, drop_tokens=False, balance_scope="global")
+    set_context(ctx)
+    moesaic.moe_set_seed(seed)
+    layer = moesaic.parallelize(moesaic.MoE(D, F, 4, top_k=2, drop_tokens=False,
+                                            balance_scope="global"))
+    x, _ = _data(world, seed=9)
+    _, aux = layer(x[rank * B:(rank + 1) * B])
+    aux.backward()
+    _, aux_ref = ref(x)  # one process: global is the whole batch
+    aux_ref.backward()
+    mean = aux.detach().clone()
+    dist.all_reduce(mean)
+    torch.testing.assert_close(mean / world, aux_ref.detach(), **TOL)
+    torch.testing.assert_close(layer.router.weight.grad, ref.router.weight.grad, **TOL)
+    def no_sum_in_eval(counts_E):
+        raise AssertionError("counts summed over ranks in eval")
+
+    layer.count_sum = no_sum_in_eval
+    layer.eval()(x[rank * B:(rank + 1) * B])
+
+
 def dedup_with_kernels(rank, world):
     """Deduplicated dispatch through the Triton kernels (the interpreter, on CPU) equals the
     plain exchange on the PyTorch path: outputs and every gradient."""
@@ -573,6 +601,7 @@ def two_ranks(rank, world):
     check_equivalence(rank, world, ctx, 26, steps=2, experts=(4,), num_groups=2, topk_groups=1,
                       dedup_tokens=True)
     check_dedup_dispatch(rank, world, ctx, 27)
+    check_global_balance(rank, world, ctx, 28)
     check_grad_scaler_skips_together(rank, world, ctx, 13)
     check_zero_tokens(rank, world, ctx, 15)
     check_grad_checkpointing(rank, world, ctx, 16)

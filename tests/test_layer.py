@@ -745,6 +745,8 @@ def test_sequence_balance_loss_is_the_mean_over_sequences():
     aux.backward()
     assert per_sequence.router.weight.grad.abs().sum() > 0
     assert "balance_scope=sequence" in repr(per_sequence)
+    # "global" in one process (no ranks to count over) is the batch loss
+    torch.testing.assert_close(make(top_k=2, balance_scope="global")(x)[1], batch(x)[1])
     with pytest.raises(ValueError, match=r"30 tokens do not split into num_seqs \(4\)"):
         routing.sequence_balance_loss(probs_TE, plan.expert_TK, 4)
     assert "topk_groups=1 of num_groups=2" in repr(make(top_k=2, num_groups=2, topk_groups=1))

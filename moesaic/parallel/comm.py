@@ -83,6 +83,32 @@ class GroupRef:
         return self.group
 
 
+class CountSum:
+    """Sums a layer's per-expert assignment counts over every rank (``balance_scope="global"``):
+    one all-reduce of E int64 per training forward. Installed by ``parallelize``; the layer
+    calls it without knowing the group."""
+
+    def __init__(self, group, ranks: Sequence[int], stats: Optional[CommStats] = None):
+        self.group_ref, self.ranks, self.stats = GroupRef(group), tuple(ranks), stats
+
+    def __call__(self, counts_E: Tensor) -> Tensor:
+        total_E = counts_E.detach().clone()
+        run_collective("MoE global balance-loss count all-reduce", self.ranks, dist.all_reduce,
+                       total_E, group=self.group_ref.get())
+        if self.stats is not None:
+            self.stats.calls += 1
+        return total_E
+
+    def __deepcopy__(self, memo):
+        return self  # holds a process group, no tensors: a copied model shares it
+
+    def __getstate__(self):
+        raise TypeError(PICKLE_ERROR)
+
+    def release(self) -> None:
+        self.group_ref.group = None
+
+
 class _AllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_ND, out_splits, in_splits, group_ref, ranks, stats, what):

@@ -47,6 +47,7 @@ class ParallelContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     _groups: dict = field(default_factory=dict, repr=False)
     _grad_group: Optional[object] = field(default=None, repr=False)
+    _count_group: Optional[object] = field(default=None, repr=False)
 
     @property
     def is_main(self) -> bool:
@@ -86,10 +87,18 @@ class ParallelContext:
             self._grad_group = dist.new_group(list(range(self.world_size)), timeout=self.timeout)
         return self._grad_group
 
+    def count_group(self):
+        """A world group of its own for the global balance loss's count sums (forward-time
+        collectives, kept apart from the gradient buckets)."""
+        if self._count_group is None and self.distributed:
+            self._count_group = dist.new_group(list(range(self.world_size)), timeout=self.timeout)
+        return self._count_group
+
     def release(self) -> None:
         """Drop this context's process-group objects (``destroy`` calls it)."""
         self._groups.clear()
         self._grad_group = None
+        self._count_group = None
         self.backend = None
 
     def _subgroup(self, rank_lists):

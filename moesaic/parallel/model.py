@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from ..experts import Experts
 from ..layer import MoE, moe_layers
-from .comm import PICKLE_ERROR, CommStats, run_collective
+from .comm import PICKLE_ERROR, CommStats, CountSum, run_collective
 from .context import _HOLDERS, ParallelContext, hold_groups
 from .dispatcher import AllToAllDispatcher
 from .grad_sync import GradSync, StaleSyncHook, scale_grad_hooks
@@ -55,6 +55,8 @@ class ParallelState:
         for layer in self.moe_layers:
             if isinstance(layer.dispatcher, AllToAllDispatcher):
                 layer.dispatcher.release()
+            if getattr(layer, "count_sum", None) is not None:
+                layer.count_sum.release()
         if self.grad_sync is not None:
             self.grad_sync.release()
         for h in self.hooks:
@@ -169,6 +171,11 @@ def parallelize(model: nn.Module, bucket_mb: float = 25.0, dedup_tokens: bool = 
                 _broadcast_coalesced(params, g.edp_ranks, g.edp_group, "replicated experts")
                 sync_groups.append((g.edp_group, g.edp_ranks, params))
         state.grad_sync = GradSync(sync_groups, bucket_mb)
+        if any(layer.config.balance_scope == "global" for layer in layers):
+            count_group = ctx.count_group()
+            for layer in layers:
+                if layer.config.balance_scope == "global":
+                    layer.count_sum = CountSum(count_group, tuple(range(ctx.world_size)), stats)
         for m in {id(m): m for m in [model, *layers]}.values():  # a raised backward: see hook
             state.hooks.append(m.register_forward_pre_hook(StaleSyncHook(state.grad_sync)))
     _check_dedup_applies(layers, dedup_tokens)
