@@ -69,8 +69,9 @@ class MoE(nn.Module):
     :func:`moesaic.update_expert_biases` (after each optimizer step) moves each bias by u toward
     balance. ``num_groups`` / ``topk_groups`` limit each token to the experts of its best groups
     (DeepSeek-V3). ``balance_scope="sequence"`` takes the balance loss within each sequence of a
-    batch-first [..., S, D] input and averages it (transpose a sequence-first [S, B, D] input).
-    With ``residual=True`` (PR-MoE)
+    batch-first [..., S, D] input and averages it (transpose a sequence-first [S, B, D] input);
+    ``"global"`` counts the loads over every rank's tokens in training (``count_sum``, set by
+    :func:`moesaic.parallelize`). With ``residual=True`` (PR-MoE)
     the output is ``moe(x) * c0 + mlp(x) * c1`` with ``c = softmax(residual_coef(x))`` per token;
     ``num_shared_experts`` n > 0 (DeepSeekMoE) adds a dense MLP of width n * d_ff that every
     token passes through: ``moe(x) + shared(x)``; ``routed_scale`` multiplies the routed
