@@ -182,3 +182,14 @@ def test_volume_command_plans_a_layer(capsys):
     with pytest.raises(SystemExit):
         volume.main(["--tokens", "100", "--experts", "8", "--ep", "8", "--topk-groups", "1"])
     assert "--top-k (2) must be at most the experts of --topk-groups (1)" in capsys.readouterr().err
+
+
+def test_global_count_sum_after_destroy_says_what_to_do():
+    """A released CountSum (moesaic.destroy) names the option and the way out, instead of the
+    split-experts message."""
+    from moesaic.parallel.comm import CountSum
+
+    count_sum = CountSum(object(), (0, 1))
+    count_sum.release()
+    with pytest.raises(RuntimeError, match="balance_scope='global' sums expert loads"):
+        count_sum(torch.zeros(4, dtype=torch.int64))

@@ -86,17 +86,21 @@ class GroupRef:
 class CountSum:
     """Sums a layer's per-expert assignment counts over every rank (``balance_scope="global"``):
     one all-reduce of E int64 per training forward. Installed by ``parallelize``; the layer
-    calls it without knowing the group."""
+    calls it without knowing the group. Not counted in :class:`CommStats` (which counts the
+    all-to-alls, as the gradient all-reduces are not)."""
 
-    def __init__(self, group, ranks: Sequence[int], stats: Optional[CommStats] = None):
-        self.group_ref, self.ranks, self.stats = GroupRef(group), tuple(ranks), stats
+    def __init__(self, group, ranks: Sequence[int]):
+        self.group, self.ranks = group, tuple(ranks)
 
     def __call__(self, counts_E: Tensor) -> Tensor:
+        if self.group is None:
+            raise RuntimeError("balance_scope='global' sums expert loads over the ranks, whose "
+                               "process group moesaic.destroy() has torn down: parallelize the "
+                               "model again under a new one, or build it with "
+                               "balance_scope='batch'")
         total_E = counts_E.detach().clone()
         run_collective("MoE global balance-loss count all-reduce", self.ranks, dist.all_reduce,
-                       total_E, group=self.group_ref.get())
-        if self.stats is not None:
-            self.stats.calls += 1
+                       total_E, group=self.group)
         return total_E
 
     def __deepcopy__(self, memo):
@@ -106,7 +110,7 @@ class CountSum:
         raise TypeError(PICKLE_ERROR)
 
     def release(self) -> None:
-        self.group_ref.group = None
+        self.group = None
 
 
 class _AllToAll(torch.autograd.Function):

@@ -175,7 +175,7 @@ def parallelize(model: nn.Module, bucket_mb: float = 25.0, dedup_tokens: bool = 
             count_group = ctx.count_group()
             for layer in layers:
                 if layer.config.balance_scope == "global":
-                    layer.count_sum = CountSum(count_group, tuple(range(ctx.world_size)), stats)
+                    layer.count_sum = CountSum(count_group, tuple(range(ctx.world_size)))
         for m in {id(m): m for m in [model, *layers]}.values():  # a raised backward: see hook
             state.hooks.append(m.register_forward_pre_hook(StaleSyncHook(state.grad_sync)))
     _check_dedup_applies(layers, dedup_tokens)
