@@ -142,7 +142,8 @@ def dedup_table(a):
         model = 4 * a.layers * dedup_bytes_per_rank(a.tokens, a.d_model, a.top_k, 2, a.experts, 4,
                                                     None if groups is None else groups[1])
         print(f"{name:<22}{tp * 1e3:>10.1f}{td * 1e3:>10.1f}{td / tp:>11.2f}"
-              f"{plain_bytes / 1e6:>10.2f}{dedup_bytes / 1e6:>10.2f}{dedup_bytes / plain_bytes:>10.2f}{model / 1e6:>10.2f}")
+              f"{plain_bytes / 1e6:>10.2f}{dedup_bytes / 1e6:>10.2f}"
+              f"{dedup_bytes / plain_bytes:>10.2f}{model / 1e6:>10.2f}")
     print("# MB = MoE all-to-all payload one rank sends to the other per step (rows, token "
           "counts, and with dedup the pair-index and weight columns); ratio = dedup / plain; "
           "model MB = 4 exchanges x layers x moesaic.parallel.volume.dedup_bytes_per_rank "

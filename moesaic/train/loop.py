@@ -6,13 +6,13 @@ micro-batch), so a step is reproducible) -> forward under autocast -> cross-entr
 smoothing, mixup/cutmix) + the MoE aux loss -> backward (gradients accumulated locally,
 synchronised by ``moesaic.parallelize`` after the last); then one all-reduce of the step's
 loss and accuracy (every rank sees a non-finite loss at once and all stop before the step is
-applied) -> EP-aware clipping -> AdamW -> warmup/cosine scheduler. Each epoch ends with an evaluation at the eval capacity factor,
-metrics, plots and, when due, a checkpoint.
+applied) -> EP-aware clipping -> AdamW -> warmup/cosine scheduler. Each epoch ends with an
+evaluation at the eval capacity factor, metrics, plots and, when due, a checkpoint.
 
 Legend: B global batch, b per-rank batch (train or eval), m micro-batch (b / accum_steps),
-N images of a dataset, C channels,
-H/W image height/width, L classes (logits), E experts of a layer; ``_5`` / ``_3``: the step's
-[loss, ce, aux, correct, images] and eval's [loss, correct, images] sums.
+N images of a dataset, C channels, H/W image height/width, L classes (logits), E experts of a
+layer; ``_5`` / ``_3``: the step's [loss, ce, aux, correct, images] and eval's [loss, correct,
+images] sums.
 """
 from __future__ import annotations
 
