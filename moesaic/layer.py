@@ -15,13 +15,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import routing
+from . import keyed, routing
 from .autograd import in_backward
 from .config import MoEConfig
 from .dispatch import LocalDispatcher
 from .experts import Experts
 from .grouped import _act
-from .hidden_dropout import draw_keys
+from .hidden_dropout import _GOLDEN, _mix_, draw_keys
 from .ops import select_ops
 from .parallel.layout import expert_layout, next_layer_seed
 
@@ -34,7 +34,7 @@ class DenseMLP(nn.Module):
                  hidden_dropout: float = 0.0):
         super().__init__()
         self.activation = activation
-        self.drop = nn.Dropout(hidden_dropout)
+        self.drop = keyed.Dropout(hidden_dropout)
         gated = activation == "swiglu"
         self.fc1 = nn.Linear(d_model, d_ff, bias=bias and not gated)
         self.fc3 = nn.Linear(d_model, d_ff, bias=False) if gated else None
@@ -130,7 +130,7 @@ class MoE(nn.Module):
         self.residual_coef = nn.Linear(d_model, 2) if residual else None
         self.shared = (DenseMLP(d_model, d_ff * num_shared_experts, activation, bias,
                                 cfg.hidden_dropout) if num_shared_experts else None)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = keyed.Dropout(dropout)
         self.last_stats: Optional[routing.RoutingStats] = None
         self.count_sum = None  # balance_scope="global" across ranks: set by moesaic.parallelize
 
@@ -207,7 +207,10 @@ class MoE(nn.Module):
         ops = select_ops(c.kernels, x.device)
         x_TD = x.reshape(-1, c.d_model)
         num_seqs = math.prod(x.shape[:-2]) if x.dim() >= 3 else 1  # [..., S, D]: S per sequence
-        plan, aux_loss, stats = self._route(self.router(x_TD), ops, num_seqs)
+        keys_T = None
+        if self.training and keyed.active() and (c.noise_policy or c.hidden_dropout > 0):
+            keys_T = keyed.row_keys(x_TD.shape[0], x.device)
+        plan, aux_loss, stats = self._route(self.router(x_TD, keys_T), ops, num_seqs)
         if not in_backward():  # a checkpoint's recomputation leaves the forward's stats
             self.last_stats = stats
         autocast_on = torch.is_autocast_enabled(x.device.type)
@@ -217,8 +220,7 @@ class MoE(nn.Module):
             x_ND, counts_E, handle = self.dispatcher.dispatch(xc_TD, plan, ops)
             keys_N = None
             if self.training and c.hidden_dropout > 0:  # drawn where the tokens live
-                keys_N = self.dispatcher.send_keys(
-                    draw_keys(plan.row_token_N.numel(), x.device), handle)
+                keys_N = self.dispatcher.send_keys(_row_keys(plan, keys_T, x.device), handle)
             y_ND = self.experts(x_ND, counts_E, keys_N)
             y_TD = self.dispatcher.combine(y_ND, plan, handle, ops)
             if c.routed_scale != 1.0:  # DeepSeek-V3's routed_scaling_factor
@@ -239,6 +241,19 @@ class MoE(nn.Module):
 
 
 MoeModule = MoE
+
+
+def _row_keys(plan: routing.RoutingPlan, keys_T: Optional[Tensor], device) -> Tensor:
+    """Hidden dropout's int32 key of each row of the expert-major buffer: drawn from the
+    default generator, or under :func:`moesaic.keyed.sample_keys` the hash of (its token's
+    key, its expert), the same whichever rank or micro-batch holds the token."""
+    N = plan.row_token_N.numel()
+    if keys_T is None:
+        return draw_keys(N, device)
+    expert_N = torch.repeat_interleave(torch.arange(plan.counts_E.numel(), device=device,
+                                                    dtype=torch.int32),
+                                       plan.counts_E.to(device), output_size=N)
+    return _mix_(keys_T[plan.row_token_N] ^ _mix_((expert_N + 1) * _GOLDEN))
 
 
 def moe_layers(module: nn.Module) -> list[MoE]:

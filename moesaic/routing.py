@@ -22,6 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import keyed
+
 JITTER_EPS = 0.01
 TINY = torch.finfo(torch.float32).tiny  # normalising sums clamp here: all-zero scores give 0, not NaN
 
@@ -96,8 +98,10 @@ class Router(nn.Module):
     ``weight`` [E, D] (and ``expert_bias`` [E], the selection bias of auxiliary-loss-free
     balancing, when asked for) stay float32 whatever dtype the model is cast to. Noise comes
     from torch's default generator of the input's device, which activation checkpointing saves
-    and restores, so a recomputed forward routes exactly as the first one. ``noise_generator`` overrides it; a
-    private generator is not restored by ``torch.utils.checkpoint``.
+    and restores, so a recomputed forward routes exactly as the first one. ``noise_generator``
+    overrides it; a private generator is not restored by ``torch.utils.checkpoint``. Under
+    :func:`moesaic.keyed.sample_keys` the layer passes token keys and the noise is hashed from
+    them instead (the same for a token on any rank, in any micro-batch).
     """
 
     def __init__(self, d_model: int, num_experts: int, noise_policy: Optional[str] = None,
@@ -144,24 +148,31 @@ class Router(nn.Module):
             raise ValueError(f"router noise_generator is on {gen.device} but the input is on {device}")
         return gen
 
-    def _jitter(self, x: Tensor) -> Tensor:
+    def _jitter(self, x: Tensor, keys_T: Optional[Tensor] = None) -> Tensor:
         """x * U(1 - eps, 1 + eps), elementwise; the noise is built in place, outside autograd."""
         gen = self._generator(x.device)
-        if x.device.type == "cpu":
+        if keys_T is not None:
+            u = keyed.uniform(keys_T, x.shape[-1])
+        elif x.device.type == "cpu":
             u = cpu_uniform(x.shape, gen)
         else:
             u = torch.rand(x.shape, generator=gen, device=x.device, dtype=torch.float32)
         return x * u.mul_(2 * JITTER_EPS).add_(1.0 - JITTER_EPS)
 
-    def forward(self, x_TD: Tensor) -> Tensor:
+    def forward(self, x_TD: Tensor, keys_T: Optional[Tensor] = None) -> Tensor:
+        """Logits [T, E]; ``keys_T`` (one int32 per token, :mod:`moesaic.keyed`) keys the noise
+        by token instead of drawing it from a generator."""
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             x_TD = x_TD.float()
             if self.training and self.noise_policy == "jitter":
-                x_TD = self._jitter(x_TD)
+                x_TD = self._jitter(x_TD, keys_T)
             logits_TE = F.linear(x_TD, self.weight.float())  # a no-op unless set from outside
             if self.training and self.noise_policy == "logit_jitter":
-                logits_TE = self._jitter(logits_TE)
-            if self.training and self.noise_policy == "gaussian":
+                logits_TE = self._jitter(logits_TE, None if keys_T is None else keys_T ^ 0x51ED)
+            if self.training and self.noise_policy == "gaussian" and keys_T is not None:
+                noise_TE = keyed.normal(keys_T, logits_TE.shape[-1])
+                logits_TE = logits_TE + noise_TE / self.num_experts ** 2
+            elif self.training and self.noise_policy == "gaussian":
                 noise_TE = torch.randn(logits_TE.shape, generator=self._generator(logits_TE.device),
                                        device=logits_TE.device, dtype=torch.float32)
                 logits_TE = logits_TE + noise_TE / self.num_experts ** 2

@@ -186,11 +186,35 @@ def test_policies_are_batched_and_reproducible():
     assert 0 < sum(flipped) < 32
 
 
+def test_slices_of_a_batch_draw_what_the_whole_batch_draws():
+    """Draws(gen, total, start) hands a slice the numbers of those images in the whole batch,
+    and mixing partners pair images 2j, 2j + 1 of the whole batch: augmenting a batch in parts
+    (ranks, micro-batches) equals augmenting it whole."""
+    x, y = torch.rand(8, 3, 16, 16), torch.arange(8)
+
+    def augment(xs, ys, start):
+        d = A.Draws(_gen(5), total=8, start=start)
+        xs = A.rand_augment(A.random_hflip(A.random_crop(xs, 4, d), d), 2, 9, d)
+        xs = A.auto_augment_cifar10(xs, d)
+        return A.mix(xs, ys, 0.8, 1.0, 1.0, 0.5, np.random.default_rng(3), start)
+
+    whole = augment(x, y, 0)
+    for cuts in ([4], [2, 6], [6]):
+        parts = [augment(x[s:t], y[s:t], s) for s, t in zip([0, *cuts], [*cuts, 8])]
+        for i in range(3):
+            assert torch.equal(torch.cat([p[i] for p in parts]), whole[i])
+        assert {p[3] for p in parts} == {whole[3]}
+    assert A.partners(3, 5, "cpu").tolist() == [0, 2, 1]  # image 5's partner, 4, is elsewhere
+    with pytest.raises(ValueError, match=r"images \[6, 10\) are not inside a batch of 8"):
+        A.Draws(_gen(0), total=8, start=6).rand(4, "cpu")
+
+
 def test_mixup_and_cutmix_weights():
     x, y = torch.rand(8, 3, 16, 16), torch.arange(8)
     rng = np.random.default_rng(0)
     xm, ya, yb, lam = A.mix(x, y, 0.8, 0.0, 1.0, 0.5, rng)
-    assert torch.allclose(xm, lam * x + (1 - lam) * x.flip(0)) and torch.equal(yb, y.flip(0))
+    swap = torch.tensor([1, 0, 3, 2, 5, 4, 7, 6])  # images 2j and 2j + 1 pair up
+    assert torch.allclose(xm, lam * x + (1 - lam) * x[swap]) and torch.equal(yb, y[swap])
     xc, _, _, lam = A.mix(x, y, 0.0, 1.0, 1.0, 0.5, np.random.default_rng(1))
     from_partner = (xc != x).any(1).float().mean().item()
     assert abs((1 - lam) - from_partner) < 0.05

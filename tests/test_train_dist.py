@@ -14,7 +14,7 @@ from moesaic.train.config import apply_overrides, load_file
 from moesaic.train.loop import Trainer
 from moesaic.train.setup import FAULT_RANK_ENV, FAULT_STEP_ENV
 from test_train_data import write_cifar
-from test_train_run import TINY_MODEL, read_metrics, tiny_config
+from test_train_run import RANDOM_AUGMENT, RANDOM_LAYERS, TINY_MODEL, read_metrics, tiny_config
 
 TIMING = ("images_per_second", "train_time_s", "eval_time_s")
 
@@ -121,6 +121,30 @@ def test_training_does_not_depend_on_the_expert_layout(setup):
     a, b = _same_training_at_both_layouts(setup[0], "layout", args)
     for ra, rb in zip(a, b):
         assert abs(rb["eval_accuracy"] - ra["eval_accuracy"]) <= 1 / 41 + 1e-9
+
+
+def test_two_processes_train_like_one(setup):
+    """The number of processes changes no random number: with every random layer and
+    augmentation on (keyed by image), a 2-process expert-parallel run trains like one process
+    on the whole batch, to float32 rounding (dropless and no balance loss, which are the
+    batch-level statistics that do depend on each rank's share)."""
+    root = setup[0]
+    args = {**TINY_MODEL, "top_k": 2, "drop_tokens": False, **RANDOM_LAYERS}
+    metrics = []
+    for world in (1, 2):
+        cfg = tiny_config(root / f"world{world}.py", root, MAX_EP_SIZE=world, MODEL_ARGS=args,
+                          AUX_LOSS_WEIGHT=0.0, **RANDOM_AUGMENT)
+        run = str(root / f"world{world}")
+        if world == 1:
+            Trainer(load_file(cfg), run_dir=run).run()
+        else:
+            torchrun(["--config", cfg, "--run-dir", run])
+        metrics.append(read_metrics(run))
+    a, b = metrics
+    assert len(a) == len(b) == 2
+    for ra, rb in zip(a, b):
+        for key in ("train_loss", "train_accuracy", "eval_loss"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-4), key
 
 
 def test_two_process_run_upcycled_from_a_one_process_dense_run(setup, tmp_path):

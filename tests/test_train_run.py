@@ -14,6 +14,11 @@ from moesaic.train import checkpoint, loop, setup
 from test_train_data import write_cifar
 
 TINY_MODEL = {"depth": 2, "d_model": 32, "num_heads": 2, "patch_size": 8, "num_experts": 4}
+# every random layer and augmentation on (layout- and micro-batch-independence tests)
+RANDOM_LAYERS = {"noise_policy": "gaussian", "drop_rate": 0.1, "attn_drop": 0.1,
+                 "drop_path": 0.2, "hidden_dropout": 0.1}
+RANDOM_AUGMENT = dict(CROP_PADDING=4, HFLIP=True, RANDAUG_OPS=1, MIXUP_ALPHA=0.8,
+                      CUTMIX_ALPHA=1.0, MIX_PROB=1.0)
 
 
 def tiny_config(path, data_dir, **extra):
@@ -580,14 +585,17 @@ def test_progress_bar_shows_finite_running_loss(tmp_path, monkeypatch):
 
 def test_accumulated_micro_batches_train_like_the_whole_batch(tmp_path):
     """accum_steps 2 runs each batch as two forward/backward passes and one optimizer step:
-    with nothing that depends on the micro-batch (dropless, no balance loss, no augmentation
-    or noise), the run equals the whole-batch run to float32 rounding."""
+    every random number is keyed by image (augmentation, mixup/cutmix partners, dropout,
+    stochastic depth, attention dropout, router noise, hidden dropout), so with nothing else
+    that depends on the micro-batch (dropless, no balance loss) the run equals the whole-batch
+    run to float32 rounding."""
     write_cifar(str(tmp_path))
-    args = {**TINY_MODEL, "drop_tokens": False, "top_k": 2}
+    args = {**TINY_MODEL, "drop_tokens": False, "top_k": 2, **RANDOM_LAYERS}
     runs = []
     for accum in (1, 2):
         cfg = tiny_config(tmp_path / f"a{accum}.py", tmp_path, MODEL_ARGS=args,
-                          AUX_LOSS_WEIGHT=0.0, ACCUM_STEPS=accum)
+                          AUX_LOSS_WEIGHT=0.0, ACCUM_STEPS=accum, **RANDOM_AUGMENT,
+                          GRAD_CHECKPOINTING=accum == 2)  # recomputation replays the keys
         runs.append(str(tmp_path / f"accum{accum}"))
         assert main(["train", "--config", cfg, "--run-dir", runs[-1]]) == 0
     a, b = read_metrics(runs[0]), read_metrics(runs[1])
@@ -603,7 +611,8 @@ def test_accumulated_micro_batches_train_like_the_whole_batch(tmp_path):
     grads = []
     for accum in (1, 2):
         cfg = tiny_config(tmp_path / f"g{accum}.py", tmp_path, MODEL_ARGS=args,
-                          AUX_LOSS_WEIGHT=0.0, ACCUM_STEPS=accum, CLIP_GRAD=None)
+                          AUX_LOSS_WEIGHT=0.0, ACCUM_STEPS=accum, CLIP_GRAD=None,
+                          **RANDOM_AUGMENT)
         tr = loop.Trainer(load_file(cfg), str(tmp_path / f"grads{accum}"))
         seen = {}
         step = tr.scaler.step

@@ -14,6 +14,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from .. import keyed
 from ..config import _is_int
 from ..layer import MoE, moe_layers
 from .config import VisionConfig
@@ -32,7 +33,7 @@ class VisionModel(nn.Module):
         self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, D, cfg.patch_bias)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, D))
-        self.pos_drop = nn.Dropout(cfg.drop_rate)
+        self.pos_drop = keyed.Dropout(cfg.drop_rate)
         self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
         self.head = nn.Linear(D, cfg.num_classes)
         self.grad_checkpointing = False
@@ -47,7 +48,8 @@ class VisionModel(nn.Module):
     def _call_block(self, fn, *args):
         """``fn(*args)``, checkpointed when grad checkpointing is on and autograd records."""
         if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(fn, *args, use_reentrant=False)
+            return checkpoint(fn, *args, use_reentrant=False,
+                              context_fn=keyed.checkpoint_contexts)
         return fn(*args)
 
     def reset_parameters(self) -> None:

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import keyed
 from ..layer import MoE
 from ..routing import RoutingStats
 
@@ -47,14 +48,17 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=qkv_bias)
         self.proj = nn.Linear(d_model, d_model)
         self.attn_drop = attn_drop
-        self.proj_drop = nn.Dropout(proj_drop)
+        self.proj_drop = keyed.Dropout(proj_drop)
 
     def forward(self, x_BSD: Tensor) -> Tensor:
         B, S, D = x_BSD.shape
         qkv = self.qkv(x_BSD).reshape(B, S, 3, self.num_heads, D // self.num_heads)
         q_BHSd, k_BHSd, v_BHSd = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        o_BHSd = F.scaled_dot_product_attention(
-            q_BHSd, k_BHSd, v_BHSd, dropout_p=self.attn_drop if self.training else 0.0)
+        p = self.attn_drop if self.training else 0.0
+        if p > 0 and keyed.active():  # masks keyed by sample: the unfused form
+            o_BHSd = keyed.attention(q_BHSd, k_BHSd, v_BHSd, p)
+        else:
+            o_BHSd = F.scaled_dot_product_attention(q_BHSd, k_BHSd, v_BHSd, dropout_p=p)
         return self.proj_drop(self.proj(o_BHSd.transpose(1, 2).reshape(B, S, D)))
 
 
@@ -65,7 +69,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(d_model, d_ff)
         self.fc2 = nn.Linear(d_ff, d_model)
-        self.drop = nn.Dropout(drop)
+        self.drop = keyed.Dropout(drop)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
@@ -81,7 +85,11 @@ class DropPath(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.p == 0.0 or not self.training:
             return x
-        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - self.p)
+        shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+        if keyed.active():
+            keep = keyed.keep_samples(x, self.p).view(shape)
+        else:
+            keep = x.new_empty(shape).bernoulli_(1 - self.p)
         return x * keep / (1 - self.p)
 
 

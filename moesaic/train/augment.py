@@ -4,7 +4,9 @@ Every op takes a float batch ``x_BCHW`` in [0, 1] and a per-image magnitude ``v_
 transforms a whole batch with per-image parameters. AutoAugment (the CIFAR-10 policy of Cubuk et
 al., 2019) and RandAugment (Cubuk et al., 2020) pick an op per image and apply each op once to
 the images that chose it. Randomness comes from the generator passed in (seeded per step by the
-trainer), so a step's augmentation is reproducible.
+trainer), so a step's augmentation is reproducible; wrapped in :class:`Draws`, every draw is
+made for the whole global batch and sliced, so an image is augmented the same whichever rank
+or micro-batch holds it.
 
 Legend: B batch, C channels, H/W height/width, L 256 grey levels.
 """
@@ -17,6 +19,33 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+class Draws:
+    """Per-image random numbers for images [start, start + B) of a batch of ``total``: each
+    call draws ``total`` numbers from ``gen`` and keeps that slice (``total=None``: just B)."""
+
+    def __init__(self, gen: torch.Generator, total: Optional[int] = None, start: int = 0):
+        self.gen, self.total, self.start = gen, total, start
+
+    def _slice(self, draw, B: int) -> Tensor:
+        if self.total is None:
+            return draw(B)
+        if self.start + B > self.total:
+            raise ValueError(f"images [{self.start}, {self.start + B}) are not inside a batch "
+                             f"of {self.total}")
+        return draw(self.total)[self.start:self.start + B]
+
+    def rand(self, B: int, device) -> Tensor:
+        return self._slice(lambda n: torch.rand(n, generator=self.gen, device=device), B)
+
+    def randint(self, high: int, B: int, device) -> Tensor:
+        return self._slice(lambda n: torch.randint(high, (n,), generator=self.gen,
+                                                   device=device), B)
+
+
+def _draws(gen) -> Draws:
+    return gen if isinstance(gen, Draws) else Draws(gen)
 
 
 def _gray(x_BCHW: Tensor) -> Tensor:
@@ -173,9 +202,9 @@ def magnitude(name: str, level_B: Tensor, num_levels: int, img_size: int) -> Ten
 
 
 def apply_ops(x_BCHW: Tensor, names: list, op_B: Tensor, level_B: Tensor, num_levels: int,
-              gen: torch.Generator) -> Tensor:
+              gen) -> Tensor:
     """Apply ``names[op_B[i]]`` at ``level_B[i]`` to image i (op -1: leave the image alone)."""
-    sign_B = torch.where(torch.rand(op_B.shape, generator=gen, device=op_B.device) < 0.5, -1.0, 1.0)
+    sign_B = torch.where(_draws(gen).rand(op_B.shape[0], op_B.device) < 0.5, -1.0, 1.0)
     out = x_BCHW.clone()
     for i, name in enumerate(names):
         sel = (op_B == i).nonzero().squeeze(1)
@@ -209,17 +238,17 @@ CIFAR10_POLICY = (
 AA_NAMES = sorted({op for sub in CIFAR10_POLICY for op, _, _ in sub})
 
 
-def auto_augment_cifar10(x_BCHW: Tensor, gen: torch.Generator) -> Tensor:
+def auto_augment_cifar10(x_BCHW: Tensor, gen) -> Tensor:
     """Each image draws one sub-policy and applies its two ops, each with its probability."""
-    B, dev = x_BCHW.shape[0], x_BCHW.device
-    sub_B = torch.randint(len(CIFAR10_POLICY), (B,), generator=gen, device=dev)
+    B, dev, draws = x_BCHW.shape[0], x_BCHW.device, _draws(gen)
+    sub_B = draws.randint(len(CIFAR10_POLICY), B, dev)
     for j in range(2):
         op_P = torch.tensor([AA_NAMES.index(s[j][0]) for s in CIFAR10_POLICY], device=dev)
         prob_P = torch.tensor([s[j][1] for s in CIFAR10_POLICY], device=dev)
         level_P = torch.tensor([float(s[j][2]) for s in CIFAR10_POLICY], device=dev)
-        apply_B = torch.rand(B, generator=gen, device=dev) < prob_P[sub_B]
+        apply_B = draws.rand(B, dev) < prob_P[sub_B]
         op_B = torch.where(apply_B, op_P[sub_B], -1)
-        x_BCHW = apply_ops(x_BCHW, AA_NAMES, op_B, level_P[sub_B], 10, gen)
+        x_BCHW = apply_ops(x_BCHW, AA_NAMES, op_B, level_P[sub_B], 10, draws)
     return x_BCHW
 
 
@@ -227,22 +256,23 @@ RA_NAMES = ["Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"
             "Color", "Contrast", "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize"]
 
 
-def rand_augment(x_BCHW: Tensor, num_ops: int, level: int, gen: torch.Generator) -> Tensor:
+def rand_augment(x_BCHW: Tensor, num_ops: int, level: int, gen) -> Tensor:
     """``num_ops`` ops drawn uniformly per image, all at ``level`` (of 31 levels, 0..30)."""
-    B, dev = x_BCHW.shape[0], x_BCHW.device
+    B, dev, draws = x_BCHW.shape[0], x_BCHW.device, _draws(gen)
     level_B = torch.full((B,), float(level), device=dev)
     for _ in range(num_ops):
-        op_B = torch.randint(len(RA_NAMES), (B,), generator=gen, device=dev)
-        x_BCHW = apply_ops(x_BCHW, RA_NAMES, op_B, level_B, 31, gen)
+        op_B = draws.randint(len(RA_NAMES), B, dev)
+        x_BCHW = apply_ops(x_BCHW, RA_NAMES, op_B, level_B, 31, draws)
     return x_BCHW
 
 
-def random_crop(x_BCHW: Tensor, padding: int, gen: torch.Generator) -> Tensor:
+def random_crop(x_BCHW: Tensor, padding: int, gen) -> Tensor:
     """Zero-pad by ``padding`` and crop back to H x W at a random offset per image."""
     B, C, H, W = x_BCHW.shape
     xp = F.pad(x_BCHW, (padding,) * 4)
-    dy_B = torch.randint(2 * padding + 1, (B,), generator=gen, device=x_BCHW.device)
-    dx_B = torch.randint(2 * padding + 1, (B,), generator=gen, device=x_BCHW.device)
+    draws = _draws(gen)
+    dy_B = draws.randint(2 * padding + 1, B, x_BCHW.device)
+    dx_B = draws.randint(2 * padding + 1, B, x_BCHW.device)
     rows_BH = dy_B[:, None] + torch.arange(H, device=x_BCHW.device)
     cols_BW = dx_B[:, None] + torch.arange(W, device=x_BCHW.device)
     b = torch.arange(B, device=x_BCHW.device)[:, None, None]
@@ -250,21 +280,33 @@ def random_crop(x_BCHW: Tensor, padding: int, gen: torch.Generator) -> Tensor:
     return out_BHWC.permute(0, 3, 1, 2).contiguous()
 
 
-def random_hflip(x_BCHW: Tensor, gen: torch.Generator) -> Tensor:
-    flip_B = torch.rand(x_BCHW.shape[0], generator=gen, device=x_BCHW.device) < 0.5
+def random_hflip(x_BCHW: Tensor, gen) -> Tensor:
+    flip_B = _draws(gen).rand(x_BCHW.shape[0], x_BCHW.device) < 0.5
     return torch.where(flip_B.view(-1, 1, 1, 1), x_BCHW.flip(-1), x_BCHW)
 
 
+def partners(B: int, start: int, device) -> Tensor:
+    """Mixing partner of each image: images 2j and 2j + 1 of the global batch pair up (``start``
+    is the global index of image 0 here); an image whose partner is not in this slice (an odd
+    slice, or the odd last image) is its own partner."""
+    global_B = torch.arange(start, start + B, device=device)
+    local_B = (global_B ^ 1) - start
+    return torch.where((local_B >= 0) & (local_B < B), local_B, global_B - start)
+
+
 def mix(x_BCHW: Tensor, y_B: Tensor, mixup_alpha: float, cutmix_alpha: float, prob: float,
-        switch_prob: float, rng: np.random.Generator):
-    """Mixup or cutmix with the batch reversed as partner. Returns (x, y_a, y_b, lam): the loss
-    is ``lam * loss(y_a) + (1 - lam) * loss(y_b)``."""
+        switch_prob: float, rng: np.random.Generator, start: int = 0):
+    """Mixup or cutmix, pairing images 2j and 2j + 1 of the global batch (:func:`partners`; this
+    slice starts at image ``start``). Returns (x, y_a, y_b, lam): the loss is
+    ``lam * loss(y_a) + (1 - lam) * loss(y_b)``. ``rng`` draws the batch's lam and box, so ranks
+    and micro-batches seeded alike mix alike."""
     if (mixup_alpha <= 0 and cutmix_alpha <= 0) or rng.random() >= prob:
         return x_BCHW, y_B, y_B, 1.0
     use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or rng.random() < switch_prob)
     alpha = cutmix_alpha if use_cutmix else mixup_alpha
     lam = float(rng.beta(alpha, alpha))
-    x2, y2 = x_BCHW.flip(0), y_B.flip(0)
+    partner_B = partners(x_BCHW.shape[0], start, x_BCHW.device)
+    x2, y2 = x_BCHW[partner_B], y_B[partner_B]
     if not use_cutmix:
         return x_BCHW * lam + x2 * (1 - lam), y_B, y2, lam
     H, W = x_BCHW.shape[-2:]
@@ -291,8 +333,10 @@ class Augmenter:
     def __init__(self, cfg, mean: tuple, std: tuple):
         self.cfg, self.mean, self.std = cfg, mean, std
 
-    def __call__(self, images_BCHW_u8: Tensor, y_B: Tensor, gen: torch.Generator,
-                 rng: Optional[np.random.Generator] = None):
+    def __call__(self, images_BCHW_u8: Tensor, y_B: Tensor, gen,
+                 rng: Optional[np.random.Generator] = None, start: int = 0):
+        """``gen``: a generator or :class:`Draws`; ``start``: the global index of image 0 (mixing
+        partners)."""
         c = self.cfg
         x = images_BCHW_u8.float() / 255
         if c.crop_padding > 0:
@@ -306,4 +350,5 @@ class Augmenter:
         x = normalize(x, self.mean, self.std)
         if rng is None:
             return x, y_B, y_B, 1.0
-        return mix(x, y_B, c.mixup_alpha, c.cutmix_alpha, c.mix_prob, c.mix_switch_prob, rng)
+        return mix(x, y_B, c.mixup_alpha, c.cutmix_alpha, c.mix_prob, c.mix_switch_prob, rng,
+                   start)

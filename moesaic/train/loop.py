@@ -1,13 +1,18 @@
 """The training loop: one process or many (torchrun), expert-parallel, resumable exactly.
 
 Per step: this rank's slice of the global batch, in ``accum_steps`` micro-batches, each:
-batched augmentation on the device (its random streams seeded by (seed, step, rank,
-micro-batch), so a step is reproducible) -> forward under autocast -> cross-entropy (label
+batched augmentation on the device -> forward under autocast, every random layer keyed by
+sample (:mod:`moesaic.keyed`) -> cross-entropy (label
 smoothing, mixup/cutmix) + the MoE aux loss -> backward (gradients accumulated locally,
 synchronised by ``moesaic.parallelize`` after the last); then one all-reduce of the step's
 loss and accuracy (every rank sees a non-finite loss at once and all stop before the step is
 applied) -> EP-aware clipping -> AdamW -> warmup/cosine scheduler. Each epoch ends with an
 evaluation at the eval capacity factor, metrics, plots and, when due, a checkpoint.
+
+Randomness depends on (seed, step, image) only: augmentation draws for the whole global batch
+and keeps this slice, mixing pairs images 2j and 2j + 1 of the global batch, and dropout,
+stochastic depth and router noise hash per-image keys drawn for the global batch. So the
+number of processes and of micro-batches changes no random number.
 
 Legend: B global batch, b per-rank batch (train or eval), m micro-batch (b / accum_steps),
 N images of a dataset, C channels, H/W image height/width, L classes (logits), E experts of a
@@ -31,11 +36,12 @@ import torch.nn.functional as F
 
 from .. import models
 from ..balance import update_expert_biases
+from ..keyed import draw_sample_keys, sample_keys
 from ..layer import MoE
 from ..parallel import clip_grad_norm_, equal_batches, moe_set_seed, no_sync, parallelize
 from ..parallel.layout import mix_seed
 from . import checkpoint, report, rundir
-from .augment import Augmenter
+from .augment import Augmenter, Draws
 from .config import ConfigError, TrainConfig
 from .data import epoch_order, load_dataset, rank_batch, steps_per_epoch
 from .dist import all_reduce_, grad_scaler, on_every_rank
@@ -193,17 +199,21 @@ class Trainer:
         correct = correct + (1 - lam) * (pred_b == partner_labels_b).sum()
         return ce, correct
 
-    def _micro_inputs(self, idx_m: torch.Tensor, micro: int):
-        """Augmented images and labels of one micro-batch; its random streams are seeded by
-        (seed, step, rank, micro-batch), so a step is reproducible (micro-batch 0 keeps the
-        seeds of a step without accumulation)."""
+    def _micro_inputs(self, idx_m: torch.Tensor, start: int):
+        """Augmented images and labels of the micro-batch of global images [start, start + m):
+        the step's streams are seeded by (seed, step) alone and draw for the whole global batch,
+        so an image is augmented alike on any rank, in any micro-batch."""
         cfg = self.cfg
-        extra = (micro,) if micro else ()
         gen = torch.Generator(device=self.device)
-        gen.manual_seed(mix_seed(cfg.seed, self.step, self.rank, 0xA06, *extra))
-        rng = np.random.default_rng([cfg.seed, self.step, self.rank, 0x313, *extra])
+        gen.manual_seed(mix_seed(cfg.seed, self.step, 0xA06))
+        rng = np.random.default_rng([cfg.seed, self.step, 0x313])
         return self.augment(self.train_set.images_NCHW[idx_m], self.train_set.labels_N[idx_m],
-                            gen, rng)
+                            Draws(gen, cfg.batch_size, start), rng, start)
+
+    def _sample_keys(self) -> torch.Tensor:
+        """This step's int32 key of every image of the global batch, from (seed, step)."""
+        gen = torch.Generator().manual_seed(mix_seed(self.cfg.seed, self.step, 0x5EED))
+        return draw_sample_keys(self.cfg.batch_size, gen).to(self.device)
 
     def _stop_if_not_finite(self, sums_5: torch.Tensor, batch_in_epoch: int) -> None:
         # The one host read per step, on purpose: every rank sees the all-reduced sums, so all
@@ -227,9 +237,14 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         micros = idx_b.chunk(cfg.accum_steps)
         local_5 = torch.zeros(5, device=dev)
+        keys_B = self._sample_keys()
+        start = self.rank * idx_b.numel()
         for j, idx_m in enumerate(micros):
-            x_mCHW, labels_m, partner_labels_m, lam = self._micro_inputs(idx_m, j)
+            x_mCHW, labels_m, partner_labels_m, lam = self._micro_inputs(idx_m, start)
+            keys_m = keys_B[start:start + idx_m.numel()]
+            start += idx_m.numel()
             with contextlib.ExitStack() as stack:
+                stack.enter_context(sample_keys(keys_m))  # through the backward (recomputation)
                 if j < len(micros) - 1:  # accumulate locally; the last backward syncs the ranks
                     stack.enter_context(no_sync(self.model))
                 with self._autocast(), equal_batches(self.model):  # equal micro-batches

@@ -1,0 +1,214 @@
+"""Randomness keyed by sample: the same draws for a sample whichever rank or micro-batch holds it.
+
+torch's generators hand out numbers in call order, so a dropout mask depends on which process
+drew it and on what that process drew before: run on more processes, or in more micro-batches,
+and every mask changes. Inside ``with sample_keys(keys_b):`` (one int32 key per sample of the
+batch this forward sees; the trainer draws a key per sample of the global batch from (seed,
+step) and gives each rank and micro-batch its slice), moesaic's random layers hash instead of
+drawing: each random site of the forward takes the stream's next salt (a counter: every rank
+runs the same sites in the same order), row r of sample i of a batch-first tensor gets the key
+``mix(mix(key_i ^ salt) ^ mix(r))``, and an element's number is the hash of (row key, column)
+of :mod:`moesaic.hidden_dropout`. Dropout, stochastic depth, attention dropout, router noise
+and hidden dropout then depend only on (keys, sample): split a batch any way, concatenate the
+parts' outputs and they equal the whole batch's.
+
+Activation checkpointing recomputes a forward inside the backward: pass
+``context_fn=checkpoint_contexts`` to ``torch.utils.checkpoint.checkpoint`` (the zoo does) and
+the recomputation replays the salts its forward took. A keyed draw inside a backward without
+it raises, rather than silently draw other numbers; so keep the ``with`` open through the
+backward when checkpointing.
+
+Legend: b samples, R rows of a batch-first tensor (b x rows per sample), W row width.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import math
+import threading
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .autograd import in_backward
+from .hidden_dropout import _GOLDEN, _mix_, keep_mask
+
+_M32 = 0xFFFFFFFF
+_local = threading.local()
+
+
+def mix_int(x: int) -> int:
+    """lowbias32 of a Python int, as a signed int32 (the salt's side of the hash)."""
+    x &= _M32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _M32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _M32
+    x ^= x >> 16
+    return x - 2**32 if x >= 2**31 else x
+
+
+@dataclass
+class SampleStream:
+    """The keys of the samples in this forward and the number of salts taken so far."""
+
+    keys_b: Tensor
+    salt: int = 0
+    replaying: bool = False
+
+    def next_salt(self) -> int:
+        if in_backward() and not self.replaying:
+            raise RuntimeError(
+                "moesaic: a sample-keyed random draw inside a backward (an activation-checkpoint "
+                "recomputation?) would not replay the forward's draws: pass "
+                "context_fn=moesaic.keyed.checkpoint_contexts to torch.utils.checkpoint")
+        self.salt += 1
+        return mix_int(self.salt * 0x9E3779B9)
+
+
+def draw_sample_keys(num_samples: int, generator: torch.Generator) -> Tensor:
+    """One int32 key per sample, from ``generator`` (on the CPU)."""
+    return torch.randint(-2**31, 2**31, (num_samples,), dtype=torch.int32, generator=generator)
+
+
+@contextlib.contextmanager
+def sample_keys(keys_b: Tensor):
+    """Key moesaic's random layers by sample for the forwards (and backwards) inside."""
+    if not (isinstance(keys_b, Tensor) and keys_b.dim() == 1 and keys_b.dtype == torch.int32):
+        got = (f"{keys_b.dtype} tensor of shape {tuple(keys_b.shape)}"
+               if isinstance(keys_b, Tensor) else type(keys_b).__name__)
+        raise TypeError(f"sample_keys takes a 1-D int32 tensor (one key per sample), got a {got}")
+    previous = getattr(_local, "stream", None)
+    _local.stream = SampleStream(keys_b)
+    try:
+        yield _local.stream
+    finally:
+        _local.stream = previous
+
+
+def current() -> Optional[SampleStream]:
+    """The innermost :func:`sample_keys` stream of this thread, or None."""
+    return getattr(_local, "stream", None)
+
+
+def active() -> bool:
+    return current() is not None
+
+
+@contextlib.contextmanager
+def _replay(stream: SampleStream, salt: int):
+    previous = getattr(_local, "stream", None)
+    _local.stream = SampleStream(stream.keys_b, salt, replaying=True)
+    try:
+        yield
+    finally:
+        _local.stream = previous
+
+
+def checkpoint_contexts():
+    """``context_fn`` for ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``: the
+    recomputation takes the salts the checkpointed forward took."""
+    stream = current()
+    if stream is None:
+        return contextlib.nullcontext(), contextlib.nullcontext()
+    return contextlib.nullcontext(), _replay(stream, stream.salt)
+
+
+def row_keys(num_rows: int, device) -> Tensor:
+    """int32 [num_rows] keys of a batch-first tensor's rows under the current stream, with a
+    fresh salt: num_rows must be a multiple of the number of samples (rows of a sample are
+    consecutive, as in [b, S, ...] flattened to [b * S, ...])."""
+    stream = current()
+    keys_b = stream.keys_b
+    b = keys_b.numel()
+    if (b == 0 and num_rows) or (b and num_rows % b):
+        raise ValueError(f"sample_keys holds {b} sample keys but a random layer got a tensor of "
+                         f"{num_rows} rows: keyed layers need batch-first inputs whose first "
+                         f"dim (or flattened leading dims) is a multiple of the batch")
+    salt = stream.next_salt()
+    base_b = _mix_(keys_b.to(device=device, dtype=torch.int32) ^ salt)
+    r = num_rows // b if b else 0
+    if r <= 1:
+        return base_b
+    within_r = _mix_(torch.arange(r, dtype=torch.int32, device=device) * _GOLDEN)
+    return _mix_((base_b.unsqueeze(1) ^ within_r).reshape(-1))
+
+
+def uniform(keys_R: Tensor, width: int) -> Tensor:
+    """float32 [R, width] in [0, 1): 24 random bits per element, hashed from (row key, column)."""
+    return (keep_mask(keys_R, width) & 0xFFFFFF).float().mul_(2.0**-24)
+
+
+def normal(keys_R: Tensor, width: int) -> Tensor:
+    """float32 [R, width] standard normal (Box-Muller over two keyed uniforms)."""
+    u1 = uniform(keys_R ^ mix_int(1), width)
+    u2 = uniform(keys_R ^ mix_int(2), width)
+    return torch.sqrt(-2.0 * torch.log1p(-u1)) * torch.cos(u2.mul_(2 * math.pi))
+
+
+@functools.lru_cache(maxsize=None)
+def _has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+class _KeyedDrop(torch.autograd.Function):
+    """Dropout of a [R, W] tensor by the rows' keys; only the keys are saved, the mask is
+    regenerated in the backward (which is the same dropout of the gradient)."""
+
+    @staticmethod
+    def forward(ctx, x_RW, keys_R, p):
+        ctx.p = p
+        ctx.save_for_backward(keys_R)
+        return _drop(x_RW, keys_R, p)
+
+    @staticmethod
+    def backward(ctx, grad_RW):
+        (keys_R,) = ctx.saved_tensors
+        return _KeyedDrop.apply(grad_RW, keys_R, ctx.p), None, None
+
+
+def _drop(x_RW: Tensor, keys_R: Tensor, p: float) -> Tensor:
+    from .grouped_cuda import _hidden_drop_
+    out = x_RW.clone(memory_format=torch.contiguous_format)
+    return _hidden_drop_(out, keys_R, p, out.is_cuda and _has_triton())
+
+
+def dropout(x: Tensor, p: float) -> Tensor:
+    """Dropout of a batch-first tensor (training), masks keyed by sample: each row (first dim)
+    hashes its own mask over the rest of the tensor."""
+    if p <= 0.0 or x.numel() == 0:
+        return x
+    if p >= 1.0:
+        return x * 0.0
+    R = x.shape[0]
+    keys_R = row_keys(R, x.device)
+    return _KeyedDrop.apply(x.reshape(R, -1), keys_R, float(p)).reshape(x.shape)
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` whose masks are keyed by sample inside :func:`sample_keys` (the same
+    module, weights and state dict otherwise)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training and self.p > 0 and active():
+            return dropout(x, self.p)
+        return super().forward(x)
+
+
+def keep_samples(x: Tensor, p: float) -> Tensor:
+    """[b] float keep flags (probability 1 - p) of the samples of batch-first ``x``, keyed."""
+    u_b = uniform(row_keys(x.shape[0], x.device), 1)[:, 0]
+    return (u_b >= p).to(x.dtype)
+
+
+def attention(q_BHSd: Tensor, k_BHSd: Tensor, v_BHSd: Tensor, p: float) -> Tensor:
+    """Softmax attention with keyed dropout on the weights (training inside
+    :func:`sample_keys`; the fused kernel draws its own masks, so this one is unfused)."""
+    scores = (q_BHSd * q_BHSd.shape[-1] ** -0.5) @ k_BHSd.transpose(-2, -1)
+    attn = F.softmax(scores.float(), dim=-1).to(q_BHSd.dtype)
+    return dropout(attn, p) @ v_BHSd
