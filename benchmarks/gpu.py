@@ -288,6 +288,35 @@ def check_hidden_dropout(run, device, gen, N, Fdim, dtype):
           0.0 if dtype == torch.float32 else 1e-2)
 
 
+def check_keyed(run, device, gen, batch):
+    """Randomness keyed by sample on this device: keyed dropout drops what it drops on the CPU,
+    and a small ViT-MoE with every random layer on gives the whole batch's logits when run in
+    two halves (each under its slice of the keys)."""
+    from moesaic import keyed, moe_set_seed
+    from moesaic.models import ViTMoE
+    keys = torch.randint(-2**31, 2**31, (batch,), device=device, dtype=torch.int32, generator=gen)
+    x = torch.randn(batch, 65, 256, device=device, generator=gen)
+    with keyed.sample_keys(keys):
+        dev_kept = keyed.dropout(x, 0.1) != 0
+    with keyed.sample_keys(keys.cpu()):
+        cpu_kept = keyed.dropout(x.cpu(), 0.1) != 0
+    check(run, f"keyed dropout [{batch}, 65, 256] device vs cpu mask mismatch",
+          float((dev_kept.cpu() != cpu_kept).float().mean()), 0.0)
+    moe_set_seed(0)
+    model = ViTMoE(img_size=32, patch_size=4, depth=2, d_model=64, num_heads=4, num_experts=4,
+                   top_k=2, drop_tokens=False, residual=True, noise_policy="gaussian",
+                   drop_rate=0.1, attn_drop=0.1, drop_path=0.1).to(device).train()
+    images = torch.randn(batch, 3, 32, 32, device=device, generator=gen)
+    outs = []
+    for part, k in zip(images.tensor_split(2), keys.tensor_split(2)):
+        with keyed.sample_keys(k):
+            outs.append(model(part)[0])
+    with keyed.sample_keys(keys):
+        whole = model(images)[0]
+    check(run, f"keyed ViT-MoE batch {batch} halves vs whole", rel_err(torch.cat(outs), whole),
+          1e-5)
+
+
 # ---------------------------------------------------------------- machine rates
 
 def copy_bandwidth(run, device, nbytes, warmup, iters):
@@ -617,6 +646,8 @@ def main():
                     256 if not args.dry_run else 16, 512 if not args.dry_run else 24, dtype)
         run.section(f"check hidden dropout {dtype}", check_hidden_dropout, run, device, gen,
                     3000 if not args.dry_run else 30, 1000 if not args.dry_run else 40, dtype)
+    run.section("check keyed randomness", check_keyed, run, device, gen,
+                64 if not args.dry_run else 4)
     # 2. machine rates
     run.section("copy bandwidth", copy_bandwidth, run, device, copy_bytes, rate_warmup, rate_iters)
     run.section("matmul rate", matmul_rate, run, device, mm_n, rate_warmup, rate_iters)
