@@ -29,19 +29,23 @@ _CPU_BLOCK = 128  # rows hashed at a time on the CPU: [128, F] int32 stays in ca
 
 
 _EAGER: dict = {}
+_WRAPPED: list = []
 
 
 def _outside_compile(fn):
     """``fn`` kept out of torch.compile's graphs (inductor does not keep int32 wrap-around).
     ``torch.compiler.disable`` is applied only while compiling, because it imports
-    torch._dynamo, and with it Triton, which would double the time to import moesaic."""
+    torch._dynamo, and with it Triton, which would double the time to import moesaic. The
+    first compiled call disables every wrapped function at once: the dict then never changes,
+    so the guards dynamo puts on it never fail (no recompilations)."""
+    _WRAPPED.append(fn)
+
     @functools.wraps(fn)
     def call(*args):
         if torch.compiler.is_compiling():
-            eager = _EAGER.get(fn)
-            if eager is None:
-                eager = _EAGER[fn] = torch.compiler.disable(fn)
-            return eager(*args)
+            if not _EAGER:
+                _EAGER.update({f: torch.compiler.disable(f) for f in _WRAPPED})
+            return _EAGER[fn](*args)
         return fn(*args)
     return call
 

@@ -18,6 +18,9 @@ the recomputation replays the salts its forward took. A keyed draw inside a back
 it raises, rather than silently draw other numbers; so keep the ``with`` open through the
 backward when checkpointing.
 
+Under ``torch.compile`` the keyed draws run eagerly (graph breaks): the salt counter is Python
+state, and the hash needs int32 wrap-around, which inductor does not keep.
+
 Legend: b samples, R rows of a batch-first tensor (b x rows per sample), W row width.
 """
 from __future__ import annotations
@@ -36,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .autograd import in_backward
-from .hidden_dropout import _GOLDEN, _mix_, keep_mask
+from .hidden_dropout import _GOLDEN, _mix_, _outside_compile, keep_mask
 
 _M32 = 0xFFFFFFFF
 _local = threading.local()
@@ -119,6 +122,7 @@ def checkpoint_contexts():
     return contextlib.nullcontext(), _replay(stream, stream.salt)
 
 
+@_outside_compile
 def row_keys(num_rows: int, device) -> Tensor:
     """int32 [num_rows] keys of a batch-first tensor's rows under the current stream, with a
     fresh salt: num_rows must be a multiple of the number of samples (rows of a sample are
@@ -178,6 +182,7 @@ def _drop(x_RW: Tensor, keys_R: Tensor, p: float) -> Tensor:
     return _hidden_drop_(out, keys_R, p, out.is_cuda and _has_triton())
 
 
+@_outside_compile
 def dropout(x: Tensor, p: float) -> Tensor:
     """Dropout of a batch-first tensor (training), masks keyed by sample: each row (first dim)
     hashes its own mask over the rest of the tensor."""

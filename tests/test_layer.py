@@ -641,8 +641,6 @@ def test_combine_is_twice_differentiable_and_the_layer_says_it_is_not():
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="torch.compile on CPU needs a C++ compiler")
-@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
-                    reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_masks_are_the_eager_masks():
     """Hidden dropout's mask hash: inductor does not keep int32 wrap-around (at width 24 it
     computed other masks), so the hash is excluded from compilation and compiled callers get
@@ -681,6 +679,30 @@ def test_torch_compile_matches_eager(hidden_dropout, monkeypatch):
     torch.testing.assert_close(grads[1][1], grads[0][1], atol=1e-5, rtol=1e-5)
     for p, q in zip(layer.parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_torch_compile_under_sample_keys_matches_eager():
+    """A compiled zoo model inside moesaic.keyed.sample_keys: the keyed draws run eagerly (the
+    salt counter is Python state), so each step's masks and noise are the eager ones, and new
+    keys give new masks (no salt baked into a graph)."""
+    from moesaic import keyed
+    from moesaic.models import ViTMoE
+    torch._dynamo.reset()
+    moesaic.moe_set_seed(0)
+    model = ViTMoE(img_size=8, patch_size=4, in_chans=1, num_classes=5, depth=2, d_model=16,
+                   num_heads=2, num_experts=4, top_k=2, drop_tokens=False, residual=True,
+                   noise_policy="gaussian", drop_rate=0.2, attn_drop=0.1, drop_path=0.3).train()
+    compiled = torch.compile(model, backend="aot_eager")
+    x = torch.randn(4, 1, 8, 8)
+    outs = []
+    for seed in (1, 2):
+        keys = keyed.draw_sample_keys(4, torch.Generator().manual_seed(seed))
+        with keyed.sample_keys(keys):
+            eager = model(x)[0]
+        with keyed.sample_keys(keys):
+            outs.append(compiled(x)[0])
+        torch.testing.assert_close(outs[-1], eager, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(outs[0], outs[1])
 
 
 def test_routing_stats_are_returned():
