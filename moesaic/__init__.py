@@ -1,6 +1,7 @@
 """moesaic: Mixture-of-Experts layers, expert parallelism, fused kernels and training."""
 from .balance import update_expert_biases
 from .config import MoEConfig
+from .keyed import sample_keys
 from .layer import DenseMLP, MoE, MoeModule
 from .routing import RoutingPlan, RoutingStats
 from .upcycle import upcycle_, upcycle_layer_
@@ -15,4 +16,4 @@ __all__ = ["MoE", "MoeModule", "MoEConfig", "DenseMLP", "RoutingPlan", "RoutingS
            "ParallelContext", "init_distributed", "destroy", "moe_set_seed", "parallelize",
            "clip_grad_norm_", "no_sync", "equal_batches", "full_state_dict",
            "load_full_state_dict", "update_expert_biases", "upcycle_", "upcycle_layer_",
-           "MoEFeedForward", "moeify_", "collect_aux_loss", "WithAuxLoss"]
+           "MoEFeedForward", "moeify_", "collect_aux_loss", "WithAuxLoss", "sample_keys"]
