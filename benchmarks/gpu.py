@@ -290,8 +290,9 @@ def check_hidden_dropout(run, device, gen, N, Fdim, dtype):
 
 def check_keyed(run, device, gen, batch):
     """Randomness keyed by sample on this device: keyed dropout drops what it drops on the CPU,
-    and a small ViT-MoE with every random layer on gives the whole batch's logits when run in
-    two halves (each under its slice of the keys)."""
+    and a small ViT-MoE with every random layer on and activation checkpointing gives the whole
+    batch's logits and gradients when run in two halves (each under its slice of the keys; the
+    recomputations run on autograd's threads)."""
     from moesaic import keyed, moe_set_seed
     from moesaic.models import ViTMoE
     keys = torch.randint(-2**31, 2**31, (batch,), device=device, dtype=torch.int32, generator=gen)
@@ -305,16 +306,31 @@ def check_keyed(run, device, gen, batch):
     moe_set_seed(0)
     model = ViTMoE(img_size=32, patch_size=4, depth=2, d_model=64, num_heads=4, num_experts=4,
                    top_k=2, drop_tokens=False, residual=True, noise_policy="gaussian",
-                   drop_rate=0.1, attn_drop=0.1, drop_path=0.1).to(device).train()
+                   drop_rate=0.1, attn_drop=0.1, drop_path=0.1, hidden_dropout=0.1)
+    model = model.to(device).train().set_grad_checkpointing(True)  # replays on autograd's thread
     images = torch.randn(batch, 3, 32, 32, device=device, generator=gen)
-    outs = []
-    for part, k in zip(images.tensor_split(2), keys.tensor_split(2)):
-        with keyed.sample_keys(k):
-            outs.append(model(part)[0])
-    with keyed.sample_keys(keys):
-        whole = model(images)[0]
-    check(run, f"keyed ViT-MoE batch {batch} halves vs whole", rel_err(torch.cat(outs), whole),
-          1e-5)
+    tf32 = torch.backends.cudnn.allow_tf32 if device.type == "cuda" else None
+    if tf32 is not None:
+        torch.backends.cudnn.allow_tf32 = False  # the patch conv, exact at every batch size
+    try:
+        results = []
+        for parts in (2, 1):
+            model.zero_grad(set_to_none=True)
+            outs = []
+            for part, k in zip(images.tensor_split(parts), keys.tensor_split(parts)):
+                with keyed.sample_keys(k):
+                    logits = model(part)[0]
+                    logits.square().sum().backward()
+                outs.append(logits.detach())
+            results.append((torch.cat(outs), [p.grad.clone() for p in model.parameters()
+                                              if p.grad is not None]))
+    finally:
+        if tf32 is not None:
+            torch.backends.cudnn.allow_tf32 = tf32
+    (halves, g_halves), (whole, g_whole) = results
+    check(run, f"keyed ViT-MoE batch {batch} halves vs whole", rel_err(halves, whole), 1e-5)
+    check(run, f"keyed ViT-MoE batch {batch} halves vs whole, gradients (checkpointed)",
+          max(rel_err(a, b) for a, b in zip(g_halves, g_whole)), 1e-4)
 
 
 # ---------------------------------------------------------------- machine rates

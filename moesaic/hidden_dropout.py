@@ -32,12 +32,24 @@ _EAGER: dict = {}
 _WRAPPED: list = []
 
 
+def _never_traced(code) -> None:
+    """Tell dynamo to run frames of ``code``, and everything they call, eagerly (what
+    ``torch.compiler.disable`` does, without importing torch._dynamo). A no-op on a torch
+    without that hook: dynamo then compiles the wrapper's frame until its recompile limit."""
+    try:
+        from torch._C._dynamo.eval_frame import (_FrameAction, _FrameExecStrategy,
+                                                 set_code_exec_strategy)
+        set_code_exec_strategy(code, _FrameExecStrategy(_FrameAction.SKIP, _FrameAction.SKIP))
+    except (ImportError, AttributeError, TypeError, RuntimeError):
+        pass
+
+
 def _outside_compile(fn):
     """``fn`` kept out of torch.compile's graphs (inductor does not keep int32 wrap-around).
     ``torch.compiler.disable`` is applied only while compiling, because it imports
-    torch._dynamo, and with it Triton, which would double the time to import moesaic. The
-    first compiled call disables every wrapped function at once: the dict then never changes,
-    so the guards dynamo puts on it never fail (no recompilations)."""
+    torch._dynamo, and with it Triton, which would double the time to import moesaic. A
+    compiled caller that traces into the wrapper calls the disabled ``fn`` (a graph break);
+    the wrapper's own frame, entered from eager code, is never traced (:func:`_never_traced`)."""
     _WRAPPED.append(fn)
 
     @functools.wraps(fn)
@@ -47,6 +59,7 @@ def _outside_compile(fn):
                 _EAGER.update({f: torch.compiler.disable(f) for f in _WRAPPED})
             return _EAGER[fn](*args)
         return fn(*args)
+    _never_traced(call.__code__)
     return call
 
 

@@ -21,7 +21,9 @@ backward when checkpointing.
 Under ``torch.compile`` the keyed draws run eagerly (graph breaks): the salt counter is Python
 state, and the hash needs int32 wrap-around, which inductor does not keep.
 
-Legend: b samples, R rows of a batch-first tensor (b x rows per sample), W row width.
+Legend: b samples, R rows of a batch-first tensor (b x rows per sample), W row width; in
+:func:`attention` B batch, H heads, S sequence, d head dim; T tokens, N rows of an
+expert-major buffer, E experts.
 """
 from __future__ import annotations
 
@@ -56,6 +58,12 @@ def mix_int(x: int) -> int:
     return x - 2**32 if x >= 2**31 else x
 
 
+_RECOMPUTE_ERROR = ("moesaic: a sample-keyed random layer ran inside a backward (an "
+                    "activation-checkpoint recomputation?) without replaying the forward's draws: "
+                    "pass context_fn=moesaic.keyed.checkpoint_contexts to "
+                    "torch.utils.checkpoint.checkpoint (use_reentrant=False)")
+
+
 @dataclass
 class SampleStream:
     """The keys of the samples in this forward and the number of salts taken so far."""
@@ -66,12 +74,25 @@ class SampleStream:
 
     def next_salt(self) -> int:
         if in_backward() and not self.replaying:
-            raise RuntimeError(
-                "moesaic: a sample-keyed random draw inside a backward (an activation-checkpoint "
-                "recomputation?) would not replay the forward's draws: pass "
-                "context_fn=moesaic.keyed.checkpoint_contexts to torch.utils.checkpoint")
+            raise RuntimeError(_RECOMPUTE_ERROR)
         self.salt += 1
         return mix_int(self.salt * 0x9E3779B9)
+
+
+class _OpenStreams:
+    """How many ``sample_keys`` blocks are open in the process, over all threads: CUDA runs a
+    backward, and so a checkpoint's recomputation, on autograd's own threads, which do not see
+    the forward thread's stream."""
+
+    def __init__(self):
+        self.count, self.lock = 0, threading.Lock()
+
+    def add(self, n: int) -> None:
+        with self.lock:
+            self.count += n
+
+
+_open = _OpenStreams()
 
 
 def draw_sample_keys(num_samples: int, generator: torch.Generator) -> Tensor:
@@ -88,38 +109,51 @@ def sample_keys(keys_b: Tensor):
         raise TypeError(f"sample_keys takes a 1-D int32 tensor (one key per sample), got a {got}")
     previous = getattr(_local, "stream", None)
     _local.stream = SampleStream(keys_b)
+    _open.add(1)
     try:
         yield _local.stream
     finally:
+        _open.add(-1)
         _local.stream = previous
 
 
 def current() -> Optional[SampleStream]:
-    """The innermost :func:`sample_keys` stream of this thread, or None."""
-    return getattr(_local, "stream", None)
+    """The innermost :func:`sample_keys` stream of this thread, or None. Raises inside a
+    backward on a thread without one while a stream is open elsewhere: a recomputation on
+    autograd's thread that would otherwise silently draw from torch's generator."""
+    stream = getattr(_local, "stream", None)
+    if stream is None and _open.count and in_backward():
+        raise RuntimeError(_RECOMPUTE_ERROR)
+    return stream
 
 
 def active() -> bool:
     return current() is not None
 
 
-@contextlib.contextmanager
-def _replay(stream: SampleStream, salt: int):
-    previous = getattr(_local, "stream", None)
-    _local.stream = SampleStream(stream.keys_b, salt, replaying=True)
-    try:
-        yield
-    finally:
-        _local.stream = previous
+class _Replay:
+    """Runs a recomputation with the salts its forward took; re-entrant (a second backward
+    through the same graph recomputes again)."""
+
+    def __init__(self, keys_b: Tensor, salt: int):
+        self.keys_b, self.salt, self.previous = keys_b, salt, []
+
+    def __enter__(self):
+        self.previous.append(getattr(_local, "stream", None))
+        _local.stream = SampleStream(self.keys_b, self.salt, replaying=True)
+
+    def __exit__(self, *exc):
+        _local.stream = self.previous.pop()
+        return False
 
 
 def checkpoint_contexts():
     """``context_fn`` for ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``: the
-    recomputation takes the salts the checkpointed forward took."""
-    stream = current()
+    recomputation takes the salts the checkpointed forward took, on whichever thread it runs."""
+    stream = getattr(_local, "stream", None)
     if stream is None:
         return contextlib.nullcontext(), contextlib.nullcontext()
-    return contextlib.nullcontext(), _replay(stream, stream.salt)
+    return contextlib.nullcontext(), _Replay(stream.keys_b, stream.salt)
 
 
 @_outside_compile
@@ -150,9 +184,9 @@ def uniform(keys_R: Tensor, width: int) -> Tensor:
 
 def normal(keys_R: Tensor, width: int) -> Tensor:
     """float32 [R, width] standard normal (Box-Muller over two keyed uniforms)."""
-    u1 = uniform(keys_R ^ mix_int(1), width)
-    u2 = uniform(keys_R ^ mix_int(2), width)
-    return torch.sqrt(-2.0 * torch.log1p(-u1)) * torch.cos(u2.mul_(2 * math.pi))
+    u1_RW = uniform(keys_R ^ mix_int(1), width)
+    u2_RW = uniform(keys_R ^ mix_int(2), width)
+    return torch.sqrt(-2.0 * torch.log1p(-u1_RW)) * torch.cos(u2_RW.mul_(2 * math.pi))
 
 
 @functools.lru_cache(maxsize=None)
@@ -165,43 +199,49 @@ class _KeyedDrop(torch.autograd.Function):
     regenerated in the backward (which is the same dropout of the gradient)."""
 
     @staticmethod
-    def forward(ctx, x_RW, keys_R, p):
-        ctx.p = p
+    def forward(ctx, x_RW, keys_R, p, use_triton):
+        ctx.p, ctx.use_triton = p, use_triton
         ctx.save_for_backward(keys_R)
-        return _drop(x_RW, keys_R, p)
+        return _drop(x_RW, keys_R, p, use_triton)
 
     @staticmethod
     def backward(ctx, grad_RW):
         (keys_R,) = ctx.saved_tensors
-        return _KeyedDrop.apply(grad_RW, keys_R, ctx.p), None, None
+        return _KeyedDrop.apply(grad_RW, keys_R, ctx.p, ctx.use_triton), None, None, None
 
 
-def _drop(x_RW: Tensor, keys_R: Tensor, p: float) -> Tensor:
+def _drop(x_RW: Tensor, keys_R: Tensor, p: float, use_triton: bool) -> Tensor:
     from .grouped_cuda import _hidden_drop_
-    out = x_RW.clone(memory_format=torch.contiguous_format)
-    return _hidden_drop_(out, keys_R, p, out.is_cuda and _has_triton())
+    out_RW = x_RW.clone(memory_format=torch.contiguous_format)
+    return _hidden_drop_(out_RW, keys_R, p, use_triton)
 
 
 @_outside_compile
-def dropout(x: Tensor, p: float) -> Tensor:
+def dropout(x: Tensor, p: float, kernels: str = "auto") -> Tensor:
     """Dropout of a batch-first tensor (training), masks keyed by sample: each row (first dim)
-    hashes its own mask over the rest of the tensor."""
+    hashes its own mask over the rest of the tensor. On CUDA the one-pass Triton kernel of
+    hidden dropout, unless ``kernels="torch"`` (the PyTorch hash: the same masks)."""
     if p <= 0.0 or x.numel() == 0:
         return x
     if p >= 1.0:
         return x * 0.0
     R = x.shape[0]
     keys_R = row_keys(R, x.device)
-    return _KeyedDrop.apply(x.reshape(R, -1), keys_R, float(p)).reshape(x.shape)
+    use_triton = x.is_cuda and kernels != "torch" and _has_triton()
+    return _KeyedDrop.apply(x.reshape(R, -1), keys_R, float(p), use_triton).reshape(x.shape)
 
 
 class Dropout(nn.Dropout):
     """``nn.Dropout`` whose masks are keyed by sample inside :func:`sample_keys` (the same
-    module, weights and state dict otherwise)."""
+    module, weights and state dict otherwise); ``kernels`` as :class:`moesaic.MoE`'s."""
+
+    def __init__(self, p: float = 0.5, inplace: bool = False, kernels: str = "auto"):
+        super().__init__(p, inplace)
+        self.kernels = kernels
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training and self.p > 0 and active():
-            return dropout(x, self.p)
+            return dropout(x, self.p, self.kernels)
         return super().forward(x)
 
 
@@ -214,6 +254,18 @@ def keep_samples(x: Tensor, p: float) -> Tensor:
 def attention(q_BHSd: Tensor, k_BHSd: Tensor, v_BHSd: Tensor, p: float) -> Tensor:
     """Softmax attention with keyed dropout on the weights (training inside
     :func:`sample_keys`; the fused kernel draws its own masks, so this one is unfused)."""
-    scores = (q_BHSd * q_BHSd.shape[-1] ** -0.5) @ k_BHSd.transpose(-2, -1)
-    attn = F.softmax(scores.float(), dim=-1).to(q_BHSd.dtype)
-    return dropout(attn, p) @ v_BHSd
+    scores_BHSS = (q_BHSd * q_BHSd.shape[-1] ** -0.5) @ k_BHSd.transpose(-2, -1)
+    attn_BHSS = F.softmax(scores_BHSS.float(), dim=-1).to(q_BHSd.dtype)
+    return dropout(attn_BHSS, p) @ v_BHSd
+
+
+@_outside_compile
+def expert_row_keys(keys_T: Tensor, row_token_N: Tensor, counts_E: Tensor) -> Tensor:
+    """Hidden dropout's key of each row of an expert-major buffer (rows of expert 0 first,
+    ``counts_E`` of each): the hash of (its token's key, its expert), the same whichever rank
+    holds the token or the expert."""
+    N = row_token_N.numel()
+    expert_N = torch.repeat_interleave(
+        torch.arange(counts_E.numel(), device=keys_T.device, dtype=torch.int32),
+        counts_E.to(keys_T.device), output_size=N)
+    return _mix_(keys_T[row_token_N] ^ _mix_((expert_N + 1) * _GOLDEN))

@@ -21,7 +21,7 @@ from .config import MoEConfig
 from .dispatch import LocalDispatcher
 from .experts import Experts
 from .grouped import _act
-from .hidden_dropout import _GOLDEN, _mix_, draw_keys
+from .hidden_dropout import draw_keys
 from .ops import select_ops
 from .parallel.layout import expert_layout, next_layer_seed
 
@@ -31,10 +31,10 @@ class DenseMLP(nn.Module):
     residual branch)."""
 
     def __init__(self, d_model: int, d_ff: int, activation: str = "gelu", bias: bool = True,
-                 hidden_dropout: float = 0.0):
+                 hidden_dropout: float = 0.0, kernels: str = "auto"):
         super().__init__()
         self.activation = activation
-        self.drop = keyed.Dropout(hidden_dropout)
+        self.drop = keyed.Dropout(hidden_dropout, kernels=kernels)
         gated = activation == "swiglu"
         self.fc1 = nn.Linear(d_model, d_ff, bias=bias and not gated)
         self.fc3 = nn.Linear(d_model, d_ff, bias=False) if gated else None
@@ -125,12 +125,12 @@ class MoE(nn.Module):
                                layer_seed=next_layer_seed(), hidden_dropout=cfg.hidden_dropout)
         self.experts.triton_epilogue = kernels != "torch"  # "torch": no Triton anywhere
         self.dispatcher = LocalDispatcher()
-        self.residual = (DenseMLP(d_model, d_ff, activation, bias, cfg.hidden_dropout)
+        self.residual = (DenseMLP(d_model, d_ff, activation, bias, cfg.hidden_dropout, kernels)
                          if residual else None)
         self.residual_coef = nn.Linear(d_model, 2) if residual else None
         self.shared = (DenseMLP(d_model, d_ff * num_shared_experts, activation, bias,
-                                cfg.hidden_dropout) if num_shared_experts else None)
-        self.dropout = keyed.Dropout(dropout)
+                                cfg.hidden_dropout, kernels) if num_shared_experts else None)
+        self.dropout = keyed.Dropout(dropout, kernels=kernels)
         self.last_stats: Optional[routing.RoutingStats] = None
         self.count_sum = None  # balance_scope="global" across ranks: set by moesaic.parallelize
 
@@ -247,13 +247,9 @@ def _row_keys(plan: routing.RoutingPlan, keys_T: Optional[Tensor], device) -> Te
     """Hidden dropout's int32 key of each row of the expert-major buffer: drawn from the
     default generator, or under :func:`moesaic.keyed.sample_keys` the hash of (its token's
     key, its expert), the same whichever rank or micro-batch holds the token."""
-    N = plan.row_token_N.numel()
     if keys_T is None:
-        return draw_keys(N, device)
-    expert_N = torch.repeat_interleave(torch.arange(plan.counts_E.numel(), device=device,
-                                                    dtype=torch.int32),
-                                       plan.counts_E.to(device), output_size=N)
-    return _mix_(keys_T[plan.row_token_N] ^ _mix_((expert_N + 1) * _GOLDEN))
+        return draw_keys(plan.row_token_N.numel(), device)
+    return keyed.expert_row_keys(keys_T, plan.row_token_N, plan.counts_E)
 
 
 def moe_layers(module: nn.Module) -> list[MoE]:

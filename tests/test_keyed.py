@@ -1,5 +1,7 @@
 """Randomness keyed by sample (moesaic.keyed): a batch split into parts, each forward under its
 slice of the keys, gives the whole batch's outputs and gradients, every random layer on."""
+import threading
+
 import pytest
 import torch
 import torch.nn as nn
@@ -7,6 +9,7 @@ import torch.nn as nn
 import moesaic
 from moesaic import keyed
 from moesaic.models import ViTMoE, WideNet
+from moesaic.models.layers import DropPath
 
 RANDOM = dict(drop_rate=0.2, attn_drop=0.1, drop_path=0.3, hidden_dropout=0.2)
 
@@ -59,17 +62,21 @@ def test_checkpointing_recomputes_the_same_masks():
         torch.testing.assert_close(g_ckpt[n], g_plain[n], msg=n)
 
 
-def test_widenet_shared_modules_draw_new_masks_per_block():
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_widenet_shared_modules_draw_new_masks_per_block(checkpointing):
     """WideNet calls one attention and one MoE at every block: each call takes its own salt,
-    and splitting the batch still changes nothing."""
+    and splitting the batch still changes no output or gradient."""
     moesaic.moe_set_seed(0)
     model = WideNet(img_size=8, patch_size=4, in_chans=1, num_classes=5, depth=3, d_model=16,
                     num_heads=2, num_experts=4, drop_tokens=False, **RANDOM).train()
+    model.set_grad_checkpointing(checkpointing)
     x = torch.randn(4, 1, 8, 8)
     keys = keyed.draw_sample_keys(4, torch.Generator().manual_seed(3))
-    whole, _ = _run(model, x, keys, 1)
-    split, _ = _run(model, x, keys, 2)
+    whole, g_whole = _run(model, x, keys, 1)
+    split, g_split = _run(model, x, keys, 2)
     torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-6)
+    for n in g_whole:
+        torch.testing.assert_close(g_split[n], g_whole[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
 def test_different_keys_give_different_masks_and_none_is_torch_dropout():
@@ -105,14 +112,67 @@ def test_keyed_uniform_and_normal_moments():
     assert torch.isfinite(z).all()
 
 
-def test_recomputation_without_the_contexts_raises():
-    """torch's checkpoint without context_fn would draw other masks in the backward: refused."""
-    drop = keyed.Dropout(0.5).train()
+def _checkpointed_drop_path(x, context_fn):
+    drop = DropPath(0.5).train()
+    kw = {} if context_fn is None else {"context_fn": context_fn}
+    return torch.utils.checkpoint.checkpoint(lambda t: drop(t * 2), x, use_reentrant=False, **kw)
+
+
+def _backward_on_a_thread(y):
+    """y.sum().backward() on another thread, as CUDA runs backwards (on autograd's threads,
+    which do not see the forward thread's sample_keys); returns what it raised, or None."""
+    raised = []
+
+    def run():
+        try:
+            y.sum().backward()
+        except RuntimeError as e:
+            raised.append(e)
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    return raised[0] if raised else None
+
+
+def test_recomputation_without_the_contexts_raises_on_any_thread():
+    """torch's checkpoint without context_fn would draw other masks in the backward: refused,
+    also when the backward runs on another thread."""
+    keys = keyed.draw_sample_keys(4, torch.Generator().manual_seed(8))
     x = torch.randn(4, 8, requires_grad=True)
-    with keyed.sample_keys(keyed.draw_sample_keys(4, torch.Generator().manual_seed(8))):
-        y = torch.utils.checkpoint.checkpoint(lambda t: drop(t * 2), x, use_reentrant=False)
+    with keyed.sample_keys(keys):
+        y = _checkpointed_drop_path(x, None)
         with pytest.raises(RuntimeError, match="context_fn=moesaic.keyed.checkpoint_contexts"):
             y.sum().backward()
+        y = _checkpointed_drop_path(x, None)
+        err = _backward_on_a_thread(y)
+    assert err is not None and "checkpoint_contexts" in str(err)
+
+
+def test_replay_on_another_thread_and_in_a_second_backward():
+    """With checkpoint_contexts the recomputation replays the forward's draws on autograd's
+    thread, and again in a second backward through the same graph (retain_graph): the
+    gradient is the forward's own mask (y != 0 where kept) times 2 / (1 - p)."""
+    keys = keyed.draw_sample_keys(4, torch.Generator().manual_seed(9))
+    x = torch.randn(4, 8, requires_grad=True)
+    with keyed.sample_keys(keys):
+        y = _checkpointed_drop_path(x, keyed.checkpoint_contexts)
+        expected = (y.detach() != 0).float() * 2 / 0.5
+        assert 0 < expected.count_nonzero() < 32
+        assert _backward_on_a_thread(y) is None
+        assert torch.equal(x.grad, expected)
+        x.grad = None
+        y = _checkpointed_drop_path(x, keyed.checkpoint_contexts)
+        expected = (y.detach() != 0).float() * 2 / 0.5
+        y.sum().backward(retain_graph=True)
+        y.sum().backward()
+    assert torch.equal(x.grad, 2 * expected)
+
+
+def test_layers_built_with_kernels_torch_keep_triton_out_of_their_dropout():
+    for extra in ({"residual": True}, {"num_shared_experts": 1}):
+        layer = moesaic.MoE(8, 16, 4, dropout=0.1, hidden_dropout=0.1, kernels="torch", **extra)
+        drops = [m for m in layer.modules() if isinstance(m, keyed.Dropout)]
+        assert len(drops) == 2 and all(m.kernels == "torch" for m in drops)
 
 
 def test_rows_that_are_not_a_multiple_of_the_batch_are_refused():

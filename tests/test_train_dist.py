@@ -95,20 +95,26 @@ def test_killed_rank_restarts_and_finishes_like_uninterrupted(setup):
         assert a[k] == b[k]
 
 
-def _same_training_at_both_layouts(root, name, model_args, extra=lambda ep: {}):
-    """Two-process runs of the tiny config at max_ep_size 1 and 2 (``extra(ep)``: more config
-    values for each) train alike to float32 rounding; returns both runs' metrics."""
+def _same_training_at_both_layouts(root, name, model_args, extra=lambda ep: {},
+                                   first_in_one_process=False,
+                                   keys=("train_loss", "train_aux", "eval_loss")):
+    """Runs of the tiny config at max_ep_size 1 and 2 (``extra(ep)``: more config values for
+    each) train alike to float32 rounding; returns both runs' metrics. Both run on two
+    processes, or the first in this one with ``first_in_one_process``."""
     metrics = []
     for ep in (1, 2):
         cfg = tiny_config(root / f"{name}{ep}.py", root, MAX_EP_SIZE=ep, MODEL_ARGS=model_args,
                           **extra(ep))
         run = str(root / f"{name}{ep}")
-        torchrun(["--config", cfg, "--run-dir", run])
+        if ep == 1 and first_in_one_process:
+            Trainer(load_file(cfg), run_dir=run).run()
+        else:
+            torchrun(["--config", cfg, "--run-dir", run])
         metrics.append(read_metrics(run))
     a, b = metrics
     assert len(a) == len(b) == 2
     for ra, rb in zip(a, b):
-        for key in ("train_loss", "train_aux", "eval_loss"):
+        for key in keys:
             assert rb[key] == pytest.approx(ra[key], rel=1e-4), key
     return a, b
 
@@ -128,23 +134,10 @@ def test_two_processes_train_like_one(setup):
     augmentation on (keyed by image), a 2-process expert-parallel run trains like one process
     on the whole batch, to float32 rounding (dropless and no balance loss, which are the
     batch-level statistics that do depend on each rank's share)."""
-    root = setup[0]
     args = {**TINY_MODEL, "top_k": 2, "drop_tokens": False, **RANDOM_LAYERS}
-    metrics = []
-    for world in (1, 2):
-        cfg = tiny_config(root / f"world{world}.py", root, MAX_EP_SIZE=world, MODEL_ARGS=args,
-                          AUX_LOSS_WEIGHT=0.0, **RANDOM_AUGMENT)
-        run = str(root / f"world{world}")
-        if world == 1:
-            Trainer(load_file(cfg), run_dir=run).run()
-        else:
-            torchrun(["--config", cfg, "--run-dir", run])
-        metrics.append(read_metrics(run))
-    a, b = metrics
-    assert len(a) == len(b) == 2
-    for ra, rb in zip(a, b):
-        for key in ("train_loss", "train_accuracy", "eval_loss"):
-            assert rb[key] == pytest.approx(ra[key], rel=1e-4), key
+    _same_training_at_both_layouts(
+        setup[0], "world", args, lambda ep: dict(AUX_LOSS_WEIGHT=0.0, **RANDOM_AUGMENT),
+        first_in_one_process=True, keys=("train_loss", "train_accuracy", "eval_loss"))
 
 
 def test_two_process_run_upcycled_from_a_one_process_dense_run(setup, tmp_path):
@@ -169,7 +162,9 @@ def test_deduplicated_dispatch_trains_like_replicated_experts(setup):
     groups (so each token's experts share a rank) trains at max_ep_size 2 with deduplicated
     all-to-alls, in two micro-batches per step (gradients synchronised once, after the
     second), as it does at max_ep_size 1 (no all-to-all) on whole batches, to float32
-    rounding (no balance loss, which is taken per micro-batch)."""
-    args = {**TINY_MODEL, "top_k": 2, "drop_tokens": False, "num_groups": 2, "topk_groups": 1}
+    rounding (no balance loss, which is taken per micro-batch), with every random layer and
+    augmentation on (hidden dropout's keys travel with the deduplicated rows)."""
+    args = {**TINY_MODEL, "top_k": 2, "drop_tokens": False, "num_groups": 2, "topk_groups": 1,
+            **RANDOM_LAYERS}
     _same_training_at_both_layouts(setup[0], "dedup", args, lambda ep: dict(
-        DEDUP_TOKENS=True, ACCUM_STEPS=ep, AUX_LOSS_WEIGHT=0.0))
+        DEDUP_TOKENS=True, ACCUM_STEPS=ep, AUX_LOSS_WEIGHT=0.0, **RANDOM_AUGMENT))

@@ -630,6 +630,10 @@ def test_accumulated_micro_batches_train_like_the_whole_batch(tmp_path):
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6,
                                    msg=name)
 
+    odd = tiny_config(tmp_path / "odd.py", tmp_path, ACCUM_STEPS=8, MIXUP_ALPHA=0.8)
+    with pytest.warns(UserWarning, match=r"each micro-batch holds an odd number of images \(5\)"):
+        loop.Trainer(load_file(odd), str(tmp_path / "odd"))
+
     bad = tiny_config(tmp_path / "bad.py", tmp_path, ACCUM_STEPS=3)
     with pytest.raises(moesaic.train.config.ConfigError,
                        match=r"accum_steps \(3\) must divide each rank's share of the batch "

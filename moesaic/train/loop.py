@@ -90,6 +90,12 @@ class Trainer:
             raise ConfigError(f"accum_steps ({cfg.accum_steps}) must divide each rank's share of "
                               f"the batch ({cfg.batch_size} / {self.world} processes = "
                               f"{cfg.batch_size // self.world}): micro-batches are equal")
+        m = cfg.batch_size // self.world // cfg.accum_steps
+        if (cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0) and m % 2 and m < cfg.batch_size:
+            warnings.warn(f"mixup/cutmix pair images 2j and 2j + 1 of the global batch, but each "
+                          f"micro-batch holds an odd number of images ({m}): pairs that straddle "
+                          f"two are not mixed, so this run mixes differently from the same run "
+                          f"on another number of processes or micro-batches", stacklevel=2)
         set_threads(cfg)
         self.device = device_for(cfg, self.ctx)
         self.amp_dtype = precision_for(cfg, self.device)
