@@ -8,7 +8,7 @@ step) and gives each rank and micro-batch its slice), moesaic's random layers ha
 drawing: each random site of the forward takes the stream's next salt (a counter: every rank
 runs the same sites in the same order), row r of sample i of a batch-first tensor gets the key
 ``mix(mix(key_i ^ salt) ^ mix(r))``, and an element's number is the hash of (row key, column)
-of :mod:`moesaic.hidden_dropout`. Dropout, stochastic depth, attention dropout, router noise
+of :mod:`moesaic.hash32`. Dropout, stochastic depth, attention dropout, router noise
 and hidden dropout then depend only on (keys, sample): split a batch any way, concatenate the
 parts' outputs and they equal the whole batch's.
 
@@ -41,21 +41,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .autograd import in_backward
-from .hidden_dropout import _GOLDEN, _mix_, _outside_compile, keep_mask
+from .hash32 import GOLDEN, mix_, mix_int, outside_compile, row_col_hash
 
-_M32 = 0xFFFFFFFF
 _local = threading.local()
-
-
-def mix_int(x: int) -> int:
-    """lowbias32 of a Python int, as a signed int32 (the salt's side of the hash)."""
-    x &= _M32
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & _M32
-    x ^= x >> 15
-    x = (x * 0x846CA68B) & _M32
-    x ^= x >> 16
-    return x - 2**32 if x >= 2**31 else x
 
 
 _RECOMPUTE_ERROR = ("moesaic: a sample-keyed random layer ran inside a backward (an "
@@ -156,7 +144,7 @@ def checkpoint_contexts():
     return contextlib.nullcontext(), _Replay(stream.keys_b, stream.salt)
 
 
-@_outside_compile
+@outside_compile
 def row_keys(num_rows: int, device) -> Tensor:
     """int32 [num_rows] keys of a batch-first tensor's rows under the current stream, with a
     fresh salt: num_rows must be a multiple of the number of samples (rows of a sample are
@@ -169,17 +157,17 @@ def row_keys(num_rows: int, device) -> Tensor:
                          f"{num_rows} rows: keyed layers need batch-first inputs whose first "
                          f"dim (or flattened leading dims) is a multiple of the batch")
     salt = stream.next_salt()
-    base_b = _mix_(keys_b.to(device=device, dtype=torch.int32) ^ salt)
+    base_b = mix_(keys_b.to(device=device, dtype=torch.int32) ^ salt)
     r = num_rows // b if b else 0
     if r <= 1:
         return base_b
-    within_r = _mix_(torch.arange(r, dtype=torch.int32, device=device) * _GOLDEN)
-    return _mix_((base_b.unsqueeze(1) ^ within_r).reshape(-1))
+    within_r = mix_(torch.arange(r, dtype=torch.int32, device=device) * GOLDEN)
+    return mix_((base_b.unsqueeze(1) ^ within_r).reshape(-1))
 
 
 def uniform(keys_R: Tensor, width: int) -> Tensor:
     """float32 [R, width] in [0, 1): 24 random bits per element, hashed from (row key, column)."""
-    return (keep_mask(keys_R, width) & 0xFFFFFF).float().mul_(2.0**-24)
+    return (row_col_hash(keys_R, width) & 0xFFFFFF).float().mul_(2.0**-24)
 
 
 def normal(keys_R: Tensor, width: int) -> Tensor:
@@ -216,7 +204,7 @@ def _drop(x_RW: Tensor, keys_R: Tensor, p: float, use_triton: bool) -> Tensor:
     return _hidden_drop_(out_RW, keys_R, p, use_triton)
 
 
-@_outside_compile
+@outside_compile
 def dropout(x: Tensor, p: float, kernels: str = "auto") -> Tensor:
     """Dropout of a batch-first tensor (training), masks keyed by sample: each row (first dim)
     hashes its own mask over the rest of the tensor. On CUDA the one-pass Triton kernel of
@@ -259,7 +247,7 @@ def attention(q_BHSd: Tensor, k_BHSd: Tensor, v_BHSd: Tensor, p: float) -> Tenso
     return dropout(attn_BHSS, p) @ v_BHSd
 
 
-@_outside_compile
+@outside_compile
 def expert_row_keys(keys_T: Tensor, row_token_N: Tensor, counts_E: Tensor) -> Tensor:
     """Hidden dropout's key of each row of an expert-major buffer (rows of expert 0 first,
     ``counts_E`` of each): the hash of (its token's key, its expert), the same whichever rank
@@ -268,4 +256,4 @@ def expert_row_keys(keys_T: Tensor, row_token_N: Tensor, counts_E: Tensor) -> Te
     expert_N = torch.repeat_interleave(
         torch.arange(counts_E.numel(), device=keys_T.device, dtype=torch.int32),
         counts_E.to(keys_T.device), output_size=N)
-    return _mix_(keys_T[row_token_N] ^ _mix_((expert_N + 1) * _GOLDEN))
+    return mix_(keys_T[row_token_N] ^ mix_((expert_N + 1) * GOLDEN))

@@ -17,7 +17,8 @@ import moesaic
 import moesaic.models as zoo
 from moesaic.grouped import grouped_ffn
 from moesaic.grouped_cuda import batched_ffn
-from moesaic.hidden_dropout import draw_keys, drop_, keep_mask, kept
+from moesaic.hash32 import mix_, mix_int, row_col_hash
+from moesaic.hidden_dropout import draw_keys, drop_, kept
 
 E, D, FF = 3, 8, 24
 
@@ -31,6 +32,13 @@ def _lowbias32(x):
     return x ^ (x >> np.uint32(16))
 
 
+def test_python_int_hash_equals_the_tensor_hash():
+    """mix_int (the salts of moesaic.keyed) is lowbias32 as mix_ computes it on int32 tensors."""
+    xs = [0, 1, -1, 2**31 - 1, -2**31, 123456789, -987654321]
+    assert [mix_int(x) for x in xs] == mix_(torch.tensor(xs, dtype=torch.int32)).tolist()
+    assert mix_int(2**40 + 5) == mix_int(5)  # wraps to 32 bits
+
+
 def test_hash_equals_a_uint32_reference_and_drops_at_the_asked_rate():
     """The int32 hash wraps exactly like uint32 arithmetic (the masks are then the same on every
     device and rank); masks drop p of the entries, uncorrelated across rows and features."""
@@ -38,7 +46,7 @@ def test_hash_equals_a_uint32_reference_and_drops_at_the_asked_rate():
     assert keys.dtype == torch.int32
     col = _lowbias32(np.arange(64, dtype=np.uint32) * np.uint32(0x9E3779B9))
     want = _lowbias32(_lowbias32(keys.numpy().view(np.uint32))[:, None] ^ col[None, :])
-    assert np.array_equal(keep_mask(keys, 64).numpy().view(np.uint32), want)
+    assert np.array_equal(row_col_hash(keys, 64).numpy().view(np.uint32), want)
     m = kept(keys, 64, 0.25).float()
     assert abs(m.mean().item() - 0.75) < 0.01
     assert abs(torch.corrcoef(torch.stack([m[:, 0], m[:, 1]]))[0, 1]) < 0.06

@@ -477,11 +477,11 @@ def test_bias_act_matches_torch(tops, activation, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_hidden_dropout_kernel_matches_torch(tops, dtype):
     """The one-pass kernel drops exactly the PyTorch hash's elements (F not a multiple of the
-    block, N = 0); its spelled-out constants are moesaic.hidden_dropout's."""
-    from moesaic import hidden_dropout as hd
+    block, N = 0); its spelled-out constants are moesaic.hash32's."""
+    from moesaic import hash32, hidden_dropout as hd
     from moesaic.kernels.dropout import _CONSTANTS, hidden_dropout_
-    assert _CONSTANTS == dict(MUL1=hd._MUL1, MUL2=hd._MUL2, GOLDEN=hd._GOLDEN,
-                              LOW_BITS=2**hd._BITS - 1)
+    assert _CONSTANTS == dict(MUL1=hash32.MUL1, MUL2=hash32.MUL2, GOLDEN=hash32.GOLDEN,
+                              LOW_BITS=2**hash32.BITS - 1)
     a = torch.randn(23, 301, generator=torch.Generator().manual_seed(8)).to(dtype)
     keys = hd.draw_keys(23, "cpu")
     want, got = hd.drop_(a.clone(), keys, 0.3), hidden_dropout_(a.clone(), keys, 0.3)

@@ -14,17 +14,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..hidden_dropout import _BITS
+from ..hash32 import BITS
 from .rows import _row_launch
 
 
-# The constants of moesaic.hidden_dropout, spelled out (a test holds them equal).
+# The constants of moesaic.hash32, spelled out (a test holds them equal).
 _CONSTANTS = dict(MUL1=0x7FEB352D, MUL2=-2073254261, GOLDEN=-1640531527, LOW_BITS=0xFFFFFF)
 
 
 @triton.jit
 def _mix32(x):
-    """lowbias32 on int32 (wrapping multiplies; logical shifts by masking), as _mix_."""
+    """lowbias32 on int32 (wrapping multiplies; logical shifts by masking), as moesaic.hash32.mix_."""
     x ^= (x >> 16) & 0xFFFF
     x *= 0x7FEB352D
     x ^= (x >> 15) & 0x1FFFF
@@ -53,5 +53,5 @@ def hidden_dropout_(a_NF: Tensor, keys_N: Tensor, p: float) -> Tensor:
         return a_NF
     BF, nb, warps = _row_launch(F)
     _hidden_dropout_kernel[(N, nb)](a_NF, keys_N.to(a_NF.device).int().contiguous(), F,
-                                    round(p * 2**_BITS), 1.0 / (1.0 - p), BF=BF, num_warps=warps)
+                                    round(p * 2**BITS), 1.0 / (1.0 - p), BF=BF, num_warps=warps)
     return a_NF
