@@ -2,7 +2,10 @@
 
 Each rank holds half of every MoE layer's experts (max_ep_size = world size), trains on its own
 slice of each batch, and the gradients are synchronised by ``moesaic.parallelize``. The task:
-regress a fixed random two-layer network, so the loss falls within a few dozen steps.
+regress a fixed random two-layer network, so the loss falls within a few dozen steps. Router
+noise and dropout are keyed by sequence (``moesaic.sample_keys``) and the balance loss counts
+the loads over all ranks (``balance_scope="global"``), so one process and two train alike:
+the printed losses agree to float rounding.
 
     torchrun --nproc_per_node=2 examples/expert_parallel.py          # 2 processes, gloo on CPU
     python3 examples/expert_parallel.py                              # also runs in one process
@@ -14,7 +17,7 @@ DeepSeek-V3's group limit); ``--dedup`` sends a token to each of those ranks onc
 
 Rank 0 prints the loss, the all-to-all traffic and where the full checkpoint went.
 
-Legend: B sequences per rank, S sequence length, D model dim.
+Legend: B sequences per step (all ranks), b per rank, S sequence length, D model dim.
 """
 from __future__ import annotations
 
@@ -29,10 +32,18 @@ from moesaic.models import MoEStack
 from moesaic.parallel import comm_stats
 
 
+def global_mean(x: torch.Tensor, world_size: int) -> float:
+    """The mean over ranks of a rank's scalar (the whole batch's loss)."""
+    if world_size > 1:
+        torch.distributed.all_reduce(x)
+    return x.item() / world_size
+
+
 def main(argv=None) -> float:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=60, help="optimizer steps")
-    p.add_argument("--batch", type=int, default=8, help="sequences per rank and step (B)")
+    p.add_argument("--batch", type=int, default=16,
+                   help="sequences per step over all ranks (B; each rank takes B / world size)")
     p.add_argument("--experts", type=int, default=4, help="experts per MoE layer")
     p.add_argument("--topk-groups", type=int, default=None,
                    help="each token's experts within this many ranks' experts (one group per rank)")
@@ -48,36 +59,43 @@ def main(argv=None) -> float:
     if a.topk_groups is not None:  # one group per rank: num_groups = the expert-parallel size
         groups = dict(num_groups=ctx.world_size, topk_groups=a.topk_groups)
     model = moesaic.parallelize(MoEStack(D, 64, [a.experts, a.experts], top_k=2,
-                                         drop_tokens=False, **groups), dedup_tokens=a.dedup)
+                                         drop_tokens=False, balance_scope="global",
+                                         noise_policy="gaussian", hidden_dropout=0.1,
+                                         dropout=0.1, **groups), dedup_tokens=a.dedup)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(1000 + ctx.rank)  # each rank its own data
+    if a.batch % ctx.world_size:
+        p.error(f"--batch ({a.batch}) must be divisible by the world size ({ctx.world_size})")
+    b = a.batch // ctx.world_size
+    mine = slice(ctx.rank * b, (ctx.rank + 1) * b)  # this rank's sequences of each batch
     target = torch.nn.Sequential(torch.nn.Linear(D, D), torch.nn.Tanh(), torch.nn.Linear(D, D))
     torch.manual_seed(0)
     for q in target.parameters():  # the same target function on every rank
         torch.nn.init.normal_(q, std=0.3)
     first = last = None
     for step in range(1, a.steps + 1):
-        x_BSD = torch.randn(a.batch, S, D, generator=g)
+        g = torch.Generator().manual_seed(step)  # the step's global batch, the same everywhere
+        x_bSD = torch.randn(a.batch, S, D, generator=g)[mine]
+        keys_b = moesaic.keyed.draw_sample_keys(a.batch, g)[mine]  # one key per sequence
         with torch.no_grad():
-            y_BSD = target(x_BSD)
-        with moesaic.equal_batches(model):  # every rank routes B * S tokens
-            out_BSD, aux = model(x_BSD)
-        loss = torch.nn.functional.mse_loss(out_BSD, y_BSD)
-        (loss + aux).backward()
+            y_bSD = target(x_bSD)
+        with moesaic.sample_keys(keys_b), moesaic.equal_batches(model):  # b * S tokens each
+            out_bSD, aux = model(x_bSD)
+            loss = torch.nn.functional.mse_loss(out_bSD, y_bSD)
+            (loss + aux).backward()
         moesaic.clip_grad_norm_(model, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        last = loss.item()
+        last = global_mean(loss.detach(), ctx.world_size)
         first = last if first is None else first
         if ctx.is_main and (step == 1 or step % 20 == 0):
-            print(f"step {step:3d}  loss {last:.4f}", flush=True)
+            print(f"step {step:3d}  loss {last:.6f}", flush=True)
     state = moesaic.full_state_dict(model)  # collective: every rank calls it
     if ctx.is_main:
         torch.save(state, a.out)
         layer = model.moes[0]
         print(f"{ctx.world_size} process(es), experts per rank {layer.experts.num_local_experts} "
-              f"of {layer.config.num_experts}; {comm_stats(model)}; loss {first:.4f} -> "
-              f"{last:.4f}; full state dict ({len(state)} tensors) written to {a.out}",
+              f"of {layer.config.num_experts}; {comm_stats(model)}; loss {first:.6f} -> "
+              f"{last:.6f}; full state dict ({len(state)} tensors) written to {a.out}",
               flush=True)
     moesaic.destroy()
     return last

@@ -34,7 +34,8 @@ def test_upcycle_any_model_example():
 
 def test_expert_parallel_example_under_torchrun(tmp_path):
     """The runnable expert-parallel example, 2 processes on gloo: experts split, the loss falls,
-    rank 0 writes the full (global-expert) state dict."""
+    rank 0 writes the full (global-expert) state dict, and the losses are one process's (keyed
+    noise and dropout, global balance loss)."""
     import subprocess
     import sys
 
@@ -54,6 +55,8 @@ def test_expert_parallel_example_under_torchrun(tmp_path):
     line = [ln for ln in proc.stdout.splitlines() if "loss" in ln and "->" in ln][0]
     first, last = (float(v) for v in line.split("; loss ")[1].split(";")[0].split(" -> "))
     assert last < 0.8 * first, line
+    one = _load("expert_parallel").main(["--steps", "20", "--out", str(tmp_path / "one.pt")])
+    assert abs(one - last) < 1e-5 * last, (one, last)
     state = torch.load(out)
     assert state["moes.0.experts.w1"].shape[0] == 4
     sent = []
