@@ -156,10 +156,12 @@ def row_keys(num_rows: int, device) -> Tensor:
         raise ValueError(f"sample_keys holds {b} sample keys but a random layer got a tensor of "
                          f"{num_rows} rows: keyed layers need batch-first inputs whose first "
                          f"dim (or flattened leading dims) is a multiple of the batch")
-    salt = stream.next_salt()
+    salt = stream.next_salt()  # taken for empty tensors too: every rank takes the same salts
     base_b = mix_(keys_b.to(device=device, dtype=torch.int32) ^ salt)
     r = num_rows // b if b else 0
-    if r <= 1:
+    if r == 0:
+        return base_b[:0]
+    if r == 1:
         return base_b
     within_r = mix_(torch.arange(r, dtype=torch.int32, device=device) * GOLDEN)
     return mix_((base_b.unsqueeze(1) ^ within_r).reshape(-1))

@@ -124,7 +124,7 @@ def moeify_(model: nn.Module, num_experts: int, *,
     """Replace each MLP module of ``model`` that ``where(name, module)`` selects (default: every
     module with ``fc1`` and ``fc2`` linear layers outside MoE layers; inside a selected module
     nothing more is selected) by a :class:`MoEFeedForward`: ``num_experts`` experts of its
-    width (D = fc1.in_features, F = fc1.out_features, biases if fc1 has one), its activation
+    width (D = fc1.in_features, F = fc1.out_features, biases if fc1 or fc2 has one), its activation
     (read from the module: an ``activation`` string as this library's MLPs hold, or timm's
     ``act`` GELU / ReLU, swiglu where it has ``fc3``; else give ``activation=``) and
     ``moe_kwargs`` for :class:`moesaic.MoE`. ``upcycle`` copies each MLP into its experts. The
@@ -167,7 +167,8 @@ def moeify_(model: nn.Module, num_experts: int, *,
         fc1, fc2, act = m.fc1, m.fc2, acts[id(m)]
         with torch.device(fc1.weight.device):
             moe = MoE(fc1.in_features, fc1.out_features, num_experts, activation=act,
-                      bias=fc1.bias is not None and act != "swiglu", **moe_kwargs)
+                      bias=(fc1.bias is not None or fc2.bias is not None) and act != "swiglu",
+                      **moe_kwargs)
         moe.to(dtype=fc1.weight.dtype)
         if upcycle:
             upcycle_layer_(moe, fc1, fc2, m.fc3 if act == "swiglu" else None)

@@ -351,10 +351,10 @@ def sequence_balance_loss(probs_TE: Tensor, expert_TK: Tensor, num_seqs: int) ->
     """The mean over sequences of :func:`balance_loss` taken within each (DeepSeek-V3's
     sequence-wise balance loss): the T tokens are ``num_seqs`` sequences of T / num_seqs."""
     T, E = probs_TE.shape
+    if T == 0:  # an empty batch (e.g. a rank's last evaluation shard): no sequences
+        return probs_TE.new_zeros(())
     if num_seqs < 1 or T % num_seqs:
         raise ValueError(f"{T} tokens do not split into num_seqs ({num_seqs}) equal sequences")
-    if T == 0:
-        return probs_TE.new_zeros(())
     K = expert_TK.shape[1]
     seq_A = torch.arange(T, device=probs_TE.device).div(T // num_seqs, rounding_mode="floor")
     seq_A = seq_A.repeat_interleave(K)

@@ -477,6 +477,65 @@ def check_grad_checkpointing(rank, world, ctx, seed):
         torch.testing.assert_close(grads[1][n], g, **TOL, msg=lambda m: f"checkpointed {n}: {m}")
 
 
+class _SharedBlocks(torch.nn.Module):
+    """One MoE layer called by two blocks (WideNet-style), each under reentrant checkpointing:
+    its weights' gradients accumulate once per block's inner backward, after the head's (whose
+    hook queues the end-of-backward callback on the outer backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.moe = torch.nn.Linear(D, D), moesaic.MoE(D, F, 4, drop_tokens=False)
+        self.head = torch.nn.Linear(D, D)
+
+    def block(self, h):
+        y, aux = self.moe(h)
+        return h + y, aux
+
+    def forward(self, x):
+        h = self.inp(x)
+        for _ in range(2):
+            h, _ = torch.utils.checkpoint.checkpoint(self.block, h, use_reentrant=True)
+        return self.head(h)
+
+
+def check_shared_weights_under_reentrant_checkpointing(rank, world, ctx, seed):
+    """A bucket all-reduced after the first block's accumulation is all-reduced again with the
+    whole sum (tiny buckets, so it launches early): gradients equal one process's."""
+    x, _ = _data(world, seed)
+    set_context(None)
+    moesaic.moe_set_seed(seed)
+    ref = _SharedBlocks()
+    sum(ref(x[r * B:(r + 1) * B]).square().mean() for r in range(world)).div(world).backward()
+    set_context(ctx)
+    moesaic.moe_set_seed(seed)
+    model = moesaic.parallelize(_SharedBlocks(), bucket_mb=1e-6)
+    model(x[rank * B:(rank + 1) * B]).square().mean().backward()
+    ref_p = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        g_ref = ref_p[name].grad
+        if ".experts." in name:
+            g_ref = g_ref[model.moe.experts.global_ids[0]:model.moe.experts.global_ids[-1] + 1]
+        torch.testing.assert_close(p.grad, g_ref, **TOL, msg=lambda m: f"shared {name}: {m}")
+
+
+def check_unfrozen_after_parallelize_is_refused(rank, world, ctx, seed):
+    """Nothing averages a parameter frozen when parallelize ran: its gradient is an error that
+    names it, on every rank."""
+    set_context(ctx)
+    moesaic.moe_set_seed(seed)
+    net = tiny_net(experts=(4,))
+    for p in net.moes[0].experts.parameters():
+        p.requires_grad_(False)
+    model = moesaic.parallelize(net)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    x, _ = _data(world, seed)
+    out, aux = model(x[rank * B:(rank + 1) * B])
+    with _raises(RuntimeError, "'moes.0.experts.w1' did not require grad when "
+                 "moesaic.parallelize ran"):
+        out.square().mean().backward()
+
+
 def check_deepcopy_and_pickle(rank, world, ctx, seed):
     """A deep copy of a parallelized model (EMA, AveragedModel) runs the same forward through
     the shared all-to-all groups; parallelize(copy) trains it like the original; pickling the
@@ -605,6 +664,8 @@ def two_ranks(rank, world):
     check_grad_scaler_skips_together(rank, world, ctx, 13)
     check_zero_tokens(rank, world, ctx, 15)
     check_grad_checkpointing(rank, world, ctx, 16)
+    check_shared_weights_under_reentrant_checkpointing(rank, world, ctx, 29)
+    check_unfrozen_after_parallelize_is_refused(rank, world, ctx, 30)
     check_deepcopy_and_pickle(rank, world, ctx, 17)
     check_backward_that_raised_does_not_stop_sync(rank, world, ctx, 18)
     check_parallelize_setup_rules(rank, world, ctx, 19)

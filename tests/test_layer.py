@@ -2,6 +2,7 @@
 
 Legend: T tokens, D model dim, FF ffn dim, E experts, K top-k.
 """
+import contextlib
 import copy
 import shutil
 import math
@@ -285,6 +286,20 @@ def test_expert_choice_keeps_its_compute_budget_in_eval():
     layer = make(router="expert_choice", capacity_factor=1.25, eval_capacity_factor=2.0).eval()
     layer(x)
     assert layer.last_stats.tokens_per_expert_kept.tolist() == [32] * E
+
+
+@pytest.mark.parametrize("kw", [dict(balance_scope="sequence"), dict(noise_policy="gaussian"),
+                                dict(noise_policy="jitter", hidden_dropout=0.2, dropout=0.2)])
+def test_an_empty_batch_passes_through_also_under_sample_keys(kw):
+    """[0, S, D] (a rank's empty last evaluation shard) in training and eval, with and without
+    randomness keyed by sample: an empty output and a zero aux loss."""
+    layer = make(top_k=2, **kw)
+    for training in (True, False):
+        layer.train(training)
+        for keys in (None, torch.tensor([1, 2], dtype=torch.int32)):
+            with moesaic.sample_keys(keys) if keys is not None else contextlib.nullcontext():
+                y, aux = layer(torch.randn(0, 6, D))
+            assert y.shape == (0, 6, D) and float(aux) == 0.0
 
 
 @pytest.mark.parametrize("kw,named", [(dict(top_k=2), "top_k=2"),

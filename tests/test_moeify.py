@@ -17,10 +17,10 @@ D = 16
 class Mlp(nn.Module):
     """timm's Mlp, in shape: fc1, act, drop, fc2."""
 
-    def __init__(self, d, f, bias=True):
+    def __init__(self, d, f, bias=True, bias2=None):
         super().__init__()
         self.fc1, self.act, self.drop = nn.Linear(d, f, bias=bias), nn.GELU(), nn.Dropout(0.0)
-        self.fc2 = nn.Linear(f, d, bias=bias)
+        self.fc2 = nn.Linear(f, d, bias=bias if bias2 is None else bias2)
 
     def forward(self, x):
         return self.fc2(self.drop(self.act(self.fc1(x))))
@@ -44,6 +44,7 @@ def net(mlps, checkpointed=False):
 
 
 @pytest.mark.parametrize("make", [lambda: Mlp(D, 4 * D), lambda: Mlp(D, 4 * D, bias=False),
+                                  lambda: Mlp(D, 4 * D, bias=False, bias2=True),
                                   lambda: DenseMLP(D, 3 * D, "swiglu")])
 def test_upcycled_moeified_model_computes_the_dense_model(make):
     model = net([make(), make()])

@@ -36,15 +36,19 @@ class _Bucket:
     work: Optional[object] = None
     flat: Optional[Tensor] = None
     seen: set = field(default_factory=set)  # id() of parameters already counted
+    again: bool = False  # a gradient grew after the launch: all-reduce it again at the end
 
 
 class GradSync:
     """Keeps the hooks and buckets of one parallelized model. ``enabled = False`` skips
     synchronisation (e.g. for local gradient accumulation steps)."""
 
-    def __init__(self, groups: list, bucket_mb: float = 25.0):
-        """``groups``: list of (process group, ranks, params) to average over."""
+    def __init__(self, groups: list, bucket_mb: float = 25.0, frozen: tuple = ()):
+        """``groups``: list of (process group, ranks, params) to average over; ``frozen``:
+        (name, parameter) pairs that did not require grad when the model was parallelized
+        (a gradient for one later is an error: nothing would average it)."""
         self.enabled = True
+        self.frozen = list(frozen)
         self.buckets: list[_Bucket] = []
         self._index = {}
         self._lanes: list[list[int]] = []  # bucket indices per process group, launch order
@@ -99,7 +103,8 @@ class GradSync:
             self._queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._finish)
         b = self.buckets[self._index[id(p)]]
-        if id(p) in b.seen:
+        if id(p) in b.seen:  # accumulated again (a weight shared by reentrant checkpoints)
+            b.again = b.again or b.work is not None
             return
         b.seen.add(id(p))
         b.ready += 1
@@ -131,10 +136,14 @@ class GradSync:
         there), wait, and write the averages back; a parameter no rank used keeps grad None, as
         in one process."""
         try:
+            self._check_frozen()
             for lane in range(len(self._lanes)):
                 self._launch_ready(lane, force=True)
             for b in self.buckets:
                 run_collective("gradient all-reduce", b.ranks, b.work.wait)
+                if b.again:  # launched before a later accumulation: again, with the whole sum
+                    self._launch(b)  # every rank runs the same graph, so all relaunch it
+                    run_collective("gradient all-reduce", b.ranks, b.work.wait)
                 b.flat.div_(len(b.ranks))
                 # The flags are read (a host sync) only where this rank lacked a gradient
                 # (such a parameter's grad is still None: zeros stood in for it).
@@ -155,9 +164,17 @@ class GradSync:
         finally:
             self._reset()
 
+    def _check_frozen(self) -> None:
+        for name, p in self.frozen:
+            if p.grad is not None:
+                raise RuntimeError(
+                    f"parameter {name!r} did not require grad when moesaic.parallelize ran, "
+                    "so nothing averages its gradient over ranks (and an expert's would not be "
+                    "scaled by 1 / ep_size): unfreeze parameters before parallelize")
+
     def _reset(self) -> None:
         for b in self.buckets:
-            b.ready, b.work, b.flat = 0, None, None
+            b.ready, b.work, b.flat, b.again = 0, None, None, False
             b.seen.clear()
         self._next = [0] * len(self._lanes)
         self._queued = False

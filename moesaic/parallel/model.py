@@ -170,7 +170,8 @@ def parallelize(model: nn.Module, bucket_mb: float = 25.0, dedup_tokens: bool = 
             if g.edp_group is not None:  # replicated experts start equal, like shared weights
                 _broadcast_coalesced(params, g.edp_ranks, g.edp_group, "replicated experts")
                 sync_groups.append((g.edp_group, g.edp_ranks, params))
-        state.grad_sync = GradSync(sync_groups, bucket_mb)
+        frozen = [(n, q) for n, q in model.named_parameters() if not q.requires_grad]
+        state.grad_sync = GradSync(sync_groups, bucket_mb, frozen)
         if any(layer.config.balance_scope == "global" for layer in layers):
             count_group = ctx.count_group()
             for layer in layers:
