@@ -90,8 +90,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="continue from a checkpoint folder, or from a run dir's latest "
                    "checkpoint; the run continues in that run dir unless --run-dir is given. "
                    "Exact (bit for bit) at the same world size and code version; another world size or "
-                   "max_ep_size also works, with fresh random streams for noise, dropout and "
-                   "augmentation.")
+                   "max_ep_size also works (augmentation, dropout and router noise are keyed by "
+                   "image, so they stay the same; only torch's own RNG states, which a model's "
+                   "unkeyed layers use, start fresh).")
     t.add_argument("--run-dir", metavar="DIR",
                    help="write the run here instead of runs/<name>/<timestamp>")
     t.add_argument("--print-config", action="store_true",
@@ -146,15 +147,31 @@ def _checkpoint_config(ckpt: str, overrides: list):
     return cfg
 
 
+def _json_config(path: str):
+    """A config saved as JSON (a run's config.json), with a config error for a missing,
+    unreadable or malformed file."""
+    from .train.config import ConfigError, from_dict
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read the config file {path!r}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise ConfigError(f"the config file {path!r} is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise ConfigError(f"the config file {path!r} holds a {type(obj).__name__}, not an "
+                          "object of config keys")
+    return from_dict(obj, f" in {path}")
+
+
 def _resolve_config(args):
     from .train import checkpoint
-    from .train.config import apply_overrides, from_dict, load_file, resolve
+    from .train.config import apply_overrides, load_file, resolve
 
     if args.config is None and args.resume is not None:
         return _checkpoint_config(checkpoint.find(args.resume), args.overrides)
     if args.config is not None and args.config.endswith(".json"):
-        with open(args.config) as f:
-            return apply_overrides(from_dict(json.load(f), f" in {args.config}"), args.overrides)
+        return apply_overrides(_json_config(args.config), args.overrides)
     if args.config is not None:
         return apply_overrides(load_file(args.config), args.overrides)
     return resolve(None, args.overrides)

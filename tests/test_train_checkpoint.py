@@ -69,6 +69,28 @@ def test_saving_again_keeps_a_superseded_folder_that_best_names(tmp_path):
     assert checkpoint.find(root).endswith("epoch_0001.1")
 
 
+def test_resuming_an_earlier_checkpoint_repoints_best(tmp_path):
+    """best.json naming a folder of the abandoned later epochs moves to the best kept one: the
+    resumed checkpoint, the best epoch's folder, or nowhere when that folder is gone."""
+    root = tmp_path / "checkpoints"
+    for n in ("epoch_0001", "epoch_0002", "epoch_0003"):
+        os.makedirs(root / n)
+
+    def best_after(ckpt, epoch, accs):
+        checkpoint._write_json(str(root / "best.json"), {"name": "epoch_0003", "epoch": 3})
+        checkpoint.point_best(str(root / ckpt), epoch, [{"eval_accuracy": a} for a in accs])
+        return checkpoint.pointer(str(root), "best.json")
+
+    assert best_after("epoch_0001", 1, [0.2, 0.3, 0.9]) == "epoch_0001"
+    assert best_after("epoch_0002", 2, [0.5, 0.3, 0.9]) == "epoch_0001"
+    assert best_after("epoch_0002", 2, [0.3, 0.5]) == "epoch_0002"
+    os.rmdir(root / "epoch_0001")
+    assert best_after("epoch_0002", 2, [0.5, 0.3]) is None
+    checkpoint._write_json(str(root / "best.json"), {"name": "epoch_0001", "epoch": 1})
+    checkpoint.point_best(str(root / "epoch_0002"), 2, [{"eval_accuracy": 0.5}] * 2)
+    assert checkpoint.pointer(str(root), "best.json") == "epoch_0001"  # not a later epoch: kept
+
+
 def test_prune_never_deletes_the_latest(tmp_path):
     """After resuming from epoch 2 into a dir that still has epoch 4 from the abandoned run,
     pruning to one checkpoint keeps the one just written (and the best)."""

@@ -38,6 +38,9 @@ def test_table_differences_and_plot(tmp_path):
     os.makedirs(tmp_path / "runs" / "exp" / "20261201-030000" / "checkpoints")  # just started
     out, runs = report([str(tmp_path / "runs" / "exp")])  # the folder: its runs
     plot(str(tmp_path / "c.png"), runs)
+    plot(str(tmp_path / "c.pdf"), runs)  # the format the name asks for
+    with open(tmp_path / "c.png", "rb") as f, open(tmp_path / "c.pdf", "rb") as g:
+        assert f.read(4) == b"\x89PNG" and g.read(4) == b"%PDF"
     lines = out.splitlines()
     assert "best (epoch)" in lines[0]
     assert "90.00% (2)" in lines[2] and "80.00%" in lines[2] and "180" in lines[2]

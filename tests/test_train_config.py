@@ -128,6 +128,26 @@ def test_bad_values_name_field_and_value(tmp_path):
         0.2023, 0.1994, 0.2010]
 
 
+def test_infinite_values_are_refused_and_names_keep_their_text():
+    for item, shown in (("lr=1e999", "inf"), ("warmup_epochs=1e999", "inf"),
+                        ("timeout_s=-1e999", "-inf"), ("norm_mean=(1e999,)", r"\(inf,\)")):
+        with pytest.raises(ConfigError, match=rf"{item.split('=')[0]} must be finite, got {shown}"):
+            apply_overrides(TrainConfig(), [item])
+    cfg = apply_overrides(TrainConfig(), ["name=1e3", "data_dir=0x10", "model=1.50",
+                                          "init_from=None"])
+    assert (cfg.name, cfg.data_dir, cfg.model, cfg.init_from) == ("1e3", "0x10", "1.50", None)
+
+
+def test_json_config_files_give_config_errors(tmp_path, capsys):
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    for name, said in (("nope.json", "cannot read the config file"),
+                       ("bad.json", "is not valid JSON"), ("list.json", "holds a list, not an "
+                                                                        "object of config keys")):
+        assert main(["train", "--config", str(tmp_path / name)]) == 2
+        assert said in capsys.readouterr().err
+
+
 def test_a_shipped_config_named_from_elsewhere_says_where_it_is(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match=r"does not exist here .*; the shipped one is .*"

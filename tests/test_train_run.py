@@ -309,6 +309,21 @@ def test_resume_of_an_earlier_checkpoint_points_latest_at_it(tmp_path, capsys):
     capsys.readouterr()
     assert main(["train", "--resume", run, "--set", "epochs=1"]) == 0
     assert "nothing to train" in capsys.readouterr().out
+    with open(os.path.join(run, "config.json")) as f:
+        assert json.load(f)["epochs"] == 2  # a resume that trains nothing rewrites nothing
+
+
+def test_a_max_steps_stop_at_an_epoch_end_says_so(tmp_path, capsys):
+    """max_steps reached at the end of an epoch, and a resume with it still set, say why they
+    stop and how to go on."""
+    write_cifar(str(tmp_path))
+    cfg = tiny_config(tmp_path / "c.py", tmp_path, EPOCHS=3)
+    run = str(tmp_path / "run")
+    assert main(["train", "--config", cfg, "--run-dir", run, "--set", "max_steps=2"]) == 0
+    assert "stopped by max_steps=2 at the end of epoch 1 of 3" in capsys.readouterr().out
+    assert main(["train", "--resume", run]) == 0
+    assert ("max_steps=2 already reached at step 2: nothing to train (--set max_steps=None"
+            in capsys.readouterr().out)
 
 
 def test_max_ep_size_that_does_not_divide_the_world(tmp_path, monkeypatch, capsys):

@@ -225,6 +225,26 @@ def point_latest(ckpt: str, epoch: int) -> None:
         _write_json(os.path.join(root, "latest.json"), {"name": name, "epoch": epoch})
 
 
+def point_best(ckpt: str, epoch: int, history: list) -> None:
+    """After resuming from an earlier checkpoint of the same run, ``best.json`` may name a
+    folder of the abandoned later epochs: point it at the best of the kept history's
+    checkpoints (the resumed one, or ``epoch_NNNN`` of the best epoch if it was kept), or drop
+    it when none is left (the next improvement writes it again)."""
+    root, name = os.path.split(os.path.abspath(ckpt))
+    best = pointer(root, "best.json")
+    if best is None or _epoch_of(best) <= epoch:
+        return
+    accs = [r["eval_accuracy"] for r in history[:epoch]]
+    k = accs.index(max(accs)) + 1 if accs else 0  # the first of equals, as training keeps it
+    target = (name if k == epoch else f"epoch_{k:04d}"
+              if k and os.path.isdir(os.path.join(root, f"epoch_{k:04d}")) else None)
+    path = os.path.join(root, "best.json")
+    if target is None:
+        os.remove(path)
+    else:
+        _write_json(path, {"name": target, "epoch": k})
+
+
 def _epoch_of(name: str) -> int:
     return int(name.split("_", 1)[1].split(".", 1)[0])
 

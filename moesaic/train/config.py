@@ -61,8 +61,8 @@ class TrainConfig:
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     aux_loss_weight: float = 0.01  # weight of the MoE auxiliary (load-balance) loss
     clip_grad: Optional[float] = 1.0  # global gradient-norm clip (each expert counted once)
-    norm_mean: Optional[tuple] = None  # per-channel input mean, pixels on the 0-1 scale (None: the training set's own)
-    norm_std: Optional[tuple] = None  # per-channel input std, pixels on the 0-1 scale (None: the training set's own)
+    norm_mean: Optional[tuple] = None  # per-channel input mean, pixels on the 0-1 scale (None: the training set's own; CIFAR-10: the full set's published values)
+    norm_std: Optional[tuple] = None  # per-channel input std, pixels on the 0-1 scale (None: the training set's own; CIFAR-10: the full set's published values)
     crop_padding: int = 0  # random crop with this zero padding (0: off)
     hflip: bool = False  # random horizontal flip
     auto_augment: Optional[str] = None  # None or "cifar10" (AutoAugment's CIFAR-10 policy)
@@ -169,7 +169,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     """Type-check and range-check every field; returns ``cfg`` (types normalised in place)."""
     for f in fields(TrainConfig):
         t, optional = _type_of(f)
-        setattr(cfg, f.name, _coerce(f.name, getattr(cfg, f.name), t, optional))
+        value = _coerce(f.name, getattr(cfg, f.name), t, optional)
+        numbers_in = value if isinstance(value, tuple) else (value,)
+        _check(all(math.isfinite(v) for v in numbers_in
+                   if isinstance(v, numbers.Real) and not isinstance(v, bool)),
+               f"{f.name} must be finite, got {value!r}")
+        setattr(cfg, f.name, value)
     c = cfg
     _check(c.name not in ("", ".", "..") and "/" not in c.name,
            f"name must be a non-empty folder name without '/' (not '.' or '..'), got {c.name!r}")
@@ -323,6 +328,9 @@ def parse_value(text: str) -> Any:
         return text
 
 
+_STR_FIELDS = {f.name for f in fields(TrainConfig) if f.type in ("str", "Optional[str]")}
+
+
 def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
     """Apply ``key=value`` strings; ``model_args.KEY=value`` sets one model keyword. Switching
     ``model`` while the config's ``model_args`` stay warns that they still apply."""
@@ -334,6 +342,8 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
         key, text = item.split("=", 1)
         key = key.strip()
         value = parse_value(text.strip())
+        if key.lower() in _STR_FIELDS and not isinstance(value, (str, type(None))):
+            value = text.strip()  # a name or path that looks like a number keeps its text
         if key.lower().startswith("model_args."):
             d["model_args"] = {**d["model_args"], key.split(".", 1)[1]: value}
             touched.add("model_args")

@@ -173,6 +173,7 @@ class Trainer:
         in_this_run = os.path.dirname(os.path.abspath(ckpt)) == os.path.abspath(self.ckpt_root)
         if self.is_main and in_this_run:  # resumed from an earlier one: --resume RUN_DIR follows
             checkpoint.point_latest(ckpt, self.epoch)
+            checkpoint.point_best(ckpt, self.epoch, self.history)
         if self.epoch >= self.cfg.epochs:
             self.log(f"the checkpoint has finished epoch {self.epoch} of epochs={self.cfg.epochs}:"
                      f" nothing to train (--set epochs=N with N > {self.epoch} trains longer)")
@@ -322,7 +323,7 @@ class Trainer:
 
     def run(self) -> dict:
         cfg = self.cfg
-        if self.is_main:
+        if self.is_main and self.epoch < cfg.epochs:  # a resume with nothing to train keeps them
             report.write_json(os.path.join(self.run_dir, "config.json"), cfg.to_dict())
             report.write_metrics(os.path.join(self.run_dir, "metrics.jsonl"), self.history)
             layers = {m.layout.ep_size for m in self.model.modules() if isinstance(m, MoE)}
@@ -359,6 +360,8 @@ class Trainer:
         while self.epoch < cfg.epochs:
             totals, train_time, steps, stopped = self.train_epoch()
             if steps == 0:
+                self.log(f"max_steps={cfg.max_steps} already reached at step {self.step}: "
+                         f"nothing to train (--set max_steps=None, or a larger value, trains on)")
                 break
             partial = steps < self.spe  # max_steps stopped it inside the epoch
             t1 = time.perf_counter()
@@ -395,6 +398,10 @@ class Trainer:
                 self.log(report.epoch_line(rec, cfg.epochs))
             if partial:
                 self.log(self._partial_note(steps))
+            elif stopped and self.epoch < cfg.epochs:
+                self.log(f"stopped by max_steps={cfg.max_steps} at the end of epoch {self.epoch} "
+                         f"of {cfg.epochs}; --resume {self.run_dir} --set max_steps=None trains "
+                         f"on from its checkpoint")
             if stopped:
                 break
         if summary is None and self.history:

@@ -154,6 +154,8 @@ def plot_expert_load(path: str, history: list[dict]) -> None:
 
 
 def save_fig(fig, path: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    fig.savefig(tmp, dpi=100)
+    """Write the figure atomically, in the format its name asks for (.png, .pdf, .svg...)."""
+    fmt = os.path.splitext(path)[1][1:].lower() or "png"
+    tmp = f"{path}.tmp{os.getpid()}.{fmt}"
+    fig.savefig(tmp, dpi=100, format=fmt)
     os.replace(tmp, path)
