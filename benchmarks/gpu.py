@@ -14,7 +14,9 @@ the JSON is rewritten after every section so a killed run still leaves its resul
    backward) and the layer forward+backward for kernels="torch" (experts as a per-expert loop,
    and as grouped products) and kernels="triton" (grouped products with the Triton bias
    epilogue); and each of those expert paths alone (``experts_fwd_bwd``);
-4. the row kernels at other block widths and warp counts (checked bit-equal to the library's);
+4. the row kernels at other block widths and warp counts (checked bit-equal to the library's),
+   and one training step of the PR-MoE recipe's model with randomness keyed by sample against
+   torch's generator (``prmoe_step``);
 5. the three targets of issue 6 read off the timings (``[target]`` lines, ``targets``).
 On the lent GPU machine write under $OUT (only that comes back): ``--out "$OUT/gpu.json"``.
 Each kernel's achieved GB/s is the minimum traffic of its operation divided by its time, shown
@@ -509,6 +511,39 @@ def time_experts(run, layer, label, shape, device, dtype, warmup, iters):
            **fallbacks())
 
 
+def time_keyed(run, device, batch, warmup, iters):
+    """One training step (forward + backward, bf16 autocast) of the published PR-MoE recipe's
+    model with its random layers keyed by sample (``sample_keys``, as ``moesaic train`` runs:
+    hashed masks, unfused attention while attention dropout is on) and with torch's generator
+    (outside it): what layout-independent randomness costs on this GPU."""
+    import contextlib
+    import runpy
+
+    import moesaic.models as zoo
+    from moesaic import keyed, moe_set_seed
+    recipe = runpy.run_path(str(Path(__file__).resolve().parents[1] / "configs"
+                                / "cifar10_vit_moe_lite6_prmoe.py"))
+    moe_set_seed(0)
+    model = zoo.create(recipe["MODEL"], **recipe["MODEL_ARGS"]).to(device).train()
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    y = torch.randint(10, (batch,), device=device)
+    keys = keyed.draw_sample_keys(batch, torch.Generator().manual_seed(0)).to(device)
+    out = {}
+    for label, ctx in (("torch_rng", contextlib.nullcontext), ("keyed", lambda:
+                                                               keyed.sample_keys(keys))):
+        def step():
+            with ctx(), torch.autocast(device.type, dtype=torch.bfloat16,
+                                       enabled=device.type == "cuda"):
+                logits, aux = model(x)
+                loss = torch.nn.functional.cross_entropy(logits.float(), y) + aux.float()
+                loss.backward()
+            model.zero_grad(set_to_none=True)
+        out[label] = record(run, "prmoe_step", label, {"batch": batch},
+                            median_ms(step, device, warmup, iters))["ms"]
+    run.data["keyed_over_torch_rng"] = out["keyed"] / out["torch_rng"]
+    print(f"[time] keyed / torch_rng: {run.data['keyed_over_torch_rng']:.3f}", flush=True)
+
+
 def targets(data: dict) -> dict:
     """Issue 6's three targets, read off the timings: the worst Triton dispatch / combine row
     (forward and backward) as a fraction of copy bandwidth, the worst Triton layer as a fraction
@@ -688,6 +723,11 @@ def main():
             continue
         run.section(f"sweep D={D}", sweep_row_blocks, run, device, T, D, Es[-1], Ks[-1], dtype,
                     warmup, iters, blocks, warp_counts)
+    if run.elapsed() > args.budget_s:
+        run.data["errors"].append({"section": "keyed", "error": "skipped: time budget spent"})
+    else:
+        run.section("keyed randomness", time_keyed, run, device, 512 if not args.dry_run else 4,
+                    layer_warmup, layer_iters)
     run.data.update(fallbacks())
     run.data["targets"] = targets(run.data)
     for line in run.data["targets"]["lines"]:
