@@ -133,11 +133,20 @@ def test_two_processes_train_like_one(setup):
     """The number of processes changes no random number: with every random layer and
     augmentation on (keyed by image), a 2-process expert-parallel run trains like one process
     on the whole batch, to float32 rounding (dropless and no balance loss, which are the
-    batch-level statistics that do depend on each rank's share)."""
+    batch-level statistics that do depend on each rank's share). So a 2-process run resumed
+    in one process continues as it would have on two."""
+    root = setup[0]
     args = {**TINY_MODEL, "top_k": 2, "drop_tokens": False, **RANDOM_LAYERS}
-    _same_training_at_both_layouts(
-        setup[0], "world", args, lambda ep: dict(AUX_LOSS_WEIGHT=0.0, **RANDOM_AUGMENT),
+    _, two = _same_training_at_both_layouts(
+        root, "world", args, lambda ep: dict(AUX_LOSS_WEIGHT=0.0, **RANDOM_AUGMENT),
         first_in_one_process=True, keys=("train_loss", "train_accuracy", "eval_loss"))
+    resumed = str(root / "world2_resumed_in_one")
+    cfg = apply_overrides(load_file(str(root / "world2.py")), ["max_ep_size=None"])
+    Trainer(cfg, run_dir=resumed, resume=str(root / "world2" / "checkpoints" / "epoch_0001")).run()
+    last = read_metrics(resumed)[-1]
+    assert last["epoch"] == 2
+    for key in ("train_loss", "train_accuracy", "eval_loss"):
+        assert last[key] == pytest.approx(two[-1][key], rel=1e-4), key
 
 
 def test_two_process_run_upcycled_from_a_one_process_dense_run(setup, tmp_path):
