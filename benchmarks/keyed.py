@@ -2,8 +2,8 @@
 
 One training step (forward, cross-entropy + aux loss, backward, AdamW) of the published
 PR-MoE recipe's model (vit_moe_lite6_prmoe with the recipe's MODEL_ARGS: dropout 0.1 everywhere,
-attention dropout and stochastic depth 0.1, hidden dropout, logit jitter) on random 32x32
-images, timed with its random layers keyed by sample (inside ``sample_keys``: hashed masks,
+hidden dropout included, and logit jitter; no attention dropout or stochastic depth) on
+random 32x32 images, timed with its random layers keyed by sample (inside ``sample_keys``: hashed masks,
 unfused attention where attention dropout is on) and with torch's generator (outside it),
 in interleaved rounds; then dropout alone on one [b, 65, 256] activation, forward and backward.
 Prints medians and the keyed / torch ratio.

@@ -104,7 +104,7 @@ class GradSync:
             torch.autograd.Variable._execution_engine.queue_callback(self._finish)
         b = self.buckets[self._index[id(p)]]
         if id(p) in b.seen:  # accumulated again (a weight shared by reentrant checkpoints)
-            b.again = b.again or b.work is not None
+            b.again = True  # on every rank alike, launched yet or not (timing differs by rank)
             return
         b.seen.add(id(p))
         b.ready += 1
@@ -166,7 +166,7 @@ class GradSync:
 
     def _check_frozen(self) -> None:
         for name, p in self.frozen:
-            if p.grad is not None:
+            if p.requires_grad and p.grad is not None:
                 raise RuntimeError(
                     f"parameter {name!r} did not require grad when moesaic.parallelize ran, "
                     "so nothing averages its gradient over ranks (and an expert's would not be "

@@ -172,7 +172,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         value = _coerce(f.name, getattr(cfg, f.name), t, optional)
         numbers_in = value if isinstance(value, tuple) else (value,)
         _check(all(math.isfinite(v) for v in numbers_in
-                   if isinstance(v, numbers.Real) and not isinstance(v, bool)),
+                   if isinstance(v, float)),
                f"{f.name} must be finite, got {value!r}")
         setattr(cfg, f.name, value)
     c = cfg
