@@ -53,7 +53,10 @@ def outside_compile(fn):
         if torch.compiler.is_compiling():
             if not _EAGER:
                 _EAGER.update({f: torch.compiler.disable(f) for f in _WRAPPED})
-            return _EAGER[fn](*args)
+            eager = _EAGER.get(fn)
+            if eager is None:  # wrapped after the first compiled call
+                eager = _EAGER[fn] = torch.compiler.disable(fn)
+            return eager(*args)
         return fn(*args)
     _never_traced(call.__code__)
     return call

@@ -3,7 +3,8 @@
 A row of the expert-major buffer is computed on whichever rank holds its expert, so a mask
 drawn there from that rank's generator would change with the parallel layout. Instead the
 rank that owns the token draws one int32 key per row (from torch's default generator, so
-``moe_set_seed`` and activation checkpointing cover it), the key travels with the row, and the
+``moe_set_seed`` and activation checkpointing cover it; under :func:`moesaic.sample_keys` the
+hash of the token's key and the expert instead), the key travels with the row, and the
 mask is a hash of (key, feature): the same whichever rank computes it, and recomputed in the
 backward rather than stored (O(N) saved, not O(N * F)). The hash is :mod:`moesaic.hash32`'s,
 kept out of ``torch.compile``'s graphs.

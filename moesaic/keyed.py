@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .autograd import in_backward
-from .hash32 import GOLDEN, mix_, mix_int, outside_compile, row_col_hash
+from .hash32 import BITS, GOLDEN, mix_, mix_int, outside_compile, row_col_hash
 
 _local = threading.local()
 
@@ -169,7 +169,7 @@ def row_keys(num_rows: int, device) -> Tensor:
 
 def uniform(keys_R: Tensor, width: int) -> Tensor:
     """float32 [R, width] in [0, 1): 24 random bits per element, hashed from (row key, column)."""
-    return (row_col_hash(keys_R, width) & 0xFFFFFF).float().mul_(2.0**-24)
+    return (row_col_hash(keys_R, width) & (2**BITS - 1)).float().mul_(2.0**-BITS)
 
 
 def normal(keys_R: Tensor, width: int) -> Tensor:

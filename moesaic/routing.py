@@ -169,12 +169,10 @@ class Router(nn.Module):
             logits_TE = F.linear(x_TD, self.weight.float())  # a no-op unless set from outside
             if self.training and self.noise_policy == "logit_jitter":
                 logits_TE = self._jitter(logits_TE, None if keys_T is None else keys_T ^ 0x51ED)
-            if self.training and self.noise_policy == "gaussian" and keys_T is not None:
-                noise_TE = keyed.normal(keys_T, logits_TE.shape[-1])
-                logits_TE = logits_TE + noise_TE / self.num_experts ** 2
-            elif self.training and self.noise_policy == "gaussian":
-                noise_TE = torch.randn(logits_TE.shape, generator=self._generator(logits_TE.device),
-                                       device=logits_TE.device, dtype=torch.float32)
+            if self.training and self.noise_policy == "gaussian":
+                noise_TE = (keyed.normal(keys_T, logits_TE.shape[-1]) if keys_T is not None else
+                            torch.randn(logits_TE.shape, generator=self._generator(logits_TE.device),
+                                        device=logits_TE.device, dtype=torch.float32))
                 logits_TE = logits_TE + noise_TE / self.num_experts ** 2
         return logits_TE
 

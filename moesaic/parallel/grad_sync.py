@@ -36,7 +36,7 @@ class _Bucket:
     work: Optional[object] = None
     flat: Optional[Tensor] = None
     seen: set = field(default_factory=set)  # id() of parameters already counted
-    again: bool = False  # a gradient grew after the launch: all-reduce it again at the end
+    again: bool = False  # a gradient accumulated twice: all-reduce the whole sum at the end
 
 
 class GradSync:
@@ -141,8 +141,8 @@ class GradSync:
                 self._launch_ready(lane, force=True)
             for b in self.buckets:
                 run_collective("gradient all-reduce", b.ranks, b.work.wait)
-                if b.again:  # launched before a later accumulation: again, with the whole sum
-                    self._launch(b)  # every rank runs the same graph, so all relaunch it
+                if b.again:  # it may have gone out with a partial sum: send the whole one
+                    self._launch(b)  # set on every rank alike (same graph), whatever the timing
                     run_collective("gradient all-reduce", b.ranks, b.work.wait)
                 b.flat.div_(len(b.ranks))
                 # The flags are read (a host sync) only where this rank lacked a gradient

@@ -117,7 +117,8 @@ def parallelize(model: nn.Module, bucket_mb: float = 25.0, dedup_tokens: bool = 
     all-to-all dispatcher on every MoE layer whose ep_size > 1, broadcasts shared parameters
     and buffers from rank 0, attaches bucketed gradient all-reduce (shared parameters over the
     world, experts over their expert-data-parallel group, both giving the mean over the world's
-    tokens) and moves router noise and dropout to per-rank streams. With ``dedup_tokens`` the
+    tokens) and moves router noise and dropout to per-rank streams (outside
+    :func:`moesaic.sample_keys`, which keys them by sample instead). With ``dedup_tokens`` the
     dropless layers send a token to a rank once, however many of its experts the rank holds
     (:mod:`moesaic.parallel.dedup`; worth it for top_k >= 2, above all with group-limited
     routing). Returns ``model`` itself.

@@ -328,7 +328,7 @@ def parse_value(text: str) -> Any:
         return text
 
 
-_STR_FIELDS = {f.name for f in fields(TrainConfig) if f.type in ("str", "Optional[str]")}
+_STR_FIELDS = {f.name for f in fields(TrainConfig) if _type_of(f)[0] is str}
 
 
 def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
