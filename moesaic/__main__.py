@@ -280,7 +280,7 @@ def _compare(args) -> int:
     except ImportError as e:
         _error(f"--plot needs matplotlib (pip install 'moesaic[train]'): {e}")
         return 2
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: a format matplotlib doesn't write
         _error(f"cannot write the plot {args.plot}: {e}")
         return 2
     print(f"\ncurves: {args.plot}")

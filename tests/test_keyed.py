@@ -173,6 +173,10 @@ def test_layers_built_with_kernels_torch_keep_triton_out_of_their_dropout():
         layer = moesaic.MoE(8, 16, 4, dropout=0.1, hidden_dropout=0.1, kernels="torch", **extra)
         drops = [m for m in layer.modules() if isinstance(m, keyed.Dropout)]
         assert len(drops) == 2 and all(m.kernels == "torch" for m in drops)
+    for name in ("vit_moe_lite6_prmoe", "widenet_cifar", "vit_lite6"):
+        model = moesaic.models.create(name, drop_rate=0.1, kernels="torch")
+        drops = [m for m in model.modules() if isinstance(m, keyed.Dropout)]
+        assert len(drops) >= 3 and all(m.kernels == "torch" for m in drops), name
 
 
 def test_rows_that_are_not_a_multiple_of_the_batch_are_refused():

@@ -71,24 +71,36 @@ def test_saving_again_keeps_a_superseded_folder_that_best_names(tmp_path):
 
 def test_resuming_an_earlier_checkpoint_repoints_best(tmp_path):
     """best.json naming a folder of the abandoned later epochs moves to the best kept one: the
-    resumed checkpoint, the best epoch's folder, or nowhere when that folder is gone."""
+    resumed checkpoint, the best epoch's folder of the same history (also a re-saved
+    ``epoch_NNNN.N``), or nowhere when that folder is gone."""
     root = tmp_path / "checkpoints"
-    for n in ("epoch_0001", "epoch_0002", "epoch_0003"):
-        os.makedirs(root / n)
+
+    def folder(name, accs):
+        os.makedirs(root / name)
+        torch.save({"history": [{"eval_accuracy": a} for a in accs]},
+                   root / name / checkpoint.STATE_FILE)
+
+    folder("epoch_0001", [0.5])
+    folder("epoch_0002", [0.5, 0.3])
+    folder("epoch_0003", [0.5, 0.3, 0.9])
 
     def best_after(ckpt, epoch, accs):
         checkpoint._write_json(str(root / "best.json"), {"name": "epoch_0003", "epoch": 3})
         checkpoint.point_best(str(root / ckpt), epoch, [{"eval_accuracy": a} for a in accs])
         return checkpoint.pointer(str(root), "best.json")
 
-    assert best_after("epoch_0001", 1, [0.2, 0.3, 0.9]) == "epoch_0001"
+    assert best_after("epoch_0001", 1, [0.5, 0.3, 0.9]) == "epoch_0001"
     assert best_after("epoch_0002", 2, [0.5, 0.3, 0.9]) == "epoch_0001"
     assert best_after("epoch_0002", 2, [0.3, 0.5]) == "epoch_0002"
-    os.rmdir(root / "epoch_0001")
+    folder("epoch_0001.1", [0.6])  # epoch 1 written again by a run resumed from scratch
+    folder("epoch_0002.1", [0.6, 0.4])
+    assert best_after("epoch_0002.1", 2, [0.6, 0.4]) == "epoch_0001.1"
+    assert best_after("epoch_0002", 2, [0.5, 0.3]) == "epoch_0001"  # not the other lineage's
+    shutil.rmtree(root / "epoch_0001")
     assert best_after("epoch_0002", 2, [0.5, 0.3]) is None
-    checkpoint._write_json(str(root / "best.json"), {"name": "epoch_0001", "epoch": 1})
+    checkpoint._write_json(str(root / "best.json"), {"name": "epoch_0001.1", "epoch": 1})
     checkpoint.point_best(str(root / "epoch_0002"), 2, [{"eval_accuracy": 0.5}] * 2)
-    assert checkpoint.pointer(str(root), "best.json") == "epoch_0001"  # not a later epoch: kept
+    assert checkpoint.pointer(str(root), "best.json") == "epoch_0001.1"  # not later: kept
 
 
 def test_prune_never_deletes_the_latest(tmp_path):

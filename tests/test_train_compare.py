@@ -101,3 +101,7 @@ def test_bad_run_dirs_are_clear_errors(tmp_path, capsys):
     assert main(["compare", good, "--plot", str(tmp_path / "no" / "dir" / "c.png")]) == 2
     captured = capsys.readouterr()
     assert "50.00% (1)" in captured.out and "cannot write the plot" in captured.err
+    assert main(["compare", good, "--plot", str(tmp_path / "c.xyz")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write the plot" in err and "xyz" in err
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("c.xyz")]

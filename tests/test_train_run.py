@@ -321,9 +321,11 @@ def test_a_max_steps_stop_at_an_epoch_end_says_so(tmp_path, capsys):
     run = str(tmp_path / "run")
     assert main(["train", "--config", cfg, "--run-dir", run, "--set", "max_steps=2"]) == 0
     assert "stopped by max_steps=2 at the end of epoch 1 of 3" in capsys.readouterr().out
-    assert main(["train", "--resume", run]) == 0
+    assert main(["train", "--resume", run, "--set", "lr=0.5"]) == 0
     assert ("max_steps=2 already reached at step 2: nothing to train (--set max_steps=None"
             in capsys.readouterr().out)
+    with open(os.path.join(run, "config.json")) as f:
+        assert json.load(f)["lr"] != 0.5  # a resume that trains nothing rewrites nothing
 
 
 def test_max_ep_size_that_does_not_divide_the_world(tmp_path, monkeypatch, capsys):

@@ -33,7 +33,7 @@ class VisionModel(nn.Module):
         self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, D, cfg.patch_bias)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, D))
-        self.pos_drop = keyed.Dropout(cfg.drop_rate)
+        self.pos_drop = keyed.Dropout(cfg.drop_rate, kernels=cfg.kernels)
         self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
         self.head = nn.Linear(D, cfg.num_classes)
         self.grad_checkpointing = False

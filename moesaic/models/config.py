@@ -97,6 +97,11 @@ class VisionConfig:
         return round(self.d_model * self.mlp_ratio)
 
     @property
+    def kernels(self) -> str:
+        """The MoE layers' ``kernels`` choice, also used by the model's dropouts."""
+        return self.moe_kwargs.get("kernels", "auto")
+
+    @property
     def num_patches(self) -> int:
         return (self.img_size // self.patch_size) ** 2
 

@@ -42,13 +42,13 @@ class Attention(nn.Module):
     """Multi-head self-attention (fused scaled-dot-product kernel)."""
 
     def __init__(self, d_model: int, num_heads: int, qkv_bias: bool = False,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0):
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, kernels: str = "auto"):
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=qkv_bias)
         self.proj = nn.Linear(d_model, d_model)
         self.attn_drop = attn_drop
-        self.proj_drop = keyed.Dropout(proj_drop)
+        self.proj_drop = keyed.Dropout(proj_drop, kernels=kernels)
 
     def forward(self, x_BSD: Tensor) -> Tensor:
         B, S, D = x_BSD.shape
@@ -65,11 +65,11 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     """Dense D -> F -> D MLP with exact GELU (the dense twin of an MoE block)."""
 
-    def __init__(self, d_model: int, d_ff: int, drop: float = 0.0):
+    def __init__(self, d_model: int, d_ff: int, drop: float = 0.0, kernels: str = "auto"):
         super().__init__()
         self.fc1 = nn.Linear(d_model, d_ff)
         self.fc2 = nn.Linear(d_ff, d_model)
-        self.drop = keyed.Dropout(drop)
+        self.drop = keyed.Dropout(drop, kernels=kernels)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))

@@ -56,8 +56,9 @@ class ViTMoE(VisionModel):
         blocks = []
         for i, E in enumerate(cfg.experts_per_block()):
             dp = cfg.drop_path * i / max(cfg.depth - 1, 1)
-            attn = Attention(cfg.d_model, cfg.num_heads, cfg.qkv_bias, cfg.attn_drop, cfg.drop_rate)
-            ffn = (FeedForward(cfg.d_model, cfg.d_ff, cfg.drop_rate) if E == 0 else
+            attn = Attention(cfg.d_model, cfg.num_heads, cfg.qkv_bias, cfg.attn_drop, cfg.drop_rate,
+                             cfg.kernels)
+            ffn = (FeedForward(cfg.d_model, cfg.d_ff, cfg.drop_rate, cfg.kernels) if E == 0 else
                    self._make_moe(E, cfg.top_k, cfg.noise_policy, cfg.residual))
             blocks.append(Block(cfg.d_model, attn, ffn, dp, cfg.norm_eps))
         self.blocks = nn.ModuleList(blocks)

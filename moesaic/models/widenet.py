@@ -51,7 +51,8 @@ class WideNet(VisionModel):
             patch_bias=patch_bias, **moe_kwargs)
         super().__init__(cfg)
         D = cfg.d_model
-        self.attn = Attention(D, cfg.num_heads, cfg.qkv_bias, cfg.attn_drop, cfg.drop_rate)
+        self.attn = Attention(D, cfg.num_heads, cfg.qkv_bias, cfg.attn_drop, cfg.drop_rate,
+                              cfg.kernels)
         self.moe = self._make_moe(num_experts, top_k, noise_policy, residual=False)
         self.norms1 = nn.ModuleList(nn.LayerNorm(D, eps=cfg.norm_eps) for _ in range(depth))
         self.norms2 = nn.ModuleList(nn.LayerNorm(D, eps=cfg.norm_eps) for _ in range(depth))

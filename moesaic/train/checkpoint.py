@@ -228,21 +228,41 @@ def point_latest(ckpt: str, epoch: int) -> None:
 def point_best(ckpt: str, epoch: int, history: list) -> None:
     """After resuming from an earlier checkpoint of the same run, ``best.json`` may name a
     folder of the abandoned later epochs: point it at the best of the kept history's
-    checkpoints (the resumed one, or ``epoch_NNNN`` of the best epoch if it was kept), or drop
-    it when none is left (the next improvement writes it again)."""
+    checkpoints (the resumed one, or the folder of the best epoch that this history wrote,
+    ``epoch_NNNN`` or a re-saved ``epoch_NNNN.N``), or drop it when none is left (the next
+    improvement writes it again)."""
     root, name = os.path.split(os.path.abspath(ckpt))
     best = pointer(root, "best.json")
     if best is None or _epoch_of(best) <= epoch:
         return
     accs = [r["eval_accuracy"] for r in history[:epoch]]
     k = accs.index(max(accs)) + 1 if accs else 0  # the first of equals, as training keeps it
-    target = (name if k == epoch else f"epoch_{k:04d}"
-              if k and os.path.isdir(os.path.join(root, f"epoch_{k:04d}")) else None)
+    target = name if k == epoch else _folder_of(root, k, history[:k]) if k else None
     path = os.path.join(root, "best.json")
     if target is None:
         os.remove(path)
     else:
         _write_json(path, {"name": target, "epoch": k})
+
+
+def _folder_of(root: str, epoch: int, history: list) -> Optional[str]:
+    """The folder of ``epoch`` whose saved history is ``history`` (the same lineage: another
+    folder of that epoch may hold an abandoned run's weights), newest first; None if none."""
+    names = sorted((n for n in os.listdir(root) if n.startswith("epoch_")
+                    and _epoch_of(n) == epoch), key=_copy_of, reverse=True)
+    for n in names:
+        try:
+            saved = read_state(os.path.join(root, n)).get("history", [])[:epoch]
+        except CheckpointError:
+            continue
+        if saved == history:
+            return n
+    return None
+
+
+def _copy_of(name: str) -> int:
+    """0 for ``epoch_NNNN``, N for ``epoch_NNNN.N``."""
+    return int(name.split(".", 1)[1]) if "." in name else 0
 
 
 def _epoch_of(name: str) -> int:

@@ -323,7 +323,9 @@ class Trainer:
 
     def run(self) -> dict:
         cfg = self.cfg
-        if self.is_main and self.epoch < cfg.epochs:  # a resume with nothing to train keeps them
+        done = (self.epoch >= cfg.epochs
+                or (cfg.max_steps is not None and self.step >= cfg.max_steps))
+        if self.is_main and not done:  # a resume with nothing to train keeps them
             report.write_json(os.path.join(self.run_dir, "config.json"), cfg.to_dict())
             report.write_metrics(os.path.join(self.run_dir, "metrics.jsonl"), self.history)
             layers = {m.layout.ep_size for m in self.model.modules() if isinstance(m, MoE)}
