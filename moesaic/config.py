@@ -13,6 +13,7 @@ from typing import Optional
 ROUTERS = ("token_choice", "expert_choice")
 SCORE_FUNCS = ("softmax", "sigmoid")
 BALANCE_SCOPES = ("batch", "sequence", "global")
+CAPACITY_SCOPES = ("batch", "global")
 DROP_POLICIES = ("position", "score")
 NOISE_POLICIES = (None, "jitter", "logit_jitter", "gaussian")
 ACTIVATIONS = ("gelu", "relu", "swiglu")
@@ -79,6 +80,7 @@ class MoEConfig:
     num_groups: int = 1  # added after kernels, so positional arguments keep their meaning
     topk_groups: Optional[int] = None
     balance_scope: str = "batch"
+    capacity_scope: str = "batch"
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -107,6 +109,16 @@ class MoEConfig:
                  f"({groups}) groups of {group_size} = {groups * group_size}")
         _require(self.balance_scope in BALANCE_SCOPES,
                  f"balance_scope must be one of {BALANCE_SCOPES}, got {self.balance_scope!r}")
+        _require(self.capacity_scope in CAPACITY_SCOPES,
+                 f"capacity_scope must be one of {CAPACITY_SCOPES}, got {self.capacity_scope!r}")
+        if self.capacity_scope == "global":
+            bad = [f"{n}={v!r}" for n, v, ok in (
+                ("router", self.router, self.router == "token_choice"),
+                ("drop_tokens", self.drop_tokens, self.drop_tokens),
+                ("drop_policy", self.drop_policy, self.drop_policy == "position")) if not ok]
+            _require(not bad, f"capacity_scope='global' takes no {', '.join(bad)}: it ranks "
+                     "token-choice assignments by position over every rank's tokens, so it "
+                     "needs router='token_choice', drop_tokens=True, drop_policy='position'")
         if self.eval_capacity_factor is None:
             self.eval_capacity_factor = (2.0 if self.router == "token_choice"
                                          else self.capacity_factor)

@@ -71,7 +71,11 @@ class MoE(nn.Module):
     (DeepSeek-V3). ``balance_scope="sequence"`` takes the balance loss within each sequence of a
     batch-first [..., S, D] input and averages it (transpose a sequence-first [S, B, D] input);
     ``"global"`` counts the loads over every rank's tokens in training (``count_sum``, set by
-    :func:`moesaic.parallelize`). With ``residual=True`` (PR-MoE)
+    :func:`moesaic.parallelize`). ``capacity_scope="global"`` (position priority) drops in
+    training as one process would on every rank's tokens laid end to end, rank 0's first: C
+    comes from the global token count and the slots run over the ranks (one all-gather of
+    [K, E] counts per forward); the kept rows then travel ragged, as dropless ones.
+    With ``residual=True`` (PR-MoE)
     the output is ``moe(x) * c0 + mlp(x) * c1`` with ``c = softmax(residual_coef(x))`` per token;
     ``num_shared_experts`` n > 0 (DeepSeekMoE) adds a dense MLP of width n * d_ff that every
     token passes through: ``moe(x) + shared(x)``; ``routed_scale`` multiplies the routed
@@ -99,7 +103,7 @@ class MoE(nn.Module):
                  routed_scale: float = 1.0, dropout: float = 0.0,
                  hidden_dropout: float = 0.0, dropout_branches: bool = False,
                  kernels: str = "auto", num_groups: int = 1, topk_groups: Optional[int] = None,
-                 balance_scope: str = "batch"):
+                 balance_scope: str = "batch", capacity_scope: str = "batch"):
         super().__init__()
         cfg = MoEConfig(
             d_model=d_model, d_ff=d_ff, num_experts=num_experts, top_k=top_k,
@@ -108,7 +112,7 @@ class MoE(nn.Module):
             router=router, score_func=score_func, num_groups=num_groups,
             topk_groups=topk_groups, noise_policy=noise_policy,
             normalize_weights=normalize_weights, aux_loss_coef=aux_loss_coef,
-            balance_scope=balance_scope, z_loss_coef=z_loss_coef,
+            balance_scope=balance_scope, capacity_scope=capacity_scope, z_loss_coef=z_loss_coef,
             bias_update_rate=bias_update_rate, activation=activation,
             bias=bias, residual=residual, num_shared_experts=num_shared_experts,
             routed_scale=routed_scale,
@@ -132,7 +136,7 @@ class MoE(nn.Module):
                                 cfg.hidden_dropout, kernels) if num_shared_experts else None)
         self.dropout = keyed.Dropout(dropout, kernels=kernels)
         self.last_stats: Optional[routing.RoutingStats] = None
-        self.count_sum = None  # balance_scope="global" across ranks: set by moesaic.parallelize
+        self.count_sum = None  # the "global" scopes across ranks: set by moesaic.parallelize
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -153,6 +157,8 @@ class MoE(nn.Module):
                          f", topk_groups={c.topk_groups} of num_groups={c.num_groups}"
                          if c.group_limit() else "",
                          f", balance_scope={c.balance_scope}" if c.balance_scope != "batch"
+                         else "",
+                         f", capacity_scope={c.capacity_scope}" if c.capacity_scope != "batch"
                          else ""])
         return (f"d_model={c.d_model}, d_ff={c.d_ff}, num_experts={c.num_experts}, "
                 f"top_k={c.top_k}, router={c.router}, drop_tokens={c.drop_tokens}{extra}, "
@@ -171,12 +177,18 @@ class MoE(nn.Module):
             dropped = (T - taken_T.index_fill_(0, plan.row_token_N, True).sum()) / max(T, 1)
         else:
             capacity = None
-            if c.drop_tokens:
+            across = (c.capacity_scope == "global" and self.training
+                      and self.count_sum is not None)
+            if c.drop_tokens and not across:
                 capacity = routing.token_choice_capacity(T, E, c.top_k, cf, c.min_capacity)
             bias_E = self.router.expert_bias if c.bias_update_rate > 0 else None
             plan, probs_TE, counts_E = ops.token_choice(
                 logits_TE, c.top_k, capacity, c.drop_policy, c.normalize_weights, bias_E,
                 c.score_func, c.group_limit())
+            if across:  # drops as one process would on every rank's tokens
+                counts_WKE = self.count_sum.gather(routing.choice_counts(plan.expert_TK, E))
+                plan, _ = routing.cap_globally(plan, counts_WKE, self.count_sum.rank, cf,
+                                               c.min_capacity)
             if bias_E is not None and self.training and not in_backward():
                 self.load_counts += counts_E.detach()
             dist_TE = routing.score_distribution(probs_TE, c.score_func)

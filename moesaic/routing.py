@@ -323,6 +323,48 @@ def token_choice(logits_TE: Tensor, top_k: int, capacity: Optional[int], drop_po
     return plan, probs_TE, counts_E
 
 
+def choice_counts(expert_TK: Tensor, num_experts: int) -> Tensor:
+    """[K, E] int64: assignments of each choice (first, second, ...) to each expert."""
+    T, K = expert_TK.shape
+    flat = (torch.arange(K, device=expert_TK.device) * num_experts + expert_TK).reshape(-1)
+    return torch.bincount(flat, minlength=K * num_experts).view(K, num_experts)
+
+
+def cap_globally(plan: RoutingPlan, counts_WKE: Tensor, rank: int, capacity_factor: float,
+                 min_capacity: int) -> tuple[RoutingPlan, int]:
+    """Drop a dropless plan's assignments as one process would on the ranks' batches laid end to
+    end (rank 0's tokens first): ``counts_WKE`` holds every rank's :func:`choice_counts`.
+
+    Position priority ranks an expert's assignments choice-major, then by token, so an
+    assignment's global slot is its slot on this rank plus, for its choice k and expert e, the
+    global assignments of earlier choices less this rank's, plus lower ranks' of choice k. The
+    capacity is that of the global token count. Returns the capped plan (``capacity`` None: its
+    rows are ragged, as a dropless plan's) and the capacity."""
+    W, K, E = counts_WKE.shape
+    T = plan.num_tokens
+    total_KE = counts_WKE.sum(0)
+    capacity = token_choice_capacity(int(total_KE[0].sum()), E, K, capacity_factor, min_capacity)
+    local_KE = counts_WKE[rank]
+    offset_KE = ((torch.cumsum(total_KE, 0) - total_KE) - (torch.cumsum(local_KE, 0) - local_KE)
+                 + counts_WKE[:rank].sum(0))
+    expert_TK, dest_TK = plan.expert_TK, plan.dest_TK
+    start_E = torch.cumsum(plan.counts_E, 0) - plan.counts_E
+    choice_TK = torch.arange(K, device=dest_TK.device).expand(T, K)
+    slot_TK = dest_TK - start_E[expert_TK] + offset_KE.to(dest_TK.device)[choice_TK, expert_TK]
+    keep_TK = slot_TK < capacity
+    keep_N = torch.zeros(plan.row_token_N.numel(), dtype=torch.bool, device=dest_TK.device)
+    keep_N[dest_TK.reshape(-1)] = keep_TK.reshape(-1)
+    new_row_N = torch.cumsum(keep_N, 0) - 1
+    capped = RoutingPlan(
+        row_token_N=plan.row_token_N[keep_N], row_weight_N=plan.row_weight_N[keep_N],
+        counts_E=torch.zeros_like(plan.counts_E).index_add_(
+            0, expert_TK.reshape(-1), keep_TK.reshape(-1).to(plan.counts_E.dtype)),
+        num_tokens=T, capacity=None,
+        dest_TK=torch.where(keep_TK, new_row_N[dest_TK], -1).to(dest_TK.dtype),
+        weight_TK=plan.weight_TK, expert_TK=expert_TK)
+    return capped, capacity
+
+
 def expert_choice(logits_TE: Tensor, capacity: int, score_func: str = "softmax"
                   ) -> tuple[RoutingPlan, Tensor]:
     """Each expert takes the ``capacity`` tokens it gives the highest score."""

@@ -126,6 +126,28 @@ def check_global_balance(rank, world, ctx, seed):
     layer.eval()(x[rank * B:(rank + 1) * B])
 
 
+def check_global_capacity(rank, world, ctx, seed):
+    """capacity_scope="global": the ranks drop exactly the assignments one process drops on
+    the whole batch (outputs, gradients, optimizer steps), where per-rank capacity drops
+    others; eval keeps per-rank capacity (no collective)."""
+    kw = dict(experts=(4, 2), top_k=2, drop_tokens=True, capacity_factor=0.5)
+    model = check_equivalence(rank, world, ctx, seed, steps=2, capacity_scope="global", **kw)
+    assert all(float(m.last_stats.dropped_fraction) > 0 for m in model.moes)
+    ref, local = _build_pair(ctx, seed, **kw)
+    x, _ = _data(world)
+    lo, hi = rank * B, (rank + 1) * B
+    differs = torch.tensor(float(not torch.allclose(local(x[lo:hi])[0], ref(x)[0][lo:hi])))
+    dist.all_reduce(differs)
+    assert differs > 0, "per-rank capacity dropped as the whole batch does: the test is void"
+
+    def no_gather_in_eval(counts):
+        raise AssertionError("counts gathered over ranks in eval")
+
+    for m in model.moes:
+        m.count_sum.gather = no_gather_in_eval
+    model.eval()(x[lo:hi])
+
+
 def dedup_with_kernels(rank, world):
     """Deduplicated dispatch through the Triton kernels (the interpreter, on CPU) equals the
     plain exchange on the PyTorch path: outputs and every gradient."""
@@ -661,6 +683,7 @@ def two_ranks(rank, world):
                       dedup_tokens=True)
     check_dedup_dispatch(rank, world, ctx, 27)
     check_global_balance(rank, world, ctx, 28)
+    check_global_capacity(rank, world, ctx, 31)
     check_grad_scaler_skips_together(rank, world, ctx, 13)
     check_zero_tokens(rank, world, ctx, 15)
     check_grad_checkpointing(rank, world, ctx, 16)
@@ -730,6 +753,8 @@ def four_ranks(rank, world):
     model = check_equivalence(rank, world, ctx, 12, steps=2, experts=(2, 4), top_k=1,
                               drop_tokens=True, capacity_factor=8.0)
     assert [m.layout.ep_size for m in model.moes] == [2, 4]
+    check_equivalence(rank, world, ctx, 15, steps=1, experts=(2, 4), top_k=2, drop_tokens=True,
+                      capacity_factor=0.5, capacity_scope="global")
     assert model.moes[0].experts.global_ids == [rank % 2]
     assert model.moes[1].experts.global_ids == [rank]
     # a model built with max_ep_size 1, 2 or 4 holds the same experts
@@ -777,17 +802,18 @@ def triton_ops_match_torch(rank, world):
     moesaic.init_distributed(timeout_s=60)
     runs = []
     for kernels in ("torch", "triton"):
-        for drop in (False, True):
+        for drop, scope in ((False, "batch"), (True, "batch"), (True, "global")):
             moesaic.moe_set_seed(0)
             m = moesaic.parallelize(moesaic.MoE(D, F, 4, top_k=2, drop_tokens=drop,
-                                                capacity_factor=1.0, kernels=kernels))
+                                                capacity_factor=1.0, kernels=kernels,
+                                                capacity_scope=scope))
             x = torch.randn(12, D, generator=torch.Generator().manual_seed(rank),
                             requires_grad=True)
             y, _ = m(x)
             y.square().sum().backward()
             runs.append((y.detach(), x.grad, m.experts.w1.grad, m.router.weight.grad))
-    for i in range(2):
-        for a, b in zip(runs[i], runs[i + 2]):
+    for i in range(3):
+        for a, b in zip(runs[i], runs[i + 3]):
             torch.testing.assert_close(a, b, **TOL)
     moesaic.destroy()
     return True

@@ -191,5 +191,8 @@ def test_global_count_sum_after_destroy_says_what_to_do():
 
     count_sum = CountSum(object(), (0, 1))
     count_sum.release()
-    with pytest.raises(RuntimeError, match="balance_scope='global' sums expert loads"):
-        count_sum(torch.zeros(4, dtype=torch.int64))
+    for call in (lambda: count_sum(torch.zeros(4, dtype=torch.int64)),
+                 lambda: count_sum.gather(torch.zeros(2, 4, dtype=torch.int64))):
+        with pytest.raises(RuntimeError, match="capacity_scope='global' count expert loads.*"
+                           "scope 'batch'"):
+            call()

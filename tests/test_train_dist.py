@@ -132,13 +132,14 @@ def test_training_does_not_depend_on_the_expert_layout(setup):
 def test_two_processes_train_like_one(setup):
     """The number of processes changes no random number: with every random layer and
     augmentation on (keyed by image), a 2-process expert-parallel run trains like one process
-    on the whole batch, to float32 rounding (dropless and no balance loss, which are the
-    batch-level statistics that do depend on each rank's share). So a 2-process run resumed
-    in one process continues as it would have on two."""
+    on the whole batch, to float32 rounding, capacity drops and the balance loss included
+    when both are taken over the global batch (capacity_scope and balance_scope "global").
+    So a 2-process run resumed in one process continues as it would have on two."""
     root = setup[0]
-    args = {**TINY_MODEL, "top_k": 2, "drop_tokens": False, **RANDOM_LAYERS}
+    args = {**TINY_MODEL, "top_k": 2, "capacity_factor": 0.5, "capacity_scope": "global",
+            "balance_scope": "global", **RANDOM_LAYERS}
     _, two = _same_training_at_both_layouts(
-        root, "world", args, lambda ep: dict(AUX_LOSS_WEIGHT=0.0, **RANDOM_AUGMENT),
+        root, "world", args, lambda ep: dict(**RANDOM_AUGMENT),
         first_in_one_process=True, keys=("train_loss", "train_accuracy", "eval_loss"))
     resumed = str(root / "world2_resumed_in_one")
     cfg = apply_overrides(load_file(str(root / "world2.py")), ["max_ep_size=None"])

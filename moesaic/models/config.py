@@ -16,7 +16,7 @@ MOE_PASSTHROUGH = ("aux_loss_coef", "z_loss_coef", "drop_tokens", "drop_policy",
                    "min_capacity", "normalize_weights", "kernels", "activation",
                    "bias_update_rate", "hidden_dropout", "dropout_branches",
                    "num_shared_experts", "score_func", "routed_scale", "num_groups",
-                   "topk_groups", "balance_scope")
+                   "topk_groups", "balance_scope", "capacity_scope")
 
 
 @dataclass

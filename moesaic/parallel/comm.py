@@ -84,20 +84,38 @@ class GroupRef:
 
 
 class CountSum:
-    """Sums a layer's per-expert assignment counts over every rank (``balance_scope="global"``):
-    one all-reduce of E int64 per training forward. Installed by ``parallelize``; the layer
-    calls it without knowing the group. Not counted in :class:`CommStats` (which counts the
-    all-to-alls, as the gradient all-reduces are not)."""
+    """A layer's routing counts over every rank: summed per expert (``balance_scope="global"``,
+    one all-reduce of E int64 per training forward) or gathered per rank, choice and expert
+    (``capacity_scope="global"``, one all-gather of K * E int64). Installed by ``parallelize``;
+    the layer calls it without knowing the group. Not counted in :class:`CommStats` (which
+    counts the all-to-alls, as the gradient all-reduces are not)."""
 
     def __init__(self, group, ranks: Sequence[int]):
         self.group, self.ranks = group, tuple(ranks)
 
-    def __call__(self, counts_E: Tensor) -> Tensor:
+    def _check(self) -> None:
         if self.group is None:
-            raise RuntimeError("balance_scope='global' sums expert loads over the ranks, whose "
-                               "process group moesaic.destroy() has torn down: parallelize the "
-                               "model again under a new one, or build it with "
-                               "balance_scope='batch'")
+            raise RuntimeError("balance_scope='global' and capacity_scope='global' count expert "
+                               "loads over the ranks, whose process group moesaic.destroy() has "
+                               "torn down: parallelize the model again under a new one, or "
+                               "build it with scope 'batch'")
+
+    @property
+    def rank(self) -> int:
+        """This process's position among ``ranks`` (the order its tokens come in)."""
+        self._check()
+        return dist.get_rank(self.group)
+
+    def gather(self, counts_KE: Tensor) -> Tensor:
+        """[W, K, E]: every rank's counts, in rank order."""
+        self._check()
+        parts = [torch.empty_like(counts_KE) for _ in self.ranks]
+        run_collective("MoE global-capacity count all-gather", self.ranks, dist.all_gather,
+                       parts, counts_KE.detach().contiguous(), group=self.group)
+        return torch.stack(parts)
+
+    def __call__(self, counts_E: Tensor) -> Tensor:
+        self._check()
         total_E = counts_E.detach().clone()
         run_collective("MoE global balance-loss count all-reduce", self.ranks, dist.all_reduce,
                        total_E, group=self.group)

@@ -88,7 +88,7 @@ class ParallelContext:
         return self._grad_group
 
     def count_group(self):
-        """A world group of its own for the global balance loss's count sums (forward-time
+        """A world group of its own for the global scopes' count sums and gathers (forward-time
         collectives, kept apart from the gradient buckets)."""
         if self._count_group is None and self.distributed:
             self._count_group = dist.new_group(list(range(self.world_size)), timeout=self.timeout)

@@ -173,11 +173,12 @@ def parallelize(model: nn.Module, bucket_mb: float = 25.0, dedup_tokens: bool = 
                 sync_groups.append((g.edp_group, g.edp_ranks, params))
         frozen = [(n, q) for n, q in model.named_parameters() if not q.requires_grad]
         state.grad_sync = GradSync(sync_groups, bucket_mb, frozen)
-        if any(layer.config.balance_scope == "global" for layer in layers):
+        scoped = [layer for layer in layers if "global" in (layer.config.balance_scope,
+                                                            layer.config.capacity_scope)]
+        if scoped:
             count_group = ctx.count_group()
-            for layer in layers:
-                if layer.config.balance_scope == "global":
-                    layer.count_sum = CountSum(count_group, tuple(range(ctx.world_size)))
+            for layer in scoped:
+                layer.count_sum = CountSum(count_group, tuple(range(ctx.world_size)))
         for m in {id(m): m for m in [model, *layers]}.values():  # a raised backward: see hook
             state.hooks.append(m.register_forward_pre_hook(StaleSyncHook(state.grad_sync)))
     _check_dedup_applies(layers, dedup_tokens)

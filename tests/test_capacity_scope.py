@@ -1,0 +1,62 @@
+"""capacity_scope="global" in one process: the ranks' capped plans, built from every rank's
+choice counts, keep exactly the assignments the whole batch's capacity plan keeps (the
+distributed equalities are in tests/_dist_workers.py: check_global_capacity)."""
+import pytest
+import torch
+
+import moesaic
+from moesaic import routing
+
+
+def _split_plans(logits_TE, sizes, top_k, cf, min_capacity):
+    E = logits_TE.shape[1]
+    parts = torch.split(logits_TE, sizes)
+    plans = [routing.token_choice(p, top_k, None, "position", top_k > 1)[0] for p in parts]
+    counts_WKE = torch.stack([routing.choice_counts(p.expert_TK, E) for p in plans])
+    return [routing.cap_globally(p, counts_WKE, r, cf, min_capacity) for r, p in enumerate(plans)]
+
+
+@pytest.mark.parametrize("top_k,E,sizes,cf,min_capacity", [
+    (1, 4, (7, 9), 0.5, 0), (2, 4, (6, 6), 0.5, 0), (2, 8, (5, 0, 11), 1.0, 1),
+    (3, 6, (1, 2, 3, 4), 0.75, 2), (2, 4, (10, 10), 100.0, 4)])
+def test_ranks_keep_what_the_whole_batch_keeps(top_k, E, sizes, cf, min_capacity):
+    logits_TE = torch.randn(sum(sizes), E, generator=torch.Generator().manual_seed(sum(sizes)))
+    T = sum(sizes)
+    capacity = routing.token_choice_capacity(T, E, top_k, cf, min_capacity)
+    whole = routing.token_choice(logits_TE, top_k, capacity, "position", top_k > 1)[0]
+    capped = _split_plans(logits_TE, list(sizes), top_k, cf, min_capacity)
+    assert all(c == capacity for _, c in capped)
+    kept_TK = torch.cat([p.dest_TK >= 0 for p, _ in capped])
+    assert torch.equal(kept_TK, whole.dest_TK >= 0)
+    assert torch.equal(sum(p.counts_E for p, _ in capped), whole.counts_E)
+    for (p, _), lo in zip(capped, [sum(sizes[:r]) for r in range(len(sizes))]):
+        assert p.capacity is None and p.row_token_N.numel() == int(p.counts_E.sum())
+        # each kept assignment's row holds its token and weight, rows in expert-major order
+        t, k = (p.dest_TK >= 0).nonzero(as_tuple=True)
+        rows = p.dest_TK[t, k]
+        assert torch.equal(p.row_token_N[rows], t)
+        assert torch.equal(p.row_weight_N[rows], p.weight_TK[t, k])
+        experts = p.expert_TK[t, k][torch.argsort(rows)]
+        assert torch.equal(experts, torch.sort(experts, stable=True).values)
+
+
+def test_one_process_global_is_batch_capacity():
+    x = torch.randn(4, 6, 8)
+    outs = []
+    for scope in ("batch", "global"):
+        moesaic.moe_set_seed(0)
+        layer = moesaic.MoE(8, 16, 4, top_k=2, capacity_factor=0.5, capacity_scope=scope)
+        outs.append(layer(x)[0])
+        assert "capacity_scope=global" in repr(layer) or scope == "batch"
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(capacity_scope="world"), "capacity_scope must be one of ('batch', 'global'), got 'world'"),
+    (dict(capacity_scope="global", drop_tokens=False), "capacity_scope='global' takes no "
+     "drop_tokens=False"),
+    (dict(capacity_scope="global", drop_policy="score"), "takes no drop_policy='score'"),
+    (dict(capacity_scope="global", router="expert_choice"), "takes no router='expert_choice'")])
+def test_bad_scopes_are_refused(kw, msg):
+    with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+        moesaic.MoE(8, 16, 4, **kw)
