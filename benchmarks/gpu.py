@@ -25,7 +25,9 @@ rows (12 N D F for forward+backward), as a fraction of the matmul rate.
 
 ``--dry-run`` runs the same code on tiny CPU shapes under the Triton interpreter (the test
 suite uses it as a smoke test). Budget: the timing loop stops starting new configurations once
-``--budget-s`` seconds (default 420) have passed, so the run stays under 8 minutes.
+``--budget-s`` seconds (default 420) have passed, so the run stays under 8 minutes; the block
+sweep also stops between settings SWEEP_GRACE_S seconds past it. On SIGTERM the summary
+(``fallbacks``, ``targets``) is filled in, the JSON saved and the run exits 124.
 
 Legend: T tokens, D model dim, F ffn dim, E experts, K top-k, N kept rows.
 """
@@ -97,9 +99,11 @@ class Run:
         os.replace(tmp, self.out)
 
     def save_on_sigterm(self):
-        """``timeout`` sends SIGTERM: record that, keep every result so far, and exit."""
+        """``timeout`` sends SIGTERM: record that, fill in the summary, keep every result so
+        far, and exit."""
         def handler(signum, frame):
             self.data["errors"].append({"section": "run", "error": "killed by SIGTERM (timeout)"})
+            summarize(self)
             self.save()
             print(f"[error] SIGTERM after {self.elapsed():.0f} s; wrote {self.out}", flush=True)
             sys.exit(124)
@@ -330,7 +334,9 @@ def check_keyed(run, device, gen, batch):
         if tf32 is not None:
             torch.backends.cudnn.allow_tf32 = tf32
     (halves, g_halves), (whole, g_whole) = results
-    check(run, f"keyed ViT-MoE batch {batch} halves vs whole", rel_err(halves, whole), 1e-5)
+    # fp32 on CUDA: the padded bmm's shapes differ per half, so sums round apart (~1e-6 on
+    # logits of ~0.5); a keyed mask that differed would move them by ~1e-1.
+    check(run, f"keyed ViT-MoE batch {batch} halves vs whole", rel_err(halves, whole), 5e-5)
     check(run, f"keyed ViT-MoE batch {batch} halves vs whole, gradients (checkpointed)",
           max(rel_err(a, b) for a, b in zip(g_halves, g_whole)), 1e-4)
 
@@ -548,11 +554,11 @@ def targets(data: dict) -> dict:
     """Issue 6's three targets, read off the timings: the worst Triton dispatch / combine row
     (forward and backward) as a fraction of copy bandwidth, the worst Triton layer as a fraction
     of the matmul rate, and the Triton layer's speedups at E = 64 over both PyTorch baselines."""
-    rows = [r for r in data["timings"] if r["kernels"] == "triton"
-            and r["op"] in ("dispatch", "dispatch_bwd", "combine", "combine_bwd")]
-    layers = [r for r in data["timings"] if r["op"] == "layer_fwd_bwd"
-              and r["kernels"] == "triton+auto"]
-    speed = [s for s in data["speedups"] if s["E"] == 64]
+    rows = [r for r in data["timings"] if r.get("kernels") == "triton"
+            and r.get("op") in ("dispatch", "dispatch_bwd", "combine", "combine_bwd")]
+    layers = [r for r in data["timings"] if r.get("op") == "layer_fwd_bwd"
+              and r.get("kernels") == "triton+auto"]
+    speed = [s for s in data["speedups"] if s.get("E") == 64]
     out = {"rows_min_frac_copy": min((r.get("frac_copy", 0.0) for r in rows), default=None),
            "layer_min_frac_matmul": min((r.get("frac_matmul", 0.0) for r in layers), default=None),
            "speedup_E64": {b: min((s["speedup"] for s in speed if s["baseline"] == b),
@@ -571,6 +577,26 @@ def fallbacks() -> dict:
     from moesaic import grouped_cuda
     return {"grouped_mm_failed": grouped_cuda._grouped_mm_failed,
             "grouped_wgrad_failed": grouped_cuda._grouped_wgrad_failed}
+
+
+def summarize(run: Run) -> None:
+    """The end-of-run summary (``fallbacks``, ``targets``), each part in its own try/except:
+    the SIGTERM handler runs it too, and a failure here must never stop the save."""
+    parts = (("fallbacks", lambda: run.data.update(fallbacks())),
+             ("targets", lambda: run.data.update(targets=targets(run.data))))
+    for name, fill in parts:
+        try:
+            fill()
+        except Exception as e:  # noqa: BLE001 -- record and go on, by design
+            run.data["errors"].append({"section": f"summary {name}", "error": repr(e)[:2000]})
+            print(f"[error] summary {name}: {e!r}"[:500], flush=True)
+    for line in run.data.get("targets", {}).get("lines", []):
+        print(f"[target] {line}", flush=True)
+
+
+# Seconds past ``--budget-s`` after which the block sweep starts no new setting: gpu_session.sh
+# kills gpu.py 60 s past its budget, and one setting (compile and timing) takes a few seconds.
+SWEEP_GRACE_S = 45.0
 
 
 def sweep_row_blocks(run, device, T, D, E, K, dtype, warmup, iters, blocks, warp_counts):
@@ -598,6 +624,13 @@ def sweep_row_blocks(run, device, T, D, E, K, dtype, warmup, iters, blocks, warp
             if BD > triton.next_power_of_2(D) or (op == "combine_bwd" and BD > 2048):
                 continue
             for warps in warp_counts:
+                if run.elapsed() > run.budget_s + SWEEP_GRACE_S:
+                    run.data["errors"].append({"section": f"sweep D={D}", "error":
+                                               f"stopped before {op} BD={BD} w={warps}: time "
+                                               f"budget spent (+{SWEEP_GRACE_S:g} s)"})
+                    print(f"[sweep] D={D}: time budget spent, stopped before {op} BD={BD}",
+                          flush=True)
+                    return
                 out = {}
 
                 def launch():
@@ -728,10 +761,7 @@ def main():
     else:
         run.section("keyed randomness", time_keyed, run, device, 512 if not args.dry_run else 4,
                     layer_warmup, layer_iters)
-    run.data.update(fallbacks())
-    run.data["targets"] = targets(run.data)
-    for line in run.data["targets"]["lines"]:
-        print(f"[target] {line}", flush=True)
+    summarize(run)
     run.save()
     failed = [c["name"] for c in run.data["checks"] if not c["ok"]]
     print(f"done in {run.elapsed():.0f} s: {len(run.data['checks'])} checks, {len(failed)} failed,"
