@@ -89,7 +89,7 @@ class MoEConfig:
             v = getattr(self, name)
             _require(_is_int(v) and v >= 1, f"{name} must be a positive int, got {v!r}")
         _require(_is_int(self.top_k) and 1 <= self.top_k <= self.num_experts,
-                 f"top_k must be in [1, num_experts={self.num_experts}], got {self.top_k!r}")
+                 f"top_k must be an int in [1, num_experts={self.num_experts}], got {self.top_k!r}")
         _require(self.router in ROUTERS, f"router must be one of {ROUTERS}, got {self.router!r}")
         _require(self.score_func in SCORE_FUNCS,
                  f"score_func must be one of {SCORE_FUNCS}, got {self.score_func!r}")
@@ -100,7 +100,7 @@ class MoEConfig:
                  f"({self.num_groups}): expert groups are equal, contiguous blocks of experts")
         _require(self.topk_groups is None or (_is_int(self.topk_groups)
                                                and 1 <= self.topk_groups <= self.num_groups),
-                 f"topk_groups must be None or in [1, num_groups={self.num_groups}], "
+                 f"topk_groups must be None or an int in [1, num_groups={self.num_groups}], "
                  f"got {self.topk_groups!r}")
         groups = self.topk_groups or self.num_groups
         group_size = self.num_experts // self.num_groups

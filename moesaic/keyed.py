@@ -88,15 +88,34 @@ def draw_sample_keys(num_samples: int, generator: torch.Generator) -> Tensor:
     return torch.randint(-2**31, 2**31, (num_samples,), dtype=torch.int32, generator=generator)
 
 
+def _to_int32(keys_b: Tensor) -> Tensor:
+    """Keys as int32, key by key: in-range values unchanged, others folded (high half mixed)."""
+    if keys_b.dtype == torch.int32:
+        return keys_b
+    k = keys_b.to(torch.int64)
+    in_range = (k >= -2**31) & (k < 2**31)
+    folded = ((k & 0xFFFFFFFF) ^ (((k >> 32) * 0x9E3779B1) & 0xFFFFFFFF))
+    folded = torch.where(folded >= 2**31, folded - 2**32, folded)
+    return torch.where(in_range, k, folded).to(torch.int32)
+
+
 @contextlib.contextmanager
 def sample_keys(keys_b: Tensor):
-    """Key moesaic's random layers by sample for the forwards (and backwards) inside."""
-    if not (isinstance(keys_b, Tensor) and keys_b.dim() == 1 and keys_b.dtype == torch.int32):
+    """Key moesaic's random layers by sample for the forwards (and backwards) inside.
+
+    ``keys_b`` is a 1-D integer tensor, one key per sample. Keys are int32; other integer
+    dtypes are converted key by key: a value in int32's range keeps its value (an int64 dataset
+    index ``i`` draws what ``int32 i`` draws), a larger one is folded to 32 bits with its high
+    half mixed in."""
+    if not (isinstance(keys_b, Tensor) and keys_b.dim() == 1
+            and not keys_b.is_floating_point() and not keys_b.is_complex()
+            and keys_b.dtype != torch.bool):
         got = (f"{keys_b.dtype} tensor of shape {tuple(keys_b.shape)}"
                if isinstance(keys_b, Tensor) else type(keys_b).__name__)
-        raise TypeError(f"sample_keys takes a 1-D int32 tensor (one key per sample), got a {got}")
+        raise TypeError("sample_keys takes a 1-D integer tensor (one key per sample, int32 or "
+                        f"converted to it), got a {got}")
     previous = getattr(_local, "stream", None)
-    _local.stream = SampleStream(keys_b)
+    _local.stream = SampleStream(_to_int32(keys_b))
     _open.add(1)
     try:
         yield _local.stream

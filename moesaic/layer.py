@@ -211,6 +211,13 @@ class MoE(nn.Module):
     def forward(self, x: Tensor, return_stats: bool = False):
         """``(y, aux_loss)``, or ``(y, aux_loss, stats)`` with ``return_stats=True``."""
         c = self.config
+        if torch.jit.is_tracing() or torch.compiler.is_exporting():
+            how = "torch.jit.trace" if torch.jit.is_tracing() else "torch.export"
+            raise RuntimeError(
+                f"moesaic.MoE does not support {how}: routing takes each batch's per-expert row "
+                "counts and kept assignments from the data, which a trace would record as one "
+                "batch's constants (torch.export refuses them). Run the layer eagerly or under "
+                "torch.compile (docs/architecture.md)")
         if not (isinstance(x, Tensor) and x.is_floating_point()):
             what = f"a {x.dtype} tensor" if isinstance(x, Tensor) else f"a {type(x).__name__}"
             raise TypeError(f"MoE input must be a floating-point torch.Tensor, got {what}")

@@ -185,9 +185,33 @@ def test_rows_that_are_not_a_multiple_of_the_batch_are_refused():
         with pytest.raises(ValueError, match="holds 3 sample keys but a random layer got a "
                                              "tensor of 4 rows"):
             drop(torch.ones(4, 2))
-    with pytest.raises(TypeError, match="1-D int32 tensor"):
-        with keyed.sample_keys(torch.zeros(3)):
-            pass
+    for bad in (torch.zeros(3), torch.zeros(3, dtype=torch.bool), torch.zeros(2, 3,
+                                                                          dtype=torch.int32)):
+        with pytest.raises(TypeError, match="1-D integer tensor"):
+            with keyed.sample_keys(bad):
+                pass
+
+
+def test_int64_keys_draw_as_their_int32_values():
+    """Dataset indices are int64: a key in int32's range draws what the int32 key draws; keys
+    beyond it are folded key by key (one key's masks do not depend on the others)."""
+    drop = keyed.Dropout(0.5).train()
+    x = torch.ones(4, 64)
+    small = torch.tensor([0, -1, 2**31 - 1, -2**31], dtype=torch.int64)
+    big = torch.tensor([2**40 + 3, -2**40, 2**33, 7], dtype=torch.int64)
+    with keyed.sample_keys(small.to(torch.int32)):
+        want = drop(x)
+    with keyed.sample_keys(small):
+        assert torch.equal(drop(x), want)
+    with keyed.sample_keys(big):
+        whole = drop(x)
+    with keyed.sample_keys(big[2:]):
+        assert torch.equal(drop(x[2:]), whole[2:])
+    assert not torch.equal(whole[0], whole[1])
+    with keyed.sample_keys(torch.tensor([3, 5], dtype=torch.uint8)):
+        a = drop(x[:2])
+    with keyed.sample_keys(torch.tensor([3, 5], dtype=torch.int32)):
+        assert torch.equal(drop(x[:2]), a)
 
 
 def test_dropout_is_still_nn_dropout():

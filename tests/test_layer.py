@@ -787,3 +787,24 @@ def test_sequence_balance_loss_is_the_mean_over_sequences():
     with pytest.raises(ValueError, match=r"30 tokens do not split into num_seqs \(4\)"):
         routing.sequence_balance_loss(probs_TE, plan.expert_TK, 4)
     assert "topk_groups=1 of num_groups=2" in repr(make(top_k=2, num_groups=2, topk_groups=1))
+
+
+def test_tracing_and_export_are_refused_with_a_reason():
+    """torch.jit.trace would bake one batch's routing into the graph (and replay it for every
+    input); torch.export stops on the data-dependent row counts deep inside. Both get a clear
+    error naming the way out instead."""
+    layer = make()
+    x = torch.randn(6, D)
+    with pytest.raises(RuntimeError, match="does not support torch.jit.trace.*torch.compile"):
+        torch.jit.trace(lambda t: layer(t)[0], x)
+    with pytest.raises(RuntimeError, match="does not support torch.export"):
+        torch.export.export(layer, (x,))
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(top_k=2.0), r"top_k must be an int in \[1, num_experts=4\], got 2.0"),
+    (dict(num_groups=2, topk_groups=1.0),
+     r"topk_groups must be None or an int in \[1, num_groups=2\], got 1.0")])
+def test_a_float_count_is_refused_as_not_an_int(kw, message):
+    with pytest.raises(ValueError, match=message):
+        moesaic.MoE(D, 16, 4, **kw)
