@@ -57,6 +57,11 @@ def test_table_differences_and_plot(tmp_path):
     c = write_run(tmp_path / "c", [0.5], summary={"initial_eval_accuracy": 0.25})
     lines = report([a, c])[0].splitlines()
     assert "start" in lines[0] and "25.00%" in lines[3] and "  -  " in lines[2]
+    assert "procs" not in report([a, c])[0]  # one process on the CPU, or not recorded
+    two = write_run(tmp_path / "two", [0.5], summary={"world_size": 2, "device": "cpu"})
+    lines = report([a, two])[0].splitlines()
+    assert "img/s  procs x device" in lines[0] and "2 x cpu" in lines[3]
+    assert lines[2].split()[7:9] == ["180", "-"]  # a summary that predates the column
     old = write_run(tmp_path / "old", [0.5], config={"epochs": 3})
     with open(os.path.join(old, "config.json")) as f:
         cfg = json.load(f)

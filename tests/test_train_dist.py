@@ -141,6 +141,8 @@ def test_two_processes_train_like_one(setup):
     _, two = _same_training_at_both_layouts(
         root, "world", args, lambda ep: dict(**RANDOM_AUGMENT),
         first_in_one_process=True, keys=("train_loss", "train_accuracy", "eval_loss"))
+    with open(root / "world2" / "summary.json") as f:
+        assert json.load(f)["world_size"] == 2  # compare's "procs x device" column
     resumed = str(root / "world2_resumed_in_one")
     cfg = apply_overrides(load_file(str(root / "world2.py")), ["max_ep_size=None"])
     Trainer(cfg, run_dir=resumed, resume=str(root / "world2" / "checkpoints" / "epoch_0001")).run()

@@ -52,7 +52,8 @@ def test_tiny_cifar_run_writes_the_run_dir(tmp_path):
         summary = json.load(f)
     assert sorted(summary) == sorted(["best_eval_accuracy", "final_eval_accuracy", "epochs",
                                       "train_images_per_second", "params_total",
-                                      "params_active_per_token"])
+                                      "params_active_per_token", "world_size", "device"])
+    assert summary["world_size"] == 1 and summary["device"] == "cpu"
     assert summary["epochs"] == 2 and summary["params_total"] > summary["params_active_per_token"]
     recs = read_metrics(run)
     assert [r["epoch"] for r in recs] == [1, 2]

@@ -2,7 +2,8 @@
 
 Reads each run dir's config.json, metrics.jsonl and summary.json (written after every epoch;
 a run still going, or stopped early, shows its completed epochs of the planned ones). Prints
-one row per run (accuracy, throughput, parameters, the last epoch's expert load) and the
+one row per run (accuracy, throughput and the processes and device it came from, parameters,
+the last epoch's expert load) and the
 config keys whose values differ between the runs (keys a run's version did not have count as
 their defaults); :func:`plot` draws their eval accuracy and train loss curves on one figure.
 Nothing is recomputed and no model is built.
@@ -92,6 +93,8 @@ def row(run: dict) -> dict:
         "max_load_over_mean": _load_balance(h[-1]),
         "dropped_fraction": h[-1].get("dropped_fraction"),
         "initial_eval_accuracy": s.get("initial_eval_accuracy"),  # eval_at_start's
+        "world_size": s.get("world_size"),  # None: written before summaries recorded it
+        "device": s.get("device"),
     }
 
 
@@ -120,7 +123,8 @@ def _pct(x: Optional[float]) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    """One line per run; a "start" column (eval_at_start's accuracy) when any run has one."""
+    """One line per run; a "start" column (eval_at_start's accuracy) when any run has one, and a
+    "procs x device" column when any run used more than one process or a GPU."""
     start = any(r["initial_eval_accuracy"] is not None for r in rows)
     head = ["#", "run", "model", "epochs", "best (epoch)", "final", "img/s", "params (active)",
             "busiest/mean", "dropped"]
@@ -139,6 +143,12 @@ def table(rows: list[dict]) -> str:
         head.insert(4, "start")
         for cells, r in zip(body, rows):
             cells.insert(4, _pct(r["initial_eval_accuracy"]))
+    if any(r["world_size"] not in (None, 1) or r["device"] not in (None, "cpu") for r in rows):
+        at = head.index("img/s") + 1  # throughput is per machine set-up
+        head.insert(at, "procs x device")
+        for cells, r in zip(body, rows):
+            cells.insert(at, "-" if r["world_size"] is None else
+                         f"{r['world_size']} x {r['device'] or '?'}")
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])

@@ -354,6 +354,7 @@ class Trainer:
 
     def _summary(self) -> dict:
         return {**report.summary(self.history, self.params_total, self.params_active),
+                "world_size": self.world, "device": self.device.type,
                 **(self.initial_eval or {})}
 
     def _run_epochs(self) -> dict:
