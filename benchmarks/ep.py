@@ -39,7 +39,8 @@ def _worker(rank, world, port, a, queue):
     moesaic.moe_set_seed(0)
     groups = dict(num_groups=a.groups[0], topk_groups=a.groups[1]) if a.groups else {}
     model = moesaic.parallelize(MoEStack(a.d_model, a.d_ff, [a.experts] * a.layers, top_k=a.top_k,
-                                         drop_tokens=a.capacity, capacity_factor=1.25, **groups),
+                                         drop_tokens=a.capacity, capacity_factor=1.25,
+                                         capacity_scope=a.scope, **groups),
                                 dedup_tokens=a.dedup)
     T = a.tokens * 2 // world
     g = torch.Generator().manual_seed(rank)
@@ -91,10 +92,16 @@ def main():
                    help="instead: 2 ranks, dropless, plain against deduplicated dispatch "
                         "(dedup_tokens), routing unlimited and limited to one of two expert "
                         "groups (each token's experts on one rank)")
+    p.add_argument("--scopes", dest="scope_table", action="store_true",
+                   help="instead: 2 ranks, capacity factor 1.25, capacity_scope 'batch' (each "
+                        "rank's own capacity, padded [E, C, D] blocks) against 'global' (drops "
+                        "as one process on both ranks' tokens, ragged rows)")
     a = p.parse_args()
-    a.groups, a.dedup = None, False
+    a.groups, a.dedup, a.scope = None, False, "batch"
     if a.dedup_table:
         return dedup_table(a)
+    if a.scope_table:
+        return scope_table(a)
     print(f"# benchmarks/ep.py  {date.today()}  torch {torch.__version__}  "
           f"{platform.platform()}  {os.cpu_count()} CPUs  backend gloo")
     print(f"# model: {a.layers} MoE layers, D={a.d_model} F={a.d_ff} E={a.experts} "
@@ -148,6 +155,31 @@ def dedup_table(a):
           "counts, and with dedup the pair-index and weight columns); ratio = dedup / plain; "
           "model MB = 4 exchanges x layers x moesaic.parallel.volume.dedup_bytes_per_rank "
           "(balanced routing)")
+
+
+def scope_table(a):
+    """2 ranks, capacity 1.25: capacity_scope "batch" against "global"."""
+    print(f"# benchmarks/ep.py --scopes  {date.today()}  torch {torch.__version__}  "
+          f"{platform.platform()}  {os.cpu_count()} CPUs  backend gloo")
+    print(f"# model: {a.layers} MoE layers, D={a.d_model} F={a.d_ff} E={a.experts} "
+          f"top_k={a.top_k}, capacity factor 1.25, float32; 2 ranks x 1 thread, {a.tokens} "
+          f"tokens per rank; median of {a.steps} steps (fwd+bwd+grad sync) after {a.warmup} "
+          f"warm-up; the scopes alternate, twice each")
+    print(f"# load average before: {os.getloadavg()[0]:.2f} (the machine is shared)")
+    print(f"{'capacity_scope':<16}{'ms':>10}{'MB sent/rank/step':>19}")
+    a.capacity = True
+    res = {"batch": [], "global": []}
+    for _ in range(2):
+        for scope in res:
+            a.scope = scope
+            res[scope].append(run(2, 1, a))
+    for scope, runs in res.items():
+        print(f"{scope:<16}{min(t for t, _ in runs) * 1e3:>10.1f}{runs[0][1] / 1e6:>19.2f}")
+    (tb, mb), (tg, mg) = (min(r) for r in res.values())
+    print(f"# global / batch: time {tg / tb:.2f}, bytes {mg / mb:.2f} (ms: the faster of two "
+          "runs; MB: the MoE all-to-all payload one rank sends per step, padding rows "
+          "included; global's [K, E] count all-gather, K * E int64 per layer and forward, is "
+          "not counted)")
 
 
 if __name__ == "__main__":

@@ -114,11 +114,10 @@ class MoEConfig:
         if self.capacity_scope == "global":
             bad = [f"{n}={v!r}" for n, v, ok in (
                 ("router", self.router, self.router == "token_choice"),
-                ("drop_tokens", self.drop_tokens, self.drop_tokens),
-                ("drop_policy", self.drop_policy, self.drop_policy == "position")) if not ok]
+                ("drop_tokens", self.drop_tokens, self.drop_tokens)) if not ok]
             _require(not bad, f"capacity_scope='global' takes no {', '.join(bad)}: it ranks "
-                     "token-choice assignments by position over every rank's tokens, so it "
-                     "needs router='token_choice', drop_tokens=True, drop_policy='position'")
+                     "token-choice assignments over every rank's tokens against one capacity, "
+                     "so it needs router='token_choice' and drop_tokens=True")
         if self.eval_capacity_factor is None:
             self.eval_capacity_factor = (2.0 if self.router == "token_choice"
                                          else self.capacity_factor)

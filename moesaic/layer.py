@@ -71,10 +71,11 @@ class MoE(nn.Module):
     (DeepSeek-V3). ``balance_scope="sequence"`` takes the balance loss within each sequence of a
     batch-first [..., S, D] input and averages it (transpose a sequence-first [S, B, D] input);
     ``"global"`` counts the loads over every rank's tokens in training (``count_sum``, set by
-    :func:`moesaic.parallelize`). ``capacity_scope="global"`` (position priority) drops in
-    training as one process would on every rank's tokens laid end to end, rank 0's first: C
-    comes from the global token count and the slots run over the ranks (one all-gather of
-    [K, E] counts per forward); the kept rows then travel ragged, as dropless ones.
+    :func:`moesaic.parallelize`). ``capacity_scope="global"`` drops in training as one process
+    would on every rank's tokens laid end to end, rank 0's first: C comes from the global token
+    count and the slots run over the ranks (one all-gather of [K, E] counts per forward, and
+    with ``drop_policy="score"`` one of every token's priority and choices); the kept rows then
+    travel ragged, as dropless ones.
     With ``residual=True`` (PR-MoE)
     the output is ``moe(x) * c0 + mlp(x) * c1`` with ``c = softmax(residual_coef(x))`` per token;
     ``num_shared_experts`` n > 0 (DeepSeekMoE) adds a dense MLP of width n * d_ff that every
@@ -186,9 +187,7 @@ class MoE(nn.Module):
                 logits_TE, c.top_k, capacity, c.drop_policy, c.normalize_weights, bias_E,
                 c.score_func, c.group_limit())
             if across:  # drops as one process would on every rank's tokens
-                counts_WKE = self.count_sum.gather(routing.choice_counts(plan.expert_TK, E))
-                plan, _ = routing.cap_globally(plan, counts_WKE, self.count_sum.rank, cf,
-                                               c.min_capacity)
+                plan = self._cap_globally(plan, logits_TE, probs_TE, cf)
             if bias_E is not None and self.training and not in_backward():
                 self.load_counts += counts_E.detach()
             dist_TE = routing.score_distribution(probs_TE, c.score_func)
@@ -207,6 +206,20 @@ class MoE(nn.Module):
             router_entropy=routing.router_entropy(logits_TE.detach(), c.score_func),
             balance_loss=balance.detach(), z_loss=z.detach())
         return plan, aux_loss, stats
+
+    def _cap_globally(self, plan, logits_TE: Tensor, probs_TE: Tensor, cf: float):
+        c, count_sum = self.config, self.count_sum
+        counts_WKE = count_sum.gather(routing.choice_counts(plan.expert_TK, c.num_experts))
+        ranked = None
+        if c.drop_policy == "score":  # every rank's token priorities and choices
+            priority_T = routing.first_choice_prob(
+                routing.ranking_scores(probs_TE, logits_TE, c.score_func), plan.expert_TK)
+            rows_WTC = count_sum.gather_rows(
+                torch.cat([priority_T.double()[:, None], plan.expert_TK.double()], 1),
+                int(counts_WKE[:, 0].sum(-1).max()))
+            ranked = (rows_WTC[..., 0], rows_WTC[..., 1:].long())
+        return routing.cap_globally(plan, counts_WKE, count_sum.rank, cf, c.min_capacity,
+                                    ranked)[0]
 
     def forward(self, x: Tensor, return_stats: bool = False):
         """``(y, aux_loss)``, or ``(y, aux_loss, stats)`` with ``return_stats=True``."""

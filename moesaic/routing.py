@@ -331,27 +331,29 @@ def choice_counts(expert_TK: Tensor, num_experts: int) -> Tensor:
 
 
 def cap_globally(plan: RoutingPlan, counts_WKE: Tensor, rank: int, capacity_factor: float,
-                 min_capacity: int) -> tuple[RoutingPlan, int]:
+                 min_capacity: int, ranked: Optional[tuple[Tensor, Tensor]] = None
+                 ) -> tuple[RoutingPlan, int]:
     """Drop a dropless plan's assignments as one process would on the ranks' batches laid end to
-    end (rank 0's tokens first): ``counts_WKE`` holds every rank's :func:`choice_counts`.
-
-    Position priority ranks an expert's assignments choice-major, then by token, so an
-    assignment's global slot is its slot on this rank plus, for its choice k and expert e, the
-    global assignments of earlier choices less this rank's, plus lower ranks' of choice k. The
+    end (rank 0's tokens first): ``counts_WKE`` holds every rank's :func:`choice_counts`. The
     capacity is that of the global token count. Returns the capped plan (``capacity`` None: its
-    rows are ragged, as a dropless plan's) and the capacity."""
+    rows are ragged, as a dropless plan's) and the capacity.
+
+    Position priority (``ranked`` None) ranks an expert's assignments choice-major, then by
+    token, so an assignment's global slot is its slot on this rank plus, for its choice k and
+    expert e, the global assignments of earlier choices less this rank's, plus lower ranks' of
+    choice k. Score priority ranks tokens by their first choice's ranking score: ``ranked =
+    (priority_WT, expert_WTK)`` holds every rank's :func:`first_choice_prob` and choices, each
+    rank's T rows padded to one length (padding rows are never counted)."""
     W, K, E = counts_WKE.shape
     T = plan.num_tokens
     total_KE = counts_WKE.sum(0)
     capacity = token_choice_capacity(int(total_KE[0].sum()), E, K, capacity_factor, min_capacity)
-    local_KE = counts_WKE[rank]
-    offset_KE = ((torch.cumsum(total_KE, 0) - total_KE) - (torch.cumsum(local_KE, 0) - local_KE)
-                 + counts_WKE[:rank].sum(0))
-    expert_TK, dest_TK = plan.expert_TK, plan.dest_TK
-    start_E = torch.cumsum(plan.counts_E, 0) - plan.counts_E
-    choice_TK = torch.arange(K, device=dest_TK.device).expand(T, K)
-    slot_TK = dest_TK - start_E[expert_TK] + offset_KE.to(dest_TK.device)[choice_TK, expert_TK]
+    if ranked is None:
+        slot_TK = _position_slots(plan, counts_WKE, rank)
+    else:
+        slot_TK = _score_slots(*ranked, counts_WKE, rank)
     keep_TK = slot_TK < capacity
+    expert_TK, dest_TK = plan.expert_TK, plan.dest_TK
     keep_N = torch.zeros(plan.row_token_N.numel(), dtype=torch.bool, device=dest_TK.device)
     keep_N[dest_TK.reshape(-1)] = keep_TK.reshape(-1)
     new_row_N = torch.cumsum(keep_N, 0) - 1
@@ -363,6 +365,35 @@ def cap_globally(plan: RoutingPlan, counts_WKE: Tensor, rank: int, capacity_fact
         dest_TK=torch.where(keep_TK, new_row_N[dest_TK], -1).to(dest_TK.dtype),
         weight_TK=plan.weight_TK, expert_TK=expert_TK)
     return capped, capacity
+
+
+def _position_slots(plan: RoutingPlan, counts_WKE: Tensor, rank: int) -> Tensor:
+    """[T, K] global slots of this rank's assignments under position priority."""
+    K = counts_WKE.shape[1]
+    total_KE, local_KE = counts_WKE.sum(0), counts_WKE[rank]
+    offset_KE = ((torch.cumsum(total_KE, 0) - total_KE) - (torch.cumsum(local_KE, 0) - local_KE)
+                 + counts_WKE[:rank].sum(0))
+    expert_TK, dest_TK = plan.expert_TK, plan.dest_TK
+    start_E = torch.cumsum(plan.counts_E, 0) - plan.counts_E
+    choice_TK = torch.arange(K, device=dest_TK.device).expand(plan.num_tokens, K)
+    return dest_TK - start_E[expert_TK] + offset_KE.to(dest_TK.device)[choice_TK, expert_TK]
+
+
+def _score_slots(priority_WT: Tensor, expert_WTK: Tensor, counts_WKE: Tensor, rank: int
+                 ) -> Tensor:
+    """[T, K] global slots of this rank's assignments under score priority: the one-process
+    ranking (:func:`assignment_slots`) run on every rank's tokens, padding rows sent to an
+    expert of their own (id E) so that they take no real expert's slot."""
+    W, M, K = expert_WTK.shape
+    E, sizes_W = counts_WKE.shape[2], counts_WKE[:, 0].sum(-1)
+    real_WT = torch.arange(M, device=expert_WTK.device) < sizes_W.to(expert_WTK.device)[:, None]
+    expert_GK = torch.where(real_WT[..., None], expert_WTK, E).reshape(W * M, K)
+    order_G = torch.argsort(priority_WT.reshape(-1), descending=True, stable=True)
+    perm_A, slot_A, _ = assignment_slots(expert_GK, order_G, E + 1)
+    slot_GK = torch.empty(W * M * K, dtype=slot_A.dtype, device=slot_A.device)
+    slot_GK[perm_A] = slot_A
+    T = int(sizes_W[rank])
+    return slot_GK.view(W, M, K)[rank, :T]
 
 
 def expert_choice(logits_TE: Tensor, capacity: int, score_func: str = "softmax"

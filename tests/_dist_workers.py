@@ -126,11 +126,12 @@ def check_global_balance(rank, world, ctx, seed):
     layer.eval()(x[rank * B:(rank + 1) * B])
 
 
-def check_global_capacity(rank, world, ctx, seed):
+def check_global_capacity(rank, world, ctx, seed, drop_policy="position"):
     """capacity_scope="global": the ranks drop exactly the assignments one process drops on
     the whole batch (outputs, gradients, optimizer steps), where per-rank capacity drops
     others; eval keeps per-rank capacity (no collective)."""
-    kw = dict(experts=(4, 2), top_k=2, drop_tokens=True, capacity_factor=0.5)
+    kw = dict(experts=(4, 2), top_k=2, drop_tokens=True, capacity_factor=0.5,
+              drop_policy=drop_policy)
     model = check_equivalence(rank, world, ctx, seed, steps=2, capacity_scope="global", **kw)
     assert all(float(m.last_stats.dropped_fraction) > 0 for m in model.moes)
     ref, local = _build_pair(ctx, seed, **kw)
@@ -684,6 +685,7 @@ def two_ranks(rank, world):
     check_dedup_dispatch(rank, world, ctx, 27)
     check_global_balance(rank, world, ctx, 28)
     check_global_capacity(rank, world, ctx, 31)
+    check_global_capacity(rank, world, ctx, 32, drop_policy="score")
     check_grad_scaler_skips_together(rank, world, ctx, 13)
     check_zero_tokens(rank, world, ctx, 15)
     check_grad_checkpointing(rank, world, ctx, 16)
@@ -753,8 +755,10 @@ def four_ranks(rank, world):
     model = check_equivalence(rank, world, ctx, 12, steps=2, experts=(2, 4), top_k=1,
                               drop_tokens=True, capacity_factor=8.0)
     assert [m.layout.ep_size for m in model.moes] == [2, 4]
-    check_equivalence(rank, world, ctx, 15, steps=1, experts=(2, 4), top_k=2, drop_tokens=True,
-                      capacity_factor=0.5, capacity_scope="global")
+    for seed, policy in ((15, "position"), (16, "score")):
+        check_equivalence(rank, world, ctx, seed, steps=1, experts=(2, 4), top_k=2,
+                          drop_tokens=True, capacity_factor=0.5, capacity_scope="global",
+                          drop_policy=policy)
     assert model.moes[0].experts.global_ids == [rank % 2]
     assert model.moes[1].experts.global_ids == [rank]
     # a model built with max_ep_size 1, 2 or 4 holds the same experts
@@ -802,18 +806,19 @@ def triton_ops_match_torch(rank, world):
     moesaic.init_distributed(timeout_s=60)
     runs = []
     for kernels in ("torch", "triton"):
-        for drop, scope in ((False, "batch"), (True, "batch"), (True, "global")):
+        for drop, scope, policy in ((False, "batch", "position"), (True, "batch", "position"),
+                                    (True, "global", "position"), (True, "global", "score")):
             moesaic.moe_set_seed(0)
             m = moesaic.parallelize(moesaic.MoE(D, F, 4, top_k=2, drop_tokens=drop,
                                                 capacity_factor=1.0, kernels=kernels,
-                                                capacity_scope=scope))
+                                                capacity_scope=scope, drop_policy=policy))
             x = torch.randn(12, D, generator=torch.Generator().manual_seed(rank),
                             requires_grad=True)
             y, _ = m(x)
             y.square().sum().backward()
             runs.append((y.detach(), x.grad, m.experts.w1.grad, m.router.weight.grad))
-    for i in range(3):
-        for a, b in zip(runs[i], runs[i + 3]):
+    for i in range(4):
+        for a, b in zip(runs[i], runs[i + 4]):
             torch.testing.assert_close(a, b, **TOL)
     moesaic.destroy()
     return True

@@ -8,23 +8,36 @@ import moesaic
 from moesaic import routing
 
 
-def _split_plans(logits_TE, sizes, top_k, cf, min_capacity):
+def _split_plans(logits_TE, sizes, top_k, cf, min_capacity, policy):
+    """What each rank's layer does: a dropless plan, then capped from the gathered counts (and
+    for score priority every rank's priorities and choices, padded to the longest rank)."""
     E = logits_TE.shape[1]
     parts = torch.split(logits_TE, sizes)
-    plans = [routing.token_choice(p, top_k, None, "position", top_k > 1)[0] for p in parts]
-    counts_WKE = torch.stack([routing.choice_counts(p.expert_TK, E) for p in plans])
-    return [routing.cap_globally(p, counts_WKE, r, cf, min_capacity) for r, p in enumerate(plans)]
+    routed = [routing.token_choice(p, top_k, None, policy, top_k > 1)[:2] for p in parts]
+    counts_WKE = torch.stack([routing.choice_counts(p.expert_TK, E) for p, _ in routed])
+    ranked = None
+    if policy == "score":
+        M = max(sizes)
+        pad = lambda t: torch.cat([t, t.new_full((M - t.shape[0], *t.shape[1:]), 7)])
+        ranked = (torch.stack([pad(routing.first_choice_prob(probs, p.expert_TK))
+                               for p, probs in routed]),
+                  torch.stack([pad(p.expert_TK) for p, _ in routed]))
+    return [routing.cap_globally(p, counts_WKE, r, cf, min_capacity, ranked)
+            for r, (p, _) in enumerate(routed)]
 
 
+@pytest.mark.parametrize("policy", ["position", "score"])
 @pytest.mark.parametrize("top_k,E,sizes,cf,min_capacity", [
     (1, 4, (7, 9), 0.5, 0), (2, 4, (6, 6), 0.5, 0), (2, 8, (5, 0, 11), 1.0, 1),
     (3, 6, (1, 2, 3, 4), 0.75, 2), (2, 4, (10, 10), 100.0, 4)])
-def test_ranks_keep_what_the_whole_batch_keeps(top_k, E, sizes, cf, min_capacity):
+def test_ranks_keep_what_the_whole_batch_keeps(top_k, E, sizes, cf, min_capacity, policy):
     logits_TE = torch.randn(sum(sizes), E, generator=torch.Generator().manual_seed(sum(sizes)))
+    if policy == "score":  # ties in priority go to the earlier token, across ranks too
+        logits_TE[1::3] = logits_TE[0]
     T = sum(sizes)
     capacity = routing.token_choice_capacity(T, E, top_k, cf, min_capacity)
-    whole = routing.token_choice(logits_TE, top_k, capacity, "position", top_k > 1)[0]
-    capped = _split_plans(logits_TE, list(sizes), top_k, cf, min_capacity)
+    whole = routing.token_choice(logits_TE, top_k, capacity, policy, top_k > 1)[0]
+    capped = _split_plans(logits_TE, list(sizes), top_k, cf, min_capacity, policy)
     assert all(c == capacity for _, c in capped)
     kept_TK = torch.cat([p.dest_TK >= 0 for p, _ in capped])
     assert torch.equal(kept_TK, whole.dest_TK >= 0)
@@ -55,7 +68,6 @@ def test_one_process_global_is_batch_capacity():
     (dict(capacity_scope="world"), "capacity_scope must be one of ('batch', 'global'), got 'world'"),
     (dict(capacity_scope="global", drop_tokens=False), "capacity_scope='global' takes no "
      "drop_tokens=False"),
-    (dict(capacity_scope="global", drop_policy="score"), "takes no drop_policy='score'"),
     (dict(capacity_scope="global", router="expert_choice"), "takes no router='expert_choice'")])
 def test_bad_scopes_are_refused(kw, msg):
     with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace(")", r"\)")):

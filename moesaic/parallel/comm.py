@@ -86,7 +86,8 @@ class GroupRef:
 class CountSum:
     """A layer's routing counts over every rank: summed per expert (``balance_scope="global"``,
     one all-reduce of E int64 per training forward) or gathered per rank, choice and expert
-    (``capacity_scope="global"``, one all-gather of K * E int64). Installed by ``parallelize``;
+    (``capacity_scope="global"``, one all-gather of K * E int64, and with score priority one of
+    each rank's priorities and choices). Installed by ``parallelize``;
     the layer calls it without knowing the group. Not counted in :class:`CommStats` (which
     counts the all-to-alls, as the gradient all-reduces are not)."""
 
@@ -112,6 +113,17 @@ class CountSum:
         parts = [torch.empty_like(counts_KE) for _ in self.ranks]
         run_collective("MoE global-capacity count all-gather", self.ranks, dist.all_gather,
                        parts, counts_KE.detach().contiguous(), group=self.group)
+        return torch.stack(parts)
+
+    def gather_rows(self, rows_TC: Tensor, length: int) -> Tensor:
+        """[W, length, C]: every rank's rows, in rank order, each padded with zeros to
+        ``length`` (the score priority of ``capacity_scope="global"``)."""
+        self._check()
+        padded = rows_TC.new_zeros(length, rows_TC.shape[1])
+        padded[:rows_TC.shape[0]] = rows_TC.detach()
+        parts = [torch.empty_like(padded) for _ in self.ranks]
+        run_collective("MoE global-capacity priority all-gather", self.ranks, dist.all_gather,
+                       parts, padded, group=self.group)
         return torch.stack(parts)
 
     def __call__(self, counts_E: Tensor) -> Tensor:
