@@ -186,15 +186,18 @@ class MoE(nn.Module):
             plan, probs_TE, counts_E = ops.token_choice(
                 logits_TE, c.top_k, capacity, c.drop_policy, c.normalize_weights, bias_E,
                 c.score_func, c.group_limit())
+            counts_WKE = None
             if across:  # drops as one process would on every rank's tokens
-                plan = self._cap_globally(plan, logits_TE, probs_TE, cf)
+                plan, counts_WKE = self._cap_globally(plan, logits_TE, probs_TE, cf)
             if bias_E is not None and self.training and not in_backward():
                 self.load_counts += counts_E.detach()
             dist_TE = routing.score_distribution(probs_TE, c.score_func)
             if c.balance_scope == "sequence":
                 balance = routing.sequence_balance_loss(dist_TE, plan.expert_TK, num_seqs)
             elif c.balance_scope == "global" and self.training and self.count_sum is not None:
-                balance = routing.balance_loss(dist_TE, self.count_sum(counts_E))
+                total_E = (self.count_sum(counts_E) if counts_WKE is None
+                           else counts_WKE.sum((0, 1)))  # the capacity's gather has them
+                balance = routing.balance_loss(dist_TE, total_E)
             else:  # "batch"; "global" in one process, or in eval (no collective there)
                 balance = routing.balance_loss(dist_TE, counts_E)
             dropped = (counts_E.sum() - plan.counts_E.sum()) / counts_E.sum().clamp(min=1)
@@ -218,8 +221,9 @@ class MoE(nn.Module):
                 torch.cat([priority_T.double()[:, None], plan.expert_TK.double()], 1),
                 int(counts_WKE[:, 0].sum(-1).max()))
             ranked = (rows_WTC[..., 0], rows_WTC[..., 1:].long())
-        return routing.cap_globally(plan, counts_WKE, count_sum.rank, cf, c.min_capacity,
-                                    ranked)[0]
+        capped, _ = routing.cap_globally(plan, counts_WKE, count_sum.rank, cf, c.min_capacity,
+                                         ranked)
+        return capped, counts_WKE
 
     def forward(self, x: Tensor, return_stats: bool = False):
         """``(y, aux_loss)``, or ``(y, aux_loss, stats)`` with ``return_stats=True``."""

@@ -96,6 +96,26 @@ def check_dedup_dispatch(rank, world, ctx, seed):
     assert sent[0] == sent[1], sent
     with _raises(ValueError, "already parallelized with dedup_tokens=True"):
         moesaic.parallelize(model, dedup_tokens=False)
+    # capacity_scope="global" keeps ragged rows in training: deduplicated too, and no warning
+    kw = dict(experts=(4,), top_k=2, num_groups=2, topk_groups=1, drop_tokens=True,
+              capacity_factor=0.75, capacity_scope="global")
+    sent, outs = [], []
+    for dedup_tokens in (False, True):
+        moesaic.moe_set_seed(seed)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = moesaic.parallelize(tiny_net(**kw), dedup_tokens=dedup_tokens)
+        assert not any("has no effect" in str(w.message) for w in caught), caught
+        comm_stats(model).reset()
+        out, _ = model.train()(x[lo:hi])
+        (out - target[lo:hi]).square().mean().backward()
+        sent.append(comm_stats(model).bytes_sent)
+        outs.append((out.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    assert float(model.moes[0].last_stats.dropped_fraction) > 0
+    torch.testing.assert_close(outs[1][0], outs[0][0], **TOL)
+    for name, grad in outs[0][1].items():
+        torch.testing.assert_close(outs[1][1][name], grad, **TOL, msg=name)
+    assert sent[1] < sent[0], sent
 
 
 def check_global_balance(rank, world, ctx, seed):

@@ -129,13 +129,21 @@ def test_training_does_not_depend_on_the_expert_layout(setup):
         assert abs(rb["eval_accuracy"] - ra["eval_accuracy"]) <= 1 / 41 + 1e-9
 
 
-def test_two_processes_train_like_one(setup):
+@pytest.mark.parametrize("routing", ["dropless", "global_capacity"])
+def test_two_processes_train_like_one(setup, routing):
     """The number of processes changes no random number: with every random layer and
     augmentation on (keyed by image), a 2-process expert-parallel run trains like one process
-    on the whole batch, to float32 rounding, capacity drops and the balance loss included
-    when both are taken over the global batch (capacity_scope and balance_scope "global").
-    So a 2-process run resumed in one process continues as it would have on two."""
+    on the whole batch, to float32 rounding: dropless without a balance loss, and with
+    capacity drops and the balance loss when both are taken over the global batch
+    (capacity_scope and balance_scope "global"). So a 2-process run resumed in one process
+    continues as it would have on two."""
     root = setup[0]
+    if routing == "dropless":
+        args = {**TINY_MODEL, "top_k": 2, "drop_tokens": False, **RANDOM_LAYERS}
+        _same_training_at_both_layouts(
+            root, "dropless", args, lambda ep: dict(AUX_LOSS_WEIGHT=0.0, **RANDOM_AUGMENT),
+            first_in_one_process=True, keys=("train_loss", "train_accuracy", "eval_loss"))
+        return
     args = {**TINY_MODEL, "top_k": 2, "capacity_factor": 0.5, "capacity_scope": "global",
             "balance_scope": "global", **RANDOM_LAYERS}
     _, two = _same_training_at_both_layouts(

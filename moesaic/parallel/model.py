@@ -119,7 +119,8 @@ def parallelize(model: nn.Module, bucket_mb: float = 25.0, dedup_tokens: bool = 
     world, experts over their expert-data-parallel group, both giving the mean over the world's
     tokens) and moves router noise and dropout to per-rank streams (outside
     :func:`moesaic.sample_keys`, which keys them by sample instead). With ``dedup_tokens`` the
-    dropless layers send a token to a rank once, however many of its experts the rank holds
+    dropless layers (and those of ``capacity_scope="global"`` in training, whose kept rows are
+    ragged too) send a token to a rank once, however many of its experts the rank holds
     (:mod:`moesaic.parallel.dedup`; worth it for top_k >= 2, above all with group-limited
     routing). Returns ``model`` itself.
     """
@@ -189,15 +190,17 @@ def parallelize(model: nn.Module, bucket_mb: float = 25.0, dedup_tokens: bool = 
 
 
 def _check_dedup_applies(layers: list, dedup_tokens: bool) -> None:
-    """``dedup_tokens`` changes only dropless token-choice layers with top_k >= 2 and experts
-    split over ranks: say so when a model has none (the option would do nothing). The same
-    rule as :func:`moesaic.parallel.dedup.worth_it`, read from the configs instead of a plan."""
+    """``dedup_tokens`` changes only token-choice layers with ragged plans (dropless, or
+    ``capacity_scope="global"`` in training), top_k >= 2 and experts split over ranks: say so
+    when a model has none (the option would do nothing). The same rule as
+    :func:`moesaic.parallel.dedup.worth_it`, read from the configs instead of a plan."""
     if dedup_tokens and not any(
-            m.layout.ep_size > 1 and not m.config.drop_tokens and m.config.top_k > 1
-            and m.config.router == "token_choice" for m in layers):
+            m.layout.ep_size > 1 and m.config.top_k > 1 and m.config.router == "token_choice"
+            and (not m.config.drop_tokens or m.config.capacity_scope == "global")
+            for m in layers):
         warnings.warn("parallelize(dedup_tokens=True) has no effect on this model: no MoE layer "
-                      "is dropless (drop_tokens=False) with top_k >= 2 and its experts split "
-                      "over ranks", stacklevel=3)
+                      "with top_k >= 2 and its experts split over ranks is dropless "
+                      "(drop_tokens=False) or of capacity_scope='global'", stacklevel=3)
 
 
 def parallel_state(model: nn.Module) -> Optional[ParallelState]:
@@ -239,7 +242,8 @@ def equal_batches(model: nn.Module):
     call inside (e.g. training on equal per-rank batches). Capacity mode then skips the
     exchange of the ranks' capacities: static block sizes, no host sync for the exchange. A broken promise
     fails in the all-to-all (or, on some backends, hangs or reads garbage), so leave it out for
-    ragged batches such as a last evaluation batch. Dropless mode is unaffected."""
+    ragged batches such as a last evaluation batch. Dropless mode, and ``capacity_scope="global"``
+    in training (ragged rows too), is unaffected."""
     dispatchers = [m.dispatcher for m in model.modules()
                    if isinstance(getattr(m, "dispatcher", None), AllToAllDispatcher)]
     before = [d.equal_batches for d in dispatchers]

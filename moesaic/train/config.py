@@ -76,7 +76,7 @@ class TrainConfig:
     device: str = "auto"  # auto, cpu or cuda
     grad_checkpointing: bool = False  # recompute blocks in the backward: less memory, more compute
     max_ep_size: Optional[int] = None  # expert-parallel size limit (default: world size)
-    dedup_tokens: bool = False  # expert parallelism: a dropless layer sends a token to a rank once, however many of its experts that rank holds (fewer bytes for top_k >= 2)
+    dedup_tokens: bool = False  # expert parallelism: a dropless (or capacity_scope="global") layer sends a token to a rank once, however many of its experts that rank holds (fewer bytes for top_k >= 2)
     init_from: Optional[str] = None  # fine-tune: start from this checkpoint folder's (or run dir's latest) weights; a head for another class count starts anew
     upcycle: bool = False  # with init_from: the checkpoint is a dense model (model_args num_experts=0): copy each of its MLPs into every expert of the MoE block at that place (sparse upcycling); routers start anew
     eval_at_start: bool = False  # evaluate once before the first step (a fine-tuned or upcycled start); logged, and kept in summary.json as initial_eval_accuracy
