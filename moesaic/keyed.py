@@ -254,6 +254,22 @@ class Dropout(nn.Dropout):
         return super().forward(x)
 
 
+def key_dropouts_(model: nn.Module, kernels: str = "auto") -> list[str]:
+    """Replace every plain ``nn.Dropout`` in ``model`` by :class:`Dropout` (same ``p`` and
+    ``inplace``; no state, so state dicts are unchanged); returns the replaced modules' names.
+    Other dropouts (``Dropout2d``, ``F.dropout`` calls, a fused attention's ``dropout_p``) still
+    draw from torch's generator."""
+    names = [n for n, m in model.named_modules(remove_duplicate=False)
+             if n and type(m) is nn.Dropout]
+    for name in names:
+        parent, _, leaf = name.rpartition(".")
+        old = model.get_submodule(name)
+        new = Dropout(old.p, old.inplace, kernels=kernels)
+        new.train(old.training)
+        setattr(model.get_submodule(parent) if parent else model, leaf, new)
+    return names
+
+
 def keep_samples(x: Tensor, p: float) -> Tensor:
     """[b] float keep flags (probability 1 - p) of the samples of batch-first ``x``, keyed."""
     u_b = uniform(row_keys(x.shape[0], x.device), 1)[:, 0]

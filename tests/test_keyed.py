@@ -220,3 +220,39 @@ def test_dropout_is_still_nn_dropout():
     drops = [m for m in model.modules() if isinstance(m, nn.Dropout)]
     assert drops and all(isinstance(m, keyed.Dropout) for m in drops)
     assert "Dropout(p=0.2, inplace=False)" in repr(model)
+
+
+def test_key_dropouts_makes_a_plain_model_split_invariant(monkeypatch):
+    """A model written with plain nn.Dropout (shared and nested ones too) is keyed by
+    key_dropouts_: the split batch then equals the whole, its state dict unchanged; the
+    trainer applies it to registered models."""
+    shared = nn.Dropout(0.5)
+    net = nn.Sequential(nn.Linear(6, 32), nn.Dropout(0.3), nn.Sequential(nn.ReLU(), shared),
+                        shared, nn.Dropout1d(0.0), nn.Linear(32, 3)).train()
+    state = net.state_dict()
+    assert keyed.key_dropouts_(net) == ["1", "2.1", "3"]
+    assert net.state_dict().keys() == state.keys() and keyed.key_dropouts_(net) == []
+    assert type(net[4]) is nn.Dropout1d and net[1].p == 0.3 and net[3].p == 0.5
+    x, keys = torch.randn(6, 6), torch.arange(6, dtype=torch.int32)
+    with keyed.sample_keys(keys):
+        whole = net(x)
+    parts = []
+    for xs, ks in zip(x.tensor_split(3), keys.tensor_split(3)):
+        with keyed.sample_keys(ks):
+            parts.append(net(xs))
+    torch.testing.assert_close(torch.cat(parts), whole, rtol=0, atol=0)
+
+    from moesaic.models import registry
+    from moesaic.train.config import TrainConfig
+    from moesaic.train.setup import build_model
+    for table in ("_REGISTRY", "_SUMMARY"):  # the test's model leaves with the test
+        monkeypatch.setattr(registry, table, dict(getattr(registry, table)))
+
+    @moesaic.models.register("test_plain_dropout_net")
+    def plain(img_size, in_chans, num_classes, aux_loss_coef):
+        return moesaic.WithAuxLoss(nn.Sequential(nn.Flatten(), nn.Dropout(0.2),
+                                                 nn.Linear(in_chans * img_size ** 2,
+                                                           num_classes)))
+
+    model = build_model(TrainConfig(model="test_plain_dropout_net", model_args={}), (1, 4, 4), 3)
+    assert [type(m) for m in model.modules() if isinstance(m, nn.Dropout)] == [keyed.Dropout]

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .. import models
+from .. import keyed, models
 from ..parallel import init_distributed
 from . import rundir
 from .config import ConfigError, TrainConfig
@@ -122,6 +122,7 @@ def build_model(cfg: TrainConfig, img_shape: tuple, num_classes: int) -> torch.n
         model = models.create(cfg.model, **kw)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model {cfg.model!r} with model_args {cfg.model_args}: {e}") from e
+    keyed.key_dropouts_(model)  # a registered model's own nn.Dropout: masks keyed by image too
     if cfg.grad_checkpointing:
         if not hasattr(model, "set_grad_checkpointing"):
             raise ConfigError(f"grad_checkpointing=True but model {cfg.model!r} "
