@@ -211,6 +211,8 @@ class MoE(nn.Module):
         return plan, aux_loss, stats
 
     def _cap_globally(self, plan, logits_TE: Tensor, probs_TE: Tensor, cf: float):
+        """A dropless plan capped as one process would cap every rank's tokens, and the
+        gathered [W, K, E] counts (``capacity_scope="global"``)."""
         c, count_sum = self.config, self.count_sum
         counts_WKE = count_sum.gather(routing.choice_counts(plan.expert_TK, c.num_experts))
         ranked = None

@@ -579,6 +579,9 @@ def test_summary_says_when_the_best_epoch_is_a_partial_one():
          "train_images_per_second": 1.0, "params_total": 10, "params_active_per_token": 5}
     text = end_table(s, hist, "run")
     assert "70.00% (epoch 2, partial: not checkpointed)" in text
+    assert "| 1 " in text.split("train images/s")[1].splitlines()[0]  # no set-up recorded
+    for world, says in ((1, "1 (1 process, cpu)"), (2, "1 (2 processes, cpu)")):
+        assert says in end_table({**s, "world_size": world, "device": "cpu"}, hist, "run")
 
 
 def test_progress_bar_shows_finite_running_loss(tmp_path, monkeypatch):

@@ -63,7 +63,9 @@ def end_table(s: dict, history: list[dict], run_dir: str) -> str:
         ("best eval accuracy", f"{100 * s['best_eval_accuracy']:.2f}% ({where})"),
         ("final eval accuracy", f"{100 * s['final_eval_accuracy']:.2f}%"),
         ("epochs", str(s["epochs"])),
-        ("train images/s", f"{s['train_images_per_second']:.0f}"),
+        ("train images/s", f"{s['train_images_per_second']:.0f}" + (
+            f" ({s['world_size']} process{'es' if s['world_size'] > 1 else ''}, "
+            f"{s['device']})" if "world_size" in s else "")),
         ("parameters, total", f"{s['params_total']:,}"),
         ("parameters, active/token", f"{s['params_active_per_token']:,}"),
         ("tokens dropped (last epoch)", f"{100 * dropped[-1]:.2f}%" if dropped else "n/a (dense)"),
