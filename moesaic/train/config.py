@@ -41,7 +41,7 @@ class TrainConfig:
 
     name: str = "digits_vit_moe"  # run name: the run dir is runs/<name>/<timestamp>
     model: str = "vit_moe_tiny"  # a name from `moesaic models`
-    model_args: dict = field(default_factory=dict)  # keywords for moesaic.models.create (not img_size/in_chans/num_classes: the dataset's; not aux_loss_coef: aux_loss_weight)
+    model_args: dict = field(default_factory=dict)  # keywords for moesaic.models.create: the model's (depth, d_model, ...) and its MoE layers' (top_k, capacity_factor, drop_tokens, capacity_scope, ...; all in docs/models.md); not img_size/in_chans/num_classes (the dataset's) nor aux_loss_coef (aux_loss_weight)
     dataset: str = "digits"  # digits (scikit-learn's 8x8 digits, embedded), cifar10 or cifar100
     data_dir: Optional[str] = None  # cifar10 / cifar100 location; default $DATA
     batch_size: int = 64  # global batch: split evenly over the ranks
