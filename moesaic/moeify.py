@@ -113,6 +113,32 @@ def _activation(name: str, m: nn.Module, given: Optional[str]) -> str:
     return found
 
 
+_PARTS = ("fc1", "fc2", "fc3", "act")  # what the experts take over from an MLP module
+
+
+def _check_parts(name: str, m: nn.Module, upcycle: bool) -> None:
+    """Refuse an MLP holding more than the experts compute: a submodule besides fc1 / fc2 /
+    fc3 / act / dropouts / Identity (timm's ``Mlp(norm_layer=...)`` has a norm), a parameter of
+    its own, or, when upcycling, an ``act`` module whose function the experts do not have."""
+    extra = [f"{n} ({type(c).__name__})" for n, c in m.named_children()
+             if n not in _PARTS and not isinstance(c, (nn.modules.dropout._DropoutNd,
+                                                       nn.Identity))]
+    extra += [f"{n} (a parameter)" for n, p in m.named_parameters(recurse=False)]
+    if extra:
+        raise ValueError(f"moeify_: {name} ({type(m).__name__}) holds {', '.join(extra)} "
+                         "besides fc1 / act / fc2, which its MoE experts would not compute: "
+                         "pass where= to leave it out")
+    act = getattr(m, "act", None)
+    known = (not isinstance(act, nn.Module) or type(act) is nn.ReLU
+             or type(act) is nn.GELU and act.approximate == "none"
+             or type(act) is nn.SiLU and isinstance(getattr(m, "fc3", None), nn.Linear))
+    if upcycle and not known:
+        raise ValueError(f"moeify_: {name}.act is {act!r}, which the experts do not compute "
+                         f"(they take one of {ACTIVATIONS}, GELU exact): the upcycled layer "
+                         "would not compute the MLP; pass upcycle=False to train new experts "
+                         "with activation=, or where= to leave it out")
+
+
 def _is_mlp(name: str, module: nn.Module) -> bool:
     return (isinstance(getattr(module, "fc1", None), nn.Linear)
             and isinstance(getattr(module, "fc2", None), nn.Linear))
@@ -129,7 +155,9 @@ def moeify_(model: nn.Module, num_experts: int, *,
     ``act`` GELU / ReLU, swiglu where it has ``fc3``; else give ``activation=``) and
     ``moe_kwargs`` for :class:`moesaic.MoE`. ``upcycle`` copies each MLP into its experts. The
     new layers take the MLP's device, dtype and train/eval mode; its dropout is not carried
-    over (give ``dropout`` / ``hidden_dropout``). Call it before ``moesaic.parallelize`` (and
+    over (give ``dropout`` / ``hidden_dropout``). A selected module holding more than the
+    experts compute (a norm, a parameter, a nested module; an ``act`` of another function when
+    upcycling) is refused. Call it before ``moesaic.parallelize`` (and
     before building optimizers); every selected module is checked before any is replaced.
     Returns the replaced modules' names."""
     from .parallel.model import grad_synced
@@ -159,6 +187,7 @@ def moeify_(model: nn.Module, num_experts: int, *,
         if upcycle and m.fc1.weight.is_meta:
             raise ValueError(f"moeify_: {name} is on the meta device, with no weights to "
                              "upcycle from: pass upcycle=False (or materialise it first)")
+        _check_parts(name, m, upcycle)
         acts[id(m)] = _activation(name, m, activation)
     built: dict[int, MoEFeedForward] = {}  # a module shared by several names: one MoE
     for name, m in chosen:

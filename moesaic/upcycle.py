@@ -124,6 +124,18 @@ def moe_prefixes(model: nn.Module) -> dict[str, MoE]:
             for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, MoE)}
 
 
+def _dense_prefix(model: nn.Module, prefix: str) -> str:
+    """Where the dense MLP of the MoE layer at ``prefix`` is stored: the same name, or for the
+    layer of a :func:`moesaic.moeify_` feed-forward (NAME.moe.) the MLP it replaced (NAME.)."""
+    from .moeify import MoEFeedForward
+
+    parent = prefix[:-len("moe.")]
+    if prefix.endswith("moe.") and isinstance(
+            model.get_submodule(parent[:-1]) if parent else model, MoEFeedForward):
+        return parent
+    return prefix
+
+
 def _listed(items: list[str], limit: int = 12) -> str:
     more = f" and {len(items) - limit} more" if len(items) > limit else ""
     return ", ".join(items[:limit]) + more
@@ -134,7 +146,8 @@ def upcycle_(model: nn.Module, dense_state_dict: dict, keep: tuple = ()) -> list
     """Initialise ``model`` from a dense model's state dict by sparse upcycling.
 
     Each MoE layer reached as NAME takes the dense MLP stored as NAME.fc1.*, NAME.fc2.* (and
-    NAME.fc3.weight for swiglu) into all its experts and its residual MLP; its router, mixing
+    NAME.fc3.weight for swiglu) into all its experts and its residual MLP (the layer of a
+    :func:`moesaic.moeify_` feed-forward, NAME.moe, the MLP it replaced, NAME.*); its router, mixing
     coefficient and selection biases keep their values. Every other entry of ``model`` must be
     in ``dense_state_dict`` with its shape, except those named in ``keep`` (left as they are,
     e.g. a classifier for another number of classes), and every entry of ``dense_state_dict``
@@ -173,7 +186,7 @@ def upcycle_(model: nn.Module, dense_state_dict: dict, keep: tuple = ()) -> list
     done, layers = [], {}
     for prefix, layer in prefixes.items():
         name = prefix[:-1] or "<model>"
-        names = {s: prefix + s for s in DENSE_MLP}
+        names = {s: _dense_prefix(model, prefix) + s for s in DENSE_MLP}
         absent = [names[s] for s in ("fc1.weight", "fc2.weight") if names[s] not in dense]
         if absent:
             missing.append(f"{' and '.join(absent)} (the dense MLP for the MoE layer {name})")

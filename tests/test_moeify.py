@@ -58,6 +58,18 @@ def test_upcycled_moeified_model_computes_the_dense_model(make):
     assert moesaic.collect_aux_loss(model) == 0  # eval keeps no aux losses
 
 
+def test_upcycle_fills_a_model_moeified_without_weights_from_the_dense_state_dict():
+    """moeify_(upcycle=False), then upcycle_ from the dense model's state dict (the path of
+    `moesaic train --set init_from=<dense run> --set upcycle=True` for a moeified model): the
+    layer at NAME.moe takes the MLP stored at NAME."""
+    dense = net([Mlp(D, 32), Mlp(D, 32)]).eval()
+    x = torch.randn(2, 5, D)
+    model = net([Mlp(D, 32), Mlp(D, 32)])
+    moesaic.moeify_(model, 4, top_k=2, drop_tokens=False, upcycle=False)
+    assert moesaic.upcycle_(model, dense.state_dict()) == ["0.mlp.moe", "1.mlp.moe"]
+    torch.testing.assert_close(model.eval()(x), dense(x), rtol=1e-5, atol=1e-6)
+
+
 def test_aux_losses_are_collected_once_per_step_and_cleared():
     model = net([Mlp(D, 32), Mlp(D, 32)]).train()
     moesaic.moeify_(model, 4, aux_loss_coef=1.0)
@@ -129,8 +141,10 @@ def test_activation_is_read_from_the_module_and_checked():
         moesaic.moeify_(net([DenseMLP(D, 32, "relu")]), 4, activation="gelu")
     odd = Mlp(D, 32)
     odd.act = nn.Tanh()
-    with pytest.raises(ValueError, match=r"cannot tell the activation of 0.mlp .Mlp.; pass"):
+    with pytest.raises(ValueError, match=r"0.mlp.act is Tanh\(\), which the experts do not"):
         moesaic.moeify_(net([odd]), 4)
+    with pytest.raises(ValueError, match=r"cannot tell the activation of 0.mlp .Mlp.; pass"):
+        moesaic.moeify_(net([odd]), 4, upcycle=False)
     gated = Mlp(D, 32)
     gated.fc3 = nn.Linear(D, 32, bias=False)
     with pytest.raises(ValueError, match=r"has an fc3 .* but its activation is 'gelu'"):
@@ -139,8 +153,10 @@ def test_activation_is_read_from_the_module_and_checked():
 
 def test_nested_and_meta_selections():
     outer = Mlp(D, 32)
-    outer.inner = Mlp(D, 32)  # an MLP inside a selected MLP is replaced with it
-    model = net([outer])
+    outer.inner = Mlp(D, 32)  # the experts would not compute what outer does with it
+    with pytest.raises(ValueError, match=r"0.mlp \(Mlp\) holds inner \(Mlp\) besides"):
+        moesaic.moeify_(net([outer]), 2)
+    model = net([Mlp(D, 32)])
     assert moesaic.moeify_(model, 2) == ["0.mlp"]
     assert len([m for m in model.modules() if isinstance(m, MoEFeedForward)]) == 1
     with torch.device("meta"):
@@ -161,7 +177,21 @@ def test_bad_selections_are_refused_before_anything_changes():
     odd.fc2 = nn.Linear(32, 8)
     with pytest.raises(ValueError, match=r"is not a D -> F -> D MLP: fc1 16 -> 32, fc2 32 -> 8"):
         moesaic.moeify_(net([odd]), 4)
+    normed = Mlp(D, 32)
+    normed.norm = nn.LayerNorm(32)  # timm's Mlp(norm_layer=...): the experts have no norm
+    with pytest.raises(ValueError, match=r"0.mlp \(Mlp\) holds norm \(LayerNorm\) besides"):
+        moesaic.moeify_(net([normed]), 4)
+    scaled = Mlp(D, 32)
+    scaled.gamma = nn.Parameter(torch.ones(D))
+    with pytest.raises(ValueError, match=r"holds gamma \(a parameter\)"):
+        moesaic.moeify_(net([scaled]), 4, upcycle=False)
+    tanh = Mlp(D, 32)
+    tanh.act = nn.GELU(approximate="tanh")
+    with pytest.raises(ValueError, match=r"0.mlp.act is GELU\(approximate='tanh'\), which the "
+                                         r"experts do not compute"):
+        moesaic.moeify_(net([tanh]), 4, activation="gelu")
     assert isinstance(model[0].mlp, Mlp)
+    moesaic.moeify_(net([tanh]), 4, activation="gelu", upcycle=False)  # new experts: allowed
     moesaic.moeify_(model, 4)
     with pytest.raises(ValueError, match="no module of Sequential was selected"):
         moesaic.moeify_(model, 4)  # the MoE layers' own MLPs are never selected
