@@ -808,3 +808,12 @@ def test_tracing_and_export_are_refused_with_a_reason():
 def test_a_float_count_is_refused_as_not_an_int(kw, message):
     with pytest.raises(ValueError, match=message):
         moesaic.MoE(D, 16, 4, **kw)
+
+
+def test_float64_gradcheck_with_a_step_above_float32_routing():
+    """A float64 layer routes in float32 (docs/architecture.md, Precision): gradcheck passes
+    with a step the float32 combine weights resolve."""
+    torch.manual_seed(0)
+    layer = moesaic.MoE(4, 6, 3, top_k=2, residual=True).double()
+    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: layer(t)[0], (x,), eps=1e-4, atol=2e-3, rtol=2e-3)
