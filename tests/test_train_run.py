@@ -446,6 +446,21 @@ def test_restart_resumes_its_own_checkpoint_without_reading_init_from(tmp_path, 
     assert [r["epoch"] for r in read_metrics(tuned)] == [1, 2]
 
 
+def test_a_fresh_launch_with_a_repeated_elastic_key_starts_a_new_run(tmp_path, monkeypatch):
+    """torchrun's default run id is "none": a later job in the same container has the same
+    key, and must start a run of its own unless it is a restart."""
+    from moesaic.train import rundir
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    first, again = rundir.choose(str(tmp_path), "x", None)
+    assert not again and rundir.holds_run(first) is False
+    os.makedirs(os.path.join(first, "checkpoints"), exist_ok=True)
+    open(os.path.join(first, "checkpoints", "latest.json"), "w").close()
+    second, again = rundir.choose(str(tmp_path), "x", None)
+    assert second != first and not again
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert rundir.choose(str(tmp_path), "x", None) == (second, True)
+
+
 def test_fine_tune_a_cifar10_run_on_cifar100(tmp_path, capsys):
     """init_from across label sets: every weight but the classifier comes from the CIFAR-10
     run; the 100-class head starts anew (the log says so) and trains."""

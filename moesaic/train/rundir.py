@@ -3,7 +3,9 @@
 Under torchrun with ``--max-restarts``, restarted workers must find the same run dir to resume
 from its latest checkpoint. Rank 0 tags the dir with a key of the launching agent (torchrun's
 run id, the host and the agent's process id, all unchanged across restarts); a restarted rank 0
-finds the dir by that key.
+(``TORCHELASTIC_RESTART_COUNT`` > 0) finds the dir by that key. A fresh launch never looks it
+up: torchrun's default run id is "none", so in a container with a fixed host name and agent
+process id a later job has the same key.
 """
 from __future__ import annotations
 
@@ -75,7 +77,8 @@ def choose(runs_root: str, name: str, given: Optional[str],
         path, again = given, False
     else:
         parent = os.path.join(runs_root, name)
-        found = _find_by_key(parent, key) if key is not None else None
+        restarted = key is not None and restart_count() > 0  # a fresh launch never looks:
+        found = _find_by_key(parent, key) if restarted else None  # its key may repeat
         path, again = (found, True) if found is not None else (_new_dir(parent), False)
     os.makedirs(os.path.join(path, "checkpoints"), exist_ok=True)
     if key is not None:
