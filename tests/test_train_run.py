@@ -168,6 +168,24 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert [r["epoch"] for r in c] == [1, 2, 3, 4] and c[:3] == b
 
 
+def test_resume_with_another_batch_size_keeps_the_lr_schedule_by_epoch(tmp_path, capsys):
+    """Steps per epoch change with the batch size: the resumed schedule goes on from the end of
+    the checkpoint's epoch (in the new steps) down to min_lr at the last epoch, and says so."""
+    write_cifar(str(tmp_path))
+    cfg = tiny_config(tmp_path / "c.py", tmp_path, EPOCHS=2, WARMUP_EPOCHS=0, MIN_LR=1e-5)
+    first, same, other = (str(tmp_path / n) for n in ("first", "same", "other"))
+    assert main(["train", "--config", cfg, "--run-dir", first]) == 0
+    assert main(["train", "--resume", first, "--run-dir", same, "--set", "epochs=4"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", first, "--run-dir", other, "--set", "epochs=4",
+                 "--set", "batch_size=8", "--set", "steps_per_epoch=None"]) == 0
+    assert "steps per epoch changed" in capsys.readouterr().out
+    lrs = [r["lr"] for r in read_metrics(other)]
+    assert lrs == pytest.approx([r["lr"] for r in read_metrics(same)], rel=1e-9)
+    steps = [r["step"] for r in read_metrics(other)]
+    assert steps[:2] == [2, 4] and steps[3] - steps[2] == steps[2] - 4 > 2  # more per epoch
+
+
 def test_max_steps_inside_an_epoch_then_resume_equals_uninterrupted(tmp_path, capsys):
     """A stop inside epoch 2 records the partial epoch but checkpoints nothing for it, so the
     resumed run redoes epoch 2 and ends bit-equal to the uninterrupted run."""

@@ -159,6 +159,12 @@ class Trainer:
         state = checkpoint.load(ckpt, self.model, self.opt, self.rank, self.world)
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.sched.load_state_dict(state["scheduler"])
+        at = self.epoch * self.spe  # checkpoints end epochs: the schedule goes by epochs
+        if self.sched.last_step != at:
+            self.log(f"steps per epoch changed ({self.sched.last_step} steps for {self.epoch} "
+                     f"epochs, now {self.spe} per epoch): the lr schedule continues from the "
+                     f"end of epoch {self.epoch} in the new steps")
+            self.sched.load_state_dict({"last_step": at})
         if state.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
         self.history = list(state.get("history", []))[: self.epoch]
