@@ -33,11 +33,21 @@ def test_function_style_file(tmp_path):
 
 
 def test_lower_case_key_is_an_error_and_failing_config_function_is_a_config_error(tmp_path):
-    """A known field in lower case would silently train with the default: refused. A helper
-    whose UPPER_CASE twin is set (lr below) is fine."""
+    """A known field (or a name other tools use for it) in lower case would silently train
+    with the default: refused. Beside its UPPER_CASE twin it is a helper, or an override that
+    a file importing a base config forgot to capitalise: warned when the values differ."""
     with pytest.raises(ConfigError, match="batch_size would be ignored .*write BATCH_SIZE"):
         load_file(_write(tmp_path, "batch_size = 32\nlr = 1e-3\nLR = 2 * lr\n"))
-    assert load_file(_write(tmp_path, "BATCH_SIZE = 32\nlr = 1e-3\nLR = 2 * lr\n")).lr == 2e-3
+    with pytest.raises(ConfigError, match="learning_rate would be ignored .*write LR"):
+        load_file(_write(tmp_path, "learning_rate = 3e-4\n"))
+    with pytest.warns(UserWarning, match=r"sets lr = 0.001 and LR = 0.002: the run uses LR"):
+        assert load_file(_write(tmp_path, "BATCH_SIZE = 32\nlr = 1e-3\nLR = 2 * lr\n")).lr == 2e-3
+    _write(tmp_path, "EPOCHS = 2\n", "base.py")
+    with pytest.warns(UserWarning, match=r"sets epochs = 50 and EPOCHS = 2: the run uses EPOCHS"):
+        assert load_file(_write(tmp_path, "from base import *\nepochs = 50\n")).epochs == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_file(_write(tmp_path, "EPOCHS = 3\nepochs = EPOCHS\n")).epochs == 3
     p = _write(tmp_path, "from moesaic.train import TrainConfig\n"
                          "def config():\n    return TrainConfig(batch_siz=32)\n", "f.py")
     with pytest.raises(ConfigError, match="config\\(\\) in .* failed: TypeError.*batch_siz"):

@@ -296,11 +296,20 @@ def load_file(path: str) -> TrainConfig:
     upper = {k: v for k, v in ns.items() if k.isupper() and not k.startswith("_")
              and not isinstance(v, types.ModuleType) and not callable(v)}
     keys = {f.name for f in fields(TrainConfig)}
-    lower = sorted(k for k in ns if not k.isupper() and k.lower() in keys and k.upper() not in ns
-                   and not callable(ns[k]) and not isinstance(ns[k], types.ModuleType))
+    named = {k: ALIASES.get(k.lower(), k.lower()) for k in ns if not k.isupper()}
+    named = {k: key for k, key in named.items() if key in keys and not callable(ns[k])
+             and not isinstance(ns[k], types.ModuleType)}
+    lower = sorted(k for k, key in named.items() if key.upper() not in upper)
     if lower and not callable(fn):  # a config() may use lower-case helpers of its own
         raise ConfigError(f"config file {path!r}: {', '.join(lower)} would be ignored (config "
-                          f"names are UPPER_CASE): write {', '.join(k.upper() for k in lower)}")
+                          f"names are UPPER_CASE): write "
+                          f"{', '.join(named[k].upper() for k in lower)}")
+    for k, key in sorted(named.items()):  # a helper beside its key, or a forgotten override?
+        if key.upper() in upper and not _same(upper[key.upper()], ns[k]):
+            warnings.warn(f"config file {path!r} sets {k} = {ns[k]!r} and {key.upper()} = "
+                          f"{upper[key.upper()]!r}: the run uses {key.upper()} (config names "
+                          f"are UPPER_CASE; {k} is taken as a helper of the file's own)",
+                          stacklevel=2)
     if callable(fn):
         if upper:
             raise ConfigError(f"config file {path!r} defines both config() and UPPER_CASE names "
@@ -318,6 +327,14 @@ def load_file(path: str) -> TrainConfig:
         raise ConfigError(f"config() in {path!r} must return a TrainConfig or a dict, "
                           f"got {type(out).__name__}")
     return from_dict(upper, where)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether a lower-case helper repeats its UPPER_CASE key's value (harmless)."""
+    try:
+        return bool(a == b)
+    except Exception:
+        return False
 
 
 def parse_value(text: str) -> Any:
