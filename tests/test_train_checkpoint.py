@@ -1,5 +1,6 @@
 """Checkpoint files: an epoch saved again never leaves latest.json pointing at a missing or
 half-written folder."""
+import json
 import os
 import shutil
 
@@ -194,3 +195,18 @@ def test_load_weights_keeps_a_head_of_another_size_fresh(tmp_path):
     wider = M.create("vit_moe_tiny", num_classes=10, **{**kw, "d_model": 48})
     with pytest.raises(checkpoint.CheckpointError, match="does not fit this model"):
         checkpoint.load_weights(ckpt, wider)
+
+
+def test_eval_best_without_best_json_says_where_the_best_epoch_went(tmp_path):
+    """A run resumed into a new run dir from another run's checkpoint holds no checkpoint of
+    the best epoch when that one came before the resume: --best says so."""
+    from moesaic.train.evaluate import _why_no_best
+
+    run = tmp_path / "fork"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("".join(
+        json.dumps({"epoch": e, "eval_accuracy": a}) + "\n" for e, a in ((6, 0.9248), (7, 0.91))))
+    why = _why_no_best(str(run / "checkpoints"))
+    assert "best epoch, 6 (92.48%), has no checkpoint in this run dir" in why
+    assert "evaluate that run with --best" in why
+    assert _why_no_best(str(tmp_path / "none" / "checkpoints")) == ""

@@ -10,6 +10,7 @@ Legend: b per-rank batch, C channels, H/W image size, L classes.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from typing import Optional
 
@@ -67,8 +68,22 @@ def find_checkpoint(path: str, best: bool) -> str:
     root = os.path.dirname(ckpt)
     name = checkpoint.pointer(root, "best.json")
     if name is None:
-        raise checkpoint.CheckpointError(f"--best: {root} has no best.json")
+        raise checkpoint.CheckpointError(f"--best: {root} has no best.json{_why_no_best(root)}")
     return os.path.join(root, name)
+
+
+def _why_no_best(ckpt_root: str) -> str:
+    """Where the run's best epoch went, read from its metrics.jsonl (or nothing)."""
+    try:
+        with open(os.path.join(os.path.dirname(ckpt_root), "metrics.jsonl")) as f:
+            history = [json.loads(line) for line in f if line.strip()]
+        best = max(history, key=lambda r: r["eval_accuracy"])
+    except (OSError, ValueError, KeyError):
+        return ""
+    return (f": the run's best epoch, {best['epoch']} ({100 * best['eval_accuracy']:.2f}%), has "
+            "no checkpoint in this run dir (it was trained before this run was resumed from "
+            "another run's checkpoint: evaluate that run with --best); without --best the "
+            "latest checkpoint is evaluated")
 
 
 def evaluate_checkpoint(cfg, ckpt: str) -> dict:
