@@ -301,6 +301,8 @@ def _models(name: Optional[str]) -> int:
     except ValueError as e:
         _error(str(e))
         return 2
+    print("(at the preset's own image size; `moesaic train` builds it for its dataset's images, "
+          "and prints that model's summary when it starts)")
     return 0
 
 

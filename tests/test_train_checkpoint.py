@@ -210,3 +210,30 @@ def test_eval_best_without_best_json_says_where_the_best_epoch_went(tmp_path):
     assert "best epoch, 6 (92.48%), has no checkpoint in this run dir" in why
     assert "evaluate that run with --best" in why
     assert _why_no_best(str(tmp_path / "none" / "checkpoints")) == ""
+
+
+def test_damage_that_reads_as_numbers_is_caught_and_a_lost_latest_json_lists_the_rest(tmp_path):
+    """Overwritten tensor bytes that still parse (inf / NaN) are damage, named with the other
+    checkpoints, not a non-finite loss later; a run dir that lost latest.json lists its
+    intact checkpoint folders."""
+    from safetensors.torch import save_file
+
+    root = tmp_path / "run" / "checkpoints"
+    for name in ("epoch_0001", "epoch_0002"):
+        (root / name).mkdir(parents=True)
+        torch.save({"epoch": 1}, root / name / checkpoint.STATE_FILE)
+        save_file({"w": torch.tensor([1.0, float("nan")])}, str(root / name / "model.safetensors"))
+    try:
+        checkpoint._read_weights(str(root / "epoch_0002"))
+    except checkpoint.CheckpointError as e:
+        assert "model.safetensors holds non-finite values in w" in str(e)
+        assert "epoch_0001" in str(e)
+    else:
+        raise AssertionError("non-finite weights were read")
+    try:
+        checkpoint.find(str(tmp_path / "run"))
+    except checkpoint.CheckpointError as e:
+        assert "has no latest.json, but other checkpoints to --resume from" in str(e)
+        assert "epoch_0002" in str(e)
+    else:
+        raise AssertionError("found a checkpoint without latest.json")

@@ -324,6 +324,9 @@ def find(path: str) -> str:
                   if os.path.isfile(os.path.join(path, d, "checkpoints", "latest.json")))
     hint = (f"; it holds runs: name one, e.g. {os.path.join(path, runs[-1])} (the newest of "
             f"{len(runs)})" if runs else "")
+    root = os.path.join(path, "checkpoints")
+    if not runs and os.path.isdir(root) and not _others(root).startswith("no other"):
+        hint = f"; its checkpoints/ has no latest.json, but {_others(root)}"
     raise CheckpointError(f"no checkpoint at {os.path.abspath(path)}: expected a checkpoint "
                           f"folder (with {STATE_FILE}) or a run dir with checkpoints/latest.json"
                           + hint)
@@ -375,7 +378,20 @@ def read_state(ckpt: str) -> dict:
 
 
 def _read_weights(ckpt: str) -> dict:
-    return _read(ckpt, lambda: _load_tensors(os.path.join(ckpt, "model.safetensors")))
+    return _finite(ckpt, "model.safetensors",
+                   _read(ckpt, lambda: _load_tensors(os.path.join(ckpt, "model.safetensors"))))
+
+
+def _finite(ckpt: str, file: str, tensors: dict) -> dict:
+    """``tensors``, refused as damage when a float entry holds inf or NaN: training stops before
+    applying a non-finite step, so no checkpoint it writes holds one."""
+    bad = next((k for k, t in tensors.items()
+                if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if bad is not None:
+        parent, name = os.path.split(os.path.normpath(ckpt))
+        raise CheckpointError(f"checkpoint {ckpt} is damaged: {file} holds non-finite values "
+                              f"in {bad}; {_others(parent, name)}")
+    return tensors
 
 
 def _dense_under_experts(weights: dict, model: nn.Module) -> list[str]:
@@ -458,7 +474,8 @@ def load(ckpt: str, model: nn.Module, optimizer=None, rank: int = 0, world_size:
     a model built under any layout; returns the checkpoint's state dict."""
     state = read_state(ckpt)
     weights = _read_weights(ckpt)
-    moments = (_read(ckpt, lambda: _load_tensors(os.path.join(ckpt, "optimizer.safetensors")))
+    moments = (_finite(ckpt, "optimizer.safetensors", _read(
+        ckpt, lambda: _load_tensors(os.path.join(ckpt, "optimizer.safetensors"))))
                if optimizer is not None else None)
     _load_into(ckpt, model, weights)
     if optimizer is not None:

@@ -85,7 +85,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # periodic checkpoints kept (the best one is always kept)
     threads: Optional[int] = None  # torch threads per process (default: cores / local ranks)
     runs_root: str = "runs"  # parent of runs/<name>/<timestamp>
-    progress: bool = True  # progress bar on rank 0
+    progress: bool = True  # progress bar on rank 0 (only when stderr is a terminal)
     plots: bool = True  # curves.png and expert_load.png, redrawn every epoch
     timeout_s: float = 300.0  # process-group timeout: a dead rank ends the job, never a hang
 
