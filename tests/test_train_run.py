@@ -179,7 +179,10 @@ def test_resume_with_another_batch_size_keeps_the_lr_schedule_by_epoch(tmp_path,
     capsys.readouterr()
     assert main(["train", "--resume", first, "--run-dir", other, "--set", "epochs=4",
                  "--set", "batch_size=8", "--set", "steps_per_epoch=None"]) == 0
-    assert "steps per epoch changed" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "steps per epoch changed" in out
+    assert ("resumed with other settings from here on: batch_size 40 -> 8, epochs 2 -> 4, "
+            "steps_per_epoch 2 -> None") in out
     lrs = [r["lr"] for r in read_metrics(other)]
     assert lrs == pytest.approx([r["lr"] for r in read_metrics(same)], rel=1e-9)
     steps = [r["step"] for r in read_metrics(other)]

@@ -37,6 +37,20 @@ def model_changes(was: dict, now: dict) -> list[str]:
             if k in was and plain(was[k]) != plain(now[k])]
 
 
+QUIET_KEYS = ("name", "progress", "plots", "runs_root", "timeout_s", "model", "model_args")
+
+
+def setting_changes(was: dict, now: dict) -> list[str]:
+    """The other config keys that differ (a resume with another config or ``--set``): what
+    trains differently from here on. Output-only keys, and the model (warned of apart), are
+    left out."""
+    def plain(v):
+        return json.loads(json.dumps(v, default=str))
+
+    return [f"{k} {was[k]!r} -> {now[k]!r}" for k in sorted(now)
+            if k in was and k not in QUIET_KEYS and plain(was[k]) != plain(now[k])]
+
+
 def load_init(cfg: TrainConfig, model: torch.nn.Module, ckpt: str,
               inputs: dict) -> tuple[str, list[str]]:
     """Fine-tuning: ``ckpt``'s weights into ``model`` (upcycled with ``cfg.upcycle``), the rest

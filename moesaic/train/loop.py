@@ -46,7 +46,7 @@ from .config import ConfigError, TrainConfig
 from .data import epoch_order, load_dataset, rank_batch, steps_per_epoch
 from .dist import all_reduce_, grad_scaler, on_every_rank
 from .evaluate import autocast, evaluate
-from .init_from import find_init, load_init, model_changes
+from .init_from import find_init, load_init, model_changes, setting_changes
 from .meters import RoutingMeter
 from .optim import WarmupCosine, make_optimizer
 from .setup import (build_model, device_for, init_for_restarts, launcher, maybe_fault,
@@ -171,6 +171,9 @@ class Trainer:
         self.initial_eval = state.get("initial_eval")
         self.last_ckpt = ckpt
         self.log(f"resumed from {ckpt} (epoch {self.epoch}, step {self.step})")
+        settings = setting_changes(state.get("config", {}), self.cfg.to_dict())
+        if settings:
+            self.log(f"resumed with other settings from here on: {', '.join(settings)}")
         changed = model_changes(state.get("config", {}), self.cfg.to_dict())
         if changed and self.is_main:
             warnings.warn(f"resuming {ckpt} with another model ({'; '.join(changed)}): its "
