@@ -178,9 +178,7 @@ def _resolve_config(args):
 
 
 def _error(msg: str) -> None:
-    rank = os.environ.get("RANK")
-    prefix = f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
-    sys.stderr.write(f"{prefix}error: {msg}\n")  # one write: ranks' lines do not interleave
+    sys.stderr.write(f"{_rank_prefix()}error: {msg}\n")  # one write: ranks' lines do not interleave
     sys.stderr.flush()
 
 
@@ -306,7 +304,30 @@ def _models(name: Optional[str]) -> int:
     return 0
 
 
+def _rank_prefix() -> str:
+    rank = os.environ.get("RANK")
+    return f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """moesaic's own warnings as one line a user reads (no source path and code line)."""
+    if category is UserWarning and f"{os.sep}moesaic{os.sep}" in filename:
+        return f"{_rank_prefix()}warning: {message}\n"
+    return _default_format(message, category, filename, lineno, line)
+
+
+_default_format = warnings.formatwarning
+
+
 def main(argv=None) -> int:
+    warnings.formatwarning = _format_warning
+    try:
+        return _main(argv)
+    finally:
+        warnings.formatwarning = _default_format
+
+
+def _main(argv) -> int:
     args = _parser().parse_args(argv)
     if args.command == "train":
         return _train(args)

@@ -1,4 +1,5 @@
 """Config files, overrides, validation errors, and the command line's help."""
+import os
 import warnings
 
 import pytest
@@ -237,3 +238,14 @@ def test_seed_dataset_keys_and_warmup_are_checked():
         apply_overrides(digits_default(), ["model_args.img_size=16"])
     with pytest.warns(UserWarning, match=r"warmup_epochs \(5.0\) exceeds epochs \(2\)"):
         apply_overrides(digits_default(), ["epochs=2", "warmup_epochs=5"])
+
+
+def test_cli_warnings_are_one_readable_line(monkeypatch):
+    """moesaic's warnings print as `warning: ...` (ranked under torchrun), others as Python's."""
+    from moesaic.__main__ import _format_warning
+    path = os.path.join(os.sep, "x", "moesaic", "train", "config.py")
+    assert _format_warning("lr is odd", UserWarning, path, 3) == "warning: lr is odd\n"
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert _format_warning("m", UserWarning, path, 3) == "[rank 1] warning: m\n"
+    assert "DeprecationWarning" in _format_warning("m", DeprecationWarning, path, 3)
