@@ -111,13 +111,9 @@ class MoEConfig:
                  f"balance_scope must be one of {BALANCE_SCOPES}, got {self.balance_scope!r}")
         _require(self.capacity_scope in CAPACITY_SCOPES,
                  f"capacity_scope must be one of {CAPACITY_SCOPES}, got {self.capacity_scope!r}")
-        if self.capacity_scope == "global":
-            bad = [f"{n}={v!r}" for n, v, ok in (
-                ("router", self.router, self.router == "token_choice"),
-                ("drop_tokens", self.drop_tokens, self.drop_tokens)) if not ok]
-            _require(not bad, f"capacity_scope='global' takes no {', '.join(bad)}: it ranks "
-                     "token-choice assignments over every rank's tokens against one capacity, "
-                     "so it needs router='token_choice' and drop_tokens=True")
+        _require(self.capacity_scope == "batch" or self.drop_tokens,
+                 "capacity_scope='global' takes no drop_tokens=False: it ranks assignments "
+                 "over every rank's tokens against one capacity, and dropless has none")
         if self.eval_capacity_factor is None:
             self.eval_capacity_factor = (2.0 if self.router == "token_choice"
                                          else self.capacity_factor)

@@ -74,8 +74,9 @@ class MoE(nn.Module):
     :func:`moesaic.parallelize`). ``capacity_scope="global"`` drops in training as one process
     would on every rank's tokens laid end to end, rank 0's first: C comes from the global token
     count and the slots run over the ranks (one all-gather of [K, E] counts per forward, and
-    with ``drop_policy="score"`` one of every token's priority and choices); the kept rows then
-    travel ragged, as dropless ones.
+    with ``drop_policy="score"`` one of every token's priority and choices; under expert choice
+    each expert takes its C best of every rank's tokens); the kept rows then travel ragged, as
+    dropless ones.
     With ``residual=True`` (PR-MoE)
     the output is ``moe(x) * c0 + mlp(x) * c1`` with ``c = softmax(residual_coef(x))`` per token;
     ``num_shared_experts`` n > 0 (DeepSeekMoE) adds a dense MLP of width n * d_ff that every
@@ -169,17 +170,19 @@ class MoE(nn.Module):
         c = self.config
         T, E = logits_TE.shape
         cf = c.capacity_factor if self.training else c.eval_capacity_factor
+        across = c.capacity_scope == "global" and self.training and self.count_sum is not None
         if c.router == "expert_choice":
-            capacity = routing.expert_choice_capacity(T, E, cf)
-            plan, probs_TE = routing.expert_choice(logits_TE, capacity, c.score_func)
+            if across:  # each expert picks among every rank's tokens
+                plan, probs_TE = self._expert_choice_globally(logits_TE, cf)
+            else:
+                capacity = routing.expert_choice_capacity(T, E, cf)
+                plan, probs_TE = routing.expert_choice(logits_TE, capacity, c.score_func)
             counts_E = plan.counts_E
             balance = logits_TE.new_zeros(())
             taken_T = torch.zeros(T, dtype=torch.bool, device=logits_TE.device)
             dropped = (T - taken_T.index_fill_(0, plan.row_token_N, True).sum()) / max(T, 1)
         else:
             capacity = None
-            across = (c.capacity_scope == "global" and self.training
-                      and self.count_sum is not None)
             if c.drop_tokens and not across:
                 capacity = routing.token_choice_capacity(T, E, c.top_k, cf, c.min_capacity)
             bias_E = self.router.expert_bias if c.bias_update_rate > 0 else None
@@ -226,6 +229,18 @@ class MoE(nn.Module):
         capped, _ = routing.cap_globally(plan, counts_WKE, count_sum.rank, cf, c.min_capacity,
                                          ranked)
         return capped, counts_WKE
+
+    def _expert_choice_globally(self, logits_TE: Tensor, cf: float):
+        """Expert choice over every rank's tokens (``capacity_scope="global"``): this rank's
+        plan and scores."""
+        c, count_sum = self.config, self.count_sum
+        probs_TE = routing.router_scores(logits_TE, c.score_func)
+        rank_TE = routing.ranking_scores(probs_TE, logits_TE, c.score_func).detach()
+        T = torch.tensor([[rank_TE.shape[0]]], dtype=torch.int64, device=rank_TE.device)
+        sizes_W = count_sum.gather(T).view(-1)
+        rank_WME = count_sum.gather_rows(rank_TE.double(), int(sizes_W.max()))
+        plan = routing.expert_choice_globally(probs_TE, rank_WME, sizes_W, count_sum.rank, cf)
+        return plan, probs_TE
 
     def forward(self, x: Tensor, return_stats: bool = False):
         """``(y, aux_loss)``, or ``(y, aux_loss, stats)`` with ``return_stats=True``."""

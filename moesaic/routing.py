@@ -411,6 +411,27 @@ def expert_choice(logits_TE: Tensor, capacity: int, score_func: str = "softmax"
     return plan, probs_TE
 
 
+def expert_choice_globally(probs_TE: Tensor, rank_WME: Tensor, sizes_W: Tensor, rank: int,
+                           capacity_factor: float) -> RoutingPlan:
+    """This rank's share of expert choice over every rank's tokens laid end to end (rank 0's
+    first): each expert takes the C = ceil(cf * global T / E) best of all of them.
+    ``rank_WME`` holds every rank's ranking scores (:func:`ranking_scores`, detached), each
+    rank's T rows padded to M (padding rows never chosen); ``probs_TE`` are this rank's scores,
+    which weigh its rows. Rows stay expert-major, in each expert's ranking order; the plan is
+    ragged (``capacity`` None): a rank holds as many of an expert's C rows as it won."""
+    W, M, E = rank_WME.shape
+    T = probs_TE.shape[0]
+    capacity = expert_choice_capacity(int(sizes_W.sum()), E, capacity_factor)
+    real_WM = torch.arange(M, device=rank_WME.device) < sizes_W.to(rank_WME.device)[:, None]
+    ranked_GE = rank_WME.masked_fill(~real_WM[..., None], float("-inf")).reshape(W * M, E)
+    token_EC = ranked_GE.topk(capacity, dim=0).indices.t().to(probs_TE.device) - rank * M
+    mine_EC = (token_EC >= 0) & (token_EC < T)
+    expert_EC = torch.arange(E, device=probs_TE.device)[:, None].expand_as(token_EC)
+    row_token_N, expert_N = token_EC[mine_EC], expert_EC[mine_EC]
+    return RoutingPlan(row_token_N=row_token_N, row_weight_N=probs_TE[row_token_N, expert_N],
+                       counts_E=mine_EC.sum(1), num_tokens=T, capacity=None)
+
+
 def balance_loss(probs_TE: Tensor, counts_E: Tensor) -> Tensor:
     """E * sum_e f_e * P_e: f_e = share of assignments (before dropping), P_e = mean prob."""
     T, E = probs_TE.shape

@@ -706,6 +706,10 @@ def two_ranks(rank, world):
     check_global_balance(rank, world, ctx, 28)
     check_global_capacity(rank, world, ctx, 31)
     check_global_capacity(rank, world, ctx, 32, drop_policy="score")
+    model = check_equivalence(rank, world, ctx, 33, steps=2, experts=(4, 2), top_k=1,
+                              router="expert_choice", drop_tokens=True, capacity_factor=1.0,
+                              capacity_scope="global")
+    assert all(m.last_stats.tokens_per_expert_kept.sum() > 0 for m in model.moes)
     check_grad_scaler_skips_together(rank, world, ctx, 13)
     check_zero_tokens(rank, world, ctx, 15)
     check_grad_checkpointing(rank, world, ctx, 16)
@@ -779,6 +783,9 @@ def four_ranks(rank, world):
         check_equivalence(rank, world, ctx, seed, steps=1, experts=(2, 4), top_k=2,
                           drop_tokens=True, capacity_factor=0.5, capacity_scope="global",
                           drop_policy=policy)
+    check_equivalence(rank, world, ctx, 18, steps=1, experts=(2, 4), top_k=1, drop_tokens=True,
+                      router="expert_choice", capacity_factor=0.75, capacity_scope="global",
+                      score_func="sigmoid")
     assert model.moes[0].experts.global_ids == [rank % 2]
     assert model.moes[1].experts.global_ids == [rank]
     # a model built with max_ep_size 1, 2 or 4 holds the same experts

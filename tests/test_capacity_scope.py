@@ -68,7 +68,39 @@ def test_one_process_global_is_batch_capacity():
     (dict(capacity_scope="world"), "capacity_scope must be one of ('batch', 'global'), got 'world'"),
     (dict(capacity_scope="global", drop_tokens=False), "capacity_scope='global' takes no "
      "drop_tokens=False"),
-    (dict(capacity_scope="global", router="expert_choice"), "takes no router='expert_choice'")])
+    (dict(capacity_scope="global", router="expert_choice", drop_tokens=False),
+     "capacity_scope='global' takes no drop_tokens=False")])
 def test_bad_scopes_are_refused(kw, msg):
     with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace(")", r"\)")):
         moesaic.MoE(8, 16, 4, **kw)
+
+
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("sizes,cf", [((7, 9), 1.0), ((5, 0, 11), 2.0), ((1, 2, 3, 4), 0.5)])
+def test_expert_choice_ranks_take_what_the_whole_batch_takes(sizes, cf, score_func):
+    """Each expert picks its C best among every rank's tokens: the ranks' rows together are the
+    whole batch's plan (tokens, experts, weights), each rank holding its own tokens."""
+    E = 4
+    logits_TE = torch.randn(sum(sizes), E, generator=torch.Generator().manual_seed(len(sizes)))
+    T = sum(sizes)
+    whole, _ = routing.expert_choice(logits_TE, routing.expert_choice_capacity(T, E, cf),
+                                     score_func)
+    M = max(sizes)
+    parts = torch.split(logits_TE, list(sizes))
+    rank_WME = torch.stack([torch.cat([
+        routing.ranking_scores(routing.router_scores(p, score_func), p, score_func).double(),
+        torch.zeros(M - p.shape[0], E, dtype=torch.float64)]) for p in parts])
+    sizes_W = torch.tensor(sizes)
+    got = set()
+    for r, p in enumerate(parts):
+        plan = routing.expert_choice_globally(routing.router_scores(p, score_func), rank_WME,
+                                              sizes_W, r, cf)
+        assert plan.capacity is None and int(plan.counts_E.sum()) == plan.row_token_N.numel()
+        expert_N = torch.repeat_interleave(torch.arange(E), plan.counts_E)
+        lo = sum(sizes[:r])
+        got |= {(int(t) + lo, int(e), float(w)) for t, e, w in
+                zip(plan.row_token_N, expert_N, plan.row_weight_N)}
+    expert_N = torch.repeat_interleave(torch.arange(E), whole.counts_E)
+    want = {(int(t), int(e), float(w))
+            for t, e, w in zip(whole.row_token_N, expert_N, whole.row_weight_N)}
+    assert got == want
