@@ -322,7 +322,11 @@ _default_format = warnings.formatwarning
 def main(argv=None) -> int:
     warnings.formatwarning = _format_warning
     try:
-        return _main(argv)
+        with warnings.catch_warnings():
+            if os.environ.get("RANK", "0") != "0":  # every rank reads the same config: rank 0
+                warnings.filterwarnings("ignore", category=UserWarning,  # speaks of it
+                                        module=r"moesaic\.train\.config")
+            return _main(argv)
     finally:
         warnings.formatwarning = _default_format
 

@@ -249,3 +249,15 @@ def test_cli_warnings_are_one_readable_line(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert _format_warning("m", UserWarning, path, 3) == "[rank 1] warning: m\n"
     assert "DeprecationWarning" in _format_warning("m", DeprecationWarning, path, 3)
+
+
+def test_config_warnings_come_from_rank_0_only(monkeypatch, capsys):
+    """Under torchrun every rank reads the same config: only rank 0 warns about it."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, expected in (("0", 1), ("1", 0)):
+        monkeypatch.setenv("RANK", rank)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert main(["train", "--set", "warmup_epochs=99", "--print-config"]) == 0
+        assert sum("exceeds epochs" in str(w.message) for w in caught) == expected, rank
+    capsys.readouterr()
