@@ -129,11 +129,11 @@ def _dense_prefix(model: nn.Module, prefix: str) -> str:
     layer of a :func:`moesaic.moeify_` feed-forward (NAME.moe.) the MLP it replaced (NAME.)."""
     from .moeify import MoEFeedForward
 
+    if prefix != "moe." and not prefix.endswith(".moe."):
+        return prefix
     parent = prefix[:-len("moe.")]
-    if prefix.endswith("moe.") and isinstance(
-            model.get_submodule(parent[:-1]) if parent else model, MoEFeedForward):
-        return parent
-    return prefix
+    owner = model.get_submodule(parent[:-1]) if parent else model
+    return parent if isinstance(owner, MoEFeedForward) else prefix
 
 
 def _listed(items: list[str], limit: int = 12) -> str:

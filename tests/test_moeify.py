@@ -70,6 +70,18 @@ def test_upcycle_fills_a_model_moeified_without_weights_from_the_dense_state_dic
     torch.testing.assert_close(model.eval()(x), dense(x), rtol=1e-5, atol=1e-6)
 
 
+def test_upcycle_of_a_layer_whose_name_ends_in_moe():
+    """Only a feed-forward's own .moe takes its parent's MLP: ffn_moe keeps its own name."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ffn_moe = moesaic.MoE(D, 32, 4, top_k=2, drop_tokens=False)
+
+    dense = {"ffn_moe.fc1.weight": torch.randn(32, D), "ffn_moe.fc1.bias": torch.randn(32),
+             "ffn_moe.fc2.weight": torch.randn(D, 32), "ffn_moe.fc2.bias": torch.randn(D)}
+    assert moesaic.upcycle_(Net(), dense) == ["ffn_moe"]
+
+
 def test_aux_losses_are_collected_once_per_step_and_cleared():
     model = net([Mlp(D, 32), Mlp(D, 32)]).train()
     moesaic.moeify_(model, 4, aux_loss_coef=1.0)

@@ -309,7 +309,7 @@ def load_file(path: str) -> TrainConfig:
             warnings.warn(f"config file {path!r} sets {k} = {ns[k]!r} and {key.upper()} = "
                           f"{upper[key.upper()]!r}: the run uses {key.upper()} (config names "
                           f"are UPPER_CASE; {k} is taken as a helper of the file's own)",
-                          stacklevel=2)
+                          stacklevel=1)  # from this module: rank 0 alone shows it
     if callable(fn):
         if upper:
             raise ConfigError(f"config file {path!r} defines both config() and UPPER_CASE names "
