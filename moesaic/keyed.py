@@ -32,6 +32,7 @@ import functools
 import importlib.util
 import math
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -242,29 +243,51 @@ def dropout(x: Tensor, p: float, kernels: str = "auto") -> Tensor:
 
 class Dropout(nn.Dropout):
     """``nn.Dropout`` whose masks are keyed by sample inside :func:`sample_keys` (the same
-    module, weights and state dict otherwise); ``kernels`` as :class:`moesaic.MoE`'s."""
+    module, weights and state dict otherwise); ``kernels`` as :class:`moesaic.MoE`'s. Inputs
+    must be batch-first (first dim a multiple of the batch); with ``strict=False`` (the
+    dropouts :func:`key_dropouts_` converts, whose inputs moesaic does not know) others draw
+    from torch's generator instead, with a warning, rather than raise."""
 
-    def __init__(self, p: float = 0.5, inplace: bool = False, kernels: str = "auto"):
+    def __init__(self, p: float = 0.5, inplace: bool = False, kernels: str = "auto",
+                 strict: bool = True):
         super().__init__(p, inplace)
-        self.kernels = kernels
+        self.kernels, self.strict = kernels, strict
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training and self.p > 0 and active():
-            return dropout(x, self.p, self.kernels)
+            b = current().keys_b.numel()
+            if self.strict or (x.shape[0] % b == 0 if b else x.numel() == 0):
+                return dropout(x, self.p, self.kernels)
+            current().next_salt()  # the salt it would have taken: later sites keep theirs
+            _warn_unkeyed(x.shape[0], b)
         return super().forward(x)
+
+
+_unkeyed_warned: set = set()
+
+
+def _warn_unkeyed(rows: int, b: int) -> None:
+    if (rows, b) not in _unkeyed_warned:
+        _unkeyed_warned.add((rows, b))
+        warnings.warn(f"a converted nn.Dropout got a tensor of {rows} rows under {b} sample "
+                      "keys (not batch-first, e.g. sequence-first [S, B, D]): it draws from "
+                      "torch's generator, not keyed by sample", stacklevel=3)
 
 
 def key_dropouts_(model: nn.Module, kernels: str = "auto") -> list[str]:
     """Replace every plain ``nn.Dropout`` in ``model`` by :class:`Dropout` (same ``p`` and
-    ``inplace``; no state, so state dicts are unchanged); returns the replaced modules' names.
-    Other dropouts (``Dropout2d``, ``F.dropout`` calls, a fused attention's ``dropout_p``) still
-    draw from torch's generator."""
+    ``inplace``; no state, so state dicts are unchanged); returns the replaced modules' names
+    (a module reached under two names becomes two). Keying reads the first dim as the batch: a
+    dropout whose input is not batch-first draws from torch's generator with a warning, and
+    one that is sequence-first with S a multiple of the batch is keyed by position instead
+    (transpose such inputs). Other dropouts (``Dropout2d``, ``F.dropout`` calls, a fused
+    attention's ``dropout_p``) still draw from torch's generator."""
     names = [n for n, m in model.named_modules(remove_duplicate=False)
              if n and type(m) is nn.Dropout]
     for name in names:
         parent, _, leaf = name.rpartition(".")
         old = model.get_submodule(name)
-        new = Dropout(old.p, old.inplace, kernels=kernels)
+        new = Dropout(old.p, old.inplace, kernels=kernels, strict=False)
         new.train(old.training)
         setattr(model.get_submodule(parent) if parent else model, leaf, new)
     return names

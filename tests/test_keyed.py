@@ -256,3 +256,13 @@ def test_key_dropouts_makes_a_plain_model_split_invariant(monkeypatch):
 
     model = build_model(TrainConfig(model="test_plain_dropout_net", model_args={}), (1, 4, 4), 3)
     assert [type(m) for m in model.modules() if isinstance(m, nn.Dropout)] == [keyed.Dropout]
+
+    seq_first = nn.Sequential(nn.Dropout(0.5)).train()  # [S, B, D] with S not a multiple of B
+    keyed.key_dropouts_(seq_first)
+    with keyed.sample_keys(torch.arange(4, dtype=torch.int32)) as stream:
+        with pytest.warns(UserWarning, match="7 rows under 4 sample keys .*torch's generator"):
+            assert seq_first(torch.ones(7, 4, 3)).shape == (7, 4, 3)
+        assert stream.salt == 1  # the salt it would have taken: later sites keep theirs
+    with keyed.sample_keys(torch.arange(4, dtype=torch.int32)):
+        with pytest.raises(ValueError, match="holds 4 sample keys"):
+            keyed.Dropout(0.5).train()(torch.ones(7, 4, 3))  # the zoo's stay strict
