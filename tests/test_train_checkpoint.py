@@ -223,13 +223,18 @@ def test_damage_that_reads_as_numbers_is_caught_and_a_lost_latest_json_lists_the
         (root / name).mkdir(parents=True)
         torch.save({"epoch": 1}, root / name / checkpoint.STATE_FILE)
         save_file({"w": torch.tensor([1.0, float("nan")])}, str(root / name / "model.safetensors"))
+    net = torch.nn.Linear(2, 1)
+    net.w = torch.nn.Parameter(torch.zeros(2))
     try:
-        checkpoint._read_weights(str(root / "epoch_0002"))
+        checkpoint._read_weights(str(root / "epoch_0002"), net)
     except checkpoint.CheckpointError as e:
         assert "model.safetensors holds non-finite values in w" in str(e)
         assert "epoch_0001" in str(e)
     else:
         raise AssertionError("non-finite weights were read")
+    masked = torch.nn.Module()
+    masked.register_buffer("w", torch.zeros(2))  # a buffer may hold inf or NaN on purpose
+    assert checkpoint._read_weights(str(root / "epoch_0002"), masked)["w"].isnan().any()
     try:
         checkpoint.find(str(tmp_path / "run"))
     except checkpoint.CheckpointError as e:

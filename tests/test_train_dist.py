@@ -140,20 +140,20 @@ def test_two_processes_train_like_one(setup, routing):
     root = setup[0]
     if routing == "dropless":
         args = {**TINY_MODEL, "top_k": 2, "drop_tokens": False, **RANDOM_LAYERS}
-        _same_training_at_both_layouts(
-            root, "dropless", args, lambda ep: dict(AUX_LOSS_WEIGHT=0.0, **RANDOM_AUGMENT),
-            first_in_one_process=True, keys=("train_loss", "train_accuracy", "eval_loss"))
-        return
-    args = {**TINY_MODEL, "top_k": 2, "capacity_factor": 0.5, "capacity_scope": "global",
-            "balance_scope": "global", **RANDOM_LAYERS}
+        extra = dict(AUX_LOSS_WEIGHT=0.0, **RANDOM_AUGMENT)
+    else:
+        args = {**TINY_MODEL, "top_k": 2, "capacity_factor": 0.5, "capacity_scope": "global",
+                "balance_scope": "global", **RANDOM_LAYERS}
+        extra = dict(**RANDOM_AUGMENT)
     _, two = _same_training_at_both_layouts(
-        root, "world", args, lambda ep: dict(**RANDOM_AUGMENT),
+        root, routing, args, lambda ep: extra,
         first_in_one_process=True, keys=("train_loss", "train_accuracy", "eval_loss"))
-    with open(root / "world2" / "summary.json") as f:
+    with open(root / f"{routing}2" / "summary.json") as f:
         assert json.load(f)["world_size"] == 2  # compare's "procs x device" column
-    resumed = str(root / "world2_resumed_in_one")
-    cfg = apply_overrides(load_file(str(root / "world2.py")), ["max_ep_size=None"])
-    Trainer(cfg, run_dir=resumed, resume=str(root / "world2" / "checkpoints" / "epoch_0001")).run()
+    resumed = str(root / f"{routing}2_resumed_in_one")
+    cfg = apply_overrides(load_file(str(root / f"{routing}2.py")), ["max_ep_size=None"])
+    Trainer(cfg, run_dir=resumed,
+            resume=str(root / f"{routing}2" / "checkpoints" / "epoch_0001")).run()
     last = read_metrics(resumed)[-1]
     assert last["epoch"] == 2
     for key in ("train_loss", "train_accuracy", "eval_loss"):

@@ -377,20 +377,26 @@ def read_state(ckpt: str) -> dict:
     return _read(ckpt, lambda: torch.load(path, map_location="cpu", weights_only=True))
 
 
-def _read_weights(ckpt: str) -> dict:
-    return _finite(ckpt, "model.safetensors",
-                   _read(ckpt, lambda: _load_tensors(os.path.join(ckpt, "model.safetensors"))))
+def _read_weights(ckpt: str, model: Optional[nn.Module] = None) -> dict:
+    """The checkpoint's weights; with ``model``, its parameters checked finite (buffers may
+    hold inf on purpose, a mask say)."""
+    weights = _read(ckpt, lambda: _load_tensors(os.path.join(ckpt, "model.safetensors")))
+    if model is not None:
+        buffers = {n for n, _ in model.named_buffers()}
+        _finite(ckpt, "model.safetensors", {k: t for k, t in weights.items() if k not in buffers})
+    return weights
 
 
 def _finite(ckpt: str, file: str, tensors: dict) -> dict:
-    """``tensors``, refused as damage when a float entry holds inf or NaN: training stops before
-    applying a non-finite step, so no checkpoint it writes holds one."""
+    """``tensors`` (parameters, optimizer moments), refused when a float entry holds inf or
+    NaN: training stops before applying a non-finite loss, so such a checkpoint is damaged (or
+    its run diverged through a non-finite gradient)."""
     bad = next((k for k, t in tensors.items()
                 if t.is_floating_point() and not torch.isfinite(t).all()), None)
     if bad is not None:
         parent, name = os.path.split(os.path.normpath(ckpt))
-        raise CheckpointError(f"checkpoint {ckpt} is damaged: {file} holds non-finite values "
-                              f"in {bad}; {_others(parent, name)}")
+        raise CheckpointError(f"checkpoint {ckpt} is damaged or its run diverged: {file} holds "
+                              f"non-finite values in {bad}; {_others(parent, name)}")
     return tensors
 
 
@@ -410,7 +416,7 @@ def load_weights(ckpt: str, model: nn.Module, fresh: tuple = ("head.weight", "he
     returns their names. Selection biases of auxiliary-loss-free balancing that this model does
     not have (built without ``bias_update_rate``) are left out, with a warning. ``upcycle``:
     ``ckpt`` is a dense model whose MLPs initialise the experts (:func:`moesaic.upcycle_`)."""
-    weights = _read_weights(ckpt)
+    weights = _read_weights(ckpt, model)
     own = model.state_dict()
     if upcycle:
         return _upcycle_from(ckpt, model, weights, own, fresh)
@@ -473,7 +479,7 @@ def load(ckpt: str, model: nn.Module, optimizer=None, rank: int = 0, world_size:
     """Load weights (and optimizer moments, this rank's RNG when the world size matches) into
     a model built under any layout; returns the checkpoint's state dict."""
     state = read_state(ckpt)
-    weights = _read_weights(ckpt)
+    weights = _read_weights(ckpt, model)
     moments = (_finite(ckpt, "optimizer.safetensors", _read(
         ckpt, lambda: _load_tensors(os.path.join(ckpt, "optimizer.safetensors"))))
                if optimizer is not None else None)
