@@ -1,9 +1,11 @@
 """The MoE layer: router + dispatcher + experts (+ the PR-MoE dense residual).
 
 No collectives here: the dispatcher object (local by default, all-to-all after
-``moesaic.parallelize``) moves rows between ranks, so ep_size 1 and ep_size N share this code.
+``moesaic.parallelize``) moves rows between ranks, and the "global" scopes count over ranks
+through the ``count_sum`` object parallelize installs, so ep_size 1 and ep_size N share this code.
 
-Legend: T tokens, D model dim, F ffn dim, E experts, K top-k, N rows of the expert-major buffer.
+Legend: T tokens, D model dim, F ffn dim, E experts, K top-k, N rows of the expert-major buffer;
+for capacity_scope="global": W ranks, M rows per rank padded to the longest, J gathered columns.
 """
 from __future__ import annotations
 
@@ -75,8 +77,8 @@ class MoE(nn.Module):
     would on every rank's tokens laid end to end, rank 0's first: C comes from the global token
     count and the slots run over the ranks (one all-gather of [K, E] counts per forward, and
     with ``drop_policy="score"`` one of every token's priority and choices; under expert choice
-    each expert takes its C best of every rank's tokens); the kept rows then travel ragged, as
-    dropless ones.
+    instead one of the token counts and one of the ranking scores, and each expert takes its C
+    best of every rank's tokens); the kept rows then travel ragged, as dropless ones.
     With ``residual=True`` (PR-MoE)
     the output is ``moe(x) * c0 + mlp(x) * c1`` with ``c = softmax(residual_coef(x))`` per token;
     ``num_shared_experts`` n > 0 (DeepSeekMoE) adds a dense MLP of width n * d_ff that every
@@ -213,19 +215,19 @@ class MoE(nn.Module):
             balance_loss=balance.detach(), z_loss=z.detach())
         return plan, aux_loss, stats
 
-    def _cap_globally(self, plan, logits_TE: Tensor, probs_TE: Tensor, cf: float):
+    def _cap_globally(self, plan: routing.RoutingPlan, logits_TE: Tensor, probs_TE: Tensor,
+                      cf: float) -> tuple[routing.RoutingPlan, Tensor]:
         """A dropless plan capped as one process would cap every rank's tokens, and the
         gathered [W, K, E] counts (``capacity_scope="global"``)."""
         c, count_sum = self.config, self.count_sum
         counts_WKE = count_sum.gather(routing.choice_counts(plan.expert_TK, c.num_experts))
         ranked = None
-        if c.drop_policy == "score":  # every rank's token priorities and choices
-            priority_T = routing.first_choice_prob(
+        if c.drop_policy == "score":  # every rank's token priorities and choices (float32
+            priority_T = routing.first_choice_prob(  # holds both exactly)
                 routing.ranking_scores(probs_TE, logits_TE, c.score_func), plan.expert_TK)
-            rows_WTC = count_sum.gather_rows(
-                torch.cat([priority_T.double()[:, None], plan.expert_TK.double()], 1),
-                int(counts_WKE[:, 0].sum(-1).max()))
-            ranked = (rows_WTC[..., 0], rows_WTC[..., 1:].long())
+            cols_TJ = torch.cat([priority_T.float()[:, None], plan.expert_TK.float()], 1)
+            cols_WMJ = count_sum.gather_rows(cols_TJ, int(counts_WKE[:, 0].sum(-1).max()))
+            ranked = (cols_WMJ[..., 0], cols_WMJ[..., 1:].long())
         capped, _ = routing.cap_globally(plan, counts_WKE, count_sum.rank, cf, c.min_capacity,
                                          ranked)
         return capped, counts_WKE
@@ -235,11 +237,11 @@ class MoE(nn.Module):
         plan and scores."""
         c, count_sum = self.config, self.count_sum
         probs_TE = routing.router_scores(logits_TE, c.score_func)
-        rank_TE = routing.ranking_scores(probs_TE, logits_TE, c.score_func).detach()
-        T = torch.tensor([[rank_TE.shape[0]]], dtype=torch.int64, device=rank_TE.device)
-        sizes_W = count_sum.gather(T).view(-1)
-        rank_WME = count_sum.gather_rows(rank_TE.double(), int(sizes_W.max()))
-        plan = routing.expert_choice_globally(probs_TE, rank_WME, sizes_W, count_sum.rank, cf)
+        score_TE = routing.ranking_scores(probs_TE, logits_TE, c.score_func).detach().float()
+        size_11 = torch.tensor([[score_TE.shape[0]]], dtype=torch.int64, device=score_TE.device)
+        sizes = count_sum.gather(size_11).view(-1).tolist()
+        score_WME = count_sum.gather_rows(score_TE, max(sizes))
+        plan = routing.expert_choice_globally(probs_TE, score_WME, sizes, count_sum.rank, cf)
         return plan, probs_TE
 
     def forward(self, x: Tensor, return_stats: bool = False):

@@ -7,7 +7,8 @@ tensors, so memory stays O(T * K).
 
 Legend: T tokens, D model dim, E experts (global), K top-k, A = T*K assignments,
 N kept assignments (rows of the expert-major buffer), C capacity per expert, G expert groups,
-Q sequences (balance_scope="sequence").
+Q sequences (balance_scope="sequence"); for capacity_scope="global": W ranks, M each rank's
+token rows padded to the longest rank's, R = W * M rows of all ranks.
 """
 from __future__ import annotations
 
@@ -326,8 +327,8 @@ def token_choice(logits_TE: Tensor, top_k: int, capacity: Optional[int], drop_po
 def choice_counts(expert_TK: Tensor, num_experts: int) -> Tensor:
     """[K, E] int64: assignments of each choice (first, second, ...) to each expert."""
     T, K = expert_TK.shape
-    flat = (torch.arange(K, device=expert_TK.device) * num_experts + expert_TK).reshape(-1)
-    return torch.bincount(flat, minlength=K * num_experts).view(K, num_experts)
+    pair_A = (torch.arange(K, device=expert_TK.device) * num_experts + expert_TK).reshape(-1)
+    return torch.bincount(pair_A, minlength=K * num_experts).view(K, num_experts)
 
 
 def cap_globally(plan: RoutingPlan, counts_WKE: Tensor, rank: int, capacity_factor: float,
@@ -342,23 +343,25 @@ def cap_globally(plan: RoutingPlan, counts_WKE: Tensor, rank: int, capacity_fact
     token, so an assignment's global slot is its slot on this rank plus, for its choice k and
     expert e, the global assignments of earlier choices less this rank's, plus lower ranks' of
     choice k. Score priority ranks tokens by their first choice's ranking score: ``ranked =
-    (priority_WT, expert_WTK)`` holds every rank's :func:`first_choice_prob` and choices, each
+    (priority_WM, expert_WMK)`` holds every rank's :func:`first_choice_prob` and choices, each
     rank's T rows padded to one length (padding rows are never counted)."""
-    W, K, E = counts_WKE.shape
+    _, K, E = counts_WKE.shape
     T = plan.num_tokens
-    total_KE = counts_WKE.sum(0)
-    capacity = token_choice_capacity(int(total_KE[0].sum()), E, K, capacity_factor, min_capacity)
+    sizes = counts_WKE[:, 0].sum(-1).tolist()  # the one host read: every rank's token count
+    capacity = token_choice_capacity(sum(sizes), E, K, capacity_factor, min_capacity)
     if ranked is None:
         slot_TK = _position_slots(plan, counts_WKE, rank)
     else:
-        slot_TK = _score_slots(*ranked, counts_WKE, rank)
+        slot_TK = _score_slots(*ranked, sizes, rank, E)
     keep_TK = slot_TK < capacity
     expert_TK, dest_TK = plan.expert_TK, plan.dest_TK
     keep_N = torch.zeros(plan.row_token_N.numel(), dtype=torch.bool, device=dest_TK.device)
     keep_N[dest_TK.reshape(-1)] = keep_TK.reshape(-1)
     new_row_N = torch.cumsum(keep_N, 0) - 1
+    kept_N = keep_N.nonzero().squeeze(1)
     capped = RoutingPlan(
-        row_token_N=plan.row_token_N[keep_N], row_weight_N=plan.row_weight_N[keep_N],
+        row_token_N=plan.row_token_N.index_select(0, kept_N),
+        row_weight_N=plan.row_weight_N.index_select(0, kept_N),
         counts_E=torch.zeros_like(plan.counts_E).index_add_(
             0, expert_TK.reshape(-1), keep_TK.reshape(-1).to(plan.counts_E.dtype)),
         num_tokens=T, capacity=None,
@@ -379,21 +382,21 @@ def _position_slots(plan: RoutingPlan, counts_WKE: Tensor, rank: int) -> Tensor:
     return dest_TK - start_E[expert_TK] + offset_KE.to(dest_TK.device)[choice_TK, expert_TK]
 
 
-def _score_slots(priority_WT: Tensor, expert_WTK: Tensor, counts_WKE: Tensor, rank: int
-                 ) -> Tensor:
+def _score_slots(priority_WM: Tensor, expert_WMK: Tensor, sizes: list[int], rank: int,
+                 num_experts: int) -> Tensor:
     """[T, K] global slots of this rank's assignments under score priority: the one-process
-    ranking (:func:`assignment_slots`) run on every rank's tokens, padding rows sent to an
-    expert of their own (id E) so that they take no real expert's slot."""
-    W, M, K = expert_WTK.shape
-    E, sizes_W = counts_WKE.shape[2], counts_WKE[:, 0].sum(-1)
-    real_WT = torch.arange(M, device=expert_WTK.device) < sizes_W.to(expert_WTK.device)[:, None]
-    expert_GK = torch.where(real_WT[..., None], expert_WTK, E).reshape(W * M, K)
-    order_G = torch.argsort(priority_WT.reshape(-1), descending=True, stable=True)
-    perm_A, slot_A, _ = assignment_slots(expert_GK, order_G, E + 1)
-    slot_GK = torch.empty(W * M * K, dtype=slot_A.dtype, device=slot_A.device)
-    slot_GK[perm_A] = slot_A
-    T = int(sizes_W[rank])
-    return slot_GK.view(W, M, K)[rank, :T]
+    ranking (:func:`assignment_slots`) run on every rank's tokens (``sizes`` of each), padding
+    rows sent to an expert of their own (id E) so that they take no real expert's slot."""
+    W, M, K = expert_WMK.shape
+    E = num_experts
+    sizes_W = torch.tensor(sizes, device=expert_WMK.device)
+    real_WM = torch.arange(M, device=expert_WMK.device) < sizes_W[:, None]
+    expert_RK = torch.where(real_WM[..., None], expert_WMK, E).reshape(W * M, K)
+    order_R = torch.argsort(priority_WM.reshape(-1), descending=True, stable=True)
+    perm_A, slot_A, _ = assignment_slots(expert_RK, order_R, E + 1)
+    slot_RK = torch.empty(W * M * K, dtype=slot_A.dtype, device=slot_A.device)
+    slot_RK[perm_A] = slot_A
+    return slot_RK.view(W, M, K)[rank, :sizes[rank]]
 
 
 def expert_choice(logits_TE: Tensor, capacity: int, score_func: str = "softmax"
@@ -411,23 +414,26 @@ def expert_choice(logits_TE: Tensor, capacity: int, score_func: str = "softmax"
     return plan, probs_TE
 
 
-def expert_choice_globally(probs_TE: Tensor, rank_WME: Tensor, sizes_W: Tensor, rank: int,
+def expert_choice_globally(probs_TE: Tensor, score_WME: Tensor, sizes: list[int], rank: int,
                            capacity_factor: float) -> RoutingPlan:
     """This rank's share of expert choice over every rank's tokens laid end to end (rank 0's
     first): each expert takes the C = ceil(cf * global T / E) best of all of them.
-    ``rank_WME`` holds every rank's ranking scores (:func:`ranking_scores`, detached), each
+    ``score_WME`` holds every rank's ranking scores (:func:`ranking_scores`, detached), each
     rank's T rows padded to M (padding rows never chosen); ``probs_TE`` are this rank's scores,
     which weigh its rows. Rows stay expert-major, in each expert's ranking order; the plan is
     ragged (``capacity`` None): a rank holds as many of an expert's C rows as it won."""
-    W, M, E = rank_WME.shape
+    W, M, E = score_WME.shape
     T = probs_TE.shape[0]
-    capacity = expert_choice_capacity(int(sizes_W.sum()), E, capacity_factor)
-    real_WM = torch.arange(M, device=rank_WME.device) < sizes_W.to(rank_WME.device)[:, None]
-    ranked_GE = rank_WME.masked_fill(~real_WM[..., None], float("-inf")).reshape(W * M, E)
-    token_EC = ranked_GE.topk(capacity, dim=0).indices.t().to(probs_TE.device) - rank * M
+    capacity = expert_choice_capacity(sum(sizes), E, capacity_factor)
+    sizes_W = torch.tensor(sizes, device=score_WME.device)
+    real_WM = torch.arange(M, device=score_WME.device) < sizes_W[:, None]
+    ranked_RE = score_WME.masked_fill(~real_WM[..., None], float("-inf")).reshape(W * M, E)
+    token_EC = ranked_RE.topk(capacity, dim=0).indices.t().to(probs_TE.device) - rank * M
     mine_EC = (token_EC >= 0) & (token_EC < T)
     expert_EC = torch.arange(E, device=probs_TE.device)[:, None].expand_as(token_EC)
-    row_token_N, expert_N = token_EC[mine_EC], expert_EC[mine_EC]
+    mine_N = mine_EC.reshape(-1).nonzero().squeeze(1)
+    row_token_N = token_EC.reshape(-1).index_select(0, mine_N)
+    expert_N = expert_EC.reshape(-1).index_select(0, mine_N)
     return RoutingPlan(row_token_N=row_token_N, row_weight_N=probs_TE[row_token_N, expert_N],
                        counts_E=mine_EC.sum(1), num_tokens=T, capacity=None)
 

@@ -87,14 +87,13 @@ def test_expert_choice_ranks_take_what_the_whole_batch_takes(sizes, cf, score_fu
                                      score_func)
     M = max(sizes)
     parts = torch.split(logits_TE, list(sizes))
-    rank_WME = torch.stack([torch.cat([
-        routing.ranking_scores(routing.router_scores(p, score_func), p, score_func).double(),
-        torch.zeros(M - p.shape[0], E, dtype=torch.float64)]) for p in parts])
-    sizes_W = torch.tensor(sizes)
+    score_WME = torch.stack([torch.cat([
+        routing.ranking_scores(routing.router_scores(p, score_func), p, score_func),
+        torch.zeros(M - p.shape[0], E)]) for p in parts])
     got = set()
     for r, p in enumerate(parts):
-        plan = routing.expert_choice_globally(routing.router_scores(p, score_func), rank_WME,
-                                              sizes_W, r, cf)
+        plan = routing.expert_choice_globally(routing.router_scores(p, score_func), score_WME,
+                                              list(sizes), r, cf)
         assert plan.capacity is None and int(plan.counts_E.sum()) == plan.row_token_N.numel()
         expert_N = torch.repeat_interleave(torch.arange(E), plan.counts_E)
         lo = sum(sizes[:r])

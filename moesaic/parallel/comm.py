@@ -3,7 +3,8 @@
 ``all_to_all_rows`` sends ``in_splits[j]`` rows of x to rank j of the group and receives
 ``out_splits[j]`` rows from it; backward is the reverse exchange of the gradient.
 
-Legend: N rows sent, M rows received, D row width.
+Legend: N rows sent, M rows received, D row width; for the routing counts of the "global"
+scopes: W ranks, K top-k, E experts, T a rank's tokens, J gathered columns.
 """
 from __future__ import annotations
 
@@ -116,12 +117,12 @@ class CountSum:
                        parts, counts_KE.detach().contiguous(), group=self.group)
         return torch.stack(parts)
 
-    def gather_rows(self, rows_TC: Tensor, length: int) -> Tensor:
-        """[W, length, C]: every rank's rows, in rank order, each padded with zeros to
+    def gather_rows(self, rows_TJ: Tensor, length: int) -> Tensor:
+        """[W, length, J]: every rank's rows, in rank order, each padded with zeros to
         ``length`` (the score priority of ``capacity_scope="global"``)."""
         self._check()
-        padded = rows_TC.new_zeros(length, rows_TC.shape[1])
-        padded[:rows_TC.shape[0]] = rows_TC.detach()
+        padded = rows_TJ.new_zeros(length, rows_TJ.shape[1])
+        padded[:rows_TJ.shape[0]] = rows_TJ.detach()
         parts = [torch.empty_like(padded) for _ in self.ranks]
         run_collective("MoE global-capacity priority all-gather", self.ranks, dist.all_gather,
                        parts, padded, group=self.group)
