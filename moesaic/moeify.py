@@ -126,7 +126,8 @@ def _check_parts(name: str, m: nn.Module, upcycle: bool) -> None:
     extra += [f"{n} (a parameter)" for n, p in m.named_parameters(recurse=False)]
     if extra:
         raise ValueError(f"moeify_: {name} ({type(m).__name__}) holds {', '.join(extra)} "
-                         "besides fc1 / act / fc2, which its MoE experts would not compute: "
+                         "besides fc1 / fc2 / fc3 / act, dropouts and Identity, which its MoE "
+                         "experts would not compute: "
                          "pass where= to leave it out")
     act = getattr(m, "act", None)
     known = (not isinstance(act, nn.Module) or type(act) is nn.ReLU

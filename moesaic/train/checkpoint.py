@@ -325,18 +325,24 @@ def find(path: str) -> str:
     hint = (f"; it holds runs: name one, e.g. {os.path.join(path, runs[-1])} (the newest of "
             f"{len(runs)})" if runs else "")
     root = os.path.join(path, "checkpoints")
-    if not runs and os.path.isdir(root) and not _others(root).startswith("no other"):
+    if not runs and _resumable(root):
         hint = f"; its checkpoints/ has no latest.json, but {_others(root)}"
     raise CheckpointError(f"no checkpoint at {os.path.abspath(path)}: expected a checkpoint "
                           f"folder (with {STATE_FILE}) or a run dir with checkpoints/latest.json"
                           + hint)
 
 
+def _resumable(ckpt_root: str, but: Optional[str] = None) -> list[str]:
+    """The checkpoint folders of ``ckpt_root`` (but ``but``) that hold a state file."""
+    if not os.path.isdir(ckpt_root):
+        return []
+    return sorted(n for n in os.listdir(ckpt_root) if n.startswith("epoch_") and n != but
+                  and os.path.isfile(os.path.join(ckpt_root, n, STATE_FILE)))
+
+
 def _others(ckpt_root: str, but: Optional[str] = None) -> str:
     """A hint naming the other checkpoint folders of ``ckpt_root`` that could be resumed."""
-    names = sorted(n for n in os.listdir(ckpt_root) if n.startswith("epoch_") and n != but
-                   and os.path.isfile(os.path.join(ckpt_root, n, STATE_FILE))) \
-        if os.path.isdir(ckpt_root) else []
+    names = _resumable(ckpt_root, but)
     if not names:
         return "no other checkpoint is in that folder"
     return "other checkpoints to --resume from: " + ", ".join(

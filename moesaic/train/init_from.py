@@ -27,14 +27,15 @@ def same_inputs(a, b) -> bool:
     return a == b
 
 
-def model_changes(was: dict, now: dict) -> list[str]:
-    """``model`` / ``model_args`` entries that differ between two configs' dicts (tuples and
-    lists compare alike, as config.json holds them)."""
-    def plain(v):
-        return json.loads(json.dumps(v, default=str))
+def _plain(v):
+    """A config value as config.json holds it (tuples and lists compare alike)."""
+    return json.loads(json.dumps(v, default=str))
 
+
+def model_changes(was: dict, now: dict) -> list[str]:
+    """``model`` / ``model_args`` entries that differ between two configs' dicts."""
     return [f"{k}: {was[k]!r} -> {now[k]!r}" for k in ("model", "model_args")
-            if k in was and plain(was[k]) != plain(now[k])]
+            if k in was and _plain(was[k]) != _plain(now[k])]
 
 
 QUIET_KEYS = ("name", "progress", "plots", "runs_root", "timeout_s", "model", "model_args")
@@ -44,11 +45,8 @@ def setting_changes(was: dict, now: dict) -> list[str]:
     """The other config keys that differ (a resume with another config or ``--set``): what
     trains differently from here on. Output-only keys, and the model (warned of apart), are
     left out."""
-    def plain(v):
-        return json.loads(json.dumps(v, default=str))
-
     return [f"{k} {was[k]!r} -> {now[k]!r}" for k in sorted(now)
-            if k in was and k not in QUIET_KEYS and plain(was[k]) != plain(now[k])]
+            if k in was and k not in QUIET_KEYS and _plain(was[k]) != _plain(now[k])]
 
 
 def load_init(cfg: TrainConfig, model: torch.nn.Module, ckpt: str,
