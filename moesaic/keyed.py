@@ -254,11 +254,12 @@ class Dropout(nn.Dropout):
         self.kernels, self.strict = kernels, strict
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.training and self.p > 0 and active():
-            b = current().keys_b.numel()
+        stream = current() if self.training and self.p > 0 else None
+        if stream is not None:
+            b = stream.keys_b.numel()
             if self.strict or (x.shape[0] % b == 0 if b else x.numel() == 0):
                 return dropout(x, self.p, self.kernels)
-            current().next_salt()  # the salt it would have taken: later sites keep theirs
+            stream.next_salt()  # the salt it would have taken: later sites keep theirs
             _warn_unkeyed(x.shape[0], b)
         return super().forward(x)
 

@@ -382,6 +382,11 @@ def _position_slots(plan: RoutingPlan, counts_WKE: Tensor, rank: int) -> Tensor:
     return dest_TK - start_E[expert_TK] + offset_KE.to(dest_TK.device)[choice_TK, expert_TK]
 
 
+def _real_rows(sizes: list[int], M: int, device) -> Tensor:
+    """[W, M] bool: which of each rank's M gathered rows are tokens (the rest are padding)."""
+    return torch.arange(M, device=device) < torch.tensor(sizes, device=device)[:, None]
+
+
 def _score_slots(priority_WM: Tensor, expert_WMK: Tensor, sizes: list[int], rank: int,
                  num_experts: int) -> Tensor:
     """[T, K] global slots of this rank's assignments under score priority: the one-process
@@ -389,8 +394,7 @@ def _score_slots(priority_WM: Tensor, expert_WMK: Tensor, sizes: list[int], rank
     rows sent to an expert of their own (id E) so that they take no real expert's slot."""
     W, M, K = expert_WMK.shape
     E = num_experts
-    sizes_W = torch.tensor(sizes, device=expert_WMK.device)
-    real_WM = torch.arange(M, device=expert_WMK.device) < sizes_W[:, None]
+    real_WM = _real_rows(sizes, M, expert_WMK.device)
     expert_RK = torch.where(real_WM[..., None], expert_WMK, E).reshape(W * M, K)
     order_R = torch.argsort(priority_WM.reshape(-1), descending=True, stable=True)
     perm_A, slot_A, _ = assignment_slots(expert_RK, order_R, E + 1)
@@ -425,8 +429,7 @@ def expert_choice_globally(probs_TE: Tensor, score_WME: Tensor, sizes: list[int]
     W, M, E = score_WME.shape
     T = probs_TE.shape[0]
     capacity = expert_choice_capacity(sum(sizes), E, capacity_factor)
-    sizes_W = torch.tensor(sizes, device=score_WME.device)
-    real_WM = torch.arange(M, device=score_WME.device) < sizes_W[:, None]
+    real_WM = _real_rows(sizes, M, score_WME.device)
     ranked_RE = score_WME.masked_fill(~real_WM[..., None], float("-inf")).reshape(W * M, E)
     token_EC = ranked_RE.topk(capacity, dim=0).indices.t().to(probs_TE.device) - rank * M
     mine_EC = (token_EC >= 0) & (token_EC < T)

@@ -109,24 +109,21 @@ class CountSum:
         self._check()
         return dist.get_rank(self.group)
 
-    def gather(self, counts_KE: Tensor) -> Tensor:
-        """[W, K, E]: every rank's counts, in rank order."""
+    def gather(self, counts_KE: Tensor, what: str = "count") -> Tensor:
+        """[W, K, E]: every rank's counts (any tensor of one shape on every rank), in rank
+        order."""
         self._check()
         parts = [torch.empty_like(counts_KE) for _ in self.ranks]
-        run_collective("MoE global-capacity count all-gather", self.ranks, dist.all_gather,
+        run_collective(f"MoE global-capacity {what} all-gather", self.ranks, dist.all_gather,
                        parts, counts_KE.detach().contiguous(), group=self.group)
         return torch.stack(parts)
 
     def gather_rows(self, rows_TJ: Tensor, length: int) -> Tensor:
         """[W, length, J]: every rank's rows, in rank order, each padded with zeros to
         ``length`` (the score priority of ``capacity_scope="global"``)."""
-        self._check()
         padded = rows_TJ.new_zeros(length, rows_TJ.shape[1])
         padded[:rows_TJ.shape[0]] = rows_TJ.detach()
-        parts = [torch.empty_like(padded) for _ in self.ranks]
-        run_collective("MoE global-capacity priority all-gather", self.ranks, dist.all_gather,
-                       parts, padded, group=self.group)
-        return torch.stack(parts)
+        return self.gather(padded, "priority")
 
     def __call__(self, counts_E: Tensor) -> Tensor:
         self._check()
