@@ -2,17 +2,24 @@
 
 Shows the layer outside vision: tokens arrive as [B, S, D], the layer returns its output and
 its auxiliary loss, and the loss is added to the model's. Trains on the source of a few modules
-of Python's standard library (always on disk), about 15 s on 2 CPU cores (17 s wall on
-2026-11-30, quiet 2-core Xeon; validation loss 1.81):
+of Python's standard library (always on disk), about 15 s on 2 CPU cores (18 s wall on
+2026-12-02, 2-core Xeon, with 8 experts; validation loss 1.89; benchmarks/results/examples.txt):
 
     python3 examples/char_lm.py                 # 300 steps
-    python3 examples/char_lm.py --steps 20 --experts 8 --top-k 1
+    python3 examples/char_lm.py --steps 20 --experts 8
     python3 examples/char_lm.py --routing deepseek --experts 8
 
-``--routing deepseek`` swaps Switch-style routing (softmax, capacity 1.25, jitter, balance loss
-0.01) for DeepSeek-V3's: sigmoid scores, selection biases moved after every step
+``--routing deepseek`` swaps Switch-style routing (top-1, softmax, capacity 1.25, jitter, balance
+loss 0.01) for DeepSeek-V3's (top-2 here): sigmoid scores, selection biases moved after every step
 (``moesaic.update_expert_biases``), a per-sequence balance loss at 1e-4, each token limited to
 half of the expert groups (pairs of experts), one shared expert, nothing dropped.
+
+Both keep the model causal: a token's output depends on no later token of its sequence. Top-1
+routing with position priority fills an expert's capacity in token order (a sequence's tokens
+after the batch's earlier sequences), and dropless routing drops nothing; top-k >= 2 with
+capacity ranks every first choice before any second one, and expert choice and score priority
+rank by score, so there a later token can take the capacity an earlier one needed
+(docs/architecture.md).
 
 Prints the loss as it trains, then each MoE layer's share of tokens per expert.
 
@@ -44,6 +51,7 @@ def _deepseek(num_experts: int) -> dict:
                 num_shared_experts=1, drop_tokens=False)
 
 
+TOP_K = {"switch": 1, "deepseek": 2}  # each recipe's experts per token (--top-k's default)
 ROUTING = {  # each routing recipe's moesaic.MoE options, given the expert count
     "switch": lambda num_experts: dict(capacity_factor=1.25, noise_policy="jitter"),
     "deepseek": _deepseek,
@@ -103,7 +111,9 @@ def main(argv=None) -> dict:
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--experts", type=int, default=4)
-    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--top-k", type=int, default=None,
+                   help="experts per token (default: the routing's, switch 1, deepseek 2; top-2 "
+                        "with capacity drops is not causal, see the module docstring)")
     p.add_argument("--routing", choices=sorted(ROUTING), default="switch",
                    help="switch: softmax, capacity 1.25, jitter, balance loss 0.01; deepseek: "
                         "DeepSeek-V3's (see the module docstring)")
@@ -114,6 +124,8 @@ def main(argv=None) -> dict:
                         "machine's cores stall them)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
+    if a.top_k is None:
+        a.top_k = TOP_K[a.routing]
 
     text = corpus()
     chars = sorted(set(text))

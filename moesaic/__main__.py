@@ -17,6 +17,9 @@ import warnings
 from dataclasses import fields
 from typing import Optional
 
+# config warnings about the learning-rate schedule, which `eval` leaves unsaid
+SCHEDULE_WARNINGS = r"(min_lr|warmup_epochs) \(\S+\) (has no effect|exceeds epochs)"
+
 EXAMPLES = """\
 examples:
   moesaic train                                   # embedded default: ViT-MoE on 8x8 digits
@@ -239,7 +242,10 @@ def _eval(args) -> int:
 
     try:
         ckpt = find_checkpoint(args.path, args.best)
-        result = evaluate_checkpoint(_checkpoint_config(ckpt, args.overrides), ckpt)
+        with warnings.catch_warnings():  # the lr schedule's warnings concern training only
+            warnings.filterwarnings("ignore", message=SCHEDULE_WARNINGS)
+            cfg = _checkpoint_config(ckpt, args.overrides)
+        result = evaluate_checkpoint(cfg, ckpt)
     except ConfigError as e:
         _error(f"config: {e}")
         return 2

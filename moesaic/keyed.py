@@ -33,7 +33,7 @@ import importlib.util
 import math
 import threading
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -55,11 +55,23 @@ _RECOMPUTE_ERROR = ("moesaic: a sample-keyed random layer ran inside a backward 
 
 @dataclass
 class SampleStream:
-    """The keys of the samples in this forward and the number of salts taken so far."""
+    """The keys of the samples in this forward and the number of salts taken so far; inside
+    :func:`masked_rows`, the positions ``picked_N`` of the real rows among the b x
+    ``rows_per_sample`` rows of the padded batch."""
 
     keys_b: Tensor
     salt: int = 0
     replaying: bool = False
+    picked_N: Optional[Tensor] = None
+    rows_per_sample: int = 0
+
+    def fits(self, num_rows: int) -> bool:
+        """Whether a tensor of ``num_rows`` rows can be keyed: the real rows inside
+        :func:`masked_rows`, else a batch-first tensor (a multiple of the batch)."""
+        if self.picked_N is not None:
+            return num_rows == self.picked_N.numel()
+        b = self.keys_b.numel()
+        return num_rows % b == 0 if b else num_rows == 0
 
     def next_salt(self) -> int:
         if in_backward() and not self.replaying:
@@ -125,6 +137,34 @@ def sample_keys(keys_b: Tensor):
         _local.stream = previous
 
 
+@contextlib.contextmanager
+def masked_rows(mask: Tensor):
+    """Key the real rows of a padded batch, ``x[mask]``, as those rows of the whole batch.
+
+    Inside :func:`sample_keys`, around a layer run on the real tokens only (``mask`` is a bool
+    [b, ...] tensor, b the number of keys, True for real tokens; docs/architecture.md, padded
+    batches): the layer's random draws for a token then equal those the padded batch-first
+    forward draws for it, however the batch is padded or split. Every keyed tensor inside must
+    have ``mask.sum()`` rows."""
+    stream = current()
+    if stream is None:
+        raise RuntimeError("masked_rows keys rows by sample: open sample_keys(keys) first")
+    b = stream.keys_b.numel()
+    if not (isinstance(mask, Tensor) and mask.dtype == torch.bool and mask.dim() >= 1
+            and mask.shape[0] == b):
+        got = (f"{mask.dtype} tensor of shape {tuple(mask.shape)}" if isinstance(mask, Tensor)
+               else type(mask).__name__)
+        raise ValueError(f"masked_rows takes a bool mask whose first dim is the batch ({b} "
+                         f"sample keys), got a {got}")
+    previous = stream.picked_N, stream.rows_per_sample
+    stream.picked_N = mask.reshape(-1).nonzero().squeeze(1)
+    stream.rows_per_sample = mask[0].numel() if b else 0
+    try:
+        yield stream
+    finally:
+        stream.picked_N, stream.rows_per_sample = previous
+
+
 def current() -> Optional[SampleStream]:
     """The innermost :func:`sample_keys` stream of this thread, or None. Raises inside a
     backward on a thread without one while a stream is open elsewhere: a recomputation on
@@ -140,15 +180,15 @@ def active() -> bool:
 
 
 class _Replay:
-    """Runs a recomputation with the salts its forward took; re-entrant (a second backward
-    through the same graph recomputes again)."""
+    """Runs a recomputation with the salts (and masked rows) its forward took; re-entrant (a
+    second backward through the same graph recomputes again)."""
 
-    def __init__(self, keys_b: Tensor, salt: int):
-        self.keys_b, self.salt, self.previous = keys_b, salt, []
+    def __init__(self, stream: SampleStream):
+        self.taken, self.previous = replace(stream), []
 
     def __enter__(self):
         self.previous.append(getattr(_local, "stream", None))
-        _local.stream = SampleStream(self.keys_b, self.salt, replaying=True)
+        _local.stream = replace(self.taken, replaying=True)
 
     def __exit__(self, *exc):
         _local.stream = self.previous.pop()
@@ -161,24 +201,35 @@ def checkpoint_contexts():
     stream = getattr(_local, "stream", None)
     if stream is None:
         return contextlib.nullcontext(), contextlib.nullcontext()
-    return contextlib.nullcontext(), _Replay(stream.keys_b, stream.salt)
+    return contextlib.nullcontext(), _Replay(stream)
 
 
 @outside_compile
 def row_keys(num_rows: int, device) -> Tensor:
     """int32 [num_rows] keys of a batch-first tensor's rows under the current stream, with a
     fresh salt: num_rows must be a multiple of the number of samples (rows of a sample are
-    consecutive, as in [b, S, ...] flattened to [b * S, ...])."""
+    consecutive, as in [b, S, ...] flattened to [b * S, ...]); inside :func:`masked_rows`, the
+    number of real rows, which take their keys in the padded batch."""
     stream = current()
-    keys_b = stream.keys_b
-    b = keys_b.numel()
-    if (b == 0 and num_rows) or (b and num_rows % b):
+    b = stream.keys_b.numel()
+    if not stream.fits(num_rows):
+        if stream.picked_N is not None:
+            raise ValueError(f"masked_rows holds {stream.picked_N.numel()} real rows but a "
+                             f"random layer got a tensor of {num_rows} rows: run only layers "
+                             f"on x[mask] inside it")
         raise ValueError(f"sample_keys holds {b} sample keys but a random layer got a tensor of "
                          f"{num_rows} rows: keyed layers need batch-first inputs whose first "
                          f"dim (or flattened leading dims) is a multiple of the batch")
     salt = stream.next_salt()  # taken for empty tensors too: every rank takes the same salts
-    base_b = mix_(keys_b.to(device=device, dtype=torch.int32) ^ salt)
-    r = num_rows // b if b else 0
+    base_b = mix_(stream.keys_b.to(device=device, dtype=torch.int32) ^ salt)
+    if stream.picked_N is not None:
+        keys_R = _batch_first_keys(base_b, stream.rows_per_sample, device)
+        return keys_R[stream.picked_N.to(device)]
+    return _batch_first_keys(base_b, num_rows // b if b else 0, device)
+
+
+def _batch_first_keys(base_b: Tensor, r: int, device) -> Tensor:
+    """[b * r] keys of r consecutive rows per sample, from the samples' salted keys."""
     if r == 0:
         return base_b[:0]
     if r == 1:
@@ -256,11 +307,10 @@ class Dropout(nn.Dropout):
     def forward(self, x: Tensor) -> Tensor:
         stream = current() if self.training and self.p > 0 else None
         if stream is not None:
-            b = stream.keys_b.numel()
-            if self.strict or (x.shape[0] % b == 0 if b else x.numel() == 0):
+            if self.strict or stream.fits(x.shape[0]) or x.numel() == 0:
                 return dropout(x, self.p, self.kernels)
             stream.next_salt()  # the salt it would have taken: later sites keep theirs
-            _warn_unkeyed(x.shape[0], b)
+            _warn_unkeyed(x.shape[0], stream.keys_b.numel())
         return super().forward(x)
 
 

@@ -221,15 +221,16 @@ class MoE(nn.Module):
         gathered [W, K, E] counts (``capacity_scope="global"``)."""
         c, count_sum = self.config, self.count_sum
         counts_WKE = count_sum.gather(routing.choice_counts(plan.expert_TK, c.num_experts))
+        sizes = counts_WKE[:, 0].sum(-1).tolist()  # the one host read: every rank's tokens
         ranked = None
         if c.drop_policy == "score":  # every rank's token priorities and choices (float32
             priority_T = routing.first_choice_prob(  # holds both exactly)
                 routing.ranking_scores(probs_TE, logits_TE, c.score_func), plan.expert_TK)
             cols_TJ = torch.cat([priority_T.float()[:, None], plan.expert_TK.float()], 1)
-            cols_WMJ = count_sum.gather_rows(cols_TJ, int(counts_WKE[:, 0].sum(-1).max()))
+            cols_WMJ = count_sum.gather_rows(cols_TJ, max(sizes))
             ranked = (cols_WMJ[..., 0], cols_WMJ[..., 1:].long())
         capped, _ = routing.cap_globally(plan, counts_WKE, count_sum.rank, cf, c.min_capacity,
-                                         ranked)
+                                         ranked, sizes)
         return capped, counts_WKE
 
     def _expert_choice_globally(self, logits_TE: Tensor, cf: float):

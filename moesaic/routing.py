@@ -332,8 +332,8 @@ def choice_counts(expert_TK: Tensor, num_experts: int) -> Tensor:
 
 
 def cap_globally(plan: RoutingPlan, counts_WKE: Tensor, rank: int, capacity_factor: float,
-                 min_capacity: int, ranked: Optional[tuple[Tensor, Tensor]] = None
-                 ) -> tuple[RoutingPlan, int]:
+                 min_capacity: int, ranked: Optional[tuple[Tensor, Tensor]] = None,
+                 sizes: Optional[list[int]] = None) -> tuple[RoutingPlan, int]:
     """Drop a dropless plan's assignments as one process would on the ranks' batches laid end to
     end (rank 0's tokens first): ``counts_WKE`` holds every rank's :func:`choice_counts`. The
     capacity is that of the global token count. Returns the capped plan (``capacity`` None: its
@@ -344,10 +344,12 @@ def cap_globally(plan: RoutingPlan, counts_WKE: Tensor, rank: int, capacity_fact
     expert e, the global assignments of earlier choices less this rank's, plus lower ranks' of
     choice k. Score priority ranks tokens by their first choice's ranking score: ``ranked =
     (priority_WM, expert_WMK)`` holds every rank's :func:`first_choice_prob` and choices, each
-    rank's T rows padded to one length (padding rows are never counted)."""
+    rank's T rows padded to one length (padding rows are never counted). ``sizes``, every
+    rank's token count, is read from ``counts_WKE`` when not given (a host read)."""
     _, K, E = counts_WKE.shape
     T = plan.num_tokens
-    sizes = counts_WKE[:, 0].sum(-1).tolist()  # the one host read: every rank's token count
+    if sizes is None:
+        sizes = counts_WKE[:, 0].sum(-1).tolist()
     capacity = token_choice_capacity(sum(sizes), E, K, capacity_factor, min_capacity)
     if ranked is None:
         slot_TK = _position_slots(plan, counts_WKE, rank)

@@ -23,6 +23,35 @@ def test_char_lm_trains_a_few_steps():
     assert math.isfinite(ds["val_loss"]) and len(ds["expert_load"][0]) == 8
 
 
+def test_char_lm_recipes_are_causal_and_top2_capacity_is_not():
+    """Both recipes' routings (top-1 with position priority; dropless) leave a token's output
+    independent of its sequence's later tokens, as the example's docstring says; top-2 with
+    capacity does not."""
+    import torch
+    char_lm = _load("char_lm")
+    gen = torch.Generator().manual_seed(0)
+
+    def future_changes(routing, top_k, trials):
+        torch.manual_seed(0)
+        model = char_lm.CharLM(12, 16, 16, 2, 2, 4, top_k, routing).train()
+        worst = 0.0
+        for _ in range(trials):
+            idx = torch.randint(0, 12, (4, 16), generator=gen)
+            b = int(torch.randint(0, 4, (), generator=gen))
+            later = idx.clone()  # sequence b's second half changed
+            later[b, 8:] = torch.randint(0, 12, (8,), generator=gen)
+            outs = []
+            for x in (idx, later):
+                torch.manual_seed(1)  # the same jitter draws
+                outs.append(model(x)[0][b, :8])
+            worst = max(worst, (outs[0] - outs[1]).abs().max().item())
+        return worst
+
+    assert future_changes("switch", 1, 10) < 1e-5
+    assert future_changes("deepseek", 2, 10) < 1e-5
+    assert future_changes("switch", 2, 10) > 1e-3
+
+
 def test_upcycle_any_model_example():
     """The plain-PyTorch ViT is moeified after dense training: the upcycled model's accuracy is
     the dense model's, then it trains on with its aux losses."""

@@ -311,8 +311,14 @@ def test_errors_name_the_field():
         M.create("vit_moe_lite6", num_experts=[4, 8])
     with pytest.raises(ValueError, match="did you mean 'num_heads'"):
         M.create("vit_lite6", num_head=8)
-    with pytest.raises(ValueError, match="top_k"):
+    with pytest.raises(ValueError, match=r"top_k \(9\) exceeds the 8 experts of block 1 "):
         M.create("vit_moe_lite6", top_k=9)
+    with pytest.raises(ValueError, match=r"top_k \(3\) exceeds the 2 experts of block 3 "
+                                         r"\(num_experts \[4, 2, 8\]\)"):
+        M.create("vit_moe_lite6_prmoe", num_experts=[4, 2, 8], top_k=3)
+    with pytest.raises(ValueError, match="top_k must be a positive int, got 0"):
+        M.create("vit_moe_lite6", top_k=0)
+    M.create("vit_lite6", top_k=4)  # dense: no expert count to exceed
 
 
 def test_register_custom_model():
@@ -451,3 +457,18 @@ def test_group_limit_and_sequence_balance_reach_every_moe_layer():
     assert all(m.config.balance_scope == "sequence" for m in layers)
     logits, aux, stats = model(torch.randn(3, 3, 32, 32), return_stats=True)
     assert logits.shape[0] == 3 and torch.isfinite(aux)
+
+
+def test_zoo_and_trainer_are_attributes_of_the_package():
+    """``import moesaic`` then ``moesaic.models.create``, as models.md writes it; the zoo and
+    the trainer load on first use."""
+    import subprocess
+    import sys
+    code = ("import sys, moesaic\n"
+            "assert 'moesaic.train' not in sys.modules\n"
+            "print(type(moesaic.models.create('vit_moe_tiny')).__name__, "
+            "moesaic.train.Trainer.__name__)\n"
+            "try:\n    moesaic.nope\nexcept AttributeError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[:2] == ["ViTMoE Trainer", "module 'moesaic' has no attribute "
+                                                          "'nope'"]

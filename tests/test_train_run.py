@@ -11,6 +11,7 @@ import torch
 import moesaic
 from moesaic.__main__ import main
 from moesaic.train import checkpoint, loop, setup
+from moesaic.train.config import load_file
 from test_train_data import write_cifar
 
 TINY_MODEL = {"depth": 2, "d_model": 32, "num_heads": 2, "patch_size": 8, "num_experts": 4}
@@ -86,6 +87,10 @@ def test_eval_command_reproduces_the_recorded_accuracy(tmp_path, capsys):
     assert f"(epoch {best['epoch']}): eval loss" in text and "token shares" in text
     assert main(["eval", str(tmp_path / "nowhere")]) == 1
     assert "no checkpoint at" in capsys.readouterr().err
+    with warnings.catch_warnings():  # the schedule's warnings concern training only
+        warnings.simplefilter("error")
+        assert main(["eval", run, "--set", "warmup_epochs=5", "--set", "min_lr=1e-5",
+                     "--set", "schedule='constant'"]) == 0
     assert main(["eval", run, "--set", "lr=-1"]) == 2
     assert main(["eval", run, "--set", "max_ep_size=2"]) == 2
     assert "max_ep_size (2) does not divide the world size (1)" in capsys.readouterr().err
@@ -559,6 +564,14 @@ def test_missing_matplotlib_trains_without_plots(tmp_path, monkeypatch):
         assert main(["train", "--config", cfg, "--run-dir", str(tmp_path / "r2"),
                      "--set", "plots=True"]) == 0
     assert not os.path.exists(tmp_path / "r2" / "curves.png")
+
+
+def test_crop_padding_of_an_image_side_or_more_warns(tmp_path):
+    write_cifar(str(tmp_path))
+    cfg = tiny_config(tmp_path / "c.py", tmp_path, CROP_PADDING=32)
+    with pytest.warns(UserWarning, match=r"crop_padding \(32\) is not below the image side "
+                                         r"\(32\): some random crops hold no pixel"):
+        loop.Trainer(load_file(cfg), str(tmp_path / "r"))
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch, capsys):

@@ -87,6 +87,11 @@ class VisionConfig:
                      f"num_experts must be an int >= 0 or a list, got {self.num_experts!r}")
         unknown = [k for k in self.moe_kwargs if k not in MOE_PASSTHROUGH]
         _require(not unknown, f"unknown MoE option {unknown[0]!r}" if unknown else "")
+        _require(_is_int(self.top_k) and self.top_k >= 1,
+                 f"top_k must be a positive int, got {self.top_k!r}")
+        few = [(i, e) for i, e in enumerate(self.experts_per_block()) if 0 < e < self.top_k]
+        _require(not few, f"top_k ({self.top_k}) exceeds the {few[0][1]} experts of block "
+                          f"{few[0][0]} (num_experts {self.num_experts})" if few else "")
 
     @staticmethod
     def num_moe_blocks_at(depth: int, moe_every: int) -> int:

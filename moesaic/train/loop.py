@@ -101,6 +101,10 @@ class Trainer:
         self.amp_dtype = precision_for(cfg, self.device)
         train_set, test_set = load_dataset(cfg.dataset, cfg.data_dir, cfg.norm_mean, cfg.norm_std)
         self.train_set, self.test_set = train_set.to(self.device), test_set.to(self.device)
+        side = min(train_set.shape[1:])
+        if cfg.crop_padding >= side:
+            warnings.warn(f"crop_padding ({cfg.crop_padding}) is not below the image side "
+                          f"({side}): some random crops hold no pixel of the image", stacklevel=2)
         self.spe = steps_per_epoch(len(train_set), cfg.batch_size, cfg.steps_per_epoch)
         moe_set_seed(cfg.seed)
         model = build_model(cfg, train_set.shape, train_set.num_classes).to(self.device)
