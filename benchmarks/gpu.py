@@ -170,23 +170,25 @@ def check(run: Run, name: str, err: float, tol: float, **extra):
 def check_routing(run, tops, device, gen, T, E):
     """Torch against Triton routing plans; the score-priority case also with a selection bias
     (auxiliary-loss-free balancing), with softmax and with sigmoid scores, and group-limited
-    (DeepSeek-V3: half the groups of 4 experts)."""
+    (DeepSeek-V3: half the groups of 4 experts); causal priority over sequences of 64."""
     for K in (1, 2):
         for cap, policy, biased, score_func, grouped in (
                 (None, "position", False, "softmax", False),
                 ("cf", "position", False, "softmax", False),
                 ("cf", "score", False, "softmax", False), ("cf", "score", True, "softmax", False),
-                ("cf", "score", True, "sigmoid", False), ("cf", "score", True, "sigmoid", True)):
+                ("cf", "score", True, "sigmoid", False), ("cf", "score", True, "sigmoid", True),
+                ("cf", "causal", False, "softmax", False)):
             capacity = None if cap is None else token_choice_capacity(T, E, K, 1.0, 4)
             logits = torch.randn(T, E, device=device, generator=gen)
             bias = (torch.randn(E, device=device, generator=gen) * 0.1 if biased else None)
             if grouped and (E % 4 or E < 8):  # groups of 4 experts, half of them kept
                 continue
             groups = (E // 4, E // 8) if grouped else None
+            seq_len = 64 if policy == "causal" and T % 64 == 0 else None
             p0, pr0, c0 = TorchOps.token_choice(logits, K, capacity, policy, K >= 2, bias,
-                                                score_func, groups)
+                                                score_func, groups, seq_len)
             p1, pr1, c1 = tops.token_choice(logits, K, capacity, policy, K >= 2, bias,
-                                            score_func, groups)
+                                            score_func, groups, seq_len)
             same_counts = torch.equal(c0, c1)
             dest_mismatch = float((p0.dest_TK != p1.dest_TK).float().mean())
             # ULP-level softmax differences may reorder near-ties, so allow a tiny fraction.

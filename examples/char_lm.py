@@ -9,17 +9,18 @@ of Python's standard library (always on disk), about 15 s on 2 CPU cores (18 s w
     python3 examples/char_lm.py --steps 20 --experts 8
     python3 examples/char_lm.py --routing deepseek --experts 8
 
-``--routing deepseek`` swaps Switch-style routing (top-1, softmax, capacity 1.25, jitter, balance
-loss 0.01) for DeepSeek-V3's (top-2 here): sigmoid scores, selection biases moved after every step
-(``moesaic.update_expert_biases``), a per-sequence balance loss at 1e-4, each token limited to
-half of the expert groups (pairs of experts), one shared expert, nothing dropped.
+``--routing deepseek`` swaps Switch-style routing (top-1, softmax, capacity 1.25 with causal
+drops, jitter, balance loss 0.01) for DeepSeek-V3's (top-2 here): sigmoid scores, selection
+biases moved after every step (``moesaic.update_expert_biases``), a per-sequence balance loss at
+1e-4, each token limited to half of the expert groups (pairs of experts), one shared expert,
+nothing dropped.
 
-Both keep the model causal: a token's output depends on no later token of its sequence. Top-1
-routing with position priority fills an expert's capacity in token order (a sequence's tokens
-after the batch's earlier sequences), and dropless routing drops nothing; top-k >= 2 with
-capacity ranks every first choice before any second one, and expert choice and score priority
-rank by score, so there a later token can take the capacity an earlier one needed
-(docs/architecture.md).
+Both keep the model causal: a token's output depends on no later token of its sequence.
+``drop_policy="causal"`` fills an expert's capacity position by position (every sequence's
+position 0, then every position 1, ...), so no drop depends on a later position, and dropless
+routing drops nothing. The default position priority ranks every first choice before any second one,
+and score priority and expert choice rank by score: with top_k >= 2 (or scores) a later token
+could take the capacity an earlier one needed (docs/architecture.md).
 
 Prints the loss as it trains, then each MoE layer's share of tokens per expert.
 
@@ -53,7 +54,8 @@ def _deepseek(num_experts: int) -> dict:
 
 TOP_K = {"switch": 1, "deepseek": 2}  # each recipe's experts per token (--top-k's default)
 ROUTING = {  # each routing recipe's moesaic.MoE options, given the expert count
-    "switch": lambda num_experts: dict(capacity_factor=1.25, noise_policy="jitter"),
+    "switch": lambda num_experts: dict(capacity_factor=1.25, noise_policy="jitter",
+                                       drop_policy="causal"),
     "deepseek": _deepseek,
 }
 
@@ -112,11 +114,10 @@ def main(argv=None) -> dict:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--experts", type=int, default=4)
     p.add_argument("--top-k", type=int, default=None,
-                   help="experts per token (default: the routing's, switch 1, deepseek 2; top-2 "
-                        "with capacity drops is not causal, see the module docstring)")
+                   help="experts per token (default: the routing's, switch 1, deepseek 2)")
     p.add_argument("--routing", choices=sorted(ROUTING), default="switch",
-                   help="switch: softmax, capacity 1.25, jitter, balance loss 0.01; deepseek: "
-                        "DeepSeek-V3's (see the module docstring)")
+                   help="switch: softmax, capacity 1.25 (causal drops), jitter, balance loss "
+                        "0.01; deepseek: DeepSeek-V3's (see the module docstring)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1,

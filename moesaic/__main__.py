@@ -285,7 +285,8 @@ def _compare(args) -> int:
         _error(f"--plot needs matplotlib (pip install 'moesaic[train]'): {e}")
         return 2
     except (OSError, ValueError) as e:  # ValueError: a format matplotlib doesn't write
-        _error(f"cannot write the plot {args.plot}: {e}")
+        why = e.strerror if isinstance(e, OSError) and e.strerror else e  # not the temp name
+        _error(f"cannot write the plot {args.plot}: {why}")
         return 2
     print(f"\ncurves: {args.plot}")
     return 0

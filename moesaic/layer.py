@@ -60,9 +60,12 @@ class MoE(nn.Module):
     most C = min(T, max(min_capacity, ceil(cf * top_k * T / E))) assignments (cf =
     capacity_factor in training, eval_capacity_factor in eval, 2.0 unless given), ranked
     choice-major and then by token position (``drop_policy="position"``) or by the token's
-    probability for its first choice (``"score"``); ``drop_tokens=False`` keeps every
-    assignment. Expert choice lets each expert take its ceil(cf * T / E) highest-probability
-    tokens, cf being the mean number of experts per token (so eval_capacity_factor defaults to
+    probability for its first choice (``"score"``), or by position in the sequence, then
+    sequence, then choice (``"causal"``, for a batch-first [..., S, D] input: no drop depends
+    on a later position of any sequence, as causal language models need);
+    ``drop_tokens=False`` keeps every assignment.
+    Expert choice lets each expert take its ceil(cf * T / E) highest-probability tokens, cf
+    being the mean number of experts per token (so eval_capacity_factor defaults to
     capacity_factor, as in Zhou et al. 2022). Scores are the softmax of the router's logits, or
     with ``score_func="sigmoid"`` one sigmoid per expert (DeepSeek-V3).
     ``aux_loss = aux_loss_coef * balance + z_loss_coef * z``. ``bias_update_rate`` u > 0 turns on
@@ -168,7 +171,7 @@ class MoE(nn.Module):
                 f"top_k={c.top_k}, router={c.router}, drop_tokens={c.drop_tokens}{extra}, "
                 f"ep_size={self.layout.ep_size}")
 
-    def _route(self, logits_TE: Tensor, ops, num_seqs: int = 1):
+    def _route(self, logits_TE: Tensor, ops, num_seqs: int = 1, seq_len: Optional[int] = None):
         c = self.config
         T, E = logits_TE.shape
         cf = c.capacity_factor if self.training else c.eval_capacity_factor
@@ -190,10 +193,10 @@ class MoE(nn.Module):
             bias_E = self.router.expert_bias if c.bias_update_rate > 0 else None
             plan, probs_TE, counts_E = ops.token_choice(
                 logits_TE, c.top_k, capacity, c.drop_policy, c.normalize_weights, bias_E,
-                c.score_func, c.group_limit())
+                c.score_func, c.group_limit(), seq_len)
             counts_WKE = None
             if across:  # drops as one process would on every rank's tokens
-                plan, counts_WKE = self._cap_globally(plan, logits_TE, probs_TE, cf)
+                plan, counts_WKE = self._cap_globally(plan, logits_TE, probs_TE, cf, seq_len)
             if bias_E is not None and self.training and not in_backward():
                 self.load_counts += counts_E.detach()
             dist_TE = routing.score_distribution(probs_TE, c.score_func)
@@ -216,13 +219,32 @@ class MoE(nn.Module):
         return plan, aux_loss, stats
 
     def _cap_globally(self, plan: routing.RoutingPlan, logits_TE: Tensor, probs_TE: Tensor,
-                      cf: float) -> tuple[routing.RoutingPlan, Tensor]:
+                      cf: float, seq_len: Optional[int]) -> tuple[routing.RoutingPlan, Tensor]:
         """A dropless plan capped as one process would cap every rank's tokens, and the
         gathered [W, K, E] counts (``capacity_scope="global"``)."""
         c, count_sum = self.config, self.count_sum
-        counts_WKE = count_sum.gather(routing.choice_counts(plan.expert_TK, c.num_experts))
-        sizes = counts_WKE[:, 0].sum(-1).tolist()  # the one host read: every rank's tokens
-        ranked = None
+        K, E = c.top_k, c.num_experts
+        counts_KE = routing.choice_counts(plan.expert_TK, E)
+        causal = c.drop_policy == "causal"
+        if causal:  # a row more: the rank's position groups (sequence positions, or one)
+            groups_1E = counts_KE.new_zeros(1, E)
+            groups_1E[0, 0] = seq_len or 1
+            counts_KE = torch.cat([counts_KE, groups_1E])
+        counts_WKE = count_sum.gather(counts_KE)
+        heads_HW = torch.stack([counts_WKE[:, 0].sum(-1), counts_WKE[:, -1, 0]])
+        sizes, groups = heads_HW.tolist()  # the one host read: tokens (and causal groups)
+        counts_WKE = counts_WKE[:, :K]
+        ranked, by_group = None, None
+        if causal:
+            T = plan.num_tokens
+            group_T = (torch.arange(T, device=plan.expert_TK.device) % seq_len if seq_len
+                       else plan.expert_TK.new_zeros(T))
+            if max(groups) == 1:  # every rank one group: its counts are the choice counts
+                counts_WGE = counts_WKE.sum(1, keepdim=True)
+            else:
+                local_GE = routing.group_counts(plan.expert_TK, group_T, seq_len or 1, E)
+                counts_WGE = count_sum.gather_rows(local_GE, max(groups))
+            by_group = (counts_WGE, group_T)
         if c.drop_policy == "score":  # every rank's token priorities and choices (float32
             priority_T = routing.first_choice_prob(  # holds both exactly)
                 routing.ranking_scores(probs_TE, logits_TE, c.score_func), plan.expert_TK)
@@ -230,7 +252,7 @@ class MoE(nn.Module):
             cols_WMJ = count_sum.gather_rows(cols_TJ, max(sizes))
             ranked = (cols_WMJ[..., 0], cols_WMJ[..., 1:].long())
         capped, _ = routing.cap_globally(plan, counts_WKE, count_sum.rank, cf, c.min_capacity,
-                                         ranked, sizes)
+                                         ranked, sizes, by_group)
         return capped, counts_WKE
 
     def _expert_choice_globally(self, logits_TE: Tensor, cf: float):
@@ -263,10 +285,11 @@ class MoE(nn.Module):
         ops = select_ops(c.kernels, x.device)
         x_TD = x.reshape(-1, c.d_model)
         num_seqs = math.prod(x.shape[:-2]) if x.dim() >= 3 else 1  # [..., S, D]: S per sequence
+        seq_len = x.shape[-2] if x.dim() >= 3 and x.shape[-2] > 0 else None
         keys_T = None
         if self.training and keyed.active() and (c.noise_policy or c.hidden_dropout > 0):
             keys_T = keyed.row_keys(x_TD.shape[0], x.device)
-        plan, aux_loss, stats = self._route(self.router(x_TD, keys_T), ops, num_seqs)
+        plan, aux_loss, stats = self._route(self.router(x_TD, keys_T), ops, num_seqs, seq_len)
         if not in_backward():  # a checkpoint's recomputation leaves the forward's stats
             self.last_stats = stats
         autocast_on = torch.is_autocast_enabled(x.device.type)

@@ -270,6 +270,17 @@ def first_choice_prob(rank_TE: Tensor, topk_idx_TK: Tensor) -> Tensor:
     return rank_TE.detach().gather(1, topk_idx_TK[:, :1].long()).squeeze(1)
 
 
+def causal_order(num_tokens: int, top_k: int, seq_len: Optional[int], device) -> Optional[Tensor]:
+    """Flat assignment ids (t * K + k) in causal priority (``drop_policy="causal"``): by
+    position in the sequence, then sequence, then choice, for T tokens held batch-first as
+    sequences of ``seq_len``; so no assignment's slot depends on a later position of any
+    sequence. None when the tokens are one sequence (token order)."""
+    if seq_len is None or seq_len >= num_tokens:
+        return None
+    return (torch.arange(num_tokens * top_k, device=device)
+            .view(num_tokens // seq_len, seq_len, top_k).transpose(0, 1).reshape(-1))
+
+
 def assignment_slots(topk_idx_TK: Tensor, priority_T: Optional[Tensor], num_experts: int):
     """Rank assignments choice-major (then by token priority) and give each its expert slot.
 
@@ -291,20 +302,27 @@ def assignment_slots(topk_idx_TK: Tensor, priority_T: Optional[Tensor], num_expe
 
 def token_choice(logits_TE: Tensor, top_k: int, capacity: Optional[int], drop_policy: str,
                  normalize: bool, bias_E: Optional[Tensor] = None, score_func: str = "softmax",
-                 groups: Optional[tuple[int, int]] = None) -> tuple[RoutingPlan, Tensor, Tensor]:
+                 groups: Optional[tuple[int, int]] = None, seq_len: Optional[int] = None
+                 ) -> tuple[RoutingPlan, Tensor, Tensor]:
     """Top-k token-choice routing on ``router_scores(logits_TE, score_func)`` (selection biased
     by ``bias_E`` if given, limited to each token's best expert groups with ``groups =
-    (num_groups, topk_groups)``). Returns (plan, scores_TE, counts_E before dropping)."""
+    (num_groups, topk_groups)``). ``seq_len``: the tokens are sequences of that length,
+    batch-first (None: one sequence), read by ``drop_policy="causal"`` only. Returns (plan,
+    scores_TE, counts_E before dropping)."""
     T, E = logits_TE.shape
     probs_TE = router_scores(logits_TE, score_func)
     rank_TE = ranking_scores(probs_TE, logits_TE, score_func)
     select_TE = rank_TE if score_func == "sigmoid" and bias_E is None else None
     weight_TK, topk_idx_TK = topk_weights(probs_TE, top_k, normalize, bias_E, select_TE, groups)
-    priority_T = None
-    if capacity is not None and drop_policy == "score":
-        priority_T = torch.argsort(first_choice_prob(rank_TE, topk_idx_TK), descending=True,
-                                   stable=True)
-    perm_A, slot_A, counts_E = assignment_slots(topk_idx_TK, priority_T, E)
+    if drop_policy == "causal":  # a [T * K, 1] routing, in causal order
+        order_A = causal_order(T, top_k, seq_len, logits_TE.device)
+        perm_A, slot_A, counts_E = assignment_slots(topk_idx_TK.reshape(-1, 1), order_A, E)
+    else:
+        priority_T = None
+        if capacity is not None and drop_policy == "score":
+            priority_T = torch.argsort(first_choice_prob(rank_TE, topk_idx_TK),
+                                       descending=True, stable=True)
+        perm_A, slot_A, counts_E = assignment_slots(topk_idx_TK, priority_T, E)
     if capacity is None:
         kept_A, kept_counts_E = perm_A, counts_E
         dest_A = torch.arange(perm_A.numel(), device=perm_A.device)
@@ -333,7 +351,8 @@ def choice_counts(expert_TK: Tensor, num_experts: int) -> Tensor:
 
 def cap_globally(plan: RoutingPlan, counts_WKE: Tensor, rank: int, capacity_factor: float,
                  min_capacity: int, ranked: Optional[tuple[Tensor, Tensor]] = None,
-                 sizes: Optional[list[int]] = None) -> tuple[RoutingPlan, int]:
+                 sizes: Optional[list[int]] = None,
+                 causal: Optional[tuple[Tensor, Tensor]] = None) -> tuple[RoutingPlan, int]:
     """Drop a dropless plan's assignments as one process would on the ranks' batches laid end to
     end (rank 0's tokens first): ``counts_WKE`` holds every rank's :func:`choice_counts`. The
     capacity is that of the global token count. Returns the capped plan (``capacity`` None: its
@@ -344,14 +363,21 @@ def cap_globally(plan: RoutingPlan, counts_WKE: Tensor, rank: int, capacity_fact
     expert e, the global assignments of earlier choices less this rank's, plus lower ranks' of
     choice k. Score priority ranks tokens by their first choice's ranking score: ``ranked =
     (priority_WM, expert_WMK)`` holds every rank's :func:`first_choice_prob` and choices, each
-    rank's T rows padded to one length (padding rows are never counted). ``sizes``, every
-    rank's token count, is read from ``counts_WKE`` when not given (a host read)."""
+    rank's T rows padded to one length (padding rows are never counted). Causal priority
+    (``drop_policy="causal"``, whose dropless plan ranks in :func:`causal_order`) takes
+    ``causal = (counts_WGE, group_T)``: every rank's assignments per position group (a
+    sequence position; one group when the input is one sequence) and expert, each rank's G
+    padded to one length, and the group of each local token; one process ranks group g of
+    every rank, rank 0's first, before group g + 1. ``sizes``, every rank's token count, is
+    read from ``counts_WKE`` when not given (a host read)."""
     _, K, E = counts_WKE.shape
     T = plan.num_tokens
     if sizes is None:
         sizes = counts_WKE[:, 0].sum(-1).tolist()
     capacity = token_choice_capacity(sum(sizes), E, K, capacity_factor, min_capacity)
-    if ranked is None:
+    if causal is not None:
+        slot_TK = _causal_slots(plan, *causal, rank)
+    elif ranked is None:
         slot_TK = _position_slots(plan, counts_WKE, rank)
     else:
         slot_TK = _score_slots(*ranked, sizes, rank, E)
@@ -382,6 +408,26 @@ def _position_slots(plan: RoutingPlan, counts_WKE: Tensor, rank: int) -> Tensor:
     start_E = torch.cumsum(plan.counts_E, 0) - plan.counts_E
     choice_TK = torch.arange(K, device=dest_TK.device).expand(plan.num_tokens, K)
     return dest_TK - start_E[expert_TK] + offset_KE.to(dest_TK.device)[choice_TK, expert_TK]
+
+
+def _causal_slots(plan: RoutingPlan, counts_WGE: Tensor, group_T: Tensor, rank: int) -> Tensor:
+    """[T, K] global slots of this rank's assignments under causal priority: the local slot
+    (position groups in order), plus for its group g and expert e every rank's assignments in
+    earlier groups less this rank's, plus lower ranks' in group g."""
+    total_GE, local_GE = counts_WGE.sum(0), counts_WGE[rank]
+    offset_GE = ((torch.cumsum(total_GE, 0) - total_GE) - (torch.cumsum(local_GE, 0) - local_GE)
+                 + counts_WGE[:rank].sum(0))
+    expert_TK, dest_TK = plan.expert_TK, plan.dest_TK
+    start_E = torch.cumsum(plan.counts_E, 0) - plan.counts_E
+    offset_TK = offset_GE.to(dest_TK.device)[group_T[:, None], expert_TK]
+    return dest_TK - start_E[expert_TK] + offset_TK
+
+
+def group_counts(expert_TK: Tensor, group_T: Tensor, num_groups: int, num_experts: int) -> Tensor:
+    """[G, E] int64: assignments of the tokens of each position group to each expert."""
+    pair_TK = group_T[:, None] * num_experts + expert_TK
+    return torch.bincount(pair_TK.reshape(-1), minlength=num_groups * num_experts).view(
+        num_groups, num_experts)
 
 
 def _real_rows(sizes: list[int], M: int, device) -> Tensor:

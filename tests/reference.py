@@ -75,15 +75,18 @@ def reference_forward(layer, x):
             order = sorted(order, key=lambda t: -probs_TE[t, topi[t, 0]].item())
         seq_len = T // num_seqs
         seq_counts = [[0] * E for _ in range(num_seqs)]
-        for k in range(K):
-            for t in order:
-                e = int(topi[t, k])
-                counts[e] += 1
-                seq_counts[t // seq_len][e] += 1
-                if cap is not None and kept[e] >= cap:
-                    continue
-                kept[e] += 1
-                outputs[t] = outputs[t] + w_TK[t, k] * expert_ffn(layer, e, x_TD[t])
+        pairs = [(t, k) for k in range(K) for t in order]  # choice-major
+        if c.drop_policy == "causal":  # by position, then sequence, then choice
+            pairs = [(b * seq_len + s, k) for s in range(seq_len) for b in range(num_seqs)
+                     for k in range(K)]
+        for t, k in pairs:
+            e = int(topi[t, k])
+            counts[e] += 1
+            seq_counts[t // seq_len][e] += 1
+            if cap is not None and kept[e] >= cap:
+                continue
+            kept[e] += 1
+            outputs[t] = outputs[t] + w_TK[t, k] * expert_ffn(layer, e, x_TD[t])
         if c.balance_scope == "sequence":
             balance = sum(E * (torch.tensor(seq_counts[i], dtype=torch.float32) / (seq_len * K)
                                * dist_TE[i * seq_len:(i + 1) * seq_len].mean(0)).sum()

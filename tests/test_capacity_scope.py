@@ -1,11 +1,15 @@
 """capacity_scope="global" in one process: the ranks' capped plans, built from every rank's
 choice counts, keep exactly the assignments the whole batch's capacity plan keeps (the
 distributed equalities are in tests/_dist_workers.py: check_global_capacity)."""
+import copy
+import threading
+
 import pytest
 import torch
 
 import moesaic
 from moesaic import routing
+from moesaic.parallel.comm import CountSum
 
 
 def _split_plans(logits_TE, sizes, top_k, cf, min_capacity, policy):
@@ -22,11 +26,14 @@ def _split_plans(logits_TE, sizes, top_k, cf, min_capacity, policy):
         ranked = (torch.stack([pad(routing.first_choice_prob(probs, p.expert_TK))
                                for p, probs in routed]),
                   torch.stack([pad(p.expert_TK) for p, _ in routed]))
-    return [routing.cap_globally(p, counts_WKE, r, cf, min_capacity, ranked)
-            for r, (p, _) in enumerate(routed)]
+    causal = None
+    if policy == "causal":  # each rank one sequence: one position group
+        causal = lambda p: (counts_WKE.sum(1, keepdim=True), torch.zeros_like(p.expert_TK[:, 0]))
+    return [routing.cap_globally(p, counts_WKE, r, cf, min_capacity, ranked,
+                                 causal=causal and causal(p)) for r, (p, _) in enumerate(routed)]
 
 
-@pytest.mark.parametrize("policy", ["position", "score"])
+@pytest.mark.parametrize("policy", ["position", "score", "causal"])
 @pytest.mark.parametrize("top_k,E,sizes,cf,min_capacity", [
     (1, 4, (7, 9), 0.5, 0), (2, 4, (6, 6), 0.5, 0), (2, 8, (5, 0, 11), 1.0, 1),
     (3, 6, (1, 2, 3, 4), 0.75, 2), (2, 4, (10, 10), 100.0, 4)])
@@ -103,3 +110,72 @@ def test_expert_choice_ranks_take_what_the_whole_batch_takes(sizes, cf, score_fu
     want = {(int(t), int(e), float(w))
             for t, e, w in zip(whole.row_token_N, expert_N, whole.row_weight_N)}
     assert got == want
+
+
+class _ThreadGather(CountSum):
+    """An all-gather among threads, one per simulated rank: the layer's global-capacity path
+    (its gathers and host reads) run as on W processes, in one."""
+
+    def __init__(self, rank: int, board: list, barrier: threading.Barrier):
+        super().__init__(None, range(len(board)))
+        self._rank, self.board, self.barrier = rank, board, barrier
+
+    def _check(self) -> None:
+        pass
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    def gather(self, counts_KE, what="count"):
+        self.board[self._rank] = counts_KE.detach().clone()
+        self.barrier.wait()
+        out = torch.stack(self.board)
+        self.barrier.wait()
+        return out
+
+
+def _run_ranks(layer, xs):
+    """Each rank's output, from a copy of ``layer`` per simulated rank."""
+    board, barrier = [None] * len(xs), threading.Barrier(len(xs), timeout=60)
+    outs, errors = [None] * len(xs), []
+
+    def run(r):
+        try:
+            local = copy.deepcopy(layer)
+            local.count_sum = _ThreadGather(r, board, barrier)
+            outs[r] = local(xs[r])[0]
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return outs
+
+
+@pytest.mark.parametrize("policy", ["position", "score", "causal"])
+@pytest.mark.parametrize("shape,sizes", [("sequences", (2, 1, 3)), ("sequences", (1, 0)),
+                                         ("tokens", (7, 12)), ("tokens", (5, 0, 9))])
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_layer_on_simulated_ranks_equals_one_process(policy, shape, sizes, top_k):
+    """The layer's own gathers (threads standing in for ranks): the ranks' outputs laid end to
+    end equal one process on the whole batch, sequences [B, S, D] (causal: by position across
+    every rank's sequences) or tokens [T, D] (one sequence: rank 0's first)."""
+    D, S = 8, 5
+    moesaic.moe_set_seed(top_k)
+    layer = moesaic.MoE(D, 12, 4, top_k=top_k, capacity_factor=0.5, min_capacity=0,
+                        drop_policy=policy, capacity_scope="global")
+    gen = torch.Generator().manual_seed(sum(sizes))
+    if shape == "sequences":
+        xs = [torch.randn(b, S, D, generator=gen) for b in sizes]
+    else:
+        xs = [torch.randn(t, D, generator=gen) for t in sizes]
+    whole, _ = layer(torch.cat(xs))
+    assert float(layer.last_stats.dropped_fraction) > 0
+    torch.testing.assert_close(torch.cat(_run_ranks(layer, xs)), whole, rtol=1e-6, atol=1e-6)

@@ -23,10 +23,10 @@ def test_char_lm_trains_a_few_steps():
     assert math.isfinite(ds["val_loss"]) and len(ds["expert_load"][0]) == 8
 
 
-def test_char_lm_recipes_are_causal_and_top2_capacity_is_not():
-    """Both recipes' routings (top-1 with position priority; dropless) leave a token's output
-    independent of its sequence's later tokens, as the example's docstring says; top-2 with
-    capacity does not."""
+def test_char_lm_recipes_are_causal():
+    """Both recipes' routings (causal capacity drops at top-1 and top-2; dropless) leave the
+    outputs at a position independent of every sequence's later positions, as the example's
+    docstring says; position priority (sequence after sequence, choice-major) does not."""
     import torch
     char_lm = _load("char_lm")
     gen = torch.Generator().manual_seed(0)
@@ -37,19 +37,21 @@ def test_char_lm_recipes_are_causal_and_top2_capacity_is_not():
         worst = 0.0
         for _ in range(trials):
             idx = torch.randint(0, 12, (4, 16), generator=gen)
-            b = int(torch.randint(0, 4, (), generator=gen))
-            later = idx.clone()  # sequence b's second half changed
-            later[b, 8:] = torch.randint(0, 12, (8,), generator=gen)
+            later = idx.clone()  # every sequence's second half changed
+            later[:, 8:] = torch.randint(0, 12, (4, 8), generator=gen)
             outs = []
             for x in (idx, later):
                 torch.manual_seed(1)  # the same jitter draws
-                outs.append(model(x)[0][b, :8])
+                outs.append(model(x)[0][:, :8])
             worst = max(worst, (outs[0] - outs[1]).abs().max().item())
         return worst
 
     assert future_changes("switch", 1, 10) < 1e-5
+    assert future_changes("switch", 2, 10) < 1e-5
     assert future_changes("deepseek", 2, 10) < 1e-5
-    assert future_changes("switch", 2, 10) > 1e-3
+    char_lm.ROUTING["position"] = lambda n: dict(capacity_factor=1.25, noise_policy="jitter")
+    assert future_changes("position", 2, 10) > 1e-3
+    assert future_changes("position", 1, 10) > 1e-3
 
 
 def test_upcycle_any_model_example():

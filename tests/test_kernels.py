@@ -89,6 +89,11 @@ ROUTE_CASES = [
     (24, 5, 2, 6, "score", True),
     (24, 5, 2, None, "score", True),
     (300, 3, 2, 150, "position", False),
+    (40, 6, 2, 12, "causal", False),
+    (40, 6, 3, None, "causal", False),
+    (1, 4, 2, 4, "causal", False),
+    (24, 5, 2, 6, "causal", True),
+    (300, 3, 2, 150, "causal", False),
 ]
 
 
@@ -104,6 +109,20 @@ def test_token_choice_matches_torch(tops, T, E, K, cap, policy, one_expert, scor
     p1 = assert_same_routing(tops, logits_TE, K, cap, policy, bias_E, score_func)
     if cap is not None and one_expert:
         assert int(p1.counts_E.sum()) < T * K  # the crowded expert dropped assignments
+
+
+@pytest.mark.parametrize("T,E,K,cap,seq_len", [(40, 6, 2, 12, 8), (40, 6, 3, None, 5),
+                                               (300, 3, 2, 150, 50), (6, 4, 1, 1, 1),
+                                               (12, 4, 1, 2, 3)])
+def test_causal_token_choice_over_sequences_matches_torch(tops, T, E, K, cap, seq_len):
+    """drop_policy="causal" on T / seq_len sequences: slots by position, then sequence, then
+    choice, on both paths."""
+    logits_TE = logits_for(T, E, seed=T + seq_len)
+    plan = assert_same_routing(tops, logits_TE, K, cap, "causal", None, "softmax",
+                               seq_len=seq_len)
+    token_major = TorchOps.token_choice(logits_TE, K, cap, "causal", K >= 2)[0]
+    if cap is not None and seq_len > 1:
+        assert not torch.equal(plan.dest_TK, token_major.dest_TK)  # the order mattered
 
 
 # (T, E, K, capacity, drop_policy, num_groups, topk_groups)
@@ -141,13 +160,14 @@ def test_group_ties_go_to_the_lower_group_on_both_paths(tops):
             assert set((plan.expert_TK.long() // 2).unique().tolist()) <= set(want), ops
 
 
-def assert_same_routing(tops, logits_TE, K, cap, policy, bias_E, score_func, groups=None):
+def assert_same_routing(tops, logits_TE, K, cap, policy, bias_E, score_func, groups=None,
+                        seq_len=None):
     """The Triton plan equals the PyTorch one, and so do the gradients of weights and scores."""
     T = logits_TE.shape[0]
     outs = {}
     for name, ops in (("torch", TorchOps), ("triton", tops)):
         plan, probs_TE, counts_E = ops.token_choice(logits_TE, K, cap, policy, K >= 2, bias_E,
-                                                    score_func, groups)
+                                                    score_func, groups, seq_len)
         g = torch.Generator().manual_seed(1)
         loss = ((plan.row_weight_N * torch.rand(plan.row_weight_N.shape, generator=g)).sum()
                 + (plan.weight_TK * torch.rand(plan.weight_TK.shape, generator=g)).sum()
@@ -242,6 +262,7 @@ def _row_assignments(dest_TK, N):
 LAYER_CASES = [
     dict(top_k=1, drop_policy="position", capacity_factor=1.0),
     dict(top_k=2, drop_policy="score", capacity_factor=1.0),
+    dict(top_k=2, drop_policy="causal", capacity_factor=0.75, min_capacity=0),
     dict(top_k=2, drop_tokens=False, activation="swiglu"),
     dict(top_k=1, router="expert_choice"),
     dict(top_k=2, residual=True, min_capacity=0, capacity_factor=0.5),
@@ -608,7 +629,8 @@ for K in (1, 2):
             build(route._softmax_topk_kernel, ROUTE, dict(K=K, BT=BT, BE=BE, WRITE_HIST=True,
                                                           HAS_BIAS=bias, SIGMOID=sigmoid, G=G,
                                                           TOPG=TOPG, GS=BE // G), 8)
-        build(route._ordered_hist_kernel, ROUTE, dict(K=K, BT=BT, BE=BE), 8)
+        for order in (True, False):
+            build(route._ordered_hist_kernel, ROUTE, dict(K=K, BT=BT, BE=BE, HAS_ORDER=order), 8)
         build(route._place_kernel, ROUTE, dict(K=K, BT=BT, BE=BE, HAS_ORDER=True,
                                               HAS_CAPACITY=True), 8)
     for dt in ("*bf16", "*fp32"):

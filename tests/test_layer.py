@@ -60,6 +60,8 @@ CASES = [
     dict(top_k=1, capacity_factor=0.6, min_capacity=0, drop_policy="score"),
     dict(top_k=2, capacity_factor=0.5, min_capacity=1),
     dict(top_k=2, capacity_factor=0.5, min_capacity=1, drop_policy="score"),
+    dict(top_k=2, capacity_factor=0.5, min_capacity=1, drop_policy="causal"),
+    dict(top_k=3, capacity_factor=0.75, drop_policy="causal", activation="swiglu"),
     dict(top_k=2, drop_tokens=False),
     dict(top_k=3, drop_tokens=False, normalize_weights=False),
     dict(top_k=1, capacity_factor=1.0, activation="relu"),
@@ -120,7 +122,7 @@ def test_dense_ffn_equals_one_expert_moe():
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
-@pytest.mark.parametrize("policy", ["position", "score"])
+@pytest.mark.parametrize("policy", ["position", "score", "causal"])
 def test_dropless_equals_capacity_with_room(top_k, policy):
     dropless = make(top_k=top_k, drop_tokens=False)
     roomy = copy.deepcopy(dropless)
@@ -128,6 +130,27 @@ def test_dropless_equals_capacity_with_room(top_k, policy):
     x = torch.randn(4, 8, D)
     assert_same(grads_of(dropless, x, layer_fn), grads_of(roomy, x, layer_fn))
     assert float(roomy.last_stats.dropped_fraction) == 0.0
+
+
+@pytest.mark.parametrize("policy,causal", [("causal", True), ("position", False)])
+def test_causal_drop_policy_keeps_later_positions_out_of_earlier_outputs(policy, causal):
+    """Top-2 with capacity on a [B, S, D] batch: under drop_policy="causal" no output at
+    position < 12 of any sequence depends on a later position of any sequence (slots by
+    position, then sequence, then choice), in training (capacity 0.75) and in eval (2.0, with
+    min_capacity 0: drops too); position priority lets a later first choice take an earlier
+    second choice's slot."""
+    layer = make(top_k=2, capacity_factor=0.75, eval_capacity_factor=0.75, min_capacity=0,
+                 drop_policy=policy)
+    gen = torch.Generator().manual_seed(3)
+    worst = 0.0
+    for B in (1, 3):
+        for _ in range(6):
+            x = torch.randn(B, 24, D, generator=gen)
+            later = x.clone()
+            later[:, 12:] = torch.randn(B, 12, D, generator=gen)
+            early = (layer(x)[0] - layer(later)[0])[:, :12]
+            worst = max(worst, early.abs().max().item())
+    assert worst < 1e-6 if causal else worst > 1e-3, worst
 
 
 def test_loss_values_by_hand():

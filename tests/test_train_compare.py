@@ -61,6 +61,9 @@ def test_table_differences_and_plot(tmp_path):
     two = write_run(tmp_path / "two", [0.5], summary={"world_size": 2, "device": "cpu"})
     lines = report([a, two])[0].splitlines()
     assert "img/s  procs x device" in lines[0] and "2 x cpu" in lines[3]
+    ep = write_run(tmp_path / "ep", [0.5], summary={"world_size": 2, "device": "cpu",
+                                                    "ep_size": [2]})
+    assert "2 x cpu, ep 2" in report([a, ep])[0].splitlines()[3]
     assert lines[2].split()[7:9] == ["180", "-"]  # a summary that predates the column
     old = write_run(tmp_path / "old", [0.5], config={"epochs": 3})
     with open(os.path.join(old, "config.json")) as f:
@@ -106,6 +109,7 @@ def test_bad_run_dirs_are_clear_errors(tmp_path, capsys):
     assert main(["compare", good, "--plot", str(tmp_path / "no" / "dir" / "c.png")]) == 2
     captured = capsys.readouterr()
     assert "50.00% (1)" in captured.out and "cannot write the plot" in captured.err
+    assert "c.png: No such file or directory" in captured.err and ".tmp" not in captured.err
     assert main(["compare", good, "--plot", str(tmp_path / "c.xyz")]) == 2
     err = capsys.readouterr().err
     assert "cannot write the plot" in err and "xyz" in err

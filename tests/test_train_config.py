@@ -144,8 +144,9 @@ def test_infinite_values_are_refused_and_names_keep_their_text():
                         ("timeout_s=-1e999", "-inf"), ("norm_mean=(1e999,)", r"\(inf,\)")):
         with pytest.raises(ConfigError, match=rf"{item.split('=')[0]} must be finite, got {shown}"):
             apply_overrides(TrainConfig(), [item])
-    cfg = apply_overrides(TrainConfig(), ["name=1e3", "data_dir=0x10", "model=1.50",
-                                          "init_from=None"])
+    with pytest.warns(UserWarning, match="data_dir .'0x10'. is unused"):  # digits
+        cfg = apply_overrides(TrainConfig(), ["name=1e3", "data_dir=0x10", "model=1.50",
+                                              "init_from=None"])
     assert (cfg.name, cfg.data_dir, cfg.model, cfg.init_from) == ("1e3", "0x10", "1.50", None)
 
 
@@ -238,6 +239,8 @@ def test_seed_dataset_keys_and_warmup_are_checked():
         apply_overrides(digits_default(), ["model_args.img_size=16"])
     with pytest.warns(UserWarning, match=r"warmup_epochs \(5.0\) exceeds epochs \(2\)"):
         apply_overrides(digits_default(), ["epochs=2", "warmup_epochs=5"])
+    with pytest.warns(UserWarning, match=r"data_dir \('/nowhere'\) is unused: the digits"):
+        apply_overrides(digits_default(), ["data_dir='/nowhere'"])
 
 
 def test_cli_warnings_are_one_readable_line(monkeypatch):

@@ -130,7 +130,7 @@ def test_training_does_not_depend_on_the_expert_layout(setup):
 
 
 @pytest.mark.parametrize("routing", ["dropless", "global_capacity"])
-def test_two_processes_train_like_one(setup, routing):
+def test_two_processes_train_like_one(setup, routing, capsys):
     """The number of processes changes no random number: with every random layer and
     augmentation on (keyed by image), a 2-process expert-parallel run trains like one process
     on the whole batch, to float32 rounding: dropless without a balance loss, and with
@@ -149,13 +149,18 @@ def test_two_processes_train_like_one(setup, routing):
         root, routing, args, lambda ep: extra,
         first_in_one_process=True, keys=("train_loss", "train_accuracy", "eval_loss"))
     with open(root / f"{routing}2" / "summary.json") as f:
-        assert json.load(f)["world_size"] == 2  # compare's "procs x device" column
+        s = json.load(f)  # compare's "procs x device" column
+    assert s["world_size"] == 2 and s["ep_size"] == [2] and s["throughput_from_epoch"] == 1
+    assert all(r["world_size"] == 2 and r["ep_size"] == [2] for r in two)
     resumed = str(root / f"{routing}2_resumed_in_one")
     cfg = apply_overrides(load_file(str(root / f"{routing}2.py")), ["max_ep_size=None"])
+    capsys.readouterr()
     Trainer(cfg, run_dir=resumed,
             resume=str(root / f"{routing}2" / "checkpoints" / "epoch_0001")).run()
-    last = read_metrics(resumed)[-1]
-    assert last["epoch"] == 2
+    assert "the checkpoint trained on 2 process(es), this run on 1" in capsys.readouterr().out
+    metrics = read_metrics(resumed)
+    last = metrics[-1]
+    assert last["epoch"] == 2 and [r["world_size"] for r in metrics] == [2, 1]
     for key in ("train_loss", "train_accuracy", "eval_loss"):
         assert last[key] == pytest.approx(two[-1][key], rel=1e-4), key
 

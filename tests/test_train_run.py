@@ -53,8 +53,10 @@ def test_tiny_cifar_run_writes_the_run_dir(tmp_path):
         summary = json.load(f)
     assert sorted(summary) == sorted(["best_eval_accuracy", "final_eval_accuracy", "epochs",
                                       "train_images_per_second", "params_total",
-                                      "params_active_per_token", "world_size", "device"])
+                                      "params_active_per_token", "world_size", "device",
+                                      "ep_size", "throughput_from_epoch"])
     assert summary["world_size"] == 1 and summary["device"] == "cpu"
+    assert summary["throughput_from_epoch"] == 1
     assert summary["epochs"] == 2 and summary["params_total"] > summary["params_active_per_token"]
     recs = read_metrics(run)
     assert [r["epoch"] for r in recs] == [1, 2]
@@ -631,6 +633,24 @@ def test_summary_says_when_the_best_epoch_is_a_partial_one():
     assert "| 1 " in text.split("train images/s")[1].splitlines()[0]  # no set-up recorded
     for world, says in ((1, "1 (1 process, cpu)"), (2, "1 (2 processes, cpu)")):
         assert says in end_table({**s, "world_size": world, "device": "cpu"}, hist, "run")
+    resumed = {**s, "world_size": 2, "device": "cpu", "ep_size": [2], "throughput_from_epoch": 2}
+    assert "1 (2 processes, cpu, ep 2; epochs 2-2)" in end_table(resumed, hist, "run")
+
+
+def test_throughput_counts_the_last_layout_only():
+    """A run resumed on another layout: images/s of the epochs on the last one."""
+    from moesaic.train.report import summary
+    rec = lambda epoch, world, ep, imgs, secs: {
+        "epoch": epoch, "eval_accuracy": 0.5, "world_size": world, "ep_size": ep,
+        "train_images": imgs, "train_time_s": secs}
+    hist = [rec(1, 1, [1], 4000, 1.0), rec(2, 1, [1], 4000, 1.0), rec(3, 2, [2], 1000, 1.0),
+            rec(4, 2, [2], 3000, 1.0)]
+    s = summary(hist, 10, 5)
+    assert s["train_images_per_second"] == 2000.0 and s["throughput_from_epoch"] == 3
+    s = summary(hist[:3] + [rec(4, 2, [1], 3000, 1.0)], 10, 5)  # experts replicated now
+    assert s["train_images_per_second"] == 3000.0 and s["throughput_from_epoch"] == 4
+    old = [{k: v for k, v in r.items() if k not in ("world_size", "ep_size")} for r in hist]
+    assert summary(old, 10, 5)["train_images_per_second"] == 3000.0  # unrecorded: one layout
 
 
 def test_progress_bar_shows_finite_running_loss(tmp_path, monkeypatch):

@@ -3,13 +3,16 @@
 Pass 1 (one program per block of tokens) reads the float32 logits once, writes the
 probabilities and each token's top-k expert ids, and, for position priority, counts each
 block's assignments per expert and choice (an [E, K * blocks] histogram, so that the prefix
-below scans along contiguous rows: a scan down the other axis is one serial loop per expert). Score priority needs
-the tokens sorted by top-1 probability first, so its histogram is a second small pass over the
-ids in that order. An exclusive prefix over the histogram gives every (choice, block) its first
-slot per expert; pass 2 ranks each assignment inside its block with a cumulative sum of the
-one-hot expert ids, adds that base, drops slots past the capacity and scatters the kept
-assignments to their expert-major rows. Index traffic is O(T * K); the only O(T * E) traffic
-is reading the logits and writing the probabilities once.
+below scans along contiguous rows: a scan down the other axis is one serial loop per expert).
+Score priority needs the tokens sorted by top-1 probability first, so its histogram is a second
+small pass over the ids in that order; causal priority places the T x K ids as T * K tokens
+of one choice each, in position-then-sequence order (token order for one sequence), with its
+own histogram pass. An exclusive prefix over the
+histogram gives every (choice, block) its first slot per expert; pass 2 ranks each assignment
+inside its block with a cumulative sum of the one-hot expert ids, adds that base, drops slots
+past the capacity and scatters the kept assignments to their expert-major rows. Index traffic
+is O(T * K); the only O(T * E) traffic is reading the logits and writing the probabilities
+once.
 
 Ties: on exactly equal probabilities the kernel takes the lowest expert id (torch.topk leaves
 the choice unspecified). With a selection bias (auxiliary-loss-free balancing) experts are
@@ -34,7 +37,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..autograd import first_order
-from ..routing import TINY, RoutingPlan, first_choice_prob, ranking_scores
+from ..routing import TINY, RoutingPlan, causal_order, first_choice_prob, ranking_scores
 
 
 @triton.jit
@@ -96,13 +99,18 @@ def _softmax_topk_kernel(logits_ptr, probs_ptr, idx_ptr, hist_ptr, bias_ptr, T, 
 
 @triton.jit
 def _ordered_hist_kernel(idx_ptr, order_ptr, hist_ptr, T, E, num_blocks,
-                         K: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr):
-    """Per (block of tokens in priority order, choice k): assignments per expert."""
+                         K: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr,
+                         HAS_ORDER: tl.constexpr):
+    """Per (block of tokens in priority order, or in token order, choice k): assignments per
+    expert."""
     pid = tl.program_id(0)
     k = tl.program_id(1)
     pos = pid * BT + tl.arange(0, BT)
     ok = pos < T
-    tok = tl.load(order_ptr + pos, mask=ok, other=0).to(tl.int64)
+    if HAS_ORDER:
+        tok = tl.load(order_ptr + pos, mask=ok, other=0).to(tl.int64)
+    else:
+        tok = pos.to(tl.int64)
     e = tl.load(idx_ptr + tok * K + k, mask=ok, other=-1)
     cols = tl.arange(0, BE)
     cnt = tl.sum((e[:, None] == cols[None, :]).to(tl.int32), 0)
@@ -189,22 +197,27 @@ class _SoftmaxTopK(torch.autograd.Function):
 
 def token_choice(logits_TE: Tensor, top_k: int, capacity: Optional[int], drop_policy: str,
                  normalize: bool, bias_E: Optional[Tensor] = None, score_func: str = "softmax",
-                 groups: Optional[tuple[int, int]] = None) -> tuple[RoutingPlan, Tensor, Tensor]:
+                 groups: Optional[tuple[int, int]] = None, seq_len: Optional[int] = None
+                 ) -> tuple[RoutingPlan, Tensor, Tensor]:
     """Same contract and results as :func:`moesaic.routing.token_choice`, fused in Triton."""
     T, E = logits_TE.shape
     device = logits_TE.device
     by_score = capacity is not None and drop_policy == "score"
-    probs_TE, idx_TK, hist = _SoftmaxTopK.apply(logits_TE, top_k, not by_score, bias_E,
-                                                score_func == "sigmoid", groups)
-    BT, BE, B, warps = _blocks(T, E)
-    order_T = None
+    flat = drop_policy == "causal"  # placed as T * K tokens of one choice each
+    probs_TE, idx_TK, hist = _SoftmaxTopK.apply(logits_TE, top_k, not (by_score or flat),
+                                                bias_E, score_func == "sigmoid", groups)
+    P, KP, idx_PK = (T * top_k, 1, idx_TK.view(-1, 1)) if flat else (T, top_k, idx_TK)
+    BT, BE, B, warps = _blocks(P, E)
+    order_P = causal_order(T, top_k, seq_len, device) if flat else None
     if by_score:
         rank_TE = ranking_scores(probs_TE, logits_TE, score_func)
-        order_T = torch.argsort(first_choice_prob(rank_TE, idx_TK), descending=True,
+        order_P = torch.argsort(first_choice_prob(rank_TE, idx_TK), descending=True,
                                 stable=True)
-        hist = torch.empty(E, top_k * B, dtype=torch.int32, device=device)
-        _ordered_hist_kernel[(B, top_k)](idx_TK, order_T, hist, T, E, B, K=top_k, BT=BT, BE=BE,
-                                         num_warps=warps)
+    if by_score or flat:
+        hist = torch.empty(E, KP * B, dtype=torch.int32, device=device)
+        _ordered_hist_kernel[(B, KP)](idx_PK, idx_PK if order_P is None else order_P, hist, P,
+                                      E, B, K=KP, BT=BT, BE=BE, HAS_ORDER=order_P is not None,
+                                      num_warps=warps)
     counts_E = hist.sum(1, dtype=torch.int64)
     base = (torch.cumsum(hist, 1, dtype=torch.int32) - hist).contiguous()
     kept_counts_E = counts_E if capacity is None else counts_E.clamp(max=capacity)
@@ -213,11 +226,13 @@ def token_choice(logits_TE: Tensor, top_k: int, capacity: Optional[int], drop_po
     dest_TK = torch.empty(T, top_k, dtype=torch.int64, device=device)
     row_token_N = torch.empty(N, dtype=torch.int64, device=device)
     row_assign_N = torch.empty(N, dtype=torch.int64, device=device)
-    _place_kernel[(B, top_k)](
-        idx_TK, order_T if by_score else idx_TK, base, start_E, dest_TK, row_token_N,
-        row_assign_N, T, E, B, 0 if capacity is None else capacity,
-        K=top_k, BT=BT, BE=BE, HAS_ORDER=by_score, HAS_CAPACITY=capacity is not None,
+    _place_kernel[(B, KP)](
+        idx_PK, idx_PK if order_P is None else order_P, base, start_E, dest_TK, row_token_N,
+        row_assign_N, P, E, B, 0 if capacity is None else capacity,
+        K=KP, BT=BT, BE=BE, HAS_ORDER=order_P is not None, HAS_CAPACITY=capacity is not None,
         num_warps=warps)
+    if flat:  # the placement's "tokens" were assignments
+        row_token_N = torch.div(row_assign_N, top_k, rounding_mode="floor")
     weight_TK = probs_TE.gather(1, idx_TK.long())
     if normalize:
         weight_TK = weight_TK / weight_TK.sum(-1, keepdim=True).clamp(min=TINY)

@@ -88,8 +88,8 @@ class CountSum:
     """A layer's routing counts over every rank: summed per expert (``balance_scope="global"``,
     one all-reduce of E int64 per training forward) or gathered per rank, choice and expert
     (``capacity_scope="global"``, one all-gather of K * E int64, and with score priority one of
-    each rank's priorities and choices; under expert choice the token counts and every token's
-    ranking scores). Installed by ``parallelize``;
+    each rank's priorities and choices, with causal priority on sequences one of S * E counts
+    per position; under expert choice the token counts and every token's ranking scores). Installed by ``parallelize``;
     the layer calls it without knowing the group. Not counted in :class:`CommStats` (which
     counts the all-to-alls, as the gradient all-reduces are not)."""
 

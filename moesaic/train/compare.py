@@ -14,7 +14,7 @@ import json
 import os
 from typing import Optional
 
-from .report import save_fig
+from .report import save_fig, throughput
 
 
 class CompareError(ValueError):
@@ -73,8 +73,6 @@ def _load_balance(record: dict) -> Optional[float]:
 def row(run: dict) -> dict:
     h, s = run["history"], run["summary"] or {}
     best = max(h, key=lambda r: r["eval_accuracy"])
-    imgs = sum(r.get("train_images", 0) for r in h)
-    secs = sum(r.get("train_time_s", 0.0) for r in h)
     completed = h[-1]["epoch"] - int("partial_steps" in h[-1])  # as summary.json counts them
     planned = run["config"].get("epochs", completed)
     return {
@@ -86,15 +84,15 @@ def row(run: dict) -> dict:
         "best_eval_accuracy": best["eval_accuracy"],
         "best_epoch": best["epoch"],
         "final_eval_accuracy": h[-1]["eval_accuracy"],
-        "train_images_per_second": s.get("train_images_per_second",
-                                         imgs / secs if secs > 0 else 0.0),
+        "train_images_per_second": s.get("train_images_per_second", throughput(h)[0]),
         "params_total": s.get("params_total"),
         "params_active_per_token": s.get("params_active_per_token"),
         "max_load_over_mean": _load_balance(h[-1]),
         "dropped_fraction": h[-1].get("dropped_fraction"),
         "initial_eval_accuracy": s.get("initial_eval_accuracy"),  # eval_at_start's
-        "world_size": s.get("world_size"),  # None: written before summaries recorded it
+        "world_size": s.get("world_size", h[-1].get("world_size")),  # None: an older run's
         "device": s.get("device"),
+        "ep_size": s.get("ep_size", h[-1].get("ep_size")),
     }
 
 
@@ -124,7 +122,8 @@ def _pct(x: Optional[float]) -> str:
 
 def table(rows: list[dict]) -> str:
     """One line per run; a "start" column (eval_at_start's accuracy) when any run has one, and a
-    "procs x device" column when any run used more than one process or a GPU."""
+    "procs x device" column (with the experts' parallel sizes) when any run used more than one
+    process or a GPU."""
     start = any(r["initial_eval_accuracy"] is not None for r in rows)
     head = ["#", "run", "model", "epochs", "best (epoch)", "final", "img/s", "params (active)",
             "busiest/mean", "dropped"]
@@ -147,8 +146,10 @@ def table(rows: list[dict]) -> str:
         at = head.index("img/s") + 1  # throughput is per machine set-up
         head.insert(at, "procs x device")
         for cells, r in zip(body, rows):
+            eps = "/".join(map(str, r["ep_size"] or ()))
             cells.insert(at, "-" if r["world_size"] is None else
-                         f"{r['world_size']} x {r['device'] or '?'}")
+                         f"{r['world_size']} x {r['device'] or '?'}" + (f", ep {eps}" if eps
+                                                                       else ""))
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])

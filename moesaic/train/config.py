@@ -222,6 +222,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if big:
         warnings.warn(f"{' and '.join(big)} above 1: pixels are scaled to [0, 1] before "
                       "normalisation (0-255 statistics would squash the inputs)", stacklevel=2)
+    if c.dataset == "digits" and c.data_dir is not None:
+        warnings.warn(f"data_dir ({c.data_dir!r}) is unused: the digits dataset ships with "
+                      "scikit-learn (dataset='cifar10' or 'cifar100' reads data_dir)", stacklevel=2)
     _check(c.crop_padding >= 0, f"crop_padding must be >= 0, got {c.crop_padding!r}")
     _check(c.auto_augment in AUTO_AUGMENT, f"auto_augment must be one of {AUTO_AUGMENT}, got {c.auto_augment!r}")
     _check(c.randaug_ops >= 0, f"randaug_ops must be >= 0, got {c.randaug_ops!r}")

@@ -59,6 +59,14 @@ class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite; the run stopped before applying that step."""
 
 
+def _terminal_columns(stream) -> int:
+    """The terminal's width, 0 when it reports none (a pty opened without a size)."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
 class TrainingInterrupted(RuntimeError):
     """Ctrl-C or SIGTERM: says where the run stopped and how to continue it."""
 
@@ -140,6 +148,8 @@ class Trainer:
                     warnings.warn(note, stacklevel=3)
         self.model = parallelize(model, dedup_tokens=cfg.dedup_tokens)
         self.moe_names = [n for n, m in self.model.named_modules() if isinstance(m, MoE)]
+        self.ep_sizes = sorted({m.layout.ep_size for m in self.model.modules()
+                                if isinstance(m, MoE)})  # the experts' parallel sizes
         self.routing = RoutingMeter()
         self.opt = make_optimizer(self.model, cfg)
         self.sched = WarmupCosine(self.opt, cfg.lr, cfg.min_lr, round(cfg.warmup_epochs * self.spe),
@@ -175,6 +185,11 @@ class Trainer:
         self.initial_eval = state.get("initial_eval")
         self.last_ckpt = ckpt
         self.log(f"resumed from {ckpt} (epoch {self.epoch}, step {self.step})")
+        was = state.get("world_size")
+        if was is not None and was != self.world:
+            self.log(f"the checkpoint trained on {was} process(es), this run on {self.world}: "
+                     f"per-rank capacity and balance losses now see {self.world}-way shards "
+                     f"(the 'global' scopes do not), and throughput counts from here")
         settings = setting_changes(state.get("config", {}), self.cfg.to_dict())
         if settings:
             self.log(f"resumed with other settings from here on: {', '.join(settings)}")
@@ -305,10 +320,12 @@ class Trainer:
         order_N = epoch_order(len(self.train_set), self.epoch, cfg.seed).to(self.device)
         self.routing.reset()
         totals_5 = torch.zeros(5, dtype=torch.float64, device=self.device)
+        shown = (self.is_main and cfg.progress and sys.stderr is not None
+                 and sys.stderr.isatty())
+        sized = shown and _terminal_columns(sys.stderr) > 0  # a pty without a size: 80 columns
         bar = tqdm(total=self.spe, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", leave=False,
-                   dynamic_ncols=True, unit="step", mininterval=0.5,
-                   disable=not (self.is_main and cfg.progress and sys.stderr is not None
-                                and sys.stderr.isatty()))
+                   dynamic_ncols=sized, ncols=None if sized else 80, unit="step",
+                   mininterval=0.5, disable=not shown)
         shown_5, shown_steps = torch.zeros(5, dtype=torch.float64), 0
         t0, stopped, steps = time.perf_counter(), False, 0
         with bar:  # closed on an interrupt too, so the error line starts a line of its own
@@ -341,10 +358,9 @@ class Trainer:
         if self.is_main and not done:  # a resume with nothing to train keeps them
             report.write_json(os.path.join(self.run_dir, "config.json"), cfg.to_dict())
             report.write_metrics(os.path.join(self.run_dir, "metrics.jsonl"), self.history)
-            layers = {m.layout.ep_size for m in self.model.modules() if isinstance(m, MoE)}
             self.log(models.describe(self.model))
             self.log(f"run dir {self.run_dir}; {self.world} process(es), device {self.device}, "
-                     f"precision {self.amp_dtype or torch.float32}, ep_size {sorted(layers) or '-'}, "
+                     f"precision {self.amp_dtype or torch.float32}, ep_size {self.ep_sizes or '-'}, "
                      f"{self.spe} steps/epoch of {cfg.batch_size} images")
         try:
             if cfg.eval_at_start and self.step == 0:
@@ -367,7 +383,7 @@ class Trainer:
 
     def _summary(self) -> dict:
         return {**report.summary(self.history, self.params_total, self.params_active),
-                "world_size": self.world, "device": self.device.type,
+                "world_size": self.world, "device": self.device.type, "ep_size": self.ep_sizes,
                 **(self.initial_eval or {})}
 
     def _run_epochs(self) -> dict:
@@ -396,6 +412,7 @@ class Trainer:
                 "eval_loss": eval_loss, "eval_accuracy": eval_acc, "best_eval_accuracy": best,
                 "images_per_second": n / train_time if train_time > 0 else 0.0,
                 "train_images": int(n), "train_time_s": train_time, "eval_time_s": eval_time,
+                "world_size": self.world, "ep_size": self.ep_sizes,
                 "dropped_fraction": (float(np.mean([m["dropped_fraction"] for m in moe]))
                                      if moe else None),
                 "moe": moe,

@@ -29,17 +29,38 @@ def write_metrics(path: str, history: list[dict]) -> None:
 
 
 def summary(history: list[dict], params_total: int, params_active: int) -> dict:
+    """The run's results; throughput as :func:`throughput` gives it."""
     last = history[-1]
-    imgs = sum(r["train_images"] for r in history)
-    secs = sum(r["train_time_s"] for r in history)
+    images_per_second, since = throughput(history)
     return {
         "best_eval_accuracy": max(r["eval_accuracy"] for r in history),
         "final_eval_accuracy": last["eval_accuracy"],
         "epochs": last["epoch"] - int("partial_steps" in last),  # completed epochs
-        "train_images_per_second": imgs / secs if secs > 0 else 0.0,
+        "train_images_per_second": images_per_second,
+        "throughput_from_epoch": since,
         "params_total": int(params_total),
         "params_active_per_token": int(params_active),
     }
+
+
+def throughput(history: list[dict]) -> tuple[float, int]:
+    """(train images/s, first epoch counted): over the epochs run on the last epoch's layout
+    (processes and expert-parallel sizes), since a run resumed on another layout has two."""
+    layout = lambda r: (r.get("world_size"), tuple(r.get("ep_size") or ()))
+    tail = len(history)
+    while tail > 0 and layout(history[tail - 1]) == layout(history[-1]):
+        tail -= 1
+    same = history[tail:]
+    imgs = sum(r.get("train_images", 0) for r in same)
+    secs = sum(r.get("train_time_s", 0.0) for r in same)
+    return (imgs / secs if secs > 0 else 0.0), same[0]["epoch"]
+
+
+def layout_words(world_size: int, device: str, ep_size) -> str:
+    """'2 processes, cpu, ep 2': the processes, device and experts' parallel sizes."""
+    eps = "/".join(map(str, ep_size or ()))
+    return (f"{world_size} process{'es' if world_size > 1 else ''}, {device}"
+            + (f", ep {eps}" if eps else ""))
 
 
 def epoch_line(r: dict, epochs: int) -> str:
@@ -50,6 +71,15 @@ def epoch_line(r: dict, epochs: int) -> str:
             f"acc {100 * r['eval_accuracy']:.2f}% (best {100 * r['best_eval_accuracy']:.2f}%)  "
             f"lr {r['lr']:.2e}  {r['images_per_second']:.0f} img/s{drop}  "
             f"{r['train_time_s'] + r['eval_time_s']:.1f}s")
+
+
+def _throughput_note(s: dict, history: list[dict]) -> str:
+    """' (2 processes, cpu, ep 2)', plus the epochs it covers when the run changed layout."""
+    if "world_size" not in s:
+        return ""
+    since = s.get("throughput_from_epoch", history[0]["epoch"])
+    span = f"; epochs {since}-{history[-1]['epoch']}" if since > history[0]["epoch"] else ""
+    return f" ({layout_words(s['world_size'], s['device'], s.get('ep_size'))}{span})"
 
 
 def end_table(s: dict, history: list[dict], run_dir: str) -> str:
@@ -63,9 +93,7 @@ def end_table(s: dict, history: list[dict], run_dir: str) -> str:
         ("best eval accuracy", f"{100 * s['best_eval_accuracy']:.2f}% ({where})"),
         ("final eval accuracy", f"{100 * s['final_eval_accuracy']:.2f}%"),
         ("epochs", str(s["epochs"])),
-        ("train images/s", f"{s['train_images_per_second']:.0f}" + (
-            f" ({s['world_size']} process{'es' if s['world_size'] > 1 else ''}, "
-            f"{s['device']})" if "world_size" in s else "")),
+        ("train images/s", f"{s['train_images_per_second']:.0f}{_throughput_note(s, history)}"),
         ("parameters, total", f"{s['params_total']:,}"),
         ("parameters, active/token", f"{s['params_active_per_token']:,}"),
         ("tokens dropped (last epoch)", f"{100 * dropped[-1]:.2f}%" if dropped else "n/a (dense)"),
