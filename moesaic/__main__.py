@@ -103,8 +103,10 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a checkpoint on its test set",
                        description="Build a checkpoint's model from its config (plus any --set), "
                        "load its weights and evaluate it on the test set: loss, accuracy and each "
-                       "MoE layer's routing (token shares, dropped fraction). Runs under torchrun "
-                       "too. Writes nothing.")
+                       "MoE layer's routing (token shares, dropped fraction). Capacity is counted "
+                       "per eval batch, so with token dropping the numbers depend on "
+                       "eval_batch_size (and on the number of processes): keep the run's to "
+                       "reproduce its log. Runs under torchrun too. Writes nothing.")
     e.add_argument("path", metavar="PATH_OR_RUN_DIR",
                    help="a checkpoint folder, or a run dir (its latest checkpoint)")
     e.add_argument("--best", action="store_true",
@@ -126,7 +128,12 @@ def _parser() -> argparse.ArgumentParser:
                    "in it that has finished an epoch")
     c.add_argument("--plot", metavar="FILE.png",
                    help="also draw every run's eval accuracy and train loss curves into this file")
-    m = sub.add_parser("models", help="list the model registry (moesaic models NAME describes one)")
+    m = sub.add_parser("models", help="list the model registry (moesaic models NAME describes one)",
+                       description="The zoo's registered models with a line on each; with a NAME, "
+                       "builds that model at its preset's image size and prints its shape, expert "
+                       "counts, MoE settings, parameters (total and active per token) and FLOPs. "
+                       "Models you register with moesaic.models.register (docs/models.md) are "
+                       "known to the process that imports their module, not to this command.")
     m.add_argument("name", nargs="?", help="describe this model (builds it)")
     return p
 

@@ -51,7 +51,8 @@ def test_lower_case_key_is_an_error_and_failing_config_function_is_a_config_erro
         assert load_file(_write(tmp_path, "EPOCHS = 3\nepochs = EPOCHS\n")).epochs == 3
     p = _write(tmp_path, "from moesaic.train import TrainConfig\n"
                          "def config():\n    return TrainConfig(batch_siz=32)\n", "f.py")
-    with pytest.raises(ConfigError, match="config\\(\\) in .* failed: TypeError.*batch_siz"):
+    with pytest.raises(ConfigError,
+                       match="config\\(\\) in .* failed \\(line \\d+\\): TypeError.*batch_siz"):
         load_file(p)
     p = _write(tmp_path, "from moesaic.train import TrainConfig\nepochs = 5\n"
                          "def config():\n    return TrainConfig(epochs=epochs)\n", "g.py")
@@ -267,3 +268,22 @@ def test_config_warnings_come_from_rank_0_only(tmp_path, monkeypatch, capsys):
         assert {any("exceeds epochs" in m for m in said),
                 any("the run uses EPOCHS" in m for m in said)} == expected, (rank, said)
     capsys.readouterr()
+
+
+def test_a_relative_model_module_is_found_beside_the_config(tmp_path, monkeypatch):
+    (tmp_path / "cfgs").mkdir()
+    (tmp_path / "cfgs" / "mine.py").write_text("")
+    (tmp_path / "cfgs" / "c.py").write_text("MODEL_MODULE = 'mine.py'\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_file("cfgs/c.py").model_module == str(tmp_path / "cfgs" / "mine.py")
+    (tmp_path / "cfgs" / "d.py").write_text("MODEL_MODULE = 'my_pkg.models'\n")  # a module name
+    assert load_file("cfgs/d.py").model_module == "my_pkg.models"
+
+
+def test_a_config_file_that_raises_names_its_line(tmp_path):
+    (tmp_path / "bad.py").write_text("EPOCHS = 2\nLR = 1 / 0\n")
+    with pytest.raises(ConfigError, match=r"failed to run \(line 2\): ZeroDivisionError"):
+        load_file(str(tmp_path / "bad.py"))
+    (tmp_path / "fn.py").write_text("def config():\n    return {'epochs': [][1]}\n")
+    with pytest.raises(ConfigError, match=r"config\(\) in .* failed \(line 2\): IndexError"):
+        load_file(str(tmp_path / "fn.py"))

@@ -3,6 +3,7 @@ a non-finite loss, missing data."""
 import json
 import math
 import os
+import sys
 import warnings
 
 import pytest
@@ -293,7 +294,13 @@ def test_ctrl_c_says_how_to_resume(tmp_path, monkeypatch, capsys):
 def test_resume_hint_names_the_launcher(monkeypatch):
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/moesaic", "train"])
     assert setup.launcher() == "moesaic train"
+    monkeypatch.setattr(sys, "argv", ["/venv/lib/pytest/__main__.py"])  # python3 -m pytest
+    assert setup.launcher() == "moesaic train"
+    main_py = os.path.join(os.path.dirname(moesaic.__file__), "__main__.py")
+    monkeypatch.setattr(sys, "argv", [main_py, "train"])  # python3 -m moesaic
+    assert setup.launcher() == "python3 -m moesaic train"
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert setup.launcher() == "torchrun --nproc_per_node=2 -m moesaic train"
@@ -729,3 +736,65 @@ def test_accumulated_micro_batches_train_like_the_whole_batch(tmp_path):
                        match=r"accum_steps \(3\) must divide each rank's share of the batch "
                              r"\(40 / 1 processes = 40\)"):
         loop.Trainer(load_file(bad), str(tmp_path / "never"))
+
+
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
+def test_progress_bar_draws_on_a_terminal_that_reports_no_size(tmp_path):
+    """A pty opened without a size (0 x 0, as `script` or some CI runners give) still gets a
+    bar, 80 columns wide (tqdm took such a terminal's rows as -1 and drew nothing)."""
+    import pty
+    import subprocess
+    write_cifar(str(tmp_path))
+    cfg = tiny_config(tmp_path / "c.py", tmp_path, PROGRESS=True, STEPS_PER_EPOCH=3, EPOCHS=1)
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "moesaic", "train", "--config", cfg,
+                             "--run-dir", str(tmp_path / "run")], stderr=slave,
+                            stdout=subprocess.DEVNULL, cwd=tmp_path)
+    os.close(slave)
+    shown = b""
+    while True:  # read until the child closes the terminal (EIO on Linux)
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(master)
+    assert proc.wait(timeout=120) == 0
+    assert b"epoch 1/1:" in shown and b"0/3" in shown, shown[-500:]
+
+
+def test_a_model_the_config_file_registers_evaluates_and_resumes_from_its_run(
+        tmp_path, monkeypatch, capsys):
+    """A model registered by a module the config file imports: the run records that module's
+    file (model_module), so eval and a bare --resume rebuild it in a process that never read
+    the config file; a moved file is named in the error."""
+    from moesaic.models import registry
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_SUMMARY", dict(registry._SUMMARY))
+    write_cifar(str(tmp_path))
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "my_models.py").write_text(
+        "import moesaic.models as M\n\n\n@M.register('my_tiny_vit')\n"
+        "def my_tiny_vit(**kw):\n    return M.create('vit_moe_tiny', **kw)\n")
+    cfg = tiny_config(own / "c.py", tmp_path, MODEL="my_tiny_vit", EPOCHS=1)
+    with open(cfg, "a") as f:
+        f.write("import my_models  # noqa: F401 - registers my_tiny_vit\n")
+    run = str(tmp_path / "run")
+    assert main(["train", "--config", cfg, "--run-dir", run]) == 0
+    with open(os.path.join(run, "config.json")) as f:
+        assert json.load(f)["model_module"] == str(own / "my_models.py")
+    for argv in (["eval", run], ["train", "--resume", run, "--set", "epochs=2"]):
+        registry._REGISTRY.pop("my_tiny_vit")  # a new process: only the run dir to go on
+        registry._SUMMARY.pop("my_tiny_vit")
+        monkeypatch.delitem(sys.modules, "my_models", raising=False)
+        assert main(argv) == 0, capsys.readouterr().err
+    assert [r["epoch"] for r in read_metrics(run)] == [1, 2]
+    registry._REGISTRY.pop("my_tiny_vit")
+    monkeypatch.delitem(sys.modules, "my_models", raising=False)
+    os.rename(own / "my_models.py", own / "moved.py")
+    assert main(["eval", run]) == 2
+    assert (f"model_module {str(own / 'my_models.py')!r} does not exist (it registers model "
+            "'my_tiny_vit'" in capsys.readouterr().err)

@@ -7,10 +7,11 @@ Every model returns ``logits, aux_loss = model(images)`` and exposes ``moe_layer
 from . import vit_moe, widenet  # noqa: F401  (registers the presets)
 from .config import VisionConfig
 from .moe_stack import MoEStack
-from .registry import create, list_models, model_summary, register
+from .registry import create, list_models, model_summary, register, registered_in
 from .summary import count_parameters, describe, moe_layers, routing_stats
 from .vit_moe import ViTMoE
 from .widenet import WideNet
 
-__all__ = ["create", "list_models", "model_summary", "register", "ViTMoE", "WideNet", "MoEStack",
-           "VisionConfig", "count_parameters", "describe", "moe_layers", "routing_stats"]
+__all__ = ["create", "list_models", "model_summary", "register", "registered_in", "ViTMoE",
+           "WideNet", "MoEStack", "VisionConfig", "count_parameters", "describe", "moe_layers",
+           "routing_stats"]

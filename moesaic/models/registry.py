@@ -6,7 +6,8 @@ with its registry name (``model.name``) so summaries and logs can say what was b
 from __future__ import annotations
 
 import difflib
-from typing import Callable
+import inspect
+from typing import Callable, Optional
 
 import torch.nn as nn
 
@@ -33,6 +34,14 @@ def register(name: str, summary: str = ""):
         _SUMMARY[name] = summary or (fn.__doc__ or "").strip().split("\n")[0]
         return fn
     return wrap
+
+
+def registered_in(name: str) -> Optional[str]:
+    """The source file of the builder registered as ``name`` (None: unknown, or no file)."""
+    try:
+        return inspect.getsourcefile(_REGISTRY[name])
+    except (KeyError, TypeError):
+        return None
 
 
 def list_models() -> list[str]:

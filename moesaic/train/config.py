@@ -19,6 +19,7 @@ import types
 import typing
 import warnings
 from dataclasses import asdict, dataclass, field, fields
+from dataclasses import replace as dataclass_replace
 from typing import Any, Optional
 
 from ..config import _plain
@@ -41,6 +42,7 @@ class TrainConfig:
 
     name: str = "digits_vit_moe"  # run name: the run dir is runs/<name>/<timestamp>
     model: str = "vit_moe_tiny"  # a name from `moesaic models`
+    model_module: Optional[str] = None  # a model outside the zoo: the Python file (or module name) that registers it, imported before the model is built; `moesaic train` records the file when the config's imports registered the model, so that eval and --resume find it
     model_args: dict = field(default_factory=dict)  # keywords for moesaic.models.create: the model's (depth, d_model, ...) and its MoE layers' (top_k, capacity_factor, drop_tokens, capacity_scope, ...; all in docs/models.md); not img_size/in_chans/num_classes (the dataset's) nor aux_loss_coef (aux_loss_weight)
     dataset: str = "digits"  # digits (scikit-learn's 8x8 digits, embedded), cifar10 or cifar100
     data_dir: Optional[str] = None  # cifar10 / cifar100 location; default $DATA
@@ -271,7 +273,29 @@ def from_dict(d: dict, where: str = "") -> TrainConfig:
 
 
 def load_file(path: str) -> TrainConfig:
-    """Run a config file and turn its UPPER_CASE names (or its ``config()``) into a config."""
+    """Run a config file and turn its UPPER_CASE names (or its ``config()``) into a config. A
+    relative ``model_module`` file is found beside the config file."""
+    cfg = _load_file(path)
+    spec = cfg.model_module
+    if spec is not None and spec.endswith(".py") and not os.path.isabs(spec):
+        beside = os.path.join(os.path.dirname(os.path.abspath(path)), spec)
+        if os.path.isfile(beside):
+            cfg = validate(dataclass_replace(cfg, model_module=beside))
+    return cfg
+
+
+def _line_in(path: str, e: BaseException) -> str:
+    """' (line N)': where in the file ``path`` the exception ``e`` was raised, if it was."""
+    line, target = None, os.path.abspath(path)
+    tb = e.__traceback__
+    while tb is not None:
+        if os.path.abspath(tb.tb_frame.f_code.co_filename) == target:
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return "" if line is None else f" (line {line})"
+
+
+def _load_file(path: str) -> TrainConfig:
     if not os.path.isfile(path):
         why = "is a directory, not a file" if os.path.isdir(path) else "does not exist"
         shipped = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
@@ -286,7 +310,8 @@ def load_file(path: str) -> TrainConfig:
     try:
         ns = runpy.run_path(path, run_name="moesaic_config")
     except Exception as e:
-        raise ConfigError(f"config file {path!r} failed to run: {type(e).__name__}: {e}") from e
+        raise ConfigError(f"config file {path!r} failed to run{_line_in(path, e)}: "
+                          f"{type(e).__name__}: {e}") from e
     finally:
         sys.path.remove(folder)
         sys.dont_write_bytecode = bytecode
@@ -322,7 +347,8 @@ def load_file(path: str) -> TrainConfig:
         except ConfigError:
             raise
         except Exception as e:
-            raise ConfigError(f"config() in {path!r} failed: {type(e).__name__}: {e}") from e
+            raise ConfigError(f"config() in {path!r} failed{_line_in(path, e)}: "
+                              f"{type(e).__name__}: {e}") from e
         if isinstance(out, TrainConfig):
             return validate(out)
         if isinstance(out, dict):

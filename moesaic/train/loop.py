@@ -50,7 +50,7 @@ from .init_from import find_init, load_init, model_changes, setting_changes
 from .meters import RoutingMeter
 from .optim import WarmupCosine, make_optimizer
 from .setup import (build_model, device_for, init_for_restarts, launcher, maybe_fault,
-                    precision_for, set_threads, start_processes)
+                    precision_for, record_model_module, set_threads, start_processes)
 
 BAR_EVERY = 10  # steps between progress-bar updates (each reads the device's running sums)
 
@@ -80,6 +80,7 @@ class Trainer:
             warnings.warn("plots=True but matplotlib is not installed (pip install "
                           "'moesaic[train]'): training without plots", stacklevel=2)
             cfg = dataclasses.replace(cfg, plots=False)
+        cfg = record_model_module(cfg)  # a model the config file registered: its file
         init_ckpt = None
         if cfg.upcycle and cfg.init_from is None and resume is None:
             raise ConfigError("upcycle=True needs init_from: the checkpoint (or run dir) of the "
@@ -322,10 +323,11 @@ class Trainer:
         totals_5 = torch.zeros(5, dtype=torch.float64, device=self.device)
         shown = (self.is_main and cfg.progress and sys.stderr is not None
                  and sys.stderr.isatty())
-        sized = shown and _terminal_columns(sys.stderr) > 0  # a pty without a size: 80 columns
+        sized = shown and _terminal_columns(sys.stderr) > 0  # a pty without a size: 80 x 24
         bar = tqdm(total=self.spe, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", leave=False,
-                   dynamic_ncols=sized, ncols=None if sized else 80, unit="step",
-                   mininterval=0.5, disable=not shown)
+                   dynamic_ncols=sized, ncols=None if sized else 80,
+                   nrows=None if sized else 24, unit="step", mininterval=0.5,
+                   disable=not shown)
         shown_5, shown_steps = torch.zeros(5, dtype=torch.float64), 0
         t0, stopped, steps = time.perf_counter(), False, 0
         with bar:  # closed on an interrupt too, so the error line starts a line of its own

@@ -2,9 +2,12 @@
 threads and the model, shared by ``moesaic train`` and ``moesaic eval``."""
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import importlib
 import os
 import signal
+import sys
 from typing import Optional
 
 import torch
@@ -37,10 +40,14 @@ def start_processes(cfg: TrainConfig):
 
 def launcher() -> str:
     """How this run was started, for resume hints: torchrun with its per-machine process count
-    (and node count) when it set the environment, else the plain command."""
+    (and node count) when it set the environment, else the plain command (``python3 -m
+    moesaic`` when started so: the console script may not be on PATH)."""
     local, world = os.environ.get("LOCAL_WORLD_SIZE"), world_size()
     if local is None or world <= 1:
-        return "moesaic train"
+        main_py = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               "__main__.py")
+        as_module = bool(sys.argv) and os.path.abspath(sys.argv[0]) == main_py
+        return "python3 -m moesaic train" if as_module else "moesaic train"
     nodes = world // max(int(local), 1)
     nnodes = f" --nnodes={nodes} ..." if nodes > 1 else ""
     return f"torchrun --nproc_per_node={local}{nnodes} -m moesaic train"
@@ -110,6 +117,48 @@ def maybe_fault(step: int, rank: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def record_model_module(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with ``model_module`` set to the file that registered ``cfg.model`` when that is
+    not moesaic's own (a model the config file imported): the run's config.json then rebuilds
+    it in ``moesaic eval`` and ``--resume`` without the config file."""
+    if cfg.model_module is not None:
+        return cfg
+    source = models.registered_in(cfg.model)
+    package = os.path.dirname(os.path.dirname(os.path.abspath(models.__file__)))
+    if source is None or os.path.commonpath([package, source]) == package:
+        return cfg
+    return dataclasses.replace(cfg, model_module=source)
+
+
+def import_model_module(cfg: TrainConfig) -> None:
+    """Import ``cfg.model_module`` unless ``cfg.model`` is registered already: a file by its
+    path (as part of its package when its folder has an ``__init__.py``), or a module name."""
+    spec = cfg.model_module
+    if spec is None or cfg.model in models.list_models():
+        return
+    folder = None
+    if spec.endswith(".py") or os.sep in spec:
+        path = os.path.abspath(spec)
+        if not os.path.isfile(path):
+            raise ConfigError(f"model_module {spec!r} does not exist (it registers model "
+                              f"{cfg.model!r}; set model_module to where that file is now)")
+        folder, name = os.path.split(path)
+        parts = [name[:-3] if name.endswith(".py") else name]
+        while os.path.isfile(os.path.join(folder, "__init__.py")):
+            folder, package = os.path.split(folder)
+            parts.insert(0, package)
+        spec = ".".join(parts)
+        sys.path.insert(0, folder)
+    try:
+        importlib.import_module(spec)
+    except Exception as e:
+        raise ConfigError(f"model_module {cfg.model_module!r} (which registers model "
+                          f"{cfg.model!r}) failed to import: {type(e).__name__}: {e}") from e
+    finally:
+        if folder is not None:
+            sys.path.remove(folder)
+
+
 def build_model(cfg: TrainConfig, img_shape: tuple, num_classes: int) -> torch.nn.Module:
     """The registry model with the dataset's image shape. ``aux_loss_weight`` is the MoE layers'
     ``aux_loss_coef`` (the balance loss's weight); ``model_args.z_loss_coef`` weighs the z loss
@@ -118,6 +167,7 @@ def build_model(cfg: TrainConfig, img_shape: tuple, num_classes: int) -> torch.n
     kw = {"img_size": H, "in_chans": C, "num_classes": num_classes,
           "aux_loss_coef": cfg.aux_loss_weight}
     kw.update(cfg.model_args)
+    import_model_module(cfg)
     try:
         model = models.create(cfg.model, **kw)
     except (TypeError, ValueError) as e:
