@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import platform
 import runpy
 import statistics
 import time
@@ -27,17 +26,10 @@ import torch.nn.functional as F
 import moesaic
 import moesaic.models as zoo
 from moesaic import keyed
+from _machine import cpu_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(ROOT, "configs", "cifar10_vit_moe_lite6_prmoe.py")
-
-
-def cpu_name() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def step_timer(batch: int):

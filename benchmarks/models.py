@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 from datetime import date
@@ -23,20 +22,10 @@ import torch
 import torch.nn.functional as F
 
 import moesaic.models as zoo
+from _machine import cpu_name
 
 DENSE = "vit_lite6"
 MOE = ["vit_moe_lite6", "vit_moe_lite6_prmoe"]
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 class Trainer:

@@ -18,9 +18,11 @@ nothing dropped.
 Both keep the model causal: a token's output depends on no later token of its sequence.
 ``drop_policy="causal"`` fills an expert's capacity position by position (every sequence's
 position 0, then every position 1, ...), so no drop depends on a later position, and dropless
-routing drops nothing. The default position priority ranks every first choice before any second one,
-and score priority and expert choice rank by score: with top_k >= 2 (or scores) a later token
-could take the capacity an earlier one needed (docs/architecture.md).
+routing drops nothing. The layer's default position priority ranks every first choice before
+any second one and the batch's sequences one after another, and score priority and expert
+choice rank by score: there a later token can take the capacity an earlier one needed
+(docs/architecture.md). ``--drop-policy`` and ``--capacity-factor`` override the recipe's;
+benchmarks/drop_policy.py trains with each policy and compares (docs/benchmarks.md).
 
 Prints the loss as it trains, then each MoE layer's share of tokens per expert.
 
@@ -64,14 +66,14 @@ class Block(nn.Module):
     """Pre-norm causal self-attention, then a pre-norm MoE feed-forward."""
 
     def __init__(self, d_model: int, num_heads: int, num_experts: int, top_k: int,
-                 routing: str = "switch"):
+                 routing: str = "switch", **moe_overrides):
         super().__init__()
         self.num_heads = num_heads
         self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
         self.moe = moesaic.MoE(d_model, 4 * d_model, num_experts, top_k=top_k,
-                               **ROUTING[routing](num_experts))
+                               **{**ROUTING[routing](num_experts), **moe_overrides})
 
     def forward(self, x_BSD):
         B, S, D = x_BSD.shape
@@ -85,12 +87,12 @@ class Block(nn.Module):
 
 class CharLM(nn.Module):
     def __init__(self, vocab: int, seq_len: int, d_model: int, depth: int, num_heads: int,
-                 num_experts: int, top_k: int, routing: str = "switch"):
+                 num_experts: int, top_k: int, routing: str = "switch", **moe_overrides):
         super().__init__()
         self.tok = nn.Embedding(vocab, d_model)
         self.pos = nn.Parameter(torch.zeros(seq_len, d_model))
-        self.blocks = nn.ModuleList(Block(d_model, num_heads, num_experts, top_k, routing)
-                                    for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(d_model, num_heads, num_experts, top_k, routing,
+                                          **moe_overrides) for _ in range(depth))
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab)
 
@@ -118,6 +120,14 @@ def main(argv=None) -> dict:
     p.add_argument("--routing", choices=sorted(ROUTING), default="switch",
                    help="switch: softmax, capacity 1.25 (causal drops), jitter, balance loss "
                         "0.01; deepseek: DeepSeek-V3's (see the module docstring)")
+    p.add_argument("--drop-policy", choices=("position", "score", "causal"), default=None,
+                   help="which assignments a full expert drops (default: the routing's, switch "
+                        "causal; position and score let later tokens change earlier outputs)")
+    p.add_argument("--capacity-factor", type=float, default=None,
+                   help="training capacity factor (default: the routing's, switch 1.25; "
+                        "deepseek drops nothing)")
+    p.add_argument("--val-batches", type=int, default=1,
+                   help="validation batches of --batch sequences to average the loss over")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1,
@@ -134,8 +144,11 @@ def main(argv=None) -> dict:
     split = int(0.9 * len(data_N))
     train_N, val_N = data_N[:split], data_N[split:]
     moesaic.moe_set_seed(a.seed)
+    overrides = {} if a.drop_policy is None else {"drop_policy": a.drop_policy}
+    if a.capacity_factor is not None:
+        overrides["capacity_factor"] = a.capacity_factor
     model = CharLM(len(chars), a.seq_len, a.d_model, a.depth, a.heads, a.experts, a.top_k,
-                   a.routing)
+                   a.routing, **overrides)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01)
     g = torch.Generator().manual_seed(a.seed)
 
@@ -147,14 +160,15 @@ def main(argv=None) -> dict:
     print(f"corpus {len(text):,} chars, vocab {len(chars)}; {a.depth} blocks, D={a.d_model}, "
           f"{a.experts} experts top-{a.top_k}, {a.routing} routing; "
           f"{sum(q.numel() for q in model.parameters()):,} parameters")
-    t0, every = time.perf_counter(), max(1, a.steps // 10)
+    t0, every, dropped = time.perf_counter(), max(1, a.steps // 10), 0.0
     for step in range(1, a.steps + 1):
         lr = a.lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / a.steps))
         for group in opt.param_groups:
             group["lr"] = lr
         x_BS, y_BS = batch(train_N)
-        logits_BSV, aux, _ = model(x_BS)
+        logits_BSV, aux, step_stats = model(x_BS)
         loss = F.cross_entropy(logits_BSV.flatten(0, 1), y_BS.flatten())
+        dropped += sum(float(s.dropped_fraction) for s in step_stats) / len(step_stats)
         opt.zero_grad(set_to_none=True)
         (loss + aux).backward()
         opt.step()
@@ -164,16 +178,20 @@ def main(argv=None) -> dict:
                   f"{time.perf_counter() - t0:.0f} s", flush=True)
     model.eval()
     with torch.no_grad():
-        x_BS, y_BS = batch(val_N)
-        logits_BSV, _, stats = model(x_BS)
-        val = F.cross_entropy(logits_BSV.flatten(0, 1), y_BS.flatten()).item()
+        vals = []
+        for _ in range(a.val_batches):
+            x_BS, y_BS = batch(val_N)
+            logits_BSV, _, stats = model(x_BS)
+            vals.append(F.cross_entropy(logits_BSV.flatten(0, 1), y_BS.flatten()).item())
+        val = sum(vals) / len(vals)
     loads = []
     for i, s in enumerate(stats):
         counts_E = s.tokens_per_expert.float()
         loads.append((counts_E / counts_E.sum()).tolist())
         print(f"block {i} expert load: " + " ".join(f"{s:.2f}" for s in loads[-1]))
     print(f"validation loss {val:.3f} (a uniform guess: {math.log(len(chars)):.3f})")
-    return {"train_loss": loss.item(), "val_loss": val, "expert_load": loads}
+    return {"train_loss": loss.item(), "val_loss": val, "expert_load": loads,
+            "train_dropped_fraction": dropped / a.steps}
 
 
 if __name__ == "__main__":

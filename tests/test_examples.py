@@ -100,3 +100,25 @@ def test_expert_parallel_example_under_torchrun(tmp_path):
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
         sent.append(int(re.search(r"bytes_sent=([\d,]+)", proc.stdout)[1].replace(",", "")))
     assert sent[1] < 0.6 * sent[0], sent  # each token to one rank, once
+
+
+def test_drop_policy_benchmark_runs_and_compares_with_position():
+    """benchmarks/drop_policy.py end to end on a few steps: one row per capacity and policy."""
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "drop_policy.py"),
+                           "--steps", "2", "--val-batches", "1", "--seeds", "0",
+                           "--capacity-factors", "0.5"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("     0.5")]
+    assert [r[1] for r in rows] == ["position", "score", "causal"]
+    assert rows[0][5] == "+0.000" and float(rows[2][3].rstrip("%")) > 0  # drops happened
+    assert "commit" in proc.stdout and "validation over 1 batches" in proc.stdout
+
+
+def test_char_lm_drop_policy_and_capacity_options():
+    out = _load("char_lm").main(["--steps", "2", "--batch", "4", "--seq-len", "16", "--top-k",
+                                 "2", "--drop-policy", "position", "--capacity-factor", "0.5",
+                                 "--val-batches", "2"])
+    assert out["train_dropped_fraction"] > 0.2 and math.isfinite(out["val_loss"])
