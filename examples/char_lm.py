@@ -2,8 +2,8 @@
 
 Shows the layer outside vision: tokens arrive as [B, S, D], the layer returns its output and
 its auxiliary loss, and the loss is added to the model's. Trains on the source of a few modules
-of Python's standard library (always on disk), about 15 s on 2 CPU cores (18 s wall on
-2026-12-02, 2-core Xeon, with 8 experts; validation loss 1.89; benchmarks/results/examples.txt):
+of Python's standard library (always on disk), about 15 s on 2 CPU cores (13 s wall on
+2026-12-02, 2-core Xeon, with 8 experts; validation loss 1.88; benchmarks/results/examples.txt):
 
     python3 examples/char_lm.py                 # 300 steps
     python3 examples/char_lm.py --steps 20 --experts 8

@@ -4,8 +4,9 @@ No collectives here: the dispatcher object (local by default, all-to-all after
 ``moesaic.parallelize``) moves rows between ranks, and the "global" scopes count over ranks
 through the ``count_sum`` object parallelize installs, so ep_size 1 and ep_size N share this code.
 
-Legend: T tokens, D model dim, F ffn dim, E experts, K top-k, N rows of the expert-major buffer;
-for capacity_scope="global": W ranks, M rows per rank padded to the longest, J gathered columns.
+Legend: T tokens, D model dim, F ffn dim, E experts, K top-k, N rows of the expert-major buffer,
+S positions in a sequence; for capacity_scope="global": W ranks, M rows per rank padded to the
+longest, J gathered columns.
 """
 from __future__ import annotations
 
@@ -226,25 +227,28 @@ class MoE(nn.Module):
         K, E = c.top_k, c.num_experts
         counts_KE = routing.choice_counts(plan.expert_TK, E)
         causal = c.drop_policy == "causal"
-        if causal:  # a row more: the rank's position groups (sequence positions, or one)
-            groups_1E = counts_KE.new_zeros(1, E)
-            groups_1E[0, 0] = seq_len or 1
-            counts_KE = torch.cat([counts_KE, groups_1E])
+        if causal:  # a row more: the rank's sequence length (one position: a [T, D] input)
+            seq_1E = counts_KE.new_zeros(1, E)
+            seq_1E[0, 0] = seq_len or 1
+            counts_KE = torch.cat([counts_KE, seq_1E])
         counts_WKE = count_sum.gather(counts_KE)
-        heads_HW = torch.stack([counts_WKE[:, 0].sum(-1), counts_WKE[:, -1, 0]])
-        sizes, groups = heads_HW.tolist()  # the one host read: tokens (and causal groups)
+        sizes_W = counts_WKE[:, 0].sum(-1)
+        if causal:  # the one host read: every rank's tokens (and sequence length)
+            sizes, seq_lens = torch.stack([sizes_W, counts_WKE[:, K, 0]]).tolist()
+        else:
+            sizes = sizes_W.tolist()
         counts_WKE = counts_WKE[:, :K]
-        ranked, by_group = None, None
+        ranked, by_position = None, None
         if causal:
             T = plan.num_tokens
-            group_T = (torch.arange(T, device=plan.expert_TK.device) % seq_len if seq_len
-                       else plan.expert_TK.new_zeros(T))
-            if max(groups) == 1:  # every rank one group: its counts are the choice counts
-                counts_WGE = counts_WKE.sum(1, keepdim=True)
+            position_T = (torch.arange(T, device=plan.expert_TK.device) % seq_len if seq_len
+                          else plan.expert_TK.new_zeros(T))
+            if max(seq_lens) == 1:  # every rank one position: its counts are the choice counts
+                counts_WSE = counts_WKE.sum(1, keepdim=True)
             else:
-                local_GE = routing.group_counts(plan.expert_TK, group_T, seq_len or 1, E)
-                counts_WGE = count_sum.gather_rows(local_GE, max(groups))
-            by_group = (counts_WGE, group_T)
+                local_SE = routing.position_counts(plan.expert_TK, position_T, seq_len or 1, E)
+                counts_WSE = count_sum.gather_rows(local_SE, max(seq_lens))
+            by_position = (counts_WSE, position_T)
         if c.drop_policy == "score":  # every rank's token priorities and choices (float32
             priority_T = routing.first_choice_prob(  # holds both exactly)
                 routing.ranking_scores(probs_TE, logits_TE, c.score_func), plan.expert_TK)
@@ -252,7 +256,7 @@ class MoE(nn.Module):
             cols_WMJ = count_sum.gather_rows(cols_TJ, max(sizes))
             ranked = (cols_WMJ[..., 0], cols_WMJ[..., 1:].long())
         capped, _ = routing.cap_globally(plan, counts_WKE, count_sum.rank, cf, c.min_capacity,
-                                         ranked, sizes, by_group)
+                                         ranked, sizes, by_position)
         return capped, counts_WKE
 
     def _expert_choice_globally(self, logits_TE: Tensor, cf: float):

@@ -7,8 +7,9 @@ tensors, so memory stays O(T * K).
 
 Legend: T tokens, D model dim, E experts (global), K top-k, A = T*K assignments,
 N kept assignments (rows of the expert-major buffer), C capacity per expert, G expert groups,
-Q sequences (balance_scope="sequence"); for capacity_scope="global": W ranks, M each rank's
-token rows padded to the longest rank's, R = W * M rows of all ranks.
+Q sequences (balance_scope="sequence"), S positions in a sequence (drop_policy="causal"); for
+capacity_scope="global": W ranks, M each rank's token rows padded to the longest rank's, R = W *
+M rows of all ranks.
 """
 from __future__ import annotations
 
@@ -277,6 +278,9 @@ def causal_order(num_tokens: int, top_k: int, seq_len: Optional[int], device) ->
     sequence. None when the tokens are one sequence (token order)."""
     if seq_len is None or seq_len >= num_tokens:
         return None
+    if seq_len <= 0 or num_tokens % seq_len:
+        raise ValueError(f"seq_len ({seq_len}) must be positive and divide the {num_tokens} "
+                         "tokens (batch-first sequences)")
     return (torch.arange(num_tokens * top_k, device=device)
             .view(num_tokens // seq_len, seq_len, top_k).transpose(0, 1).reshape(-1))
 
@@ -365,10 +369,10 @@ def cap_globally(plan: RoutingPlan, counts_WKE: Tensor, rank: int, capacity_fact
     (priority_WM, expert_WMK)`` holds every rank's :func:`first_choice_prob` and choices, each
     rank's T rows padded to one length (padding rows are never counted). Causal priority
     (``drop_policy="causal"``, whose dropless plan ranks in :func:`causal_order`) takes
-    ``causal = (counts_WGE, group_T)``: every rank's assignments per position group (a
-    sequence position; one group when the input is one sequence) and expert, each rank's G
-    padded to one length, and the group of each local token; one process ranks group g of
-    every rank, rank 0's first, before group g + 1. ``sizes``, every rank's token count, is
+    ``causal = (counts_WSE, position_T)``: every rank's assignments per sequence position and
+    expert, each rank's S padded to one length (an input that is one sequence counts as one
+    position), and each local token's position; one process ranks position s of every rank,
+    rank 0's first, before position s + 1. ``sizes``, every rank's token count, is
     read from ``counts_WKE`` when not given (a host read)."""
     _, K, E = counts_WKE.shape
     T = plan.num_tokens
@@ -410,24 +414,26 @@ def _position_slots(plan: RoutingPlan, counts_WKE: Tensor, rank: int) -> Tensor:
     return dest_TK - start_E[expert_TK] + offset_KE.to(dest_TK.device)[choice_TK, expert_TK]
 
 
-def _causal_slots(plan: RoutingPlan, counts_WGE: Tensor, group_T: Tensor, rank: int) -> Tensor:
+def _causal_slots(plan: RoutingPlan, counts_WSE: Tensor, position_T: Tensor,
+                  rank: int) -> Tensor:
     """[T, K] global slots of this rank's assignments under causal priority: the local slot
-    (position groups in order), plus for its group g and expert e every rank's assignments in
-    earlier groups less this rank's, plus lower ranks' in group g."""
-    total_GE, local_GE = counts_WGE.sum(0), counts_WGE[rank]
-    offset_GE = ((torch.cumsum(total_GE, 0) - total_GE) - (torch.cumsum(local_GE, 0) - local_GE)
-                 + counts_WGE[:rank].sum(0))
+    (positions in order), plus for its position s and expert e every rank's assignments at
+    earlier positions less this rank's, plus lower ranks' at position s."""
+    total_SE, local_SE = counts_WSE.sum(0), counts_WSE[rank]
+    offset_SE = ((torch.cumsum(total_SE, 0) - total_SE) - (torch.cumsum(local_SE, 0) - local_SE)
+                 + counts_WSE[:rank].sum(0))
     expert_TK, dest_TK = plan.expert_TK, plan.dest_TK
     start_E = torch.cumsum(plan.counts_E, 0) - plan.counts_E
-    offset_TK = offset_GE.to(dest_TK.device)[group_T[:, None], expert_TK]
+    offset_TK = offset_SE.to(dest_TK.device)[position_T[:, None], expert_TK]
     return dest_TK - start_E[expert_TK] + offset_TK
 
 
-def group_counts(expert_TK: Tensor, group_T: Tensor, num_groups: int, num_experts: int) -> Tensor:
-    """[G, E] int64: assignments of the tokens of each position group to each expert."""
-    pair_TK = group_T[:, None] * num_experts + expert_TK
-    return torch.bincount(pair_TK.reshape(-1), minlength=num_groups * num_experts).view(
-        num_groups, num_experts)
+def position_counts(expert_TK: Tensor, position_T: Tensor, seq_len: int,
+                    num_experts: int) -> Tensor:
+    """[S, E] int64: assignments of the tokens at each sequence position to each expert."""
+    pair_TK = position_T[:, None] * num_experts + expert_TK
+    return torch.bincount(pair_TK.reshape(-1), minlength=seq_len * num_experts).view(
+        seq_len, num_experts)
 
 
 def _real_rows(sizes: list[int], M: int, device) -> Tensor:

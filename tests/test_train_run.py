@@ -798,3 +798,50 @@ def test_a_model_the_config_file_registers_evaluates_and_resumes_from_its_run(
     assert main(["eval", run]) == 2
     assert (f"model_module {str(own / 'my_models.py')!r} does not exist (it registers model "
             "'my_tiny_vit'" in capsys.readouterr().err)
+
+
+def test_model_module_from_a_relative_config_that_registers_the_model_itself(
+        tmp_path, monkeypatch, capsys):
+    """A config file named by a relative path (and not a module name: exp.v2.py) that registers
+    its model: the run records the file's absolute path, and eval from another directory
+    imports it under a name of its own. A package module named in MODEL_MODULE is found
+    beside the config; a model registered by the script being run is not recorded (warned)."""
+    from moesaic.models import registry
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_SUMMARY", dict(registry._SUMMARY))
+    write_cifar(str(tmp_path))
+    (tmp_path / "exps").mkdir()
+    cfg = tiny_config(tmp_path / "exps" / "exp.v2.py", tmp_path, MODEL="self_tiny", EPOCHS=1)
+    with open(cfg, "a") as f:
+        f.write("import moesaic.models as M\n\n\n@M.register('self_tiny')\n"
+                "def self_tiny(**kw):\n    return M.create('vit_moe_tiny', **kw)\n")
+    monkeypatch.chdir(tmp_path / "exps")
+    assert main(["train", "--config", "exp.v2.py", "--run-dir", "../run"]) == 0
+    with open(tmp_path / "run" / "config.json") as f:
+        assert json.load(f)["model_module"] == str(tmp_path / "exps" / "exp.v2.py")
+    registry._REGISTRY.pop("self_tiny")
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "run"]) == 0, capsys.readouterr().err
+
+    pkg = tmp_path / "exps" / "zoo2"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "nets.py").write_text("import moesaic.models as M\n\n\n@M.register('pkg_tiny')\n"
+                                 "def pkg_tiny(**kw):\n    return M.create('vit_moe_tiny', **kw)\n")
+    cfg = tiny_config(tmp_path / "exps" / "p.py", tmp_path, MODEL="pkg_tiny",
+                      MODEL_MODULE="zoo2.nets", EPOCHS=1)
+    assert load_file(cfg).model_module == str(pkg / "nets.py")
+    assert main(["train", "--config", cfg, "--run-dir", "prun"]) == 0  # imported: registered
+    assert "zoo2.nets" in sys.modules and sys.modules["zoo2.nets"].__package__ == "zoo2"
+    monkeypatch.delitem(sys.modules, "zoo2.nets")
+    monkeypatch.delitem(sys.modules, "zoo2")
+
+    def main_tiny(**kw):
+        return moesaic.models.create("vit_moe_tiny", **kw)
+    main_tiny.__module__ = "__main__"
+    moesaic.models.register("main_tiny")(main_tiny)
+    cfg = tiny_config(tmp_path / "m.py", tmp_path, MODEL="main_tiny", EPOCHS=1)
+    with pytest.warns(UserWarning, match="'main_tiny' is registered by the script being run"):
+        assert main(["train", "--config", cfg, "--run-dir", "mrun"]) == 0
+    with open(tmp_path / "mrun" / "config.json") as f:
+        assert json.load(f)["model_module"] is None

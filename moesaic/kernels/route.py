@@ -25,7 +25,8 @@ two best scores (+ bias) and masks the experts outside each token's best groups 
 top-k; equal group scores go to the lower group id.
 
 Legend: T tokens, E experts (columns of a block), K top-k, B token blocks, N kept assignments
-(rows); G groups of GS experts, TOPG kept per token.
+(rows); G groups of GS experts, TOPG kept per token; P the rows placed (T, or T * K under
+causal priority, each of KP = 1 choice).
 """
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import os
 from typing import Callable, Optional
 
 import torch.nn as nn
@@ -37,11 +38,19 @@ def register(name: str, summary: str = ""):
 
 
 def registered_in(name: str) -> Optional[str]:
-    """The source file of the builder registered as ``name`` (None: unknown, or no file)."""
-    try:
-        return inspect.getsourcefile(_REGISTRY[name])
-    except (KeyError, TypeError):
+    """Where the builder registered as ``name`` is defined: its absolute source file, or
+    ``"__main__"`` for the script being run (no module to import again); None when unknown or
+    without a file."""
+    fn = _REGISTRY.get(name)
+    if fn is None:
         return None
+    if getattr(fn, "__module__", None) == "__main__":
+        return "__main__"
+    try:
+        path = inspect.getsourcefile(fn)
+    except TypeError:
+        return None
+    return None if path is None else os.path.abspath(path)
 
 
 def list_models() -> list[str]:

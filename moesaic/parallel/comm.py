@@ -89,9 +89,9 @@ class CountSum:
     one all-reduce of E int64 per training forward) or gathered per rank, choice and expert
     (``capacity_scope="global"``, one all-gather of K * E int64, and with score priority one of
     each rank's priorities and choices, with causal priority on sequences one of S * E counts
-    per position; under expert choice the token counts and every token's ranking scores). Installed by ``parallelize``;
-    the layer calls it without knowing the group. Not counted in :class:`CommStats` (which
-    counts the all-to-alls, as the gradient all-reduces are not)."""
+    per position; under expert choice the token counts and every token's ranking scores).
+    Installed by ``parallelize``; the layer calls it without knowing the group. Not counted in
+    :class:`CommStats` (which counts the all-to-alls, as the gradient all-reduces are not)."""
 
     def __init__(self, group, ranks: Sequence[int]):
         self.group, self.ranks = group, tuple(ranks)
@@ -120,7 +120,8 @@ class CountSum:
 
     def gather_rows(self, rows_TJ: Tensor, length: int) -> Tensor:
         """[W, length, J]: every rank's rows, in rank order, each padded with zeros to
-        ``length`` (the score priority of ``capacity_scope="global"``)."""
+        ``length`` (``capacity_scope="global"``: score priorities, causal per-position counts,
+        expert-choice scores)."""
         padded = rows_TJ.new_zeros(length, rows_TJ.shape[1])
         padded[:rows_TJ.shape[0]] = rows_TJ.detach()
         return self.gather(padded, "priority")

@@ -274,14 +274,18 @@ def from_dict(d: dict, where: str = "") -> TrainConfig:
 
 def load_file(path: str) -> TrainConfig:
     """Run a config file and turn its UPPER_CASE names (or its ``config()``) into a config. A
-    relative ``model_module`` file is found beside the config file."""
+    ``model_module`` beside the config file (a relative file, or a module name whose file is
+    there) becomes that file's path."""
     cfg = _load_file(path)
-    spec = cfg.model_module
-    if spec is not None and spec.endswith(".py") and not os.path.isabs(spec):
-        beside = os.path.join(os.path.dirname(os.path.abspath(path)), spec)
-        if os.path.isfile(beside):
-            cfg = validate(dataclass_replace(cfg, model_module=beside))
-    return cfg
+    spec, folder = cfg.model_module, os.path.dirname(os.path.abspath(path))
+    if spec is None or os.path.isabs(spec):
+        return cfg
+    as_file = spec.endswith(".py") or os.sep in spec
+    beside = [os.path.join(folder, spec)] if as_file else [
+        os.path.join(folder, *spec.split(".")) + ".py",
+        os.path.join(folder, *spec.split("."), "__init__.py")]
+    found = [p for p in beside if os.path.isfile(p)]
+    return validate(dataclass_replace(cfg, model_module=found[0])) if found else cfg
 
 
 def _line_in(path: str, e: BaseException) -> str:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import importlib
+import importlib.util
 import os
 import signal
 import sys
+import warnings
 from typing import Optional
 
 import torch
@@ -121,9 +123,16 @@ def record_model_module(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` with ``model_module`` set to the file that registered ``cfg.model`` when that is
     not moesaic's own (a model the config file imported): the run's config.json then rebuilds
     it in ``moesaic eval`` and ``--resume`` without the config file."""
-    if cfg.model_module is not None:
-        return cfg
+    spec = cfg.model_module
+    if spec is not None:  # a file: absolute, so that eval finds it from any directory
+        is_file = spec.endswith(".py") or os.sep in spec
+        return dataclasses.replace(cfg, model_module=os.path.abspath(spec)) if is_file else cfg
     source = models.registered_in(cfg.model)
+    if source == "__main__":
+        warnings.warn(f"model {cfg.model!r} is registered by the script being run, which the run "
+                      f"dir cannot import again: moesaic eval and --resume will not know it "
+                      f"unless model_module names a module that registers it", stacklevel=2)
+        return cfg
     package = os.path.dirname(os.path.dirname(os.path.abspath(models.__file__)))
     if source is None or os.path.commonpath([package, source]) == package:
         return cfg
@@ -132,31 +141,45 @@ def record_model_module(cfg: TrainConfig) -> TrainConfig:
 
 def import_model_module(cfg: TrainConfig) -> None:
     """Import ``cfg.model_module`` unless ``cfg.model`` is registered already: a file by its
-    path (as part of its package when its folder has an ``__init__.py``), or a module name."""
+    path (as part of its package when its folder has an ``__init__.py``; its folder on
+    ``sys.path`` meanwhile, for its own imports), or a module name (the working directory on
+    ``sys.path`` meanwhile, as ``python -m`` has it)."""
     spec = cfg.model_module
     if spec is None or cfg.model in models.list_models():
         return
-    folder = None
+    path, folder = None, os.getcwd()
     if spec.endswith(".py") or os.sep in spec:
         path = os.path.abspath(spec)
         if not os.path.isfile(path):
             raise ConfigError(f"model_module {spec!r} does not exist (it registers model "
                               f"{cfg.model!r}; set model_module to where that file is now)")
         folder, name = os.path.split(path)
-        parts = [name[:-3] if name.endswith(".py") else name]
+        parts = [] if name == "__init__.py" else [name[:-3] if name.endswith(".py") else name]
         while os.path.isfile(os.path.join(folder, "__init__.py")):
             folder, package = os.path.split(folder)
             parts.insert(0, package)
+        named = all(p.isidentifier() for p in parts)  # exp.v2.py names no module
         spec = ".".join(parts)
-        sys.path.insert(0, folder)
+    sys.path.insert(0, folder)
     try:
-        importlib.import_module(spec)
+        if path is not None and not named:
+            _run_file(path)
+        else:
+            importlib.import_module(spec)
     except Exception as e:
         raise ConfigError(f"model_module {cfg.model_module!r} (which registers model "
                           f"{cfg.model!r}) failed to import: {type(e).__name__}: {e}") from e
     finally:
-        if folder is not None:
-            sys.path.remove(folder)
+        sys.path.remove(folder)
+
+
+def _run_file(path: str) -> None:
+    """Import the Python file ``path`` under a module name of its own."""
+    name = "moesaic_model_module_" + "".join(c if c.isalnum() else "_" for c in path)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
 
 
 def build_model(cfg: TrainConfig, img_shape: tuple, num_classes: int) -> torch.nn.Module:
