@@ -227,9 +227,13 @@ class MoE(nn.Module):
         K, E = c.top_k, c.num_experts
         counts_KE = routing.choice_counts(plan.expert_TK, E)
         causal = c.drop_policy == "causal"
-        if causal:  # a row more: the rank's sequence length (one position: a [T, D] input)
+        if causal and seq_len is None:
+            raise ValueError("drop_policy='causal' with capacity_scope='global' ranks every "
+                             "rank's sequences by position: it needs a batch-first [..., S, D] "
+                             f"input, got a [T, D] input of {plan.num_tokens} tokens")
+        if causal:  # a row more: the rank's sequence length
             seq_1E = counts_KE.new_zeros(1, E)
-            seq_1E[0, 0] = seq_len or 1
+            seq_1E[0, 0] = seq_len
             counts_KE = torch.cat([counts_KE, seq_1E])
         counts_WKE = count_sum.gather(counts_KE)
         sizes_W = counts_WKE[:, 0].sum(-1)
@@ -241,14 +245,15 @@ class MoE(nn.Module):
         ranked, by_position = None, None
         if causal:
             T = plan.num_tokens
-            position_T = (torch.arange(T, device=plan.expert_TK.device) % seq_len if seq_len
-                          else plan.expert_TK.new_zeros(T))
+            position_T = torch.arange(T, device=plan.expert_TK.device) % seq_len
             if max(seq_lens) == 1:  # every rank one position: its counts are the choice counts
-                counts_WSE = counts_WKE.sum(1, keepdim=True)
+                counts_WSKE = counts_WKE[:, None]
             else:
-                local_SE = routing.position_counts(plan.expert_TK, position_T, seq_len or 1, E)
-                counts_WSE = count_sum.gather_rows(local_SE, max(seq_lens))
-            by_position = (counts_WSE, position_T)
+                local_SKE = routing.position_counts(plan.expert_TK, position_T, seq_len, E)
+                counts_WSJ = count_sum.gather_rows(local_SKE.view(seq_len, K * E),
+                                                   max(seq_lens))
+                counts_WSKE = counts_WSJ.view(len(sizes), max(seq_lens), K, E)
+            by_position = (counts_WSKE, position_T)
         if c.drop_policy == "score":  # every rank's token priorities and choices (float32
             priority_T = routing.first_choice_prob(  # holds both exactly)
                 routing.ranking_scores(probs_TE, logits_TE, c.score_func), plan.expert_TK)
@@ -289,7 +294,7 @@ class MoE(nn.Module):
         ops = select_ops(c.kernels, x.device)
         x_TD = x.reshape(-1, c.d_model)
         num_seqs = math.prod(x.shape[:-2]) if x.dim() >= 3 else 1  # [..., S, D]: S per sequence
-        seq_len = x.shape[-2] if x.dim() >= 3 and x.shape[-2] > 0 else None
+        seq_len = x.shape[-2] if x.dim() >= 3 else None
         keys_T = None
         if self.training and keyed.active() and (c.noise_policy or c.hidden_dropout > 0):
             keys_T = keyed.row_keys(x_TD.shape[0], x.device)

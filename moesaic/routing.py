@@ -273,8 +273,8 @@ def first_choice_prob(rank_TE: Tensor, topk_idx_TK: Tensor) -> Tensor:
 
 def causal_order(num_tokens: int, top_k: int, seq_len: Optional[int], device) -> Optional[Tensor]:
     """Flat assignment ids (t * K + k) in causal priority (``drop_policy="causal"``): by
-    position in the sequence, then sequence, then choice, for T tokens held batch-first as
-    sequences of ``seq_len``; so no assignment's slot depends on a later position of any
+    position in the sequence, then choice, then sequence, for T tokens held batch-first as
+    sequences of ``seq_len``; so no assignment's rank depends on a later position of any
     sequence. None when the tokens are one sequence (token order)."""
     if seq_len is None or seq_len >= num_tokens:
         return None
@@ -282,7 +282,49 @@ def causal_order(num_tokens: int, top_k: int, seq_len: Optional[int], device) ->
         raise ValueError(f"seq_len ({seq_len}) must be positive and divide the {num_tokens} "
                          "tokens (batch-first sequences)")
     return (torch.arange(num_tokens * top_k, device=device)
-            .view(num_tokens // seq_len, seq_len, top_k).transpose(0, 1).reshape(-1))
+            .view(num_tokens // seq_len, seq_len, top_k).permute(1, 2, 0).reshape(-1))
+
+
+def causal_allowance(demand_SE: Tensor, capacity: int) -> Tensor:
+    """[S, E]: how many of each position's assignments to each expert causal priority keeps,
+    given every position's demand: position s may fill an expert up to its share of the
+    capacity so far, budget(s) = min(C, ceil(C * (s + 1) / S)), what earlier positions left
+    unused carrying over; so kept(s) = min(budget(s), kept(s - 1) + demand(s)), in closed form
+    demand(<= s) + min(0, min over j <= s of budget(j) - demand(<= j))."""
+    S = demand_SE.shape[0]
+    s_S = torch.arange(1, S + 1, device=demand_SE.device)
+    budget_S = torch.clamp((capacity * s_S + S - 1) // S, max=capacity)
+    through_SE = torch.cumsum(demand_SE, 0)
+    kept_SE = through_SE + torch.clamp(torch.cummin(budget_S[:, None] - through_SE, 0).values,
+                                       max=0)
+    return torch.diff(kept_SE, dim=0, prepend=kept_SE.new_zeros(1, kept_SE.shape[1]))
+
+
+def cap_causally(plan: RoutingPlan, position_T: Tensor, demand_SKE: Tensor,
+                 ahead_SKE: Optional[Tensor], capacity: int,
+                 keep_capacity: bool = True) -> RoutingPlan:
+    """A dropless plan ranked in :func:`causal_order` with its drops: at position s, an
+    expert keeps the first :func:`causal_allowance` of the position's assignments, ranked by
+    choice, then sequence. ``demand_SKE``: the assignments per position, choice and expert
+    (every rank's under capacity_scope="global", where ``ahead_SKE`` holds the lower ranks',
+    whose sequences come first). The kept plan's ``capacity`` is C (at most C rows per
+    expert), or None with ``keep_capacity=False`` (rows ragged, as a dropless plan's)."""
+    S, K, E = demand_SKE.shape
+    expert_TK = plan.expert_TK
+    pos_TK = position_T[:, None].expand_as(expert_TK)
+    choice_TK = torch.arange(K, device=expert_TK.device).expand_as(expert_TK)
+    local_GE = position_counts(expert_TK, position_T, S, E).view(S * K, E)
+    before_GE = torch.cumsum(local_GE, 0) - local_GE  # local assignments ranked earlier
+    start_E = torch.cumsum(plan.counts_E, 0) - plan.counts_E
+    group_TK = pos_TK * K + choice_TK
+    earlier_SKE = torch.cumsum(demand_SKE, 1) - demand_SKE  # earlier choices at the position
+    if ahead_SKE is not None:
+        earlier_SKE = earlier_SKE + ahead_SKE
+    rank_TK = (plan.dest_TK - start_E[expert_TK] - before_GE[group_TK, expert_TK]
+               + earlier_SKE[pos_TK, choice_TK, expert_TK])
+    allowed_SE = causal_allowance(demand_SKE.sum(1), capacity)
+    keep_TK = rank_TK < allowed_SE[pos_TK, expert_TK]
+    return kept_rows(plan, keep_TK, capacity if keep_capacity else None)
 
 
 def assignment_slots(topk_idx_TK: Tensor, priority_T: Optional[Tensor], num_experts: int):
@@ -318,6 +360,10 @@ def token_choice(logits_TE: Tensor, top_k: int, capacity: Optional[int], drop_po
     rank_TE = ranking_scores(probs_TE, logits_TE, score_func)
     select_TE = rank_TE if score_func == "sigmoid" and bias_E is None else None
     weight_TK, topk_idx_TK = topk_weights(probs_TE, top_k, normalize, bias_E, select_TE, groups)
+    if drop_policy == "causal" and capacity is not None:  # dropless in causal order, capped
+        plan, probs_TE, counts_E = token_choice(logits_TE, top_k, None, drop_policy, normalize,
+                                                bias_E, score_func, groups, seq_len)
+        return causal_capped(plan, seq_len, capacity), probs_TE, counts_E
     if drop_policy == "causal":  # a [T * K, 1] routing, in causal order
         order_A = causal_order(T, top_k, seq_len, logits_TE.device)
         perm_A, slot_A, counts_E = assignment_slots(topk_idx_TK.reshape(-1, 1), order_A, E)
@@ -346,6 +392,15 @@ def token_choice(logits_TE: Tensor, top_k: int, capacity: Optional[int], drop_po
     return plan, probs_TE, counts_E
 
 
+def causal_capped(plan: RoutingPlan, seq_len: Optional[int], capacity: int) -> RoutingPlan:
+    """:func:`cap_causally` on this batch alone: sequences of ``seq_len`` (None: one)."""
+    T, E = plan.num_tokens, plan.counts_E.shape[0]
+    S = seq_len or max(T, 1)
+    position_T = torch.arange(T, device=plan.expert_TK.device) % S
+    demand_SKE = position_counts(plan.expert_TK, position_T, S, E)
+    return cap_causally(plan, position_T, demand_SKE, None, capacity)
+
+
 def choice_counts(expert_TK: Tensor, num_experts: int) -> Tensor:
     """[K, E] int64: assignments of each choice (first, second, ...) to each expert."""
     T, K = expert_TK.shape
@@ -369,10 +424,11 @@ def cap_globally(plan: RoutingPlan, counts_WKE: Tensor, rank: int, capacity_fact
     (priority_WM, expert_WMK)`` holds every rank's :func:`first_choice_prob` and choices, each
     rank's T rows padded to one length (padding rows are never counted). Causal priority
     (``drop_policy="causal"``, whose dropless plan ranks in :func:`causal_order`) takes
-    ``causal = (counts_WSE, position_T)``: every rank's assignments per sequence position and
-    expert, each rank's S padded to one length (an input that is one sequence counts as one
-    position), and each local token's position; one process ranks position s of every rank,
-    rank 0's first, before position s + 1. ``sizes``, every rank's token count, is
+    ``causal = (counts_WSKE, position_T)``: every rank's assignments per sequence position,
+    choice and expert (:func:`position_counts`), each rank's S padded to one length, and each
+    local token's position; one process ranks position s of every rank (choice by choice, rank
+    0's sequences first) before position s + 1, each position's drops from its share of the
+    global capacity (:func:`cap_causally`). ``sizes``, every rank's token count, is
     read from ``counts_WKE`` when not given (a host read)."""
     _, K, E = counts_WKE.shape
     T = plan.num_tokens
@@ -380,12 +436,20 @@ def cap_globally(plan: RoutingPlan, counts_WKE: Tensor, rank: int, capacity_fact
         sizes = counts_WKE[:, 0].sum(-1).tolist()
     capacity = token_choice_capacity(sum(sizes), E, K, capacity_factor, min_capacity)
     if causal is not None:
-        slot_TK = _causal_slots(plan, *causal, rank)
-    elif ranked is None:
+        counts_WSKE, position_T = causal
+        return cap_causally(plan, position_T, counts_WSKE.sum(0), counts_WSKE[:rank].sum(0),
+                            capacity, keep_capacity=False), capacity
+    if ranked is None:
         slot_TK = _position_slots(plan, counts_WKE, rank)
     else:
         slot_TK = _score_slots(*ranked, sizes, rank, E)
-    keep_TK = slot_TK < capacity
+    return kept_rows(plan, slot_TK < capacity, None), capacity
+
+
+def kept_rows(plan: RoutingPlan, keep_TK: Tensor, capacity: Optional[int]) -> RoutingPlan:
+    """``plan`` with only the assignments of ``keep_TK`` (rows renumbered, order kept),
+    labelled with ``capacity``."""
+    T = plan.num_tokens
     expert_TK, dest_TK = plan.expert_TK, plan.dest_TK
     keep_N = torch.zeros(plan.row_token_N.numel(), dtype=torch.bool, device=dest_TK.device)
     keep_N[dest_TK.reshape(-1)] = keep_TK.reshape(-1)
@@ -396,10 +460,10 @@ def cap_globally(plan: RoutingPlan, counts_WKE: Tensor, rank: int, capacity_fact
         row_weight_N=plan.row_weight_N.index_select(0, kept_N),
         counts_E=torch.zeros_like(plan.counts_E).index_add_(
             0, expert_TK.reshape(-1), keep_TK.reshape(-1).to(plan.counts_E.dtype)),
-        num_tokens=T, capacity=None,
+        num_tokens=T, capacity=capacity,
         dest_TK=torch.where(keep_TK, new_row_N[dest_TK], -1).to(dest_TK.dtype),
         weight_TK=plan.weight_TK, expert_TK=expert_TK)
-    return capped, capacity
+    return capped
 
 
 def _position_slots(plan: RoutingPlan, counts_WKE: Tensor, rank: int) -> Tensor:
@@ -414,26 +478,15 @@ def _position_slots(plan: RoutingPlan, counts_WKE: Tensor, rank: int) -> Tensor:
     return dest_TK - start_E[expert_TK] + offset_KE.to(dest_TK.device)[choice_TK, expert_TK]
 
 
-def _causal_slots(plan: RoutingPlan, counts_WSE: Tensor, position_T: Tensor,
-                  rank: int) -> Tensor:
-    """[T, K] global slots of this rank's assignments under causal priority: the local slot
-    (positions in order), plus for its position s and expert e every rank's assignments at
-    earlier positions less this rank's, plus lower ranks' at position s."""
-    total_SE, local_SE = counts_WSE.sum(0), counts_WSE[rank]
-    offset_SE = ((torch.cumsum(total_SE, 0) - total_SE) - (torch.cumsum(local_SE, 0) - local_SE)
-                 + counts_WSE[:rank].sum(0))
-    expert_TK, dest_TK = plan.expert_TK, plan.dest_TK
-    start_E = torch.cumsum(plan.counts_E, 0) - plan.counts_E
-    offset_TK = offset_SE.to(dest_TK.device)[position_T[:, None], expert_TK]
-    return dest_TK - start_E[expert_TK] + offset_TK
-
-
 def position_counts(expert_TK: Tensor, position_T: Tensor, seq_len: int,
                     num_experts: int) -> Tensor:
-    """[S, E] int64: assignments of the tokens at each sequence position to each expert."""
-    pair_TK = position_T[:, None] * num_experts + expert_TK
-    return torch.bincount(pair_TK.reshape(-1), minlength=seq_len * num_experts).view(
-        seq_len, num_experts)
+    """[S, K, E] int64: assignments of the tokens at each sequence position, per choice, to
+    each expert."""
+    K = expert_TK.shape[1]
+    group_TK = position_T[:, None] * K + torch.arange(K, device=expert_TK.device)
+    pair_TK = group_TK * num_experts + expert_TK
+    return torch.bincount(pair_TK.reshape(-1), minlength=seq_len * K * num_experts).view(
+        seq_len, K, num_experts)
 
 
 def _real_rows(sizes: list[int], M: int, device) -> Tensor:

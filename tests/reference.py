@@ -76,14 +76,19 @@ def reference_forward(layer, x):
         seq_len = T // num_seqs
         seq_counts = [[0] * E for _ in range(num_seqs)]
         pairs = [(t, k) for k in range(K) for t in order]  # choice-major
-        if c.drop_policy == "causal":  # by position, then sequence, then choice
-            pairs = [(b * seq_len + s, k) for s in range(seq_len) for b in range(num_seqs)
-                     for k in range(K)]
+        causal = c.drop_policy == "causal"
+        if causal:  # by position, then choice, then sequence
+            pairs = [(b * seq_len + s, k) for s in range(seq_len) for k in range(K)
+                     for b in range(num_seqs)]
+
+        def budget(t):  # causal: a position fills up to its share of the capacity so far
+            return min(cap, -(-cap * (t % seq_len + 1) // seq_len)) if causal else cap
+
         for t, k in pairs:
             e = int(topi[t, k])
             counts[e] += 1
             seq_counts[t // seq_len][e] += 1
-            if cap is not None and kept[e] >= cap:
+            if cap is not None and kept[e] >= budget(t):
                 continue
             kept[e] += 1
             outputs[t] = outputs[t] + w_TK[t, k] * expert_ffn(layer, e, x_TD[t])

@@ -26,14 +26,11 @@ def _split_plans(logits_TE, sizes, top_k, cf, min_capacity, policy):
         ranked = (torch.stack([pad(routing.first_choice_prob(probs, p.expert_TK))
                                for p, probs in routed]),
                   torch.stack([pad(p.expert_TK) for p, _ in routed]))
-    causal = None
-    if policy == "causal":  # each rank one sequence: one position group
-        causal = lambda p: (counts_WKE.sum(1, keepdim=True), torch.zeros_like(p.expert_TK[:, 0]))
-    return [routing.cap_globally(p, counts_WKE, r, cf, min_capacity, ranked,
-                                 causal=causal and causal(p)) for r, (p, _) in enumerate(routed)]
+    return [routing.cap_globally(p, counts_WKE, r, cf, min_capacity, ranked)
+            for r, (p, _) in enumerate(routed)]
 
 
-@pytest.mark.parametrize("policy", ["position", "score", "causal"])
+@pytest.mark.parametrize("policy", ["position", "score"])  # causal: simulated ranks below
 @pytest.mark.parametrize("top_k,E,sizes,cf,min_capacity", [
     (1, 4, (7, 9), 0.5, 0), (2, 4, (6, 6), 0.5, 0), (2, 8, (5, 0, 11), 1.0, 1),
     (3, 6, (1, 2, 3, 4), 0.75, 2), (2, 4, (10, 10), 100.0, 4)])
@@ -166,7 +163,8 @@ def _run_ranks(layer, xs):
 def test_layer_on_simulated_ranks_equals_one_process(policy, shape, sizes, top_k):
     """The layer's own gathers (threads standing in for ranks): the ranks' outputs laid end to
     end equal one process on the whole batch, sequences [B, S, D] (causal: by position across
-    every rank's sequences) or tokens [T, D] (one sequence: rank 0's first)."""
+    every rank's sequences, each position's budget from the global capacity) or tokens [T, D]
+    (rank 0's first; causal refuses them: a rank's tokens hold no positions)."""
     D, S = 8, 5
     moesaic.moe_set_seed(top_k)
     layer = moesaic.MoE(D, 12, 4, top_k=top_k, capacity_factor=0.5, min_capacity=0,
@@ -178,4 +176,9 @@ def test_layer_on_simulated_ranks_equals_one_process(policy, shape, sizes, top_k
         xs = [torch.randn(t, D, generator=gen) for t in sizes]
     whole, _ = layer(torch.cat(xs))
     assert float(layer.last_stats.dropped_fraction) > 0
+    if policy == "causal" and shape == "tokens":  # positions are per sequence
+        with pytest.raises(ValueError, match=r"needs a batch-first \[\.\.\., S, D\] input, "
+                           r"got a \[T, D\] input of \d+ tokens"):
+            _run_ranks(layer, xs)
+        return
     torch.testing.assert_close(torch.cat(_run_ranks(layer, xs)), whole, rtol=1e-6, atol=1e-6)

@@ -6,8 +6,9 @@ block's assignments per expert and choice (an [E, K * blocks] histogram, so that
 below scans along contiguous rows: a scan down the other axis is one serial loop per expert).
 Score priority needs the tokens sorted by top-1 probability first, so its histogram is a second
 small pass over the ids in that order; causal priority places the T x K ids as T * K tokens
-of one choice each, in position-then-sequence order (token order for one sequence), with its
-own histogram pass. An exclusive prefix over the
+of one choice each, ordered by position, choice and sequence (token order for one sequence),
+with its own histogram pass, dropless: its per-position budgets then drop assignments in
+PyTorch (:func:`moesaic.routing.causal_capped`, O(S * E + T * K)). An exclusive prefix over the
 histogram gives every (choice, block) its first slot per expert; pass 2 ranks each assignment
 inside its block with a cumulative sum of the one-hot expert ids, adds that base, drops slots
 past the capacity and scatters the kept assignments to their expert-major rows. Index traffic
@@ -38,7 +39,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ..autograd import first_order
-from ..routing import TINY, RoutingPlan, causal_order, first_choice_prob, ranking_scores
+from ..routing import (TINY, RoutingPlan, causal_capped, causal_order, first_choice_prob,
+                       ranking_scores)
 
 
 @triton.jit
@@ -201,6 +203,10 @@ def token_choice(logits_TE: Tensor, top_k: int, capacity: Optional[int], drop_po
                  groups: Optional[tuple[int, int]] = None, seq_len: Optional[int] = None
                  ) -> tuple[RoutingPlan, Tensor, Tensor]:
     """Same contract and results as :func:`moesaic.routing.token_choice`, fused in Triton."""
+    if drop_policy == "causal" and capacity is not None:  # placed dropless, then capped
+        plan, probs_TE, counts_E = token_choice(logits_TE, top_k, None, drop_policy, normalize,
+                                                bias_E, score_func, groups, seq_len)
+        return causal_capped(plan, seq_len, capacity), probs_TE, counts_E
     T, E = logits_TE.shape
     device = logits_TE.device
     by_score = capacity is not None and drop_policy == "score"
