@@ -5,7 +5,8 @@ training capacity factor, once per drop policy and seed.
 
 ``position`` (choice-major, sequence after sequence) and ``score`` let later tokens decide which
 earlier assignments drop, so in training a token's output can depend on the future; ``causal``
-(by position, then sequence, then choice) never does. The validation loss is read in eval
+(by position, then choice, then sequence, each position up to its share of the capacity so
+far) never does. The validation loss is read in eval
 mode, where the capacity (eval_capacity_factor 2.0: C = T at top-2 of 4 experts) drops
 nothing, so it is causal for every policy: the comparison is of what training learned. Prints
 each policy's mean over the seeds, the training dropped fraction and the difference to

@@ -2,8 +2,8 @@
 
 Shows the layer outside vision: tokens arrive as [B, S, D], the layer returns its output and
 its auxiliary loss, and the loss is added to the model's. Trains on the source of a few modules
-of Python's standard library (always on disk), about 15 s on 2 CPU cores (13 s wall on
-2026-12-02, 2-core Xeon, with 8 experts; validation loss 1.88; benchmarks/results/examples.txt):
+of Python's standard library (always on disk), about 15 s on 2 CPU cores (15 s wall on
+2026-12-02, 2-core Xeon, with 8 experts; validation loss 1.89; benchmarks/results/examples.txt):
 
     python3 examples/char_lm.py                 # 300 steps
     python3 examples/char_lm.py --steps 20 --experts 8
@@ -17,12 +17,13 @@ nothing dropped.
 
 Both keep the model causal: a token's output depends on no later token of its sequence.
 ``drop_policy="causal"`` fills an expert's capacity position by position (every sequence's
-position 0, then every position 1, ...), so no drop depends on a later position, and dropless
-routing drops nothing. The layer's default position priority ranks every first choice before
-any second one and the batch's sequences one after another, and score priority and expert
-choice rank by score: there a later token can take the capacity an earlier one needed
-(docs/architecture.md). ``--drop-policy`` and ``--capacity-factor`` override the recipe's;
-benchmarks/drop_policy.py trains with each policy and compares (docs/benchmarks.md).
+position 0, then every position 1, ...; each position up to its share of the capacity so far),
+so no drop depends on a later position, and dropless routing drops nothing. The layer's
+default position priority ranks every first choice before any second one and the batch's
+sequences one after another, and score priority and expert choice rank by score: there a
+later token can take the capacity an earlier one needed (docs/architecture.md).
+``--drop-policy`` and ``--capacity-factor`` override the recipe's; benchmarks/drop_policy.py
+trains with each policy and compares (docs/benchmarks.md).
 
 Prints the loss as it trains, then each MoE layer's share of tokens per expert.
 

@@ -62,8 +62,9 @@ class MoE(nn.Module):
     capacity_factor in training, eval_capacity_factor in eval, 2.0 unless given), ranked
     choice-major and then by token position (``drop_policy="position"``) or by the token's
     probability for its first choice (``"score"``), or by position in the sequence, then
-    sequence, then choice (``"causal"``, for a batch-first [..., S, D] input: no drop depends
-    on a later position of any sequence, as causal language models need);
+    choice, then sequence, each position filling an expert up to its share of the capacity so
+    far (``"causal"``, for a batch-first [..., S, D] input: no drop depends on a later position
+    of any sequence, as causal language models need);
     ``drop_tokens=False`` keeps every assignment.
     Expert choice lets each expert take its ceil(cf * T / E) highest-probability tokens, cf
     being the mean number of experts per token (so eval_capacity_factor defaults to

@@ -115,8 +115,8 @@ def test_token_choice_matches_torch(tops, T, E, K, cap, policy, one_expert, scor
                                                (300, 3, 2, 150, 50), (6, 4, 1, 1, 1),
                                                (12, 4, 1, 2, 3)])
 def test_causal_token_choice_over_sequences_matches_torch(tops, T, E, K, cap, seq_len):
-    """drop_policy="causal" on T / seq_len sequences: slots by position, then sequence, then
-    choice, on both paths."""
+    """drop_policy="causal" on T / seq_len sequences: ranked by position, then choice, then
+    sequence, each position up to its share of the capacity, on both paths."""
     logits_TE = logits_for(T, E, seed=T + seq_len)
     plan = assert_same_routing(tops, logits_TE, K, cap, "causal", None, "softmax",
                                seq_len=seq_len)

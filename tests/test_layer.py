@@ -135,9 +135,10 @@ def test_dropless_equals_capacity_with_room(top_k, policy):
 @pytest.mark.parametrize("policy,causal", [("causal", True), ("position", False)])
 def test_causal_drop_policy_keeps_later_positions_out_of_earlier_outputs(policy, causal):
     """Top-2 with capacity on a [B, S, D] batch: under drop_policy="causal" no output at
-    position < 12 of any sequence depends on a later position of any sequence (slots by
-    position, then sequence, then choice), in training and in eval (capacity 0.75 in both);
-    position priority lets a later first choice take an earlier second choice's slot."""
+    position < 12 of any sequence depends on a later position of any sequence (ranked by
+    position, then choice, then sequence, each position up to its share of the capacity), in
+    training and in eval (capacity 0.75 in both); position priority lets a later first choice
+    take an earlier second choice's slot."""
     layer = make(top_k=2, capacity_factor=0.75, eval_capacity_factor=0.75, min_capacity=0,
                  drop_policy=policy)
     gen = torch.Generator().manual_seed(3)

@@ -1,0 +1,53 @@
+"""drop_policy="causal" against its rule written as a loop: assignments in order of position,
+choice, sequence; one is kept when its expert has kept fewer than min(C, ceil(C * (s + 1) / S))
+assignments so far."""
+import pytest
+import torch
+
+from moesaic import routing
+
+
+def _kept_by_the_rule(expert_TK, seq_len, capacity, num_experts):
+    T, K = expert_TK.shape
+    kept, keep_TK = [0] * num_experts, torch.zeros(T, K, dtype=torch.bool)
+    for s in range(seq_len):
+        budget = min(capacity, -(-capacity * (s + 1) // seq_len))
+        for k in range(K):
+            for b in range(T // seq_len):
+                t, e = b * seq_len + s, int(expert_TK[b * seq_len + s, k])
+                if kept[e] < budget:
+                    kept[e] += 1
+                    keep_TK[t, k] = True
+    return keep_TK
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_causal_drops_follow_the_rule(seed):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(40):
+        B, S, E = (int(torch.randint(1, n, (), generator=gen)) for n in (4, 10, 6))
+        K = int(torch.randint(1, min(E, 3) + 1, (), generator=gen))
+        C = int(torch.randint(0, B * S + 1, (), generator=gen))
+        logits_TE = torch.randn(B * S, E, generator=gen)
+        seq_len = S if B > 1 or seed % 2 else None  # one sequence: None as well
+        plan, _, counts_E = routing.token_choice(logits_TE, K, C, "causal", K > 1, None,
+                                                 "softmax", None, seq_len)
+        want = _kept_by_the_rule(plan.expert_TK, S, C, E)
+        assert torch.equal(plan.dest_TK >= 0, want), (B, S, E, K, C)
+        t, k = want.nonzero(as_tuple=True)
+        assert torch.equal(plan.row_token_N[plan.dest_TK[t, k]], t)
+        assert plan.capacity == C and bool((plan.counts_E <= C).all())
+        assert int(counts_E.sum()) == B * S * K
+
+
+def test_allowance_spends_at_most_the_capacity_and_carries_what_is_unused():
+    demand_SE = torch.tensor([[0, 5], [4, 5], [4, 5], [4, 5]])
+    allowed_SE = routing.causal_allowance(demand_SE, 8)  # shares 2, 4, 6, 8
+    assert allowed_SE[:, 0].tolist() == [0, 4, 2, 2]  # position 0 left its 2 to position 1
+    assert allowed_SE[:, 1].tolist() == [2, 2, 2, 2]
+    assert bool((allowed_SE <= demand_SE).all()) and allowed_SE.sum(0).tolist() == [8, 8]
+
+
+def test_seq_len_must_divide_the_tokens():
+    with pytest.raises(ValueError, match=r"seq_len \(4\) must be positive and divide the 10 "):
+        routing.causal_order(10, 2, 4, "cpu")
