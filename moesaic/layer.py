@@ -254,6 +254,8 @@ class MoE(nn.Module):
                 counts_WSJ = count_sum.gather_rows(local_SKE.view(seq_len, K * E),
                                                    max(seq_lens))
                 counts_WSKE = counts_WSJ.view(len(sizes), max(seq_lens), K, E)
+                longest = max((n for n, t in zip(seq_lens, sizes) if t > 0), default=1)
+                counts_WSKE = counts_WSKE[:, :longest]  # budgets over ranks with tokens
             by_position = (counts_WSKE, position_T)
         if c.drop_policy == "score":  # every rank's token priorities and choices (float32
             priority_T = routing.first_choice_prob(  # holds both exactly)

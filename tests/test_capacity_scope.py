@@ -182,3 +182,17 @@ def test_layer_on_simulated_ranks_equals_one_process(policy, shape, sizes, top_k
             _run_ranks(layer, xs)
         return
     torch.testing.assert_close(torch.cat(_run_ranks(layer, xs)), whole, rtol=1e-6, atol=1e-6)
+
+
+def test_causal_budgets_ignore_an_empty_rank_of_longer_sequences():
+    """A rank holding no tokens does not lengthen the sequences every share is counted over:
+    rank 0's output equals one process on its batch, whatever S the empty rank's [0, S, D]."""
+    D = 8
+    moesaic.moe_set_seed(3)
+    layer = moesaic.MoE(D, 12, 4, top_k=2, capacity_factor=0.5, min_capacity=0,
+                        drop_policy="causal", capacity_scope="global")
+    x = torch.randn(2, 5, D, generator=torch.Generator().manual_seed(0))
+    whole, _ = layer(x)
+    for empty_S in (5, 9):
+        outs = _run_ranks(layer, [x, torch.randn(0, empty_S, D)])
+        torch.testing.assert_close(outs[0], whole, rtol=1e-6, atol=1e-6)
