@@ -355,15 +355,15 @@ def token_choice(logits_TE: Tensor, top_k: int, capacity: Optional[int], drop_po
     (num_groups, topk_groups)``). ``seq_len``: the tokens are sequences of that length,
     batch-first (None: one sequence), read by ``drop_policy="causal"`` only. Returns (plan,
     scores_TE, counts_E before dropping)."""
+    if drop_policy == "causal" and capacity is not None:  # dropless in causal order, capped
+        plan, probs_TE, counts_E = token_choice(logits_TE, top_k, None, drop_policy, normalize,
+                                                bias_E, score_func, groups, seq_len)
+        return causal_capped(plan, seq_len, capacity), probs_TE, counts_E
     T, E = logits_TE.shape
     probs_TE = router_scores(logits_TE, score_func)
     rank_TE = ranking_scores(probs_TE, logits_TE, score_func)
     select_TE = rank_TE if score_func == "sigmoid" and bias_E is None else None
     weight_TK, topk_idx_TK = topk_weights(probs_TE, top_k, normalize, bias_E, select_TE, groups)
-    if drop_policy == "causal" and capacity is not None:  # dropless in causal order, capped
-        plan, probs_TE, counts_E = token_choice(logits_TE, top_k, None, drop_policy, normalize,
-                                                bias_E, score_func, groups, seq_len)
-        return causal_capped(plan, seq_len, capacity), probs_TE, counts_E
     if drop_policy == "causal":  # a [T * K, 1] routing, in causal order
         order_A = causal_order(T, top_k, seq_len, logits_TE.device)
         perm_A, slot_A, counts_E = assignment_slots(topk_idx_TK.reshape(-1, 1), order_A, E)
