@@ -245,8 +245,7 @@ class MoE(nn.Module):
         counts_WKE = counts_WKE[:, :K]
         ranked, by_position = None, None
         if causal:
-            T = plan.num_tokens
-            position_T = torch.arange(T, device=plan.expert_TK.device) % seq_len
+            position_T = torch.arange(plan.num_tokens, device=plan.expert_TK.device) % seq_len
             if max(seq_lens) == 1:  # every rank one position: its counts are the choice counts
                 counts_WSKE = counts_WKE[:, None]
             else:

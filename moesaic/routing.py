@@ -300,26 +300,25 @@ def causal_allowance(demand_SE: Tensor, capacity: int) -> Tensor:
     return torch.diff(kept_SE, dim=0, prepend=kept_SE.new_zeros(1, kept_SE.shape[1]))
 
 
-def cap_causally(plan: RoutingPlan, position_T: Tensor, demand_SKE: Tensor,
-                 ahead_SKE: Optional[Tensor], capacity: int,
-                 keep_capacity: bool = True) -> RoutingPlan:
+def cap_causally(plan: RoutingPlan, position_T: Tensor, counts_WSKE: Tensor, rank: int,
+                 capacity: int, keep_capacity: bool = True) -> RoutingPlan:
     """A dropless plan ranked in :func:`causal_order` with its drops: at position s, an
     expert keeps the first :func:`causal_allowance` of the position's assignments, ranked by
-    choice, then sequence. ``demand_SKE``: the assignments per position, choice and expert
-    (every rank's under capacity_scope="global", where ``ahead_SKE`` holds the lower ranks',
-    whose sequences come first). The kept plan's ``capacity`` is C (at most C rows per
-    expert), or None with ``keep_capacity=False`` (rows ragged, as a dropless plan's)."""
-    S, K, E = demand_SKE.shape
+    choice, then sequence. ``counts_WSKE``: every rank's :func:`position_counts` (one rank in
+    one process; under capacity_scope="global" the lower ranks' sequences come first), this
+    rank's at ``rank``. The kept plan's ``capacity`` is C (at most C rows per expert), or None
+    with ``keep_capacity=False`` (rows ragged, as a dropless plan's)."""
+    _, S, K, E = counts_WSKE.shape
+    demand_SKE = counts_WSKE.sum(0)
     expert_TK = plan.expert_TK
     pos_TK = position_T[:, None].expand_as(expert_TK)
     choice_TK = torch.arange(K, device=expert_TK.device).expand_as(expert_TK)
-    local_GE = position_counts(expert_TK, position_T, S, E).view(S * K, E)
+    local_GE = counts_WSKE[rank].reshape(S * K, E)
     before_GE = torch.cumsum(local_GE, 0) - local_GE  # local assignments ranked earlier
     start_E = torch.cumsum(plan.counts_E, 0) - plan.counts_E
     group_TK = pos_TK * K + choice_TK
-    earlier_SKE = torch.cumsum(demand_SKE, 1) - demand_SKE  # earlier choices at the position
-    if ahead_SKE is not None:
-        earlier_SKE = earlier_SKE + ahead_SKE
+    earlier_SKE = (torch.cumsum(demand_SKE, 1) - demand_SKE  # earlier choices at the position
+                   + counts_WSKE[:rank].sum(0))  # and lower ranks' sequences
     rank_TK = (plan.dest_TK - start_E[expert_TK] - before_GE[group_TK, expert_TK]
                + earlier_SKE[pos_TK, choice_TK, expert_TK])
     allowed_SE = causal_allowance(demand_SKE.sum(1), capacity)
@@ -397,8 +396,8 @@ def causal_capped(plan: RoutingPlan, seq_len: Optional[int], capacity: int) -> R
     T, E = plan.num_tokens, plan.counts_E.shape[0]
     S = seq_len or max(T, 1)
     position_T = torch.arange(T, device=plan.expert_TK.device) % S
-    demand_SKE = position_counts(plan.expert_TK, position_T, S, E)
-    return cap_causally(plan, position_T, demand_SKE, None, capacity)
+    counts_1SKE = position_counts(plan.expert_TK, position_T, S, E)[None]
+    return cap_causally(plan, position_T, counts_1SKE, 0, capacity)
 
 
 def choice_counts(expert_TK: Tensor, num_experts: int) -> Tensor:
@@ -437,8 +436,8 @@ def cap_globally(plan: RoutingPlan, counts_WKE: Tensor, rank: int, capacity_fact
     capacity = token_choice_capacity(sum(sizes), E, K, capacity_factor, min_capacity)
     if causal is not None:
         counts_WSKE, position_T = causal
-        return cap_causally(plan, position_T, counts_WSKE.sum(0), counts_WSKE[:rank].sum(0),
-                            capacity, keep_capacity=False), capacity
+        return cap_causally(plan, position_T, counts_WSKE, rank, capacity,
+                            keep_capacity=False), capacity
     if ranked is None:
         slot_TK = _position_slots(plan, counts_WKE, rank)
     else:

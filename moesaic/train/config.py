@@ -272,6 +272,11 @@ def from_dict(d: dict, where: str = "") -> TrainConfig:
     return validate(TrainConfig(**kwargs))
 
 
+def names_a_file(model_module: str) -> bool:
+    """Whether a ``model_module`` is a file path (else a module name)."""
+    return model_module.endswith(".py") or os.sep in model_module
+
+
 def load_file(path: str) -> TrainConfig:
     """Run a config file and turn its UPPER_CASE names (or its ``config()``) into a config. A
     ``model_module`` beside the config file (a relative file, or a module name whose file is
@@ -280,8 +285,7 @@ def load_file(path: str) -> TrainConfig:
     spec, folder = cfg.model_module, os.path.dirname(os.path.abspath(path))
     if spec is None or os.path.isabs(spec):
         return cfg
-    as_file = spec.endswith(".py") or os.sep in spec
-    beside = [os.path.join(folder, spec)] if as_file else [
+    beside = [os.path.join(folder, spec)] if names_a_file(spec) else [
         os.path.join(folder, *spec.split(".")) + ".py",
         os.path.join(folder, *spec.split("."), "__init__.py")]
     found = [p for p in beside if os.path.isfile(p)]

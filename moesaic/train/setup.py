@@ -18,7 +18,7 @@ import torch.distributed as dist
 from .. import keyed, models
 from ..parallel import init_distributed
 from . import rundir
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, names_a_file
 
 FAULT_STEP_ENV = "MOESAIC_FAULT_STEP"  # test hook: kill a rank at this global step ...
 FAULT_RANK_ENV = "MOESAIC_FAULT_RANK"  # ... on this rank, on the first attempt only
@@ -125,8 +125,8 @@ def record_model_module(cfg: TrainConfig) -> TrainConfig:
     it in ``moesaic eval`` and ``--resume`` without the config file."""
     spec = cfg.model_module
     if spec is not None:  # a file: absolute, so that eval finds it from any directory
-        is_file = spec.endswith(".py") or os.sep in spec
-        return dataclasses.replace(cfg, model_module=os.path.abspath(spec)) if is_file else cfg
+        return (dataclasses.replace(cfg, model_module=os.path.abspath(spec))
+                if names_a_file(spec) else cfg)
     source = models.registered_in(cfg.model)
     if source == "__main__":
         warnings.warn(f"model {cfg.model!r} is registered by the script being run, which the run "
@@ -148,7 +148,7 @@ def import_model_module(cfg: TrainConfig) -> None:
     if spec is None or cfg.model in models.list_models():
         return
     path, folder = None, os.getcwd()
-    if spec.endswith(".py") or os.sep in spec:
+    if names_a_file(spec):
         path = os.path.abspath(spec)
         if not os.path.isfile(path):
             raise ConfigError(f"model_module {spec!r} does not exist (it registers model "
