@@ -228,18 +228,21 @@ class MoE(nn.Module):
         K, E = c.top_k, c.num_experts
         counts_KE = routing.choice_counts(plan.expert_TK, E)
         causal = c.drop_policy == "causal"
-        if causal and seq_len is None:
-            raise ValueError("drop_policy='causal' with capacity_scope='global' ranks every "
-                             "rank's sequences by position: it needs a batch-first [..., S, D] "
-                             f"input, got a [T, D] input of {plan.num_tokens} tokens")
-        if causal:  # a row more: the rank's sequence length
+        if causal:  # a row more: the rank's sequence length (-1: a [T, D] input)
             seq_1E = counts_KE.new_zeros(1, E)
-            seq_1E[0, 0] = seq_len
+            seq_1E[0, 0] = -1 if seq_len is None else seq_len
             counts_KE = torch.cat([counts_KE, seq_1E])
         counts_WKE = count_sum.gather(counts_KE)
         sizes_W = counts_WKE[:, 0].sum(-1)
         if causal:  # the one host read: every rank's tokens (and sequence length)
             sizes, seq_lens = torch.stack([sizes_W, counts_WKE[:, K, 0]]).tolist()
+            flat = [r for r, n in enumerate(seq_lens) if n < 0]
+            if flat:  # every rank raises here, none waits in the next gather
+                raise ValueError(
+                    "drop_policy='causal' with capacity_scope='global' ranks every rank's "
+                    "sequences by position: it needs a batch-first [..., S, D] input on every "
+                    f"rank, got a [T, D] input on rank(s) {flat} (this rank: "
+                    f"{'[T, D] of %d tokens' % plan.num_tokens if seq_len is None else 'S=%d' % seq_len})")
         else:
             sizes = sizes_W.tolist()
         counts_WKE = counts_WKE[:, :K]

@@ -163,6 +163,15 @@ def check_global_capacity(rank, world, ctx, seed, drop_policy="position"):
     dist.all_reduce(differs)
     assert differs > 0, "per-rank capacity dropped as the whole batch does: the test is void"
 
+    if drop_policy == "causal":  # tokens on rank 1: both ranks raise after the first gather
+        x_in = x[lo:hi] if rank == 0 else x[lo:hi].reshape(-1, D)
+        try:
+            model(x_in)
+        except ValueError as e:
+            assert "got a [T, D] input on rank(s) [1]" in str(e), e
+        else:
+            raise AssertionError("causal global capacity took a [T, D] input")
+
     def no_gather_in_eval(counts):
         raise AssertionError("counts gathered over ranks in eval")
 

@@ -132,10 +132,11 @@ class _ThreadGather(CountSum):
         return out
 
 
-def _run_ranks(layer, xs):
-    """Each rank's output, from a copy of ``layer`` per simulated rank."""
+def _run_ranks(layer, xs, errors=None):
+    """Each rank's output, from a copy of ``layer`` per simulated rank; a rank's exception is
+    raised, or kept in ``errors[rank]`` when a list is given."""
     board, barrier = [None] * len(xs), threading.Barrier(len(xs), timeout=60)
-    outs, errors = [None] * len(xs), []
+    outs, raised = [None] * len(xs), [None] * len(xs)
 
     def run(r):
         try:
@@ -143,16 +144,20 @@ def _run_ranks(layer, xs):
             local.count_sum = _ThreadGather(r, board, barrier)
             outs[r] = local(xs[r])[0]
         except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-            barrier.abort()
+            raised[r] = e
+            if errors is None:
+                barrier.abort()
 
     threads = [threading.Thread(target=run, args=(r,)) for r in range(len(xs))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    if errors:
-        raise errors[0]
+    if errors is not None:
+        errors[:] = raised
+    elif any(raised):  # the cause, not a rank's broken barrier that followed it
+        raise min((e for e in raised if e is not None),
+                  key=lambda e: isinstance(e, threading.BrokenBarrierError))
     return outs
 
 
@@ -177,8 +182,8 @@ def test_layer_on_simulated_ranks_equals_one_process(policy, shape, sizes, top_k
     whole, _ = layer(torch.cat(xs))
     assert float(layer.last_stats.dropped_fraction) > 0
     if policy == "causal" and shape == "tokens":  # positions are per sequence
-        with pytest.raises(ValueError, match=r"needs a batch-first \[\.\.\., S, D\] input, "
-                           r"got a \[T, D\] input of \d+ tokens"):
+        with pytest.raises(ValueError, match=r"needs a batch-first \[\.\.\., S, D\] input "
+                           r"on every rank, got a \[T, D\] input on rank\(s\) \[0, 1"):
             _run_ranks(layer, xs)
         return
     torch.testing.assert_close(torch.cat(_run_ranks(layer, xs)), whole, rtol=1e-6, atol=1e-6)
@@ -196,3 +201,18 @@ def test_causal_budgets_ignore_an_empty_rank_of_longer_sequences():
     for empty_S in (5, 9):
         outs = _run_ranks(layer, [x, torch.randn(0, empty_S, D)])
         torch.testing.assert_close(outs[0], whole, rtol=1e-6, atol=1e-6)
+
+
+def test_causal_global_refuses_tokens_on_every_rank_at_once():
+    """One rank passing [T, D] tokens makes every rank raise after the first gather, naming it:
+    no rank waits in a collective the others never join (barrier timeout: 60 s)."""
+    D = 8
+    layer = moesaic.MoE(D, 12, 4, top_k=2, capacity_factor=0.5, min_capacity=0,
+                        drop_policy="causal", capacity_scope="global")
+    errors = []
+    _run_ranks(layer, [torch.randn(2, 5, D), torch.randn(7, D), torch.randn(1, 3, D)], errors)
+    for r, e in enumerate(errors):
+        assert isinstance(e, ValueError), (r, e)
+        assert "got a [T, D] input on rank(s) [1]" in str(e)
+    assert "this rank: [T, D] of 7 tokens" in str(errors[1])
+    assert "this rank: S=5" in str(errors[0])
