@@ -108,6 +108,30 @@ def test_names_from_other_tools_and_small_conveniences(tmp_path):
     assert load_file(str(tmp_path / "cfg.py")).epochs == 9
 
 
+def test_every_problem_is_reported_at_once(tmp_path):
+    """Unknown keys all at once; then every wrong type; then (types right) every bad range, an
+    unknown dataset not also failing the per-channel statistics."""
+    with pytest.raises(ConfigError) as e:
+        load_file(_write(tmp_path, "BATCH_SIZ = 2\nLERNING_RATE = 1\nEPOCHS = 3\n"))
+    msg = str(e.value)
+    assert msg.startswith("the config has 2 problems:\n")
+    assert "'BATCH_SIZ'" in msg and "did you mean: BATCH_SIZE" in msg and "LR" in msg
+    with pytest.raises(ConfigError) as e:
+        apply_overrides(TrainConfig(), ["epochs=x", "seed=y", "lr=-1"])
+    msg = str(e.value)
+    assert "2 problems" in msg and "epochs: expected int" in msg and "seed: expected int" in msg
+    with pytest.raises(ConfigError) as e:
+        apply_overrides(TrainConfig(), ["lr=-1", "batch_size=0", "dataset=mnist",
+                                        "norm_mean=[0.5]", "norm_std=[]"])
+    lines = str(e.value).splitlines()
+    assert lines[0] == "the config has 4 problems:", lines
+    assert any("batch_size must be >= 1, got 0" in x for x in lines)
+    assert not any("norm_" in x for x in lines)
+    with pytest.raises(ConfigError, match=r"the config has 2 problems:\n  - norm_mean must be "
+                       r"None or 1 finite number .*\n  - norm_std must be None or 1"):
+        apply_overrides(TrainConfig(), ["norm_mean=[0.5, 0.5]", "norm_std=[]"])
+
+
 def test_bad_values_name_field_and_value(tmp_path):
     with pytest.raises(ConfigError, match=r"batch_size: expected int.*'many'"):
         load_file(_write(tmp_path, "BATCH_SIZE = 'many'\n"))

@@ -162,21 +162,37 @@ def _coerce(name: str, value: Any, t, optional: bool) -> Any:
     return value
 
 
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
+def _raise_all(problems: list[str]) -> None:
+    """One ConfigError naming every problem (one line when there is one)."""
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigError(f"the config has {len(problems)} problems:\n" +
+                          "\n".join(f"  - {p}" for p in problems))
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
-    """Type-check and range-check every field; returns ``cfg`` (types normalised in place)."""
+    """Type-check and range-check every field; returns ``cfg`` (types normalised in place).
+    Every problem is reported at once: the types first, then (when they are right) the ranges."""
+    problems: list[str] = []
+
+    def _check(cond: bool, msg: str) -> None:
+        if not cond:
+            problems.append(msg)
+
     for f in fields(TrainConfig):
         t, optional = _type_of(f)
-        value = _coerce(f.name, getattr(cfg, f.name), t, optional)
+        try:
+            value = _coerce(f.name, getattr(cfg, f.name), t, optional)
+        except ConfigError as e:
+            problems.append(str(e))
+            continue
         numbers_in = value if isinstance(value, tuple) else (value,)
         _check(all(math.isfinite(v) for v in numbers_in
                    if isinstance(v, float)),
                f"{f.name} must be finite, got {value!r}")
         setattr(cfg, f.name, value)
+    _raise_all(problems)
     c = cfg
     _check(c.name not in ("", ".", "..") and "/" not in c.name,
            f"name must be a non-empty folder name without '/' (not '.' or '..'), got {c.name!r}")
@@ -209,18 +225,19 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check(0 <= c.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {c.label_smoothing!r}")
     _check(c.aux_loss_weight >= 0, f"aux_loss_weight must be >= 0, got {c.aux_loss_weight!r}")
     _check(c.clip_grad is None or c.clip_grad > 0, f"clip_grad must be None or > 0, got {c.clip_grad!r}")
-    channels = CHANNELS[c.dataset]
+    channels, big = CHANNELS.get(c.dataset), []
     for n, low in (("norm_mean", -math.inf), ("norm_std", 0.0)):
         v = getattr(c, n)
-        _check(v is None or (len(v) == channels and all(
-            isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
-            and x > low for x in v)),
-            f"{n} must be None or {channels} finite number{'s' if channels > 1 else ''}"
-            f"{' > 0' if low == 0 else ''} (one per channel of {c.dataset}), got {v!r}")
-        if v is not None:
+        if v is None or channels is None:  # an unknown dataset is reported above
+            continue
+        if len(v) == channels and all(isinstance(x, numbers.Real) and not isinstance(x, bool)
+                                      and math.isfinite(x) and x > low for x in v):
             setattr(c, n, tuple(float(_plain(x)) for x in v))  # numpy scalars as plain floats
-    big = [n for n in ("norm_mean", "norm_std") if getattr(c, n) is not None
-           and max(abs(x) for x in getattr(c, n)) > 1]
+            big += [n] if max(abs(x) for x in v) > 1 else []
+        else:
+            _check(False, f"{n} must be None or {channels} finite number"
+                   f"{'s' if channels > 1 else ''}{' > 0' if low == 0 else ''} (one per channel "
+                   f"of {c.dataset}), got {v!r}")
     if big:
         warnings.warn(f"{' and '.join(big)} above 1: pixels are scaled to [0, 1] before "
                       "normalisation (0-255 statistics would squash the inputs)", stacklevel=2)
@@ -238,6 +255,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check(c.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {c.precision!r}")
     _check(c.device in DEVICES, f"device must be one of {DEVICES}, got {c.device!r}")
     _check(c.timeout_s > 0, f"timeout_s must be > 0, got {c.timeout_s!r}")
+    _raise_all(problems)
     return cfg
 
 
@@ -264,11 +282,12 @@ def _unknown(key: str, where: str) -> ConfigError:
 def from_dict(d: dict, where: str = "") -> TrainConfig:
     """Build and validate a config from ``{field: value}`` (keys case-insensitive)."""
     names = {f.name for f in fields(TrainConfig)}
-    kwargs = {}
+    kwargs, unknown = {}, []
     for k, v in d.items():
         if k.lower() not in names:
-            raise _unknown(k, where)
+            unknown.append(str(_unknown(k, where)))
         kwargs[k.lower()] = v
+    _raise_all(unknown)
     return validate(TrainConfig(**kwargs))
 
 
@@ -389,7 +408,7 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
     """Apply ``key=value`` strings; ``model_args.KEY=value`` sets one model keyword. Switching
     ``model`` while the config's ``model_args`` stay warns that they still apply."""
     d = cfg.to_dict()
-    touched = set()
+    touched, unknown = set(), []
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}")
@@ -403,9 +422,11 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
             touched.add("model_args")
             continue
         if key.lower() not in d:
-            raise _unknown(key, " (from --set)")
+            unknown.append(str(_unknown(key, " (from --set)")))
+            continue
         d[key.lower()] = value
         touched.add(key.lower())
+    _raise_all(unknown)
     if "model" in touched and d["model"] != cfg.model and cfg.model_args \
             and "model_args" not in touched:
         warnings.warn(f"model is now {d['model']!r} but the config's model_args "
