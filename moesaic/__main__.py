@@ -355,8 +355,8 @@ def _main(argv) -> int:
         return _compare(args)
     if args.command == "models":
         return _models(args.name)
-    _parser().print_help()
-    return 0
+    _parser().print_help(sys.stderr)  # no command: usage, and the exit status of a usage error
+    return 2
 
 
 if __name__ == "__main__":

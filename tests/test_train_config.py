@@ -311,3 +311,10 @@ def test_a_config_file_that_raises_names_its_line(tmp_path):
     (tmp_path / "fn.py").write_text("def config():\n    return {'epochs': [][1]}\n")
     with pytest.raises(ConfigError, match=r"config\(\) in .* failed \(line 2\): IndexError"):
         load_file(str(tmp_path / "fn.py"))
+
+
+def test_no_command_prints_usage_and_fails(capsys):
+    """`python3 -m moesaic` alone: the usage on stderr, exit status 2 (argparse's usage error)."""
+    assert main([]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "usage:" in err and "train" in err
