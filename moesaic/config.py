@@ -36,6 +36,8 @@ def _is_number(v) -> bool:
 def _plain(v):
     """A numpy (or other registered) scalar as the Python int or float it stands for, so the
     config compares, prints and pickles like one written with literals."""
+    if type(v).__module__ == "numpy" and type(v).__name__ in ("bool", "bool_"):
+        return bool(v)
     if _is_int(v):
         return int(v)
     if isinstance(v, float):

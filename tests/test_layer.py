@@ -604,6 +604,8 @@ def test_numpy_scalars_are_accepted_as_plain_numbers():
     assert layer.config.as_dict() == plain.config.as_dict()
     assert type(layer.config.top_k) is int and type(layer.config.capacity_factor) is float
     assert moesaic.MoE(D, FF, E, capacity_factor=np.float32(1.1)).config.capacity_factor == 1.1
+    flags = moesaic.MoE(D, FF, E, drop_tokens=np.bool_(False), normalize_weights=np.True_).config
+    assert flags.drop_tokens is False and flags.normalize_weights is True
 
 
 def test_router_weight_loaded_in_another_dtype_stays_float32():
