@@ -318,3 +318,18 @@ def test_no_command_prints_usage_and_fails(capsys):
     assert main([]) == 2
     out, err = capsys.readouterr()
     assert out == "" and "usage:" in err and "train" in err
+
+
+def test_numpy_scalars_count_as_plain_values():
+    """A config computed with numpy (np.int64 epochs, np.float32 lr, np.bool_ flags, numpy
+    betas) validates to the Python values it stands for, so config.json writes them plainly."""
+    import json
+
+    import numpy as np
+    cfg = TrainConfig()
+    cfg.epochs, cfg.lr, cfg.grad_checkpointing = np.int64(3), np.float32(0.25), np.True_
+    cfg.betas = (np.float32(0.5), np.float64(0.75))
+    validate(cfg)
+    assert (cfg.epochs, cfg.lr, cfg.grad_checkpointing, cfg.betas) == (3, 0.25, True, (0.5, 0.75))
+    assert type(cfg.epochs) is int and type(cfg.lr) is float and cfg.grad_checkpointing is True
+    json.dumps(cfg.to_dict())

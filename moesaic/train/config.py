@@ -125,6 +125,7 @@ def _type_of(f) -> tuple[Any, bool]:
 
 
 def _coerce(name: str, value: Any, t, optional: bool) -> Any:
+    value = _plain(value)  # numpy scalars as the Python bool, int or float they stand for
     bad = ConfigError(f"{name}: expected {t.__name__}{' or None' if optional else ''}, "
                       f"got {value!r} ({type(value).__name__})")
     if value is None:
@@ -157,7 +158,7 @@ def _coerce(name: str, value: Any, t, optional: bool) -> Any:
         raise bad
     if t is tuple:
         if isinstance(value, (list, tuple)):
-            return tuple(value)
+            return tuple(_plain(x) for x in value)
         raise bad
     return value
 
