@@ -845,3 +845,17 @@ def test_model_module_from_a_relative_config_that_registers_the_model_itself(
         assert main(["train", "--config", cfg, "--run-dir", "mrun"]) == 0
     with open(tmp_path / "mrun" / "config.json") as f:
         assert json.load(f)["model_module"] is None
+
+
+def test_triton_kernels_on_cpu_refused_before_the_run_dir(tmp_path, monkeypatch, capsys):
+    """model_args.kernels='triton' on a CPU without TRITON_INTERPRET=1: a config error naming
+    the layer, exit 2, nothing written."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    write_cifar(str(tmp_path))
+    cfg = tiny_config(tmp_path / "c.py", tmp_path, EPOCHS=1)
+    run = tmp_path / "run"
+    assert main(["train", "--config", cfg, "--run-dir", str(run),
+                 "--set", "model_args.kernels='triton'"]) == 2
+    err = capsys.readouterr().err
+    assert "error: config: blocks." in err and "kernels='triton'" in err
+    assert not run.exists()

@@ -49,8 +49,8 @@ from .evaluate import autocast, evaluate
 from .init_from import find_init, load_init, model_changes, setting_changes
 from .meters import RoutingMeter
 from .optim import WarmupCosine, make_optimizer
-from .setup import (build_model, device_for, init_for_restarts, launcher, maybe_fault,
-                    precision_for, record_model_module, set_threads, start_processes)
+from .setup import (build_model, check_kernels, device_for, init_for_restarts, launcher,
+                    maybe_fault, precision_for, record_model_module, set_threads, start_processes)
 
 BAR_EVERY = 10  # steps between progress-bar updates (each reads the device's running sums)
 
@@ -117,6 +117,7 @@ class Trainer:
         self.spe = steps_per_epoch(len(train_set), cfg.batch_size, cfg.steps_per_epoch)
         moe_set_seed(cfg.seed)
         model = build_model(cfg, train_set.shape, train_set.num_classes).to(self.device)
+        check_kernels(model, self.device)
         # init_from's weights are loaded (and checked, on every rank) before anything is
         # written; a torchrun restart resumes its own checkpoint instead, so it loads them
         # only if it finds none

@@ -182,6 +182,20 @@ def _run_file(path: str) -> None:
     spec.loader.exec_module(module)
 
 
+def check_kernels(model: torch.nn.Module, device: torch.device) -> None:
+    """Refuse, before anything is written, MoE layers whose ``kernels`` cannot run on
+    ``device`` (``"triton"`` without Triton, or on a CPU without ``TRITON_INTERPRET=1``)."""
+    from ..layer import MoE
+    from ..ops import select_ops
+
+    for name, m in model.named_modules():
+        if isinstance(m, MoE):
+            try:
+                select_ops(m.config.kernels, device)
+            except RuntimeError as e:
+                raise ConfigError(f"{name or 'model'}: {e}") from e
+
+
 def build_model(cfg: TrainConfig, img_shape: tuple, num_classes: int) -> torch.nn.Module:
     """The registry model with the dataset's image shape. ``aux_loss_weight`` is the MoE layers'
     ``aux_loss_coef`` (the balance loss's weight); ``model_args.z_loss_coef`` weighs the z loss
