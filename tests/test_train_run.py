@@ -3,6 +3,7 @@ a non-finite loss, missing data."""
 import json
 import math
 import os
+import subprocess
 import sys
 import warnings
 
@@ -859,3 +860,37 @@ def test_triton_kernels_on_cpu_refused_before_the_run_dir(tmp_path, monkeypatch,
     err = capsys.readouterr().err
     assert "error: config: blocks." in err and "kernels='triton'" in err
     assert not run.exists()
+
+
+def test_closed_stdout_does_not_stop_training(tmp_path):
+    """`moesaic train | head -1`: the reader goes away after one line; the run trains to its
+    end (exit 0, every epoch recorded) and says once, on stderr, that stdout was closed."""
+    write_cifar(str(tmp_path))
+    cfg = tiny_config(tmp_path / "c.py", tmp_path, EPOCHS=3)
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "moesaic", "train", "--config", cfg,
+                             "--run-dir", str(run)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=str(tmp_path))
+    proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 0, err
+    assert err.count("stdout was closed") == 1, err
+    assert [r["epoch"] for r in read_metrics(str(run))] == [1, 2, 3]
+
+
+def test_an_interrupted_write_leaves_no_temporary_file(tmp_path):
+    """Atomic writes (metrics, summary, plots, checkpoint json) remove their temporary file
+    when interrupted, and leave the old file as it was."""
+    from moesaic.train import report
+    path = tmp_path / "summary.json"
+    path.write_text("old")
+
+    def interrupted(tmp):
+        with open(tmp, "w") as f:
+            f.write("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        report.replace_atomically(str(path), interrupted, ".png")
+    assert os.listdir(tmp_path) == ["summary.json"] and path.read_text() == "old"

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from ..parallel import full_state_dict, load_full_state_dict
 from .dist import multi_process
+from .report import replace_atomically
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 STATE_FILE = "state.pt"
@@ -154,12 +155,13 @@ def set_rng_state(model: nn.Module, state: dict) -> None:
 
 
 def _write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    replace_atomically(path, write)
 
 
 def _fsync_dir(path: str, files: bool = False) -> None:

@@ -169,7 +169,15 @@ class Trainer:
         if self.is_main:
             from tqdm import tqdm
 
-            tqdm.write(msg)
+            try:
+                tqdm.write(msg)
+            except BrokenPipeError:  # `| head` ended: train on, the run dir has the record
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                os.close(devnull)
+                print("moesaic: stdout was closed (the reader of a pipe ended); training goes "
+                      f"on, writing to {getattr(self, 'run_dir', 'its run dir')}",
+                      file=sys.stderr)
 
     def _load(self, ckpt: str) -> None:
         state = checkpoint.load(ckpt, self.model, self.opt, self.rank, self.world)
@@ -429,9 +437,8 @@ class Trainer:
                                                  self._state(), self.is_main, is_best,
                                                  cfg.keep_checkpoints) or self.last_ckpt
             summary = self._summary()
-            if self.is_main:
-                self._write_epoch(summary)
-                self.log(report.epoch_line(rec, cfg.epochs))
+            if self.is_main:  # the line first: an interrupt while plotting still shows it
+                self._write_epoch(summary, rec)
             if partial:
                 self.log(self._partial_note(steps))
             elif stopped and self.epoch < cfg.epochs:
@@ -457,10 +464,11 @@ class Trainer:
                 f"epoch {self.epoch + 1}: this partial epoch is evaluated and recorded but not "
                 f"checkpointed; {where}")
 
-    def _write_epoch(self, summary: dict) -> None:
+    def _write_epoch(self, summary: dict, rec: dict) -> None:
         d = self.run_dir
         report.write_metrics(os.path.join(d, "metrics.jsonl"), self.history)
         report.write_json(os.path.join(d, "summary.json"), summary)
+        self.log(report.epoch_line(rec, self.cfg.epochs))
         if self.cfg.plots:
             report.plot_curves(os.path.join(d, "curves.png"), self.history)
             report.plot_expert_load(os.path.join(d, "expert_load.png"), self.history)

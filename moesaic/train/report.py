@@ -12,11 +12,25 @@ SUMMARY_KEYS = ("best_eval_accuracy", "final_eval_accuracy", "epochs", "train_im
                 "params_total", "params_active_per_token")
 
 
+def replace_atomically(path: str, write, suffix: str = "") -> None:
+    """``write(tmp)`` then rename ``tmp`` over ``path``; an exception (an interrupt too)
+    removes ``tmp`` and propagates, leaving ``path`` as it was."""
+    tmp = f"{path}.tmp{os.getpid()}{suffix}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    replace_atomically(path, write)
 
 
 def write_json(path: str, obj) -> None:
@@ -186,6 +200,4 @@ def plot_expert_load(path: str, history: list[dict]) -> None:
 def save_fig(fig, path: str) -> None:
     """Write the figure atomically, in the format its name asks for (.png, .pdf, .svg...)."""
     fmt = os.path.splitext(path)[1][1:].lower() or "png"
-    tmp = f"{path}.tmp{os.getpid()}.{fmt}"
-    fig.savefig(tmp, dpi=100, format=fmt)
-    os.replace(tmp, path)
+    replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=100, format=fmt), f".{fmt}")
