@@ -333,3 +333,17 @@ def test_numpy_scalars_count_as_plain_values():
     assert (cfg.epochs, cfg.lr, cfg.grad_checkpointing, cfg.betas) == (3, 0.25, True, (0.5, 0.75))
     assert type(cfg.epochs) is int and type(cfg.lr) is float and cfg.grad_checkpointing is True
     json.dumps(cfg.to_dict())
+
+
+def test_yaml_habits_are_refused(tmp_path):
+    """`EPOCHS: 2` sets nothing in Python (an annotation): refused with the line and the fix,
+    where it would train with the default; a .yaml/.toml file is refused as not Python."""
+    with pytest.raises(ConfigError, match=r"\(line 2\): `LR: \.\.\.` annotates LR without "
+                       r"setting it; write `LR = \.\.\.` \(also EPOCHS\)"):
+        load_file(_write(tmp_path, "BATCH_SIZE = 8\nLR: 3e-3\nEPOCHS: 2\n"))
+    assert load_file(_write(tmp_path, "EPOCHS: int = 2\n")).epochs == 2
+    for name in ("c.yaml", "c.toml"):
+        path = tmp_path / name
+        path.write_text("EPOCHS = 2\n")
+        with pytest.raises(ConfigError, match=r"config files are Python .* not (YAML|TOML)"):
+            load_file(str(path))

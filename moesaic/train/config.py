@@ -323,6 +323,23 @@ def _line_in(path: str, e: BaseException) -> str:
     return "" if line is None else f" (line {line})"
 
 
+def _refuse_bare_annotations(path: str) -> None:
+    """``EPOCHS: 2`` (YAML habit) is a Python annotation that sets nothing: refuse it rather
+    than train with the default. A file that does not parse is left to fail when run."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), filename=path)
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+        return
+    bare = [(n.lineno, n.target.id) for n in tree.body if isinstance(n, ast.AnnAssign)
+            and n.value is None and isinstance(n.target, ast.Name) and n.target.id.isupper()]
+    if bare:
+        line, name = bare[0]
+        raise ConfigError(f"config file {path!r} (line {line}): `{name}: ...` annotates {name} "
+                          f"without setting it; write `{name} = ...`"
+                          + (f" (also {', '.join(n for _, n in bare[1:])})" if bare[1:] else ""))
+
+
 def _load_file(path: str) -> TrainConfig:
     if not os.path.isfile(path):
         why = "is a directory, not a file" if os.path.isdir(path) else "does not exist"
@@ -331,6 +348,11 @@ def _load_file(path: str) -> TrainConfig:
         if not os.path.isabs(path) and os.path.isfile(shipped):
             why += f" here ({os.getcwd()}); the shipped one is {shipped}"
         raise ConfigError(f"config file {path!r} {why}")
+    ext = os.path.splitext(path)[1].lower()
+    if ext in (".yaml", ".yml", ".toml", ".ini", ".cfg"):
+        raise ConfigError(f"config file {path!r}: config files are Python (UPPER_CASE names, "
+                          f"`EPOCHS = 30`) or a run's config.json, not {ext[1:].upper()}")
+    _refuse_bare_annotations(path)
     folder = os.path.dirname(os.path.abspath(path))
     sys.path.insert(0, folder)  # a config may import a base config that sits beside it
     before, bytecode = set(sys.modules), sys.dont_write_bytecode
