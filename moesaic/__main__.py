@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import os
 import signal
@@ -135,7 +136,27 @@ def _parser() -> argparse.ArgumentParser:
                        "Models you register with moesaic.models.register (docs/models.md) are "
                        "known to the process that imports their module, not to this command.")
     m.add_argument("name", nargs="?", help="describe this model (builds it)")
+    p.set_defaults(subparsers={"train": t, "eval": e, "compare": c, "models": m})
     return p
+
+
+def _refuse_extra(sub: argparse.ArgumentParser, command: str, extra: list) -> None:
+    """The command's own usage and a hint for arguments it does not take (argparse alone shows
+    the top-level usage): the closest options, or where a stray path belongs."""
+    options = [o for a in sub._actions for o in a.option_strings]
+    hints = []
+    for i, arg in enumerate(extra):
+        value_of_option = i > 0 and extra[i - 1].startswith("-") and "=" not in extra[i - 1]
+        close = difflib.get_close_matches(arg.split("=", 1)[0], options, n=2, cutoff=0.6) \
+            if arg.startswith("-") else []
+        if close:
+            hints.append(f"{arg} (did you mean {' or '.join(close)}?)")
+        elif command == "train" and not arg.startswith("-") and not value_of_option:
+            hints.append(f"{arg} (train takes no positional argument: --config FILE for a "
+                         "config file, --resume RUN_DIR to continue a run)")
+        else:
+            hints.append(arg)
+    sub.error(f"unrecognized arguments: {' '.join(hints)}")
 
 
 def _checkpoint_config(ckpt: str, overrides: list):
@@ -346,7 +367,11 @@ def main(argv=None) -> int:
 
 
 def _main(argv) -> int:
-    args = _parser().parse_args(argv)
+    args, extra = _parser().parse_known_args(argv)
+    if extra:
+        if args.command is None:
+            _parser().parse_args(argv)  # argparse's own message
+        _refuse_extra(args.subparsers[args.command], args.command, extra)
     if args.command == "train":
         return _train(args)
     if args.command == "eval":

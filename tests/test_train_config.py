@@ -347,3 +347,23 @@ def test_yaml_habits_are_refused(tmp_path):
         path.write_text("EPOCHS = 2\n")
         with pytest.raises(ConfigError, match=r"config files are Python .* not (YAML|TOML)"):
             load_file(str(path))
+
+
+def test_unknown_arguments_get_the_commands_usage_and_a_hint(capsys):
+    """argparse alone answers a subcommand's unknown option with the top-level usage: the
+    command's own usage instead, the closest options, and where a stray path belongs."""
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "runs/x", "--bset"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "usage: moesaic eval" in err
+    assert "--bset (did you mean --best or --set?)" in err or \
+        "--bset (did you mean --set or --best?)" in err
+    with pytest.raises(SystemExit):
+        main(["train", "runs/x"])
+    err = capsys.readouterr().err
+    assert "usage: moesaic train" in err and "runs/x (train takes no positional argument: " \
+        "--config FILE" in err
+    with pytest.raises(SystemExit):
+        main(["train", "--confg", "a.py"])
+    err = capsys.readouterr().err
+    assert "--confg (did you mean --config" in err and "a.py (train takes" not in err
