@@ -122,11 +122,12 @@ def _parser() -> argparse.ArgumentParser:
                        "eval_at_start), best and final accuracy, training images/s, parameters, "
                        "the last epoch's busiest expert over the mean load and dropped "
                        "fraction, then the config keys whose values differ (not name, "
-                       "progress, plots, runs_root, timeout_s, eval_at_start). Builds no model "
-                       "and writes nothing unless --plot is given.")
+                       "progress, plots, runs_root, timeout_s, eval_at_start; a model_args entry a "
+                       "run left unset shows its model's value, looked up on the meta device: no "
+                       "weights). Writes nothing unless --plot is given.")
     c.add_argument("runs", nargs="+", metavar="RUN_DIR",
-                   help="run dirs; a folder of runs (runs/NAME, or runs) stands for every run "
-                   "in it that has finished an epoch")
+                   help="run dirs; a folder of runs (runs/NAME, runs, or a folder above) stands for "
+                   "every run dir up to 6 folders below it that has finished an epoch")
     c.add_argument("--plot", metavar="FILE.png",
                    help="also draw every run's eval accuracy and train loss curves into this file")
     m = sub.add_parser("models", help="list the model registry (moesaic models NAME describes one)",

@@ -5,7 +5,8 @@ import os
 import pytest
 
 from moesaic.__main__ import main
-from moesaic.train.compare import CompareError, config_differences, load_run, plot, report
+from moesaic.train.compare import (MAX_DEPTH, CompareError, Default, config_differences,
+                                   load_run, model_default, plot, report)
 
 
 def write_run(path, accs, config=None, summary=True, shares=(0.5, 0.5)):
@@ -47,9 +48,9 @@ def test_table_differences_and_plot(tmp_path):
     assert "1,000 (400)" in lines[2] and "1.000" in lines[2]
     assert "2 of 3 (running or stopped)" in lines[3] and "70.00% (2)" in lines[3]
     assert "200" in lines[3]
-    assert "skipped (no finished epoch yet): " in out and out.count("20261201-030000") == 1
+    assert "030000 (no finished epoch yet)" in out and out.count("20261201-030000") == 1
     assert "1.500" in lines[3]  # busiest expert 0.75 of a mean 0.5
-    assert "lr" in out and "0.001 | 0.002" in out and "model_args.top_k  - | 2" in out
+    assert "lr" in out and "0.001 | 0.002" in out and "model_args.top_k  1 (default) | 2" in out
     assert report([str(tmp_path / "runs")])[0].count("20261201-0") == 3  # the runs root too
     assert os.path.getsize(tmp_path / "c.png") > 1000
     assert config_differences([load_run(a), load_run(a)]) == {}
@@ -114,3 +115,50 @@ def test_bad_run_dirs_are_clear_errors(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "cannot write the plot" in err and "xyz" in err
     assert not [n for n in os.listdir(tmp_path) if n.startswith("c.xyz")]
+
+
+def test_a_model_args_entry_a_run_did_not_set_shows_the_models_value(tmp_path):
+    dense = write_run(tmp_path / "dense", [0.5], config={"model_args": {"num_experts": 0}})
+    moe = write_run(tmp_path / "moe", [0.6])  # vit_moe_tiny as registered: 4 experts, top-1
+    shared = write_run(tmp_path / "shared", [0.6], config={"model_args": {"num_shared_experts": 1,
+                                                                        "top_k": 1}})
+    lines = report([dense, moe, shared])[0].splitlines()
+    assert "  model_args.num_experts         0 | 4 (default) | 4 (default)" in lines
+    assert "  model_args.num_shared_experts  (default) | 0 (default) | 1" in lines  # dense: no MoE
+    assert not [x for x in lines if "top_k" in x]  # set to what the other runs used anyway
+    assert model_default("vit_moe_lite6_prmoe", {}, "num_experts") == Default([4, 4, 8], True)
+    assert model_default("widenet_cifar", {}, "normalize_weights") == Default(False, True)
+    assert model_default("vit_moe_tiny", {"kernels": "no such"}, "top_k") == Default(1, True)
+    mine = write_run(tmp_path / "mine", [0.5], config={"model": "not_registered_here"})
+    other = write_run(tmp_path / "other", [0.5], config={"model": "not_registered_here",
+                                                        "model_args": {"depth": 2}})
+    assert "model_args.depth  (default) | 2" in report([mine, other])[0]
+    assert config_differences([load_run(mine), load_run(mine)]) == {}
+
+
+def test_a_folder_stands_for_its_runs_at_any_depth_and_says_what_it_skips(tmp_path):
+    near = write_run(tmp_path / "runs" / "int1", [0.5])
+    deep = write_run(tmp_path / "runs" / "digits_vit_moe" / "20261202-151039", [0.6])
+    os.makedirs(tmp_path / "runs" / "int1" / "checkpoints" / "epoch_0001")
+    write_run(tmp_path / "runs" / "int1" / "inner", [0.7])  # inside a run dir: not a run of its own
+    write_run(tmp_path / ".hidden" / "r", [0.7])  # .git, .venv, ...: not searched
+    os.makedirs(tmp_path / "notes" / "empty")
+    os.symlink(tmp_path / "runs", tmp_path / "runs_link")  # the same runs twice: counted once
+    out = report([str(tmp_path)])[0]
+    assert near in out and deep in out and "inner" not in out and "hidden" not in out
+    assert "runs_link" not in out and "skipped" not in out
+    assert out.index("digits_vit_moe") < out.index("int1")  # name order
+    far = tmp_path.joinpath(*"abcdef")
+    farther = write_run(far / "run", [0.8])  # MAX_DEPTH + 1 folders down: noted, not compared
+    write_run(far / "g" / "run", [0.9])  # further down still: not looked at
+    os.makedirs(tmp_path / "runs" / "started" / "checkpoints")
+    out = report([str(tmp_path)])[0]
+    assert MAX_DEPTH == 6 and "80.00%" not in out and "90.00%" not in out
+    skipped = [x for x in out.splitlines() if x.startswith("skipped")]
+    assert skipped == [f"skipped: {tmp_path / 'runs' / 'started'} (no finished epoch yet); "
+                       f"{farther} (more than 6 folders below the path given: name a folder "
+                       "nearer them)"]
+    assert "80.00%" in report([str(tmp_path / "a")])[0]  # a nearer folder finds it
+    write_run(tmp_path.joinpath("only", *"abcdef", "run"), [0.5])
+    with pytest.raises(CompareError, match=r"has finished an epoch yet; skipped: .* \(more than 6"):
+        report([str(tmp_path / "only")])

@@ -5,14 +5,17 @@ a run still going, or stopped early, shows its completed epochs of the planned o
 one row per run (accuracy, throughput and the processes and device it came from, parameters,
 the last epoch's expert load) and the
 config keys whose values differ between the runs (keys a run's version did not have count as
-their defaults); :func:`plot` draws their eval accuracy and train loss curves on one figure.
-Nothing is recomputed and no model is built.
+their defaults; a ``model_args`` entry a run did not set shows the registered model's value,
+looked up on the meta device, with "(default)"); :func:`plot` draws their eval accuracy and
+train loss curves on one figure. Nothing is recomputed and no weights are made.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
-from typing import Optional
+import warnings
+from typing import Any, NamedTuple, Optional
 
 from .report import save_fig, throughput
 
@@ -98,22 +101,95 @@ def row(run: dict) -> dict:
 
 # keys that leave the results as they are
 IGNORED = ("name", "progress", "plots", "runs_root", "timeout_s", "eval_at_start")
-MISSING = "-"  # a model_args entry a run did not set (the model's default)
+
+
+class Default(NamedTuple):
+    """A ``model_args`` entry a run did not set, so the model's default applied: ``value`` when
+    the registered model gives it (``known``)."""
+
+    value: Any = None
+    known: bool = False
+
+
+NOT_SET = "(not set)"  # a config key this version does not know that another run has
+_ABSENT = object()
+
+
+@functools.lru_cache(maxsize=None)
+def _built(model: str, args_json: str):
+    """The registered ``model`` built with these ``model_args`` on the meta device (no weights,
+    no data), or None when it is not registered here or does not build that way."""
+    import torch
+
+    from .. import models
+
+    if model not in models.list_models():
+        return None
+    try:
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            return models.create(model, **json.loads(args_json))
+    except Exception:  # any builder's failure only leaves the value unknown
+        return None
+
+
+def model_default(model: str, args: dict, key: str) -> Default:
+    """What ``model`` built with ``args`` (or, when that does not build here, its preset alone)
+    uses for the ``model_args`` entry ``key``: its config's value, else its first MoE layer's,
+    else the MoE keywords it passes on."""
+    from ..layer import moe_layers
+
+    built = _built(model, json.dumps(args, sort_keys=True))
+    built = _built(model, "{}") if built is None else built
+    if built is None:
+        return Default()
+    cfg = getattr(built, "config", None)
+    layer = next(iter(moe_layers(built)), None)
+    for source in (cfg, layer.config if layer is not None else None):
+        value = getattr(source, key, _ABSENT)
+        if key != "moe_kwargs" and value is not _ABSENT and not callable(value):
+            return Default(value, True)
+    extra = getattr(cfg, "moe_kwargs", None) or {}
+    return Default(extra[key], True) if key in extra else Default()
+
+
+def _same(v) -> str:
+    """What two runs' values are compared by: a known default as its value."""
+    if isinstance(v, Default):
+        return json.dumps(v.value, sort_keys=True, default=str) if v.known else "\0default"
+    return "\0unset" if v is NOT_SET else json.dumps(v, sort_keys=True, default=str)
+
+
+def _cell(v) -> str:
+    """A value as the differences print it: JSON, ``4 (default)``, ``(default)``, ``(not set)``."""
+    if isinstance(v, Default):
+        return (json.dumps(v.value, default=str) + " (default)") if v.known else "(default)"
+    return NOT_SET if v is NOT_SET else json.dumps(v, default=str)
 
 
 def config_differences(runs: list[dict]) -> dict[str, list]:
-    """{key: [value in each run]} for the config keys (model_args one by one) that differ."""
-    flat = []
+    """{key: [value in each run]} for the config keys (model_args one by one) that differ; an
+    entry a run did not set is a :class:`Default`, looked up only where the others differ."""
+    flat, own_args = [], []
     for run in runs:
         c = dict(run["config"])
         args = c.pop("model_args", {}) or {}
+        own_args.append(args)
         c.update({f"model_args.{k}": v for k, v in args.items()})
         for k in IGNORED:
             c.pop(k, None)
         flat.append(c)
-    keys = sorted(set().union(*flat))
-    return {k: [f.get(k, MISSING) for f in flat] for k in keys
-            if len({json.dumps(f.get(k, MISSING), sort_keys=True) for f in flat}) > 1}
+    out = {}
+    for k in sorted(set().union(*flat)):
+        vals = [f.get(k, NOT_SET) for f in flat]
+        if len({_same(v) for v in vals}) == 1:
+            continue
+        if k.startswith("model_args."):
+            vals = [model_default(r["config"].get("model", "?"), a, k.split(".", 1)[1])
+                    if v is NOT_SET else v for v, r, a in zip(vals, runs, own_args)]
+        if len({_same(v) for v in vals}) > 1:
+            out[k] = vals
+    return out
 
 
 def _pct(x: Optional[float]) -> str:
@@ -198,54 +274,86 @@ def _is_run(path: str) -> bool:
             or os.path.exists(os.path.join(path, "metrics.jsonl")))
 
 
-def _runs_under(folder: str, depth: int = 2) -> list[str]:
-    """The run dirs in ``folder`` (runs/NAME) or one level further down (runs), sorted."""
-    found = []
-    for d in sorted(os.listdir(folder)):
-        sub = os.path.join(folder, d)
-        if not os.path.isdir(sub):
+MAX_DEPTH = 6  # folder levels below a path given that are searched for run dirs
+
+
+def _subdirs(folder: str) -> list[str]:
+    """``folder``'s subfolders in name order, hidden ones (.git, .venv) left out."""
+    try:
+        with os.scandir(folder) as entries:
+            names = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+    except OSError:
+        return []
+    return [os.path.join(folder, n) for n in names]
+
+
+def _runs_under(folder: str, levels: int = MAX_DEPTH,
+                seen: Optional[set] = None) -> tuple[list[str], list[str]]:
+    """(run dirs, run dirs too deep): the run dirs up to ``levels`` folders below ``folder``, in
+    name order and never inside a run dir (its checkpoints/); those one level further down are
+    only noted. A folder reached twice (through a link) counts once."""
+    seen = {os.path.realpath(folder)} if seen is None else seen
+    found, deeper = [], []
+    for sub in _subdirs(folder):
+        real = os.path.realpath(sub)
+        if real in seen:
             continue
+        seen.add(real)
         if _is_run(sub):
-            found.append(sub)
-        elif depth > 1:
-            found += _runs_under(sub, depth - 1)
-    return found
+            (found if levels > 0 else deeper).append(sub)
+        elif levels > 0:
+            more, too_deep = _runs_under(sub, levels - 1, seen)
+            found += more
+            deeper += too_deep
+    return found, deeper
 
 
-def expand(paths: list[str]) -> tuple[list[str], list[str]]:
-    """(run dirs, skipped): run dirs as given; a folder that is not a run but holds runs
-    (runs/NAME, or runs) stands for those that have finished an epoch, in name order (oldest
-    first within a NAME); the others (just started) are skipped."""
-    out, skipped = [], []
+NO_EPOCH = "no finished epoch yet"
+TOO_DEEP = f"more than {MAX_DEPTH} folders below the path given: name a folder nearer them"
+
+
+def expand(paths: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """(run dirs, {why: run dirs skipped}): run dirs as given; a folder that is not a run but
+    holds runs (runs/NAME, runs, or a project folder above runs) stands for those that have
+    finished an epoch, in name order (oldest first within a NAME); the others (just started, or
+    more than :data:`MAX_DEPTH` folders down) are skipped."""
+    out: list[str] = []
+    skipped: dict[str, list[str]] = {NO_EPOCH: [], TOO_DEEP: []}
     for p in paths:
         if os.path.isdir(p) and not _is_run(p):
-            inner = _runs_under(p)
-            if inner:
+            inner, deeper = _runs_under(p)
+            skipped[TOO_DEEP] += deeper
+            if inner or deeper:
                 out += [d for d in inner if _has_epoch(d)]
-                skipped += [d for d in inner if not _has_epoch(d)]
+                skipped[NO_EPOCH] += [d for d in inner if not _has_epoch(d)]
                 continue
         out.append(p)
-    return out, skipped
+    return out, {why: dirs for why, dirs in skipped.items() if dirs}
+
+
+def _skipped_line(skipped: dict[str, list[str]]) -> str:
+    """One line naming the run dirs skipped and why ("" when none)."""
+    return ("skipped: " + "; ".join(f"{', '.join(dirs)} ({why})" for why, dirs in skipped.items())
+            if skipped else "")
 
 
 def report(run_dirs: list[str]) -> tuple[str, list[dict]]:
     """The printed report (table, then differing config keys) and the runs read."""
     dirs, skipped = expand(run_dirs)
     if not dirs:
-        raise CompareError(f"no run in {', '.join(run_dirs)} has finished an epoch yet")
+        raise CompareError(f"no run in {', '.join(run_dirs)} has finished an epoch yet"
+                           + (f"; {_skipped_line(skipped)}" if skipped else ""))
     runs = [load_run(d) for d in dirs]
     text = [table([row(r) for r in runs])]
     if skipped:
-        text.append("skipped (no finished epoch yet): " + ", ".join(skipped))
+        text.append(_skipped_line(skipped))
     diff = config_differences(runs)
     if len(runs) > 1:
         text.append("")
         if diff:
             text.append("config keys that differ (#1, #2, ...):")
             w = max(len(k) for k in diff)
-            text += [f"  {k:<{w}}  " + " | ".join(MISSING if v == MISSING else json.dumps(v)
-                                                 for v in vals)
-                     for k, vals in diff.items()]
+            text += [f"  {k:<{w}}  " + " | ".join(map(_cell, vals)) for k, vals in diff.items()]
         else:
             text.append(f"the configs are the same (apart from {', '.join(IGNORED)})")
     return "\n".join(text), runs
