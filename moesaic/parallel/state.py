@@ -65,8 +65,8 @@ def load_full_state_dict(model: nn.Module, state: dict, strict: bool = True):
         if m is not None:
             E = m.config.num_experts
             if t.shape[0] != E:
-                raise ValueError(f"{key}: expected {E} experts in the full state dict, got "
-                                 f"shape {tuple(t.shape)}")
+                raise ValueError(f"{key}: the state dict holds {t.shape[0]} experts (shape "
+                                 f"{tuple(t.shape)}), the model {E}")
             t = t[m.experts.global_ids[0]:m.experts.global_ids[-1] + 1]
         local[key] = t
     return model.load_state_dict(local, strict=strict)

@@ -33,9 +33,22 @@ def _plain(v):
 
 
 def model_changes(was: dict, now: dict) -> list[str]:
-    """``model`` / ``model_args`` entries that differ between two configs' dicts."""
-    return [f"{k}: {was[k]!r} -> {now[k]!r}" for k in ("model", "model_args")
-            if k in was and _plain(was[k]) != _plain(now[k])]
+    """``model`` and each ``model_args`` entry that differ between two configs' dicts
+    (``model_args.num_experts: unset -> 8``)."""
+    out = []
+    if "model" in was and was["model"] != now.get("model"):
+        out.append(f"model: {was['model']!r} -> {now.get('model')!r}")
+    if "model_args" in was:
+        old, new = was.get("model_args") or {}, now.get("model_args") or {}
+        for k in sorted(set(old) | set(new)):
+            a, b = old.get(k, _UNSET), new.get(k, _UNSET)
+            if a is _UNSET or b is _UNSET or _plain(a) != _plain(b):
+                out.append(f"model_args.{k}: {'unset' if a is _UNSET else repr(a)} -> "
+                           f"{'unset' if b is _UNSET else repr(b)}")
+    return out
+
+
+_UNSET = object()
 
 
 QUIET_KEYS = ("name", "progress", "plots", "runs_root", "timeout_s", "model", "model_args")

@@ -180,7 +180,16 @@ class Trainer:
                       file=sys.stderr)
 
     def _load(self, ckpt: str) -> None:
-        state = checkpoint.load(ckpt, self.model, self.opt, self.rank, self.world)
+        try:
+            state = checkpoint.load(ckpt, self.model, self.opt, self.rank, self.world)
+        except checkpoint.CheckpointError as e:  # name what this run changed, if anything
+            changed = ("does not fit this model" in str(e) and model_changes(
+                checkpoint.read_state(ckpt).get("config", {}), self.cfg.to_dict()))
+            if not changed:
+                raise
+            raise checkpoint.CheckpointError(
+                f"{e}\nthis run's model differs from the checkpoint's: {'; '.join(changed)} "
+                "(resume without those overrides)") from e
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.sched.load_state_dict(state["scheduler"])
         at = self.epoch * self.spe  # checkpoints end epochs: the schedule goes by epochs
