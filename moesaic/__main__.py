@@ -236,7 +236,10 @@ def _train(args) -> int:
     previous = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
     try:
         cfg = _resolve_config(args)
-        if args.print_config:
+        if args.print_config:  # checked as training would check it before printing
+            from .train.setup import check_model
+
+            check_model(cfg)
             print(json.dumps(cfg.to_dict(), indent=2))
             return 0
         train(cfg, run_dir=args.run_dir, resume=args.resume)

@@ -230,8 +230,17 @@ def test_models_lists_registry(capsys):
 
 
 def test_print_config(capsys):
+    """--print-config prints the resolved config after the checks training makes first, the
+    model built on the meta device included (the dataset's shape known without reading it)."""
     assert main(["train", "--set", "epochs=3", "--print-config"]) == 0
     assert '"epochs": 3' in capsys.readouterr().out
+    assert main(["train", "--set", "model_args.num_experts=3", "--set", "model_args.top_k=4",
+                 "--print-config"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "top_k (4) exceeds the 3 experts" in err
+    from moesaic.train.data import SHAPES, load_digits
+    train_set, _ = load_digits()
+    assert SHAPES["digits"] == (tuple(train_set.shape), train_set.num_classes)
 
 
 def test_aux_loss_weight_is_the_balance_weight_and_z_loss_is_not_rescaled():

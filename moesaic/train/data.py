@@ -185,6 +185,10 @@ def load_digits() -> tuple[ImageSet, ImageSet]:
     return mk(tr), mk(te)
 
 
+# (image shape [C, H, W], classes) of each dataset, known without reading it
+SHAPES = {"digits": ((1, 8, 8), 10), "cifar10": ((3, 32, 32), 10), "cifar100": ((3, 32, 32), 100)}
+
+
 def load_dataset(name: str, data_dir: Optional[str] = None, mean: Optional[tuple] = None,
                  std: Optional[tuple] = None) -> tuple[ImageSet, ImageSet]:
     """(train, test); ``mean`` / ``std`` replace the dataset's per-channel normalisation."""

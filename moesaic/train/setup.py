@@ -196,6 +196,16 @@ def check_kernels(model: torch.nn.Module, device: torch.device) -> None:
                 raise ConfigError(f"{name or 'model'}: {e}") from e
 
 
+def check_model(cfg: TrainConfig) -> None:
+    """Build the config's model on the meta device (no weights, no data), so a bad
+    ``model_args`` fails as it would at the start of training."""
+    from .data import SHAPES
+
+    img_shape, num_classes = SHAPES[cfg.dataset]
+    with torch.device("meta"):
+        build_model(cfg, img_shape, num_classes)
+
+
 def build_model(cfg: TrainConfig, img_shape: tuple, num_classes: int) -> torch.nn.Module:
     """The registry model with the dataset's image shape. ``aux_loss_weight`` is the MoE layers'
     ``aux_loss_coef`` (the balance loss's weight); ``model_args.z_loss_coef`` weighs the z loss
