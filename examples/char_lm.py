@@ -107,6 +107,37 @@ class CharLM(nn.Module):
         return self.head(self.norm(x_BSD)), aux, stats
 
 
+def _overrides(a: argparse.Namespace) -> dict:
+    """The MoE options the command line sets over the routing recipe's."""
+    overrides = {} if a.drop_policy is None else {"drop_policy": a.drop_policy}
+    if a.capacity_factor is not None:
+        overrides["capacity_factor"] = a.capacity_factor
+    return overrides
+
+
+def _check(p: argparse.ArgumentParser, a: argparse.Namespace, top_k_given: bool) -> None:
+    """Refuse what the model or the loop cannot take, as argparse refuses a bad choice (the
+    usage and the reason on stderr, exit status 2), before anything is built."""
+    for name in ("steps", "batch", "seq_len", "d_model", "depth", "heads", "experts",
+                 "val_batches", "threads"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
+    if a.d_model % a.heads:
+        p.error(f"--d-model ({a.d_model}) is not divisible by --heads ({a.heads})")
+    if not 1 <= a.top_k <= a.experts:
+        given = "" if top_k_given else f", the {a.routing} routing's default"
+        p.error(f"--top-k ({a.top_k}{given}) is not in [1, --experts ({a.experts})]")
+    if a.capacity_factor is not None and not (0 < a.capacity_factor < math.inf):
+        p.error(f"--capacity-factor must be a finite number > 0, got {a.capacity_factor}")
+    if not 0 <= a.lr < math.inf:
+        p.error(f"--lr must be a finite number >= 0, got {a.lr}")
+    try:
+        moesaic.MoEConfig(a.d_model, 4 * a.d_model, a.experts, a.top_k,
+                          **{**ROUTING[a.routing](a.experts), **_overrides(a)})
+    except ValueError as e:
+        p.error(f"--routing {a.routing} with --experts {a.experts} and --top-k {a.top_k}: {e}")
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=300, help="optimizer steps")
@@ -135,21 +166,23 @@ def main(argv=None) -> dict:
                    help="torch threads (1: tiny matrices gain little from more, and a shared "
                         "machine's cores stall them)")
     a = p.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    if a.top_k is None:
+    top_k_given = a.top_k is not None
+    if not top_k_given:
         a.top_k = TOP_K[a.routing]
+    _check(p, a, top_k_given)
+    torch.set_num_threads(a.threads)
 
     text = corpus()
     chars = sorted(set(text))
     data_N = torch.tensor([chars.index(c) for c in text], dtype=torch.long)
     split = int(0.9 * len(data_N))
     train_N, val_N = data_N[:split], data_N[split:]
+    if a.seq_len > len(val_N) - 2:
+        p.error(f"--seq-len ({a.seq_len}) is longer than the validation text allows "
+                f"({len(val_N) - 2} at most)")
     moesaic.moe_set_seed(a.seed)
-    overrides = {} if a.drop_policy is None else {"drop_policy": a.drop_policy}
-    if a.capacity_factor is not None:
-        overrides["capacity_factor"] = a.capacity_factor
     model = CharLM(len(chars), a.seq_len, a.d_model, a.depth, a.heads, a.experts, a.top_k,
-                   a.routing, **overrides)
+                   a.routing, **_overrides(a))
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01)
     g = torch.Generator().manual_seed(a.seed)
 

@@ -171,8 +171,13 @@ def moeify_(model: nn.Module, num_experts: int, *,
         if n and not outer and id(m) not in inside_moe and where(n, m):
             chosen.append((n, m))
     if not chosen:
-        raise ValueError(f"moeify_: no module of {type(model).__name__} was selected (the "
-                         "default selects modules with fc1 and fc2 nn.Linear layers; pass where=)")
+        held = sum(isinstance(m, MoE) for m in model.modules())
+        already = (f"it already holds {held} moesaic.MoE layer{'s' if held != 1 else ''}, "
+                   "and moeify_ replaces dense MLPs only, never the MLPs inside MoE layers; "
+                   if held else "")
+        raise ValueError(f"moeify_: no module of {type(model).__name__} was selected ({already}"
+                         "the default selects modules with fc1 and fc2 nn.Linear layers; pass "
+                         "where=)")
     acts = {}
     for name, m in chosen:
         if not _is_mlp(name, m):

@@ -4,6 +4,8 @@ import math
 import os
 import re
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -21,6 +23,30 @@ def test_char_lm_trains_a_few_steps():
     ds = _load("char_lm").main(["--steps", "3", "--batch", "4", "--seq-len", "16", "--experts",
                                 "8", "--routing", "deepseek"])
     assert math.isfinite(ds["val_loss"]) and len(ds["expert_load"][0]) == 8
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--heads", "5"], r"--d-model \(64\) is not divisible by --heads \(5\)"),
+    (["--steps", "0"], r"--steps must be at least 1, got 0"),
+    (["--seq-len", "-3"], r"--seq-len must be at least 1, got -3"),
+    (["--depth", "0"], r"--depth must be at least 1, got 0"),
+    (["--val-batches", "0"], r"--val-batches must be at least 1, got 0"),
+    (["--top-k", "5"], r"--top-k \(5\) is not in \[1, --experts \(4\)\]"),
+    (["--routing", "deepseek", "--experts", "1"],
+     r"--top-k \(2, the deepseek routing's default\) is not in \[1, --experts \(1\)\]"),
+    (["--routing", "deepseek", "--experts", "5"],
+     r"--routing deepseek with --experts 5 and --top-k 2: num_experts \(5\) is not divisible"),
+    (["--capacity-factor", "0"], r"--capacity-factor must be a finite number > 0"),
+    (["--lr", "-1"], r"--lr must be a finite number >= 0, got -1.0"),
+    (["--threads", "0"], r"--threads must be at least 1, got 0"),
+    (["--seq-len", "100000"], r"--seq-len \(100000\) is longer than the validation text"),
+])
+def test_char_lm_refuses_bad_arguments_before_training(args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        _load("char_lm").main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: ") and re.search(r"error: " + message, err)
 
 
 def test_char_lm_recipes_are_causal():

@@ -209,6 +209,23 @@ def test_bad_selections_are_refused_before_anything_changes():
         moesaic.moeify_(model, 4)  # the MoE layers' own MLPs are never selected
 
 
+def test_moeifying_again_says_the_model_already_holds_moe_layers():
+    model = net([Mlp(D, 32), Mlp(D, 32)])
+    moesaic.moeify_(model, 4)
+    with pytest.raises(ValueError, match=r"no module of Sequential was selected \(it already "
+                                         r"holds 2 moesaic.MoE layers, and moeify_ replaces "
+                                         r"dense MLPs only.*; pass where=\)"):
+        moesaic.moeify_(model, 4)
+    shared = Mlp(D, 32)
+    one = net([shared, shared])  # one module under two names: one MoE layer
+    moesaic.moeify_(one, 4)
+    with pytest.raises(ValueError, match=r"already holds 1 moesaic.MoE layer, and"):
+        moesaic.moeify_(one, 4)
+    with pytest.raises(ValueError, match=r"was selected \(the default selects") as e:
+        moesaic.moeify_(net([Mlp(D, 32)]), 4, where=lambda n, m: False)
+    assert "already" not in str(e.value)
+
+
 MODEL_FILE = '''
 import torch
 import torch.nn as nn
