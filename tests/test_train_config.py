@@ -376,3 +376,16 @@ def test_unknown_arguments_get_the_commands_usage_and_a_hint(capsys):
         main(["train", "--confg", "a.py"])
     err = capsys.readouterr().err
     assert "--confg (did you mean --config" in err and "a.py (train takes" not in err
+
+
+def test_set_nan_and_other_tools_names():
+    """--set lr=nan is a number that must be finite (not a string of the wrong type); grad_accum
+    (other tools' name) points at accum_steps first."""
+    with pytest.raises(ConfigError, match=r"^lr must be finite, got nan$"):
+        apply_overrides(TrainConfig(), ["lr=nan"])
+    with pytest.raises(ConfigError, match=r"^warmup_epochs must be finite, got -inf$"):
+        apply_overrides(TrainConfig(), ["warmup_epochs=-inf"])
+    assert apply_overrides(TrainConfig(), ["name=inf"]).name == "inf"
+    with pytest.raises(ConfigError, match=r"'grad_accum' \(from --set\); did you mean: "
+                       r"accum_steps"):
+        apply_overrides(TrainConfig(), ["grad_accum=2"])

@@ -263,8 +263,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
 ALIASES = {"learning_rate": "lr", "lerning_rate": "lr", "learningrate": "lr", "wd": "weight_decay",
            "num_epochs": "epochs", "n_epochs": "epochs", "warmup": "warmup_epochs",
            "bs": "batch_size", "batchsize": "batch_size", "grad_clip": "clip_grad",
-           "gradient_checkpointing": "grad_checkpointing", "activation_checkpointing":
-           "grad_checkpointing", "ep_size": "max_ep_size"}  # names other tools use
+           "gradient_checkpointing": "grad_checkpointing",
+           "activation_checkpointing": "grad_checkpointing", "grad_accum": "accum_steps",
+           "grad_accum_steps": "accum_steps", "gradient_accumulation": "accum_steps",
+           "ep_size": "max_ep_size"}  # names other tools use
 
 
 def _unknown(key: str, where: str) -> ConfigError:
@@ -421,6 +423,8 @@ def parse_value(text: str) -> Any:
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
+        if text.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
+            return float(text)  # a number, so the check says it must be finite
         return text
 
 
