@@ -238,7 +238,7 @@ def test_damage_that_reads_as_numbers_is_caught_and_a_lost_latest_json_lists_the
     try:
         checkpoint.find(str(tmp_path / "run"))
     except checkpoint.CheckpointError as e:
-        assert "has no latest.json, but other checkpoints to --resume from" in str(e)
+        assert "has no latest.json, but other checkpoints to use (--resume, or moesaic eval)" in str(e)
         assert "epoch_0002" in str(e)
     else:
         raise AssertionError("found a checkpoint without latest.json")

@@ -46,8 +46,9 @@ def ep_size_for(num_experts: int, max_ep_size: int) -> int:
     if max_ep_size % num_experts == 0:
         return num_experts
     raise ValueError(f"num_experts ({num_experts}) and max_ep_size ({max_ep_size}; the world "
-                     "size unless init_distributed was given one): one must divide the other to "
-                     "lay the experts out over the ranks; pick num_experts accordingly, or "
+                     "size unless set: the training config's max_ep_size, or "
+                     "init_distributed(max_ep_size=...)): one must divide the other to lay the "
+                     "experts out over the ranks; pick num_experts accordingly, or "
                      "max_ep_size=1 to keep every expert on every rank")
 
 

@@ -347,7 +347,7 @@ def _others(ckpt_root: str, but: Optional[str] = None) -> str:
     names = _resumable(ckpt_root, but)
     if not names:
         return "no other checkpoint is in that folder"
-    return "other checkpoints to --resume from: " + ", ".join(
+    return "other checkpoints to use (--resume, or moesaic eval): " + ", ".join(
         os.path.join(ckpt_root, n) for n in names)
 
 

@@ -380,7 +380,7 @@ class Trainer:
             report.write_metrics(os.path.join(self.run_dir, "metrics.jsonl"), self.history)
             self.log(models.describe(self.model))
             self.log(f"run dir {self.run_dir}; {self.world} process(es), device {self.device}, "
-                     f"precision {self.amp_dtype or torch.float32}, ep_size {self.ep_sizes or '-'}, "
+                     f"precision {self._precision_words()}, ep_size {self.ep_sizes or '-'}, "
                      f"{self.spe} steps/epoch of {cfg.batch_size} images")
         try:
             if cfg.eval_at_start and self.step == 0:
@@ -393,6 +393,11 @@ class Trainer:
                      if self.last_ckpt else "no checkpoint had been written yet")
             raise TrainingInterrupted(f"interrupted at step {self.step} (epoch {self.epoch + 1}); "
                                       f"{where}") from None
+
+    def _precision_words(self) -> str:
+        """The precision in the config's spelling (``bf16``), ``(auto)`` when it chose it."""
+        name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.amp_dtype, "fp32")
+        return name + (" (auto)" if self.cfg.precision == "auto" else "")
 
     def _eval_at_start(self) -> None:
         """The test set before any step: where a fine-tuned or upcycled model starts. Eval
@@ -448,6 +453,12 @@ class Trainer:
             summary = self._summary()
             if self.is_main:  # the line first: an interrupt while plotting still shows it
                 self._write_epoch(summary, rec)
+            if rec["dropped_fraction"] is not None and rec["dropped_fraction"] > 0.5 \
+                    and not any((r.get("dropped_fraction") or 0) > 0.5 for r in self.history[:-1]):
+                self.log(f"note: the MoE layers dropped {100 * rec['dropped_fraction']:.0f}% of "
+                         "their token assignments this epoch (tokens past an expert's capacity "
+                         "skip it); raise model_args.capacity_factor, or set "
+                         "model_args.drop_tokens=False")
             if partial:
                 self.log(self._partial_note(steps))
             elif stopped and self.epoch < cfg.epochs:
