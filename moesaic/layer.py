@@ -173,7 +173,8 @@ class MoE(nn.Module):
                 f"top_k={c.top_k}, router={c.router}, drop_tokens={c.drop_tokens}{extra}, "
                 f"ep_size={self.layout.ep_size}")
 
-    def _route(self, logits_TE: Tensor, ops, num_seqs: int = 1, seq_len: Optional[int] = None):
+    def _route(self, logits_TE: Tensor, ops, num_seqs: int = 1, seq_len: Optional[int] = None,
+               position_T: Optional[Tensor] = None):
         c = self.config
         T, E = logits_TE.shape
         cf = c.capacity_factor if self.training else c.eval_capacity_factor
@@ -195,10 +196,11 @@ class MoE(nn.Module):
             bias_E = self.router.expert_bias if c.bias_update_rate > 0 else None
             plan, probs_TE, counts_E = ops.token_choice(
                 logits_TE, c.top_k, capacity, c.drop_policy, c.normalize_weights, bias_E,
-                c.score_func, c.group_limit(), seq_len)
+                c.score_func, c.group_limit(), seq_len, position_T)
             counts_WKE = None
             if across:  # drops as one process would on every rank's tokens
-                plan, counts_WKE = self._cap_globally(plan, logits_TE, probs_TE, cf, seq_len)
+                plan, counts_WKE = self._cap_globally(plan, logits_TE, probs_TE, cf, seq_len,
+                                                      position_T)
             if bias_E is not None and self.training and not in_backward():
                 self.load_counts += counts_E.detach()
             dist_TE = routing.score_distribution(probs_TE, c.score_func)
@@ -221,7 +223,8 @@ class MoE(nn.Module):
         return plan, aux_loss, stats
 
     def _cap_globally(self, plan: routing.RoutingPlan, logits_TE: Tensor, probs_TE: Tensor,
-                      cf: float, seq_len: Optional[int]) -> tuple[routing.RoutingPlan, Tensor]:
+                      cf: float, seq_len: Optional[int], position_T: Optional[Tensor] = None
+                      ) -> tuple[routing.RoutingPlan, Tensor]:
         """A dropless plan capped as one process would cap every rank's tokens, and the
         gathered [W, K, E] counts (``capacity_scope="global"``)."""
         c, count_sum = self.config, self.count_sum
@@ -240,7 +243,8 @@ class MoE(nn.Module):
             if flat:  # every rank raises here, none waits in the next gather
                 raise ValueError(
                     "drop_policy='causal' with capacity_scope='global' ranks every rank's "
-                    "sequences by position: it needs a batch-first [..., S, D] input on every "
+                    "sequences by position: it needs a batch-first [..., S, D] input (or "
+                    "positions=) on every "
                     f"rank, got a [T, D] input on rank(s) {flat} (this rank: "
                     f"{'[T, D] of %d tokens' % plan.num_tokens if seq_len is None else 'S=%d' % seq_len})")
         else:
@@ -248,7 +252,8 @@ class MoE(nn.Module):
         counts_WKE = counts_WKE[:, :K]
         ranked, by_position = None, None
         if causal:
-            position_T = torch.arange(plan.num_tokens, device=plan.expert_TK.device) % seq_len
+            if position_T is None:
+                position_T = torch.arange(plan.num_tokens, device=plan.expert_TK.device) % seq_len
             if max(seq_lens) == 1:  # every rank one position: its counts are the choice counts
                 counts_WSKE = counts_WKE[:, None]
             else:
@@ -281,8 +286,12 @@ class MoE(nn.Module):
         plan = routing.expert_choice_globally(probs_TE, score_WME, sizes, count_sum.rank, cf)
         return plan, probs_TE
 
-    def forward(self, x: Tensor, return_stats: bool = False):
-        """``(y, aux_loss)``, or ``(y, aux_loss, stats)`` with ``return_stats=True``."""
+    def forward(self, x: Tensor, return_stats: bool = False, positions: Optional[Tensor] = None):
+        """``(y, aux_loss)``, or ``(y, aux_loss, stats)`` with ``return_stats=True``.
+        ``positions`` (integers, shape ``x.shape[:-1]``): each token's position in its
+        sequence, for ``drop_policy="causal"`` on packed or masked sequences (other policies
+        ignore it); without it a [..., S, D] input is sequences of S and a [T, D] one is one
+        sequence."""
         c = self.config
         if torch.jit.is_tracing() or torch.compiler.is_exporting():
             how = "torch.jit.trace" if torch.jit.is_tracing() else "torch.export"
@@ -300,10 +309,14 @@ class MoE(nn.Module):
         x_TD = x.reshape(-1, c.d_model)
         num_seqs = math.prod(x.shape[:-2]) if x.dim() >= 3 else 1  # [..., S, D]: S per sequence
         seq_len = x.shape[-2] if x.dim() >= 3 else None
+        position_T = None
+        if positions is not None:
+            position_T, seq_len = _positions(positions, x, c.drop_policy == "causal", seq_len)
         keys_T = None
         if self.training and keyed.active() and (c.noise_policy or c.hidden_dropout > 0):
             keys_T = keyed.row_keys(x_TD.shape[0], x.device)
-        plan, aux_loss, stats = self._route(self.router(x_TD, keys_T), ops, num_seqs, seq_len)
+        plan, aux_loss, stats = self._route(self.router(x_TD, keys_T), ops, num_seqs, seq_len,
+                                            position_T)
         if not in_backward():  # a checkpoint's recomputation leaves the forward's stats
             self.last_stats = stats
         autocast_on = torch.is_autocast_enabled(x.device.type)
@@ -334,6 +347,29 @@ class MoE(nn.Module):
 
 
 MoeModule = MoE
+
+
+def _positions(positions, x: Tensor, read: bool,
+               seq_len: Optional[int]) -> tuple[Optional[Tensor], Optional[int]]:
+    """(position_T, longest sequence) from ``forward``'s ``positions``, checked; read (one host
+    read: the largest position) only when the drop policy uses them."""
+    if not (isinstance(positions, Tensor) and not positions.is_floating_point()
+            and not positions.is_complex() and positions.dtype != torch.bool):
+        what = f"a {positions.dtype} tensor" if isinstance(positions, Tensor) else \
+            f"a {type(positions).__name__}"
+        raise TypeError(f"positions must be an integer torch.Tensor, got {what}")
+    if tuple(positions.shape) != tuple(x.shape[:-1]):
+        raise ValueError(f"positions must have the input's shape without its last dim, "
+                         f"{tuple(x.shape[:-1])}, got {tuple(positions.shape)}")
+    if not read:
+        return None, seq_len
+    position_T = positions.reshape(-1).to(device=x.device, dtype=torch.long)
+    if position_T.numel() == 0:
+        return position_T, 1
+    low, high = torch.stack([position_T.min(), position_T.max()]).tolist()
+    if low < 0:
+        raise ValueError(f"positions must be >= 0, got {low}")
+    return position_T, high + 1
 
 
 def _row_keys(plan: routing.RoutingPlan, keys_T: Optional[Tensor], device) -> Tensor:

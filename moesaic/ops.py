@@ -1,7 +1,7 @@
 """Backend selection: the PyTorch path or the fused Triton kernels, behind one interface.
 
 An ops object has ``token_choice(logits_TE, top_k, capacity, drop_policy, normalize, bias_E,
-score_func, groups, seq_len)``,
+score_func, groups, seq_len, position_T)``,
 ``permute(x_TD, plan)`` and ``combine(y_ND, plan)``, with the semantics of the PyTorch
 functions in :mod:`moesaic.routing` and :mod:`moesaic.dispatch`.
 
@@ -23,9 +23,9 @@ class TorchOps:
 
     @staticmethod
     def token_choice(logits_TE, top_k, capacity, drop_policy, normalize, bias_E=None,
-                     score_func="softmax", groups=None, seq_len=None):
+                     score_func="softmax", groups=None, seq_len=None, position_T=None):
         return routing.token_choice(logits_TE, top_k, capacity, drop_policy, normalize, bias_E,
-                                    score_func, groups, seq_len)
+                                    score_func, groups, seq_len, position_T)
 
     @staticmethod
     def permute(x_TD, plan):

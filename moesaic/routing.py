@@ -271,11 +271,17 @@ def first_choice_prob(rank_TE: Tensor, topk_idx_TK: Tensor) -> Tensor:
     return rank_TE.detach().gather(1, topk_idx_TK[:, :1].long()).squeeze(1)
 
 
-def causal_order(num_tokens: int, top_k: int, seq_len: Optional[int], device) -> Optional[Tensor]:
+def causal_order(num_tokens: int, top_k: int, seq_len: Optional[int], device,
+                 position_T: Optional[Tensor] = None) -> Optional[Tensor]:
     """Flat assignment ids (t * K + k) in causal priority (``drop_policy="causal"``): by
     position in the sequence, then choice, then sequence, for T tokens held batch-first as
-    sequences of ``seq_len``; so no assignment's rank depends on a later position of any
-    sequence. None when the tokens are one sequence (token order)."""
+    sequences of ``seq_len``, or at the positions ``position_T`` (packed or masked sequences:
+    equal positions rank by token order); so no assignment's rank depends on a later position
+    of any sequence. None when the tokens are one sequence (token order)."""
+    if position_T is not None:
+        key_A = (position_T[:, None] * top_k
+                 + torch.arange(top_k, device=position_T.device)).reshape(-1)
+        return torch.sort(key_A, stable=True).indices
     if seq_len is None or seq_len >= num_tokens:
         return None
     if seq_len <= 0 or num_tokens % seq_len:
@@ -347,24 +353,25 @@ def assignment_slots(topk_idx_TK: Tensor, priority_T: Optional[Tensor], num_expe
 
 def token_choice(logits_TE: Tensor, top_k: int, capacity: Optional[int], drop_policy: str,
                  normalize: bool, bias_E: Optional[Tensor] = None, score_func: str = "softmax",
-                 groups: Optional[tuple[int, int]] = None, seq_len: Optional[int] = None
-                 ) -> tuple[RoutingPlan, Tensor, Tensor]:
+                 groups: Optional[tuple[int, int]] = None, seq_len: Optional[int] = None,
+                 position_T: Optional[Tensor] = None) -> tuple[RoutingPlan, Tensor, Tensor]:
     """Top-k token-choice routing on ``router_scores(logits_TE, score_func)`` (selection biased
     by ``bias_E`` if given, limited to each token's best expert groups with ``groups =
     (num_groups, topk_groups)``). ``seq_len``: the tokens are sequences of that length,
-    batch-first (None: one sequence), read by ``drop_policy="causal"`` only. Returns (plan,
-    scores_TE, counts_E before dropping)."""
+    batch-first (None: one sequence); or ``position_T``, each token's position in its
+    sequence (then ``seq_len`` is the longest, max + 1); read by ``drop_policy="causal"``
+    only. Returns (plan, scores_TE, counts_E before dropping)."""
     if drop_policy == "causal" and capacity is not None:  # dropless in causal order, capped
         plan, probs_TE, counts_E = token_choice(logits_TE, top_k, None, drop_policy, normalize,
-                                                bias_E, score_func, groups, seq_len)
-        return causal_capped(plan, seq_len, capacity), probs_TE, counts_E
+                                                bias_E, score_func, groups, seq_len, position_T)
+        return causal_capped(plan, seq_len, capacity, position_T), probs_TE, counts_E
     T, E = logits_TE.shape
     probs_TE = router_scores(logits_TE, score_func)
     rank_TE = ranking_scores(probs_TE, logits_TE, score_func)
     select_TE = rank_TE if score_func == "sigmoid" and bias_E is None else None
     weight_TK, topk_idx_TK = topk_weights(probs_TE, top_k, normalize, bias_E, select_TE, groups)
     if drop_policy == "causal":  # a [T * K, 1] routing, in causal order
-        order_A = causal_order(T, top_k, seq_len, logits_TE.device)
+        order_A = causal_order(T, top_k, seq_len, logits_TE.device, position_T)
         perm_A, slot_A, counts_E = assignment_slots(topk_idx_TK.reshape(-1, 1), order_A, E)
     else:
         priority_T = None
@@ -391,11 +398,14 @@ def token_choice(logits_TE: Tensor, top_k: int, capacity: Optional[int], drop_po
     return plan, probs_TE, counts_E
 
 
-def causal_capped(plan: RoutingPlan, seq_len: Optional[int], capacity: int) -> RoutingPlan:
-    """:func:`cap_causally` on this batch alone: sequences of ``seq_len`` (None: one)."""
+def causal_capped(plan: RoutingPlan, seq_len: Optional[int], capacity: int,
+                  position_T: Optional[Tensor] = None) -> RoutingPlan:
+    """:func:`cap_causally` on this batch alone: sequences of ``seq_len`` (None: one), or the
+    tokens at ``position_T`` (all below ``seq_len``)."""
     T, E = plan.num_tokens, plan.counts_E.shape[0]
     S = seq_len or max(T, 1)
-    position_T = torch.arange(T, device=plan.expert_TK.device) % S
+    if position_T is None:
+        position_T = torch.arange(T, device=plan.expert_TK.device) % S
     counts_1SKE = position_counts(plan.expert_TK, position_T, S, E)[None]
     return cap_causally(plan, position_T, counts_1SKE, 0, capacity)
 

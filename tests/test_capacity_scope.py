@@ -132,7 +132,7 @@ class _ThreadGather(CountSum):
         return out
 
 
-def _run_ranks(layer, xs, errors=None):
+def _run_ranks(layer, xs, errors=None, positions=None):
     """Each rank's output, from a copy of ``layer`` per simulated rank; a rank's exception is
     raised, or kept in ``errors[rank]`` when a list is given."""
     board, barrier = [None] * len(xs), threading.Barrier(len(xs), timeout=60)
@@ -142,7 +142,7 @@ def _run_ranks(layer, xs, errors=None):
         try:
             local = copy.deepcopy(layer)
             local.count_sum = _ThreadGather(r, board, barrier)
-            outs[r] = local(xs[r])[0]
+            outs[r] = local(xs[r], positions=None if positions is None else positions[r])[0]
         except BaseException as e:  # noqa: BLE001 - reported below
             raised[r] = e
             if errors is None:
@@ -183,7 +183,7 @@ def test_layer_on_simulated_ranks_equals_one_process(policy, shape, sizes, top_k
     assert float(layer.last_stats.dropped_fraction) > 0
     if policy == "causal" and shape == "tokens":  # positions are per sequence
         with pytest.raises(ValueError, match=r"needs a batch-first \[\.\.\., S, D\] input "
-                           r"on every rank, got a \[T, D\] input on rank\(s\) \[0, 1"):
+                           r"\(or positions=\) on every rank, got a \[T, D\] input on rank\(s\) \[0, 1"):
             _run_ranks(layer, xs)
         return
     torch.testing.assert_close(torch.cat(_run_ranks(layer, xs)), whole, rtol=1e-6, atol=1e-6)
@@ -216,3 +216,20 @@ def test_causal_global_refuses_tokens_on_every_rank_at_once():
         assert "got a [T, D] input on rank(s) [1]" in str(e)
     assert "this rank: [T, D] of 7 tokens" in str(errors[1])
     assert "this rank: S=5" in str(errors[0])
+
+
+@pytest.mark.parametrize("sizes", [(9, 4), (6, 0, 11)])
+def test_causal_global_takes_tokens_with_positions(sizes):
+    """[T, D] tokens with their positions (packed sequences) on every rank: the ranks' outputs
+    laid end to end equal one process on all the tokens and positions."""
+    D = 8
+    moesaic.moe_set_seed(7)
+    layer = moesaic.MoE(D, 12, 4, top_k=2, capacity_factor=0.5, min_capacity=0,
+                        drop_policy="causal", capacity_scope="global")
+    gen = torch.Generator().manual_seed(sum(sizes))
+    xs = [torch.randn(t, D, generator=gen) for t in sizes]
+    ps = [torch.randint(0, 6, (t,), generator=gen) for t in sizes]
+    whole, _ = layer(torch.cat(xs), positions=torch.cat(ps))
+    assert float(layer.last_stats.dropped_fraction) > 0
+    outs = _run_ranks(layer, xs, positions=ps)
+    torch.testing.assert_close(torch.cat(outs), whole, rtol=1e-6, atol=1e-6)

@@ -51,3 +51,43 @@ def test_allowance_spends_at_most_the_capacity_and_carries_what_is_unused():
 def test_seq_len_must_divide_the_tokens():
     with pytest.raises(ValueError, match=r"seq_len \(4\) must be positive and divide the 10 "):
         routing.causal_order(10, 2, 4, "cpu")
+
+
+def _kept_at_positions(expert_TK, position_T, capacity, num_experts):
+    """The rule for tokens at any positions (packed or masked sequences): position by
+    position, choice by choice, tokens of equal position in token order."""
+    T, K = expert_TK.shape
+    S = int(position_T.max()) + 1 if T else 1
+    kept, keep_TK = [0] * num_experts, torch.zeros(T, K, dtype=torch.bool)
+    for s in range(S):
+        budget = min(capacity, -(-capacity * (s + 1) // S))
+        for k in range(K):
+            for t in (position_T == s).nonzero().flatten().tolist():
+                e = int(expert_TK[t, k])
+                if kept[e] < budget:
+                    kept[e] += 1
+                    keep_TK[t, k] = True
+    return keep_TK
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_causal_drops_at_given_positions_follow_the_rule(seed):
+    """Packed sequences of random lengths, shuffled token by token: each token ranks by its
+    own position; the plan is valid (rows point back at their tokens)."""
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(30):
+        lengths = torch.randint(1, 8, (int(torch.randint(1, 5, (), generator=gen)),),
+                                generator=gen)
+        position_T = torch.cat([torch.arange(int(n)) for n in lengths])
+        position_T = position_T[torch.randperm(len(position_T), generator=gen)]
+        T, E = len(position_T), int(torch.randint(1, 6, (), generator=gen))
+        K = int(torch.randint(1, min(E, 3) + 1, (), generator=gen))
+        C = int(torch.randint(0, T + 1, (), generator=gen))
+        logits_TE = torch.randn(T, E, generator=gen)
+        plan, _, _ = routing.token_choice(logits_TE, K, C, "causal", K > 1, None, "softmax",
+                                          None, int(position_T.max()) + 1, position_T)
+        want = _kept_at_positions(plan.expert_TK, position_T, C, E)
+        assert torch.equal(plan.dest_TK >= 0, want), (T, E, K, C)
+        t, k = want.nonzero(as_tuple=True)
+        assert torch.equal(plan.row_token_N[plan.dest_TK[t, k]], t)
+        assert bool((plan.counts_E <= C).all())

@@ -125,6 +125,15 @@ def test_causal_token_choice_over_sequences_matches_torch(tops, T, E, K, cap, se
         assert not torch.equal(plan.dest_TK, token_major.dest_TK)  # the order mattered
 
 
+@pytest.mark.parametrize("T,E,K,cap", [(40, 6, 2, 12), (40, 6, 3, None), (7, 4, 1, 2)])
+def test_causal_token_choice_at_given_positions_matches_torch(tops, T, E, K, cap):
+    """drop_policy="causal" on packed, shuffled sequences (positions given): both paths."""
+    gen = torch.Generator().manual_seed(T + E)
+    position_T = (torch.arange(T) % 9)[torch.randperm(T, generator=gen)]
+    assert_same_routing(tops, logits_for(T, E, seed=T), K, cap, "causal", None, "softmax",
+                        seq_len=int(position_T.max()) + 1, position_T=position_T)
+
+
 # (T, E, K, capacity, drop_policy, num_groups, topk_groups)
 GROUP_CASES = [
     (40, 8, 2, None, "position", 4, 2),
@@ -161,13 +170,13 @@ def test_group_ties_go_to_the_lower_group_on_both_paths(tops):
 
 
 def assert_same_routing(tops, logits_TE, K, cap, policy, bias_E, score_func, groups=None,
-                        seq_len=None):
+                        seq_len=None, position_T=None):
     """The Triton plan equals the PyTorch one, and so do the gradients of weights and scores."""
     T = logits_TE.shape[0]
     outs = {}
     for name, ops in (("torch", TorchOps), ("triton", tops)):
         plan, probs_TE, counts_E = ops.token_choice(logits_TE, K, cap, policy, K >= 2, bias_E,
-                                                    score_func, groups, seq_len)
+                                                    score_func, groups, seq_len, position_T)
         g = torch.Generator().manual_seed(1)
         loss = ((plan.row_weight_N * torch.rand(plan.row_weight_N.shape, generator=g)).sum()
                 + (plan.weight_TK * torch.rand(plan.weight_TK.shape, generator=g)).sum()

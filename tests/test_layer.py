@@ -156,6 +156,48 @@ def test_causal_drop_policy_keeps_later_positions_out_of_earlier_outputs(policy,
         assert worst < 1e-6 if causal else worst > 1e-3, (training, worst)
 
 
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_positions_rank_packed_and_masked_sequences_causally(kernels, monkeypatch):
+    """``positions``: arange positions equal the batch's own ([B, S, D]) and one sequence's
+    ([T, D]); the tokens of a padded batch picked by a mask (x[mask], positions[mask]) keep
+    every earlier output when later positions change, in training and eval."""
+    if kernels == "triton":
+        pytest.importorskip("triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    layer = make(top_k=2, capacity_factor=0.75, eval_capacity_factor=0.75, min_capacity=0,
+                 drop_policy="causal", kernels=kernels)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 10, D, generator=gen)
+    assert torch.equal(layer(x)[0], layer(x, positions=torch.arange(10).expand(3, 10))[0])
+    assert torch.equal(layer(x[0])[0], layer(x[0], positions=torch.arange(10))[0])
+    lengths = torch.tensor([10, 4, 7])
+    mask = torch.arange(10) < lengths[:, None]
+    positions = torch.arange(10).expand(3, 10)
+    for training in (True, False):
+        layer.train(training)
+        later = x.clone()
+        later[:, 5:] = torch.randn(3, 5, D, generator=gen)
+        y, y_later = (layer(v[mask], positions=positions[mask])[0] for v in (x, later))
+        early = positions[mask] < 5
+        assert float(layer.last_stats.dropped_fraction) > 0
+        torch.testing.assert_close(y[early], y_later[early], rtol=0, atol=1e-6)
+        assert not torch.allclose(y[~early], y_later[~early])
+
+
+def test_positions_are_checked():
+    layer = make(top_k=2, drop_policy="causal")
+    x = torch.randn(2, 5, D)
+    with pytest.raises(ValueError, match=r"positions must have the input's shape without its "
+                       r"last dim, \(2, 5\), got \(5,\)"):
+        layer(x, positions=torch.arange(5))
+    with pytest.raises(TypeError, match="positions must be an integer torch.Tensor, got a "
+                       "torch.float32 tensor"):
+        layer(x, positions=torch.zeros(2, 5))
+    with pytest.raises(ValueError, match=r"positions must be >= 0, got -1"):
+        layer(x, positions=torch.full((2, 5), -1))
+    make(top_k=2)(x, positions=torch.full((2, 5), -1))  # read by causal drops only
+
+
 def test_loss_values_by_hand():
     layer = make(top_k=2, aux_loss_coef=0.1, z_loss_coef=0.01, drop_tokens=False)
     x = torch.randn(10, D)

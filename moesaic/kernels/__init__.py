@@ -19,9 +19,9 @@ class TritonOps:
 
     @staticmethod
     def token_choice(logits_TE, top_k, capacity, drop_policy, normalize, bias_E=None,
-                     score_func="softmax", groups=None, seq_len=None):
+                     score_func="softmax", groups=None, seq_len=None, position_T=None):
         return _token_choice(logits_TE, top_k, capacity, drop_policy, normalize, bias_E,
-                             score_func, groups, seq_len)
+                             score_func, groups, seq_len, position_T)
 
     @staticmethod
     def permute(x_TD, plan):

@@ -200,13 +200,13 @@ class _SoftmaxTopK(torch.autograd.Function):
 
 def token_choice(logits_TE: Tensor, top_k: int, capacity: Optional[int], drop_policy: str,
                  normalize: bool, bias_E: Optional[Tensor] = None, score_func: str = "softmax",
-                 groups: Optional[tuple[int, int]] = None, seq_len: Optional[int] = None
-                 ) -> tuple[RoutingPlan, Tensor, Tensor]:
+                 groups: Optional[tuple[int, int]] = None, seq_len: Optional[int] = None,
+                 position_T: Optional[Tensor] = None) -> tuple[RoutingPlan, Tensor, Tensor]:
     """Same contract and results as :func:`moesaic.routing.token_choice`, fused in Triton."""
     if drop_policy == "causal" and capacity is not None:  # placed dropless, then capped
         plan, probs_TE, counts_E = token_choice(logits_TE, top_k, None, drop_policy, normalize,
-                                                bias_E, score_func, groups, seq_len)
-        return causal_capped(plan, seq_len, capacity), probs_TE, counts_E
+                                                bias_E, score_func, groups, seq_len, position_T)
+        return causal_capped(plan, seq_len, capacity, position_T), probs_TE, counts_E
     T, E = logits_TE.shape
     device = logits_TE.device
     by_score = capacity is not None and drop_policy == "score"
@@ -215,7 +215,7 @@ def token_choice(logits_TE: Tensor, top_k: int, capacity: Optional[int], drop_po
                                                 bias_E, score_func == "sigmoid", groups)
     P, KP, idx_PK = (T * top_k, 1, idx_TK.view(-1, 1)) if flat else (T, top_k, idx_TK)
     BT, BE, B, warps = _blocks(P, E)
-    order_P = causal_order(T, top_k, seq_len, device) if flat else None
+    order_P = causal_order(T, top_k, seq_len, device, position_T) if flat else None
     if by_score:
         rank_TE = ranking_scores(probs_TE, logits_TE, score_func)
         order_P = torch.argsort(first_choice_prob(rank_TE, idx_TK), descending=True,
