@@ -193,3 +193,21 @@ def test_deduplicated_dispatch_trains_like_replicated_experts(setup):
             **RANDOM_LAYERS}
     _same_training_at_both_layouts(setup[0], "dedup", args, lambda ep: dict(
         DEDUP_TOKENS=True, ACCUM_STEPS=ep, AUX_LOSS_WEIGHT=0.0, **RANDOM_AUGMENT))
+
+
+def test_sigterm_to_one_rank_stops_both_at_the_same_step(setup, tmp_path):
+    """SIGTERM reaching rank 1 only, at the end of step 3: both ranks stop together at the next
+    step's all-reduce, each with the resume hint and exit code 130; no rank is left in a
+    collective (no CommError), and the checkpoint of epoch 1 is the latest."""
+    root, cfg, _, _ = setup
+    run = str(tmp_path / "signalled")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", FAULT_STEP_ENV: "3", FAULT_RANK_ENV: "1",
+           "MOESAIC_FAULT_SIGNAL": "TERM"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "moesaic", "train", "--config", cfg, "--run-dir", run]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0
+    assert out.count("interrupted at step 3 (epoch 2); continue with") == 2, out[-4000:]
+    assert "CommError" not in out and "Exception ignored" not in out, out[-4000:]
+    assert checkpoint.find(run).endswith("epoch_0001")

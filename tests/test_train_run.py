@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 import warnings
 
 import pytest
@@ -911,3 +912,39 @@ def test_heavy_token_dropping_is_pointed_out_once(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("note: the MoE layers dropped") == 1
     assert "raise model_args.capacity_factor, or set model_args.drop_tokens=False" in out
+
+
+def test_a_signal_during_evaluation_stops_after_the_epochs_checkpoint(tmp_path, monkeypatch,
+                                                                       capsys):
+    """SIGTERM while epoch 1 is evaluated is noted; the epoch still finishes (metrics,
+    checkpoint) and the run stops there with the resume hint, exit 130."""
+    import signal
+    write_cifar(str(tmp_path))
+    cfg = tiny_config(tmp_path / "c.py", tmp_path, EPOCHS=3)
+    evaluate = loop.Trainer.evaluate
+
+    def signalled(self):
+        if self.step == 2:  # epoch 1's evaluation
+            os.kill(os.getpid(), signal.SIGTERM)
+        return evaluate(self)
+
+    monkeypatch.setattr(loop.Trainer, "evaluate", signalled)
+    run = str(tmp_path / "run")
+    assert main(["train", "--config", cfg, "--run-dir", run]) == 130
+    assert "interrupted at step 2 (epoch 2); continue with" in capsys.readouterr().err
+    assert checkpoint.find(run).endswith("epoch_0001")
+    assert [r["epoch"] for r in read_metrics(run)] == [1]
+
+
+def test_a_second_signal_stops_at_once():
+    import signal
+
+    from moesaic.train.stops import StopRequests
+    stops, before = StopRequests(), signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        with stops.deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stops.requested
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs here
+    assert signal.getsignal(signal.SIGINT) is before

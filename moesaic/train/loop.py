@@ -6,7 +6,8 @@ sample (:mod:`moesaic.keyed`) -> cross-entropy (label
 smoothing, mixup/cutmix) + the MoE aux loss -> backward (gradients accumulated locally,
 synchronised by ``moesaic.parallelize`` after the last); then one all-reduce of the step's
 loss and accuracy (every rank sees a non-finite loss at once and all stop before the step is
-applied) -> EP-aware clipping -> AdamW -> warmup/cosine scheduler. Each epoch ends with an
+applied, and every rank stops there when any was sent Ctrl-C or SIGTERM:
+:mod:`moesaic.train.stops`) -> EP-aware clipping -> AdamW -> warmup/cosine scheduler. Each epoch ends with an
 evaluation at the eval capacity factor, metrics, plots and, when due, a checkpoint.
 
 Randomness depends on (seed, step, image) only: augmentation draws for the whole global batch
@@ -44,6 +45,7 @@ from . import checkpoint, report, rundir
 from .augment import Augmenter, Draws
 from .config import ConfigError, TrainConfig
 from .data import epoch_order, load_dataset, rank_batch, steps_per_epoch
+from .stops import StopRequests
 from .dist import all_reduce_, grad_scaler, on_every_rank
 from .evaluate import autocast, evaluate
 from .init_from import find_init, load_init, model_changes, setting_changes
@@ -153,6 +155,7 @@ class Trainer:
         self.ep_sizes = sorted({m.layout.ep_size for m in self.model.modules()
                                 if isinstance(m, MoE)})  # the experts' parallel sizes
         self.routing = RoutingMeter()
+        self.stops = StopRequests()
         self.opt = make_optimizer(self.model, cfg)
         self.sched = WarmupCosine(self.opt, cfg.lr, cfg.min_lr, round(cfg.warmup_epochs * self.spe),
                                   cfg.epochs * self.spe, cfg.schedule)
@@ -269,11 +272,7 @@ class Trainer:
         gen = torch.Generator().manual_seed(mix_seed(self.cfg.seed, self.step, 0x5EED))
         return draw_sample_keys(self.cfg.batch_size, gen).to(self.device)
 
-    def _stop_if_not_finite(self, sums_5: torch.Tensor, batch_in_epoch: int) -> None:
-        # The one host read per step, on purpose: every rank sees the all-reduced sums, so all
-        # stop together before applying a bad step.
-        if torch.isfinite(sums_5[:3]).all():
-            return
+    def _stop_not_finite(self, sums_5: torch.Tensor, batch_in_epoch: int) -> None:
         where = (f"at step {self.step + 1} (epoch {self.epoch + 1}, batch {batch_in_epoch + 1} "
                  f"of {self.spe})")
         keep = (f"the last good checkpoint, {self.last_ckpt}, is left intact" if self.last_ckpt
@@ -290,7 +289,7 @@ class Trainer:
         cfg, dev = self.cfg, self.device
         self.opt.zero_grad(set_to_none=True)
         micros = idx_b.chunk(cfg.accum_steps)
-        local_5 = torch.zeros(5, device=dev)
+        local_6 = torch.zeros(6, device=dev)  # the step's sums, and a stop request
         keys_B = self._sample_keys()
         start = self.rank * idx_b.numel()
         for j, idx_m in enumerate(micros):
@@ -307,12 +306,20 @@ class Trainer:
                 ce, correct = self._loss(logits_mL, labels_m, partner_labels_m, lam)
                 loss = ce + aux.float()
                 n = float(idx_m.numel())
-                local_5 += torch.stack([loss.detach() * n, ce.detach() * n,
-                                        aux.detach().float() * n, correct.float(),
-                                        torch.tensor(n, device=dev)])
+                local_6[:5] += torch.stack([loss.detach() * n, ce.detach() * n,
+                                            aux.detach().float() * n, correct.float(),
+                                            torch.tensor(n, device=dev)])
                 self.scaler.scale(loss / len(micros)).backward()  # / 1 is exact
-        sums_5 = all_reduce_(local_5)
-        self._stop_if_not_finite(sums_5, batch_in_epoch)  # before the optimizer step
+        local_6[5] = float(self.stops.requested)
+        sums_6 = all_reduce_(local_6)
+        sums_5 = sums_6[:5]
+        # The one host read per step, on purpose: every rank sees the all-reduced sums, so all
+        # stop together, before applying the step, on a non-finite loss or any rank's signal.
+        finite, asked = torch.stack([torch.isfinite(sums_5[:3]).all(), sums_6[5] > 0]).tolist()
+        if asked:
+            raise KeyboardInterrupt
+        if not finite:
+            self._stop_not_finite(sums_5, batch_in_epoch)
         if cfg.clip_grad is not None:
             self.scaler.unscale_(self.opt)
             clip_grad_norm_(self.model, cfg.clip_grad)
@@ -387,7 +394,8 @@ class Trainer:
                 self._eval_at_start()
             elif cfg.eval_at_start and self.initial_eval is None:
                 self.log(f"eval_at_start: not evaluated, the run resumes at step {self.step}")
-            return self._run_epochs()
+            with self.stops.deferred():
+                return self._run_epochs()
         except KeyboardInterrupt:
             where = (f"continue with: {launcher()} --resume {self.run_dir} (from {self.last_ckpt})"
                      if self.last_ckpt else "no checkpoint had been written yet")
@@ -467,6 +475,9 @@ class Trainer:
                          f"on from its checkpoint")
             if stopped:
                 break
+            requests = all_reduce_(torch.tensor([float(self.stops.requested)], device=self.device))
+            if float(requests[0]) > 0:  # asked during the evaluation or the checkpoint
+                raise KeyboardInterrupt
         if summary is None and self.history:
             summary = self._summary()
         if self.is_main and summary is not None:

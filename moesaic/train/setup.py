@@ -22,6 +22,7 @@ from .config import ConfigError, TrainConfig, names_a_file
 
 FAULT_STEP_ENV = "MOESAIC_FAULT_STEP"  # test hook: kill a rank at this global step ...
 FAULT_RANK_ENV = "MOESAIC_FAULT_RANK"  # ... on this rank, on the first attempt only
+FAULT_SIGNAL_ENV = "MOESAIC_FAULT_SIGNAL"  # ... with this signal (default KILL; TERM, INT)
 
 
 def world_size() -> int:
@@ -111,12 +112,13 @@ def init_for_restarts(timeout_s: float) -> None:
 
 
 def maybe_fault(step: int, rank: int) -> None:
-    """Test hook: SIGKILL this rank at a given step on torchrun's first attempt."""
+    """Test hook: SIGKILL (or ``$MOESAIC_FAULT_SIGNAL``) this rank at a given step on
+    torchrun's first attempt."""
     at = os.environ.get(FAULT_STEP_ENV)
     if at is None or rundir.restart_count() > 0:
         return
     if int(at) == step and int(os.environ.get(FAULT_RANK_ENV, "0")) == rank:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get(FAULT_SIGNAL_ENV, "KILL")))
 
 
 def record_model_module(cfg: TrainConfig) -> TrainConfig:
