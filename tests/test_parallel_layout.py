@@ -196,3 +196,22 @@ def test_global_count_sum_after_destroy_says_what_to_do():
         with pytest.raises(RuntimeError, match="capacity_scope='global' count expert loads.*"
                            "scope 'batch'"):
             call()
+
+
+def test_failed_collective_names_the_likely_causes():
+    """A failed collective says what and among which ranks; under equal_batches it names the
+    second cause (unequal token counts) after the first (a peer that died or stalled)."""
+    from moesaic.parallel.comm import CommError, run_collective
+
+    def broken():
+        raise RuntimeError("Connection closed by peer\nmore")
+
+    for what, also in (("MoE dispatch all-to-all", False),
+                       ("MoE dispatch all-to-all (capacity block) under equal_batches", True)):
+        with pytest.raises(CommError) as e:
+            run_collective(what, [0, 1], broken)
+        msg = str(e.value)
+        assert msg.startswith(f"moesaic: {what} among ranks [0, 1] failed on rank 0: a peer rank "
+                              "probably died")
+        assert "(RuntimeError: Connection closed by peer)" in msg
+        assert ("leave equal_batches for ragged batches" in msg) == also

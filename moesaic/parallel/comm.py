@@ -42,11 +42,14 @@ def run_collective(what: str, ranks: Sequence[int], fn, *args, **kwargs):
     except CommError:
         raise
     except RuntimeError as e:
+        also = ("; or the ranks routed different numbers of tokens, which equal_batches "
+                "promises they do not (leave equal_batches for ragged batches)"
+                if what.endswith(" under equal_batches") else "")
         raise CommError(
             f"moesaic: {what} among ranks {list(ranks)} failed on rank "
             f"{dist.get_rank() if dist.is_initialized() else 0}: a peer rank probably died, "
             f"raised, or did not reach this collective within the process-group timeout "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}){also}") from e
 
 
 def exchange(x_ND: Tensor, out_splits: Sequence[int], in_splits: Sequence[int], group,

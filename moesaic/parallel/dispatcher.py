@@ -37,8 +37,7 @@ from .comm import PICKLE_ERROR, CommStats, GroupRef, all_to_all_rows, exchange
 from .rows import block_order, exclusive_cumsum, inverse
 
 
-_PROMISE = (" under equal_batches (every rank of the group must route the same number of "
-            "tokens: leave equal_batches for ragged batches)")
+_PROMISE = " under equal_batches"  # the error then names the other cause: unequal batches
 
 
 @dataclass
