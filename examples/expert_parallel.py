@@ -1,6 +1,7 @@
 """Expert parallelism end to end, runnable: the flow of docs/parallelism.md on a toy task.
 
-Each rank holds half of every MoE layer's experts (max_ep_size = world size), trains on its own
+Each rank holds 1 / world size of every MoE layer's experts (max_ep_size = world size: with 4
+experts, 1, 2 or 4 processes), trains on its own
 slice of each batch, and the gradients are synchronised by ``moesaic.parallelize``. The task:
 regress a fixed random two-layer network, so the loss falls within a few dozen steps. Router
 noise and dropout are keyed by sequence (``moesaic.sample_keys``) and the balance loss counts
@@ -11,9 +12,11 @@ the printed losses agree to float rounding.
     python3 examples/expert_parallel.py                              # also runs in one process
     torchrun --nproc_per_node=2 examples/expert_parallel.py --topk-groups 1 --dedup
 
-``--topk-groups M`` limits each token to the experts of M ranks (one expert group per rank,
-DeepSeek-V3's group limit); ``--dedup`` sends a token to each of those ranks once
-(``parallelize(..., dedup_tokens=True)``): compare the all-to-all bytes printed at the end.
+``--topk-groups M`` limits each token to the experts of M of ``--groups`` expert groups
+(DeepSeek-V3's group limit; 2 groups: on 2 processes one group per rank, so a token's experts
+sit on M ranks); ``--dedup`` sends a token to each rank holding its experts once
+(``parallelize(..., dedup_tokens=True)``): compare the all-to-all bytes printed at the end. The
+group count is fixed, not the world size, so one process routes as two do.
 
 Rank 0 prints the loss, the all-to-all traffic and where the full checkpoint went.
 
@@ -46,7 +49,9 @@ def main(argv=None) -> float:
                    help="sequences per step over all ranks (B; each rank takes B / world size)")
     p.add_argument("--experts", type=int, default=4, help="experts per MoE layer")
     p.add_argument("--topk-groups", type=int, default=None,
-                   help="each token's experts within this many ranks' experts (one group per rank)")
+                   help="each token's experts within this many of --groups expert groups")
+    p.add_argument("--groups", type=int, default=2,
+                   help="expert groups for --topk-groups (2: on 2 processes, one per rank)")
     p.add_argument("--dedup", action="store_true",
                    help="send a token to a rank once, however many of its experts it holds")
     p.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "moesaic_ep_example.pt"),
@@ -56,12 +61,17 @@ def main(argv=None) -> float:
     moesaic.moe_set_seed(0)  # same shared weights everywhere, experts seeded by global id
     D, S = 32, 16
     groups = {}
-    if a.topk_groups is not None:  # one group per rank: num_groups = the expert-parallel size
-        groups = dict(num_groups=ctx.world_size, topk_groups=a.topk_groups)
-    model = moesaic.parallelize(MoEStack(D, 64, [a.experts, a.experts], top_k=2,
-                                         drop_tokens=False, balance_scope="global",
-                                         noise_policy="gaussian", hidden_dropout=0.1,
-                                         dropout=0.1, **groups), dedup_tokens=a.dedup)
+    if a.topk_groups is not None:  # the same groups at every world size
+        groups = dict(num_groups=a.groups, topk_groups=a.topk_groups)
+    try:
+        model = moesaic.parallelize(MoEStack(D, 64, [a.experts, a.experts], top_k=2,
+                                             drop_tokens=False, balance_scope="global",
+                                             noise_policy="gaussian", hidden_dropout=0.1,
+                                             dropout=0.1, **groups), dedup_tokens=a.dedup)
+    except ValueError as e:  # experts, groups and world size that do not fit together
+        p.error(f"--experts {a.experts}, top-k 2"
+                + (f", --groups {a.groups}, --topk-groups {a.topk_groups}" if groups else "")
+                + f" on {ctx.world_size} process(es): {e}")
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     if a.batch % ctx.world_size:
         p.error(f"--batch ({a.batch}) must be divisible by the world size ({ctx.world_size})")

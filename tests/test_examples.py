@@ -126,6 +126,12 @@ def test_expert_parallel_example_under_torchrun(tmp_path):
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
         sent.append(int(re.search(r"bytes_sent=([\d,]+)", proc.stdout)[1].replace(",", "")))
     assert sent[1] < 0.6 * sent[0], sent  # each token to one rank, once
+    limited = float(re.search(r"-> ([\d.]+);", proc.stdout)[1])  # the group limit: as one process
+    one = _load("expert_parallel").main(["--steps", "3", "--topk-groups", "1", "--out",
+                                         str(tmp_path / "one.pt")])
+    assert abs(one - limited) < 1e-5 * limited, (one, limited)
+    with pytest.raises(SystemExit):
+        _load("expert_parallel").main(["--experts", "3", "--topk-groups", "1"])
 
 
 def test_drop_policy_benchmark_runs_and_compares_with_position():

@@ -48,7 +48,8 @@ def ep_size_for(num_experts: int, max_ep_size: int) -> int:
     raise ValueError(f"num_experts ({num_experts}) and max_ep_size ({max_ep_size}; the world "
                      "size unless set: the training config's max_ep_size, or "
                      "init_distributed(max_ep_size=...)): one must divide the other to lay the "
-                     "experts out over the ranks; pick num_experts accordingly, or "
+                     "experts out over the ranks; run on a number of processes that divides "
+                     "num_experts (or that it divides), pick num_experts accordingly, or set "
                      "max_ep_size=1 to keep every expert on every rank")
 
 
