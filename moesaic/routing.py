@@ -400,14 +400,44 @@ def token_choice(logits_TE: Tensor, top_k: int, capacity: Optional[int], drop_po
 
 def causal_capped(plan: RoutingPlan, seq_len: Optional[int], capacity: int,
                   position_T: Optional[Tensor] = None) -> RoutingPlan:
-    """:func:`cap_causally` on this batch alone: sequences of ``seq_len`` (None: one), or the
-    tokens at ``position_T`` (all below ``seq_len``)."""
-    T, E = plan.num_tokens, plan.counts_E.shape[0]
+    """A dropless plan ranked in :func:`causal_order`, capped by the causal rule on this batch
+    alone (sequences of ``seq_len``, None: one; or the tokens at ``position_T``, all below
+    ``seq_len``): the drops of :func:`cap_causally` with one rank, in O(T * K) memory.
+
+    Within an expert the plan's rows are in causal order, so positions do not decrease along
+    them: the rows of one (expert, position) run form a group, ``through`` counts the expert's
+    rows up to the group's end, and :func:`causal_allowance`'s closed form becomes a cumulative
+    minimum over the expert's groups (each expert's groups offset below the previous
+    expert's, so one cummin restarts at every expert)."""
+    T, E, N = plan.num_tokens, plan.counts_E.shape[0], plan.row_token_N.numel()
+    device = plan.row_token_N.device
+    if N == 0:
+        return kept_rows(plan, torch.zeros_like(plan.expert_TK, dtype=torch.bool), capacity)
     S = seq_len or max(T, 1)
-    if position_T is None:
-        position_T = torch.arange(T, device=plan.expert_TK.device) % S
-    counts_1SKE = position_counts(plan.expert_TK, position_T, S, E)[None]
-    return cap_causally(plan, position_T, counts_1SKE, 0, capacity)
+    pos_N = (plan.row_token_N % S if position_T is None
+             else position_T.to(device).index_select(0, plan.row_token_N))
+    expert_N = torch.repeat_interleave(torch.arange(E, device=device), plan.counts_E)
+    start_E = torch.cumsum(plan.counts_E, 0) - plan.counts_E
+    slot_N = torch.arange(N, device=device) - start_E.index_select(0, expert_N)
+    first_N = torch.ones(N, dtype=torch.bool, device=device)
+    first_N[1:] = (expert_N[1:] != expert_N[:-1]) | (pos_N[1:] != pos_N[:-1])
+    group_N = torch.cumsum(first_N, 0) - 1
+    head_G = first_N.nonzero().squeeze(1)  # each group's first row
+    tail_G = torch.cat([head_G[1:], head_G.new_tensor([N])]) - 1
+    expert_G, pos_G = expert_N.index_select(0, head_G), pos_N.index_select(0, head_G)
+    through_G = slot_N.index_select(0, tail_G) + 1
+    budget_G = torch.clamp((capacity * (pos_G + 1) + S - 1) // S, max=capacity)
+    big = 2 * (N + capacity + 2)  # above the spread of budget - through within an expert
+    low_G = torch.cummin(budget_G - through_G - expert_G * big, 0).values + expert_G * big
+    kept_G = through_G + torch.clamp(low_G, max=0)  # kept up to the group's position
+    before_G = torch.zeros_like(kept_G)
+    same_G = expert_G[1:] == expert_G[:-1]
+    before_G[1:] = torch.where(same_G, kept_G[:-1], 0)  # kept at the expert's earlier positions
+    allowed_G = kept_G - before_G
+    rank_N = slot_N - slot_N.index_select(0, head_G).index_select(0, group_N)
+    keep_N = rank_N < allowed_G.index_select(0, group_N)
+    return kept_rows(plan, keep_N.index_select(0, plan.dest_TK.reshape(-1)).view_as(
+        plan.dest_TK), capacity)
 
 
 def choice_counts(expert_TK: Tensor, num_experts: int) -> Tensor:

@@ -308,6 +308,27 @@ def test_layer_triton_equals_torch(tops, kw, dtype):
     assert s0["tokens_per_expert_kept"] == s1["tokens_per_expert_kept"]
 
 
+def test_layer_with_positions_triton_equals_torch(tops):
+    """A padded batch's real tokens with their positions (x[mask], positions[mask]), causal
+    drops: the same outputs, drops and gradients on both paths."""
+    mask = torch.arange(7) < torch.tensor([7, 3, 5])[:, None]
+    positions = torch.arange(7).expand(3, 7)[mask]
+    results = []
+    for kernels in ("torch", "triton"):
+        torch.manual_seed(0)
+        layer = moesaic.MoE(10, 16, 4, top_k=2, drop_policy="causal", capacity_factor=0.75,
+                            min_capacity=0, kernels=kernels)
+        x = torch.randn(3, 7, 10, generator=torch.Generator().manual_seed(3))[mask]
+        x.requires_grad_(True)
+        y, _ = layer(x, positions=positions)
+        y.square().sum().backward()
+        results.append((y.detach(), x.grad, layer.last_stats.tokens_per_expert_kept))
+    (y0, g0, k0), (y1, g1, k1) = results
+    assert torch.equal(k0, k1) and int(k0.sum()) < 2 * int(mask.sum())  # some dropped
+    torch.testing.assert_close(y1, y0, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(g1, g0, atol=1e-5, rtol=1e-4)
+
+
 def test_triton_layer_under_checkpointing_and_with_a_frozen_router(tops):
     """The Triton routing under activation checkpointing recomputes the same plan (noise from
     the default stream), and a frozen router gets no gradient while x and experts do."""
