@@ -8,7 +8,7 @@ Score priority needs the tokens sorted by top-1 probability first, so its histog
 small pass over the ids in that order; causal priority places the T x K ids as T * K tokens
 of one choice each, ordered by position, choice and sequence (token order for one sequence),
 with its own histogram pass, dropless: its per-position budgets then drop assignments in
-PyTorch (:func:`moesaic.routing.causal_capped`, O(S * E + T * K)). An exclusive prefix over the
+PyTorch (:func:`moesaic.routing.causal_capped`, O(T * K)). An exclusive prefix over the
 histogram gives every (choice, block) its first slot per expert; pass 2 ranks each assignment
 inside its block with a cumulative sum of the one-hot expert ids, adds that base, drops slots
 past the capacity and scatters the kept assignments to their expert-major rows. Index traffic
