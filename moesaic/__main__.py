@@ -152,6 +152,8 @@ def _refuse_extra(sub: argparse.ArgumentParser, command: str, extra: list) -> No
             if arg.startswith("-") else []
         if close:
             hints.append(f"{arg} (did you mean {' or '.join(close)}?)")
+        elif "=" in arg and not arg.startswith("-") and "--set" in options:
+            hints.append(f"{arg} (each KEY=VALUE needs its own --set: --set {arg})")
         elif command == "train" and not arg.startswith("-") and not value_of_option:
             hints.append(f"{arg} (train takes no positional argument: --config FILE for a "
                          "config file, --resume RUN_DIR to continue a run)")

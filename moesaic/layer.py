@@ -241,12 +241,13 @@ class MoE(nn.Module):
             sizes, seq_lens = torch.stack([sizes_W, counts_WKE[:, K, 0]]).tolist()
             flat = [r for r, n in enumerate(seq_lens) if n < 0]
             if flat:  # every rank raises here, none waits in the next gather
+                mine = (f"[T, D] of {plan.num_tokens} tokens" if seq_len is None
+                        else f"S={seq_len}")
                 raise ValueError(
                     "drop_policy='causal' with capacity_scope='global' ranks every rank's "
                     "sequences by position: it needs a batch-first [..., S, D] input (or "
-                    "positions=) on every "
-                    f"rank, got a [T, D] input on rank(s) {flat} (this rank: "
-                    f"{'[T, D] of %d tokens' % plan.num_tokens if seq_len is None else 'S=%d' % seq_len})")
+                    f"positions=) on every rank, got a [T, D] input on rank(s) {flat} (this "
+                    f"rank: {mine})")
         else:
             sizes = sizes_W.tolist()
         counts_WKE = counts_WKE[:, :K]
@@ -311,7 +312,9 @@ class MoE(nn.Module):
         seq_len = x.shape[-2] if x.dim() >= 3 else None
         position_T = None
         if positions is not None:
-            position_T, seq_len = _positions(positions, x, c.drop_policy == "causal", seq_len)
+            capped_causally = (c.drop_policy == "causal" and c.drop_tokens
+                               and c.router == "token_choice")
+            position_T, seq_len = _positions(positions, x, capped_causally, seq_len)
         keys_T = None
         if self.training and keyed.active() and (c.noise_policy or c.hidden_dropout > 0):
             keys_T = keyed.row_keys(x_TD.shape[0], x.device)

@@ -162,3 +162,24 @@ def test_a_folder_stands_for_its_runs_at_any_depth_and_says_what_it_skips(tmp_pa
     write_run(tmp_path.joinpath("only", *"abcdef", "run"), [0.5])
     with pytest.raises(CompareError, match=r"has finished an epoch yet; skipped: .* \(more than 6"):
         report([str(tmp_path / "only")])
+
+
+def test_default_lookup_leaves_the_generators_alone():
+    """Looking a default up builds the model on the meta device without moving torch's or
+    Python's generator or the MoE layer counter: a model built next gets the same weights."""
+    import random
+
+    import torch
+
+    import moesaic
+    from moesaic.train.compare import model_default
+
+    def built():
+        return moesaic.models.create("vit_moe_tiny", num_classes=10).state_dict()
+
+    moesaic.moe_set_seed(5)
+    want, r = built(), random.random()
+    moesaic.moe_set_seed(5)
+    assert model_default("vit_moe_tiny", {"depth": 3}, "num_experts").value == 4
+    got = built()
+    assert random.random() == r and all(torch.equal(got[k], want[k]) for k in want)

@@ -351,6 +351,8 @@ def test_yaml_habits_are_refused(tmp_path):
                        r"setting it; write `LR = \.\.\.` \(also EPOCHS\)"):
         load_file(_write(tmp_path, "BATCH_SIZE = 8\nLR: 3e-3\nEPOCHS: 2\n"))
     assert load_file(_write(tmp_path, "EPOCHS: int = 2\n")).epochs == 2
+    assert load_file(_write(tmp_path, "EPOCHS: int\nif True:\n    EPOCHS = 3\n")).epochs == 3
+    assert load_file(_write(tmp_path, "EPOCHS = 4\n", name="c.cfg")).epochs == 4  # Python
     for name in ("c.yaml", "c.toml"):
         path = tmp_path / name
         path.write_text("EPOCHS = 2\n")
@@ -376,6 +378,10 @@ def test_unknown_arguments_get_the_commands_usage_and_a_hint(capsys):
         main(["train", "--confg", "a.py"])
     err = capsys.readouterr().err
     assert "--confg (did you mean --config" in err and "a.py (train takes" not in err
+    with pytest.raises(SystemExit):
+        main(["train", "--set", "lr=1", "epochs=2"])
+    assert "epochs=2 (each KEY=VALUE needs its own --set: --set epochs=2)" in \
+        capsys.readouterr().err
 
 
 def test_set_nan_and_other_tools_names():
@@ -386,6 +392,8 @@ def test_set_nan_and_other_tools_names():
     with pytest.raises(ConfigError, match=r"^warmup_epochs must be finite, got -inf$"):
         apply_overrides(TrainConfig(), ["warmup_epochs=-inf"])
     assert apply_overrides(TrainConfig(), ["name=inf"]).name == "inf"
+    with pytest.raises(ConfigError, match=r"lr: expected float, got '\+-inf'"):
+        apply_overrides(TrainConfig(), ["lr=+-inf"])
     with pytest.raises(ConfigError, match=r"'grad_accum' \(from --set\); did you mean: "
                        r"accum_steps"):
         apply_overrides(TrainConfig(), ["grad_accum=2"])

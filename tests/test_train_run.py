@@ -883,6 +883,13 @@ def test_closed_stdout_does_not_stop_training(tmp_path):
     assert proc.wait(timeout=300) == 0, err
     assert err.count("stdout was closed") == 1, err
     assert [r["epoch"] for r in read_metrics(str(run))] == [1, 2, 3]
+    proc = subprocess.Popen([sys.executable, "-m", "moesaic", "train", "--config", cfg,
+                             "--run-dir", str(run) + "2"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, cwd=str(tmp_path))  # `2>&1 | head -1`
+    proc.stdout.readline()
+    proc.stdout.close()
+    assert proc.wait(timeout=300) == 0
+    assert [r["epoch"] for r in read_metrics(str(run) + "2")] == [1, 2, 3]
 
 
 def test_an_interrupted_write_leaves_no_temporary_file(tmp_path):
@@ -912,6 +919,11 @@ def test_heavy_token_dropping_is_pointed_out_once(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("note: the MoE layers dropped") == 1
     assert "raise model_args.capacity_factor, or set model_args.drop_tokens=False" in out
+    cfg = tiny_config(tmp_path / "c.py", tmp_path, EPOCHS=1, MODEL_ARGS={
+        **TINY_MODEL, "router": "expert_choice", "capacity_factor": 0.05})
+    assert main(["train", "--config", cfg, "--run-dir", str(tmp_path / "ec")]) == 0
+    out = capsys.readouterr().out  # expert choice cannot go dropless: not suggested
+    assert "raise model_args.capacity_factor\n" in out and "drop_tokens" not in out
 
 
 def test_a_signal_during_evaluation_stops_after_the_epochs_checkpoint(tmp_path, monkeypatch,
@@ -948,3 +960,28 @@ def test_a_second_signal_stops_at_once():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)  # the handler runs here
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_signals_around_evaluations(tmp_path, monkeypatch, capfd):
+    """SIGTERM during eval_at_start lets it finish, then stops before the first step; during
+    the last epoch's evaluation the run is complete and ends as usual (exit 0)."""
+    import signal
+    write_cifar(str(tmp_path))
+    evaluate = loop.Trainer.evaluate
+    at = {"step": 0}
+
+    def signalled(self):
+        if self.step == at["step"]:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return evaluate(self)
+
+    monkeypatch.setattr(loop.Trainer, "evaluate", signalled)
+    cfg = tiny_config(tmp_path / "c.py", tmp_path, EPOCHS=2, EVAL_AT_START=True)
+    assert main(["train", "--config", cfg, "--run-dir", str(tmp_path / "a")]) == 130
+    out, err = capfd.readouterr()
+    assert "before training: eval loss" in out
+    assert "SIGTERM: stopping after this step" in err and "interrupted at step 0 (epoch 1)" in err
+    at["step"] = 4  # the last epoch's evaluation
+    cfg = tiny_config(tmp_path / "c.py", tmp_path, EPOCHS=2)
+    assert main(["train", "--config", cfg, "--run-dir", str(tmp_path / "b")]) == 0
+    assert [r["epoch"] for r in read_metrics(str(tmp_path / "b"))] == [1, 2]

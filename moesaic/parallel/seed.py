@@ -8,11 +8,13 @@ generator per rank, so ranks draw different dropout masks and router noise.
 """
 from __future__ import annotations
 
+import contextlib
 import numbers
 import random
 
 import torch
 
+from . import layout
 from .layout import claim_rank_streams, current_seed, mix_seed, set_layer_seed_base
 
 
@@ -25,6 +27,20 @@ def moe_set_seed(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
     set_layer_seed_base(seed)
+
+
+@contextlib.contextmanager
+def generators_untouched():
+    """Build a throwaway model (say, on the meta device to read its settings) leaving Python's
+    and torch's CPU generators and the MoE layer counter as they were, so the next real model
+    gets the weights it would have got."""
+    saved, py = None if layout._seed_state is None else list(layout._seed_state), random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            layout._seed_state = saved
+            random.setstate(py)
 
 
 def use_rank_streams(rank: int) -> None:

@@ -122,11 +122,12 @@ def _built(model: str, args_json: str):
     import torch
 
     from .. import models
+    from ..parallel.seed import generators_untouched
 
     if model not in models.list_models():
         return None
     try:
-        with warnings.catch_warnings(), torch.device("meta"):
+        with warnings.catch_warnings(), torch.device("meta"), generators_untouched():
             warnings.simplefilter("ignore")
             return models.create(model, **json.loads(args_json))
     except Exception:  # any builder's failure only leaves the value unknown

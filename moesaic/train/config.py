@@ -13,6 +13,7 @@ import difflib
 import math
 import numbers
 import os
+import re
 import runpy
 import sys
 import types
@@ -325,16 +326,18 @@ def _line_in(path: str, e: BaseException) -> str:
     return "" if line is None else f" (line {line})"
 
 
-def _refuse_bare_annotations(path: str) -> None:
-    """``EPOCHS: 2`` (YAML habit) is a Python annotation that sets nothing: refuse it rather
-    than train with the default. A file that does not parse is left to fail when run."""
+def _refuse_bare_annotations(path: str, ns: dict) -> None:
+    """``EPOCHS: 2`` (YAML habit) is a Python annotation that sets nothing: refuse an
+    UPPER_CASE name annotated at the top level and never set, rather than train with the
+    default (``EPOCHS: int`` then ``EPOCHS = 30`` is fine)."""
     try:
         with open(path, encoding="utf-8") as f:
             tree = ast.parse(f.read(), filename=path)
     except (SyntaxError, UnicodeDecodeError, ValueError):
         return
     bare = [(n.lineno, n.target.id) for n in tree.body if isinstance(n, ast.AnnAssign)
-            and n.value is None and isinstance(n.target, ast.Name) and n.target.id.isupper()]
+            and n.value is None and isinstance(n.target, ast.Name) and n.target.id.isupper()
+            and n.target.id not in ns]
     if bare:
         line, name = bare[0]
         raise ConfigError(f"config file {path!r} (line {line}): `{name}: ...` annotates {name} "
@@ -351,10 +354,9 @@ def _load_file(path: str) -> TrainConfig:
             why += f" here ({os.getcwd()}); the shipped one is {shipped}"
         raise ConfigError(f"config file {path!r} {why}")
     ext = os.path.splitext(path)[1].lower()
-    if ext in (".yaml", ".yml", ".toml", ".ini", ".cfg"):
+    if ext in (".yaml", ".yml", ".toml"):
         raise ConfigError(f"config file {path!r}: config files are Python (UPPER_CASE names, "
                           f"`EPOCHS = 30`) or a run's config.json, not {ext[1:].upper()}")
-    _refuse_bare_annotations(path)
     folder = os.path.dirname(os.path.abspath(path))
     sys.path.insert(0, folder)  # a config may import a base config that sits beside it
     before, bytecode = set(sys.modules), sys.dont_write_bytecode
@@ -371,6 +373,7 @@ def _load_file(path: str) -> TrainConfig:
             if os.path.dirname(os.path.abspath(getattr(sys.modules[name], "__file__", None)
                                                or "/")) == folder:
                 del sys.modules[name]
+    _refuse_bare_annotations(path, ns)
     where = f" in {path}"
     fn = ns.get("config") or ns.get("get_config")
     upper = {k: v for k, v in ns.items() if k.isupper() and not k.startswith("_")
@@ -423,7 +426,7 @@ def parse_value(text: str) -> Any:
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        if text.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
+        if re.fullmatch(r"\s*[+-]?(nan|inf|infinity)\s*", text, re.IGNORECASE):
             return float(text)  # a number, so the check says it must be finite
         return text
 

@@ -6,7 +6,7 @@ sample (:mod:`moesaic.keyed`) -> cross-entropy (label
 smoothing, mixup/cutmix) + the MoE aux loss -> backward (gradients accumulated locally,
 synchronised by ``moesaic.parallelize`` after the last); then one all-reduce of the step's
 loss and accuracy (every rank sees a non-finite loss at once and all stop before the step is
-applied, and every rank stops there when any was sent Ctrl-C or SIGTERM:
+applied, and every rank stops there when any was sent Ctrl-C or SIGTERM,
 :mod:`moesaic.train.stops`) -> EP-aware clipping -> AdamW -> warmup/cosine scheduler. Each epoch ends with an
 evaluation at the eval capacity factor, metrics, plots and, when due, a checkpoint.
 
@@ -175,19 +175,23 @@ class Trainer:
             try:
                 tqdm.write(msg)
             except BrokenPipeError:  # `| head` ended: train on, the run dir has the record
-                devnull = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(devnull, sys.stdout.fileno())
-                os.close(devnull)
-                print("moesaic: stdout was closed (the reader of a pipe ended); training goes "
-                      f"on, writing to {getattr(self, 'run_dir', 'its run dir')}",
-                      file=sys.stderr)
+                _to_devnull(sys.stdout)
+                try:
+                    print("moesaic: stdout was closed (the reader of a pipe ended); training "
+                          f"goes on, writing to {getattr(self, 'run_dir', 'its run dir')}",
+                          file=sys.stderr)
+                except BrokenPipeError:  # `2>&1 | head`: stderr was that pipe too
+                    _to_devnull(sys.stderr)
 
     def _load(self, ckpt: str) -> None:
         try:
             state = checkpoint.load(ckpt, self.model, self.opt, self.rank, self.world)
         except checkpoint.CheckpointError as e:  # name what this run changed, if anything
-            changed = ("does not fit this model" in str(e) and model_changes(
-                checkpoint.read_state(ckpt).get("config", {}), self.cfg.to_dict()))
+            changed = None
+            if "does not fit this model" in str(e):
+                with contextlib.suppress(Exception):  # the first error stands on its own
+                    changed = model_changes(checkpoint.read_state(ckpt).get("config", {}),
+                                            self.cfg.to_dict())
             if not changed:
                 raise
             raise checkpoint.CheckpointError(
@@ -390,17 +394,34 @@ class Trainer:
                      f"precision {self._precision_words()}, ep_size {self.ep_sizes or '-'}, "
                      f"{self.spe} steps/epoch of {cfg.batch_size} images")
         try:
-            if cfg.eval_at_start and self.step == 0:
-                self._eval_at_start()
-            elif cfg.eval_at_start and self.initial_eval is None:
-                self.log(f"eval_at_start: not evaluated, the run resumes at step {self.step}")
             with self.stops.deferred():
+                if cfg.eval_at_start and self.step == 0:
+                    self._eval_at_start()
+                    self._stop_if_asked()
+                elif cfg.eval_at_start and self.initial_eval is None:
+                    self.log(f"eval_at_start: not evaluated, the run resumes at step {self.step}")
                 return self._run_epochs()
         except KeyboardInterrupt:
             where = (f"continue with: {launcher()} --resume {self.run_dir} (from {self.last_ckpt})"
                      if self.last_ckpt else "no checkpoint had been written yet")
             raise TrainingInterrupted(f"interrupted at step {self.step} (epoch {self.epoch + 1}); "
                                       f"{where}") from None
+
+    def _heavy_drop_note(self, dropped: float) -> str:
+        """Once per run: most of the routing was dropped, and what would keep it."""
+        configs = [m.config for m in self.model.modules() if isinstance(m, MoE)]
+        dropless_ok = all(c.router == "token_choice" and c.capacity_scope == "batch"
+                          for c in configs)
+        return (f"note: the MoE layers dropped {100 * dropped:.0f}% this epoch (assignments "
+                "past an expert's capacity, or tokens no expert chose); raise "
+                "model_args.capacity_factor"
+                + (", or set model_args.drop_tokens=False" if dropless_ok else ""))
+
+    def _stop_if_asked(self) -> None:
+        """Between steps: every rank raises KeyboardInterrupt if any rank was signalled."""
+        asked = all_reduce_(torch.tensor([float(self.stops.requested)], device=self.device))
+        if float(asked[0]) > 0:
+            raise KeyboardInterrupt
 
     def _precision_words(self) -> str:
         """The precision in the config's spelling (``bf16``), ``(auto)`` when it chose it."""
@@ -461,12 +482,9 @@ class Trainer:
             summary = self._summary()
             if self.is_main:  # the line first: an interrupt while plotting still shows it
                 self._write_epoch(summary, rec)
-            if rec["dropped_fraction"] is not None and rec["dropped_fraction"] > 0.5 \
-                    and not any((r.get("dropped_fraction") or 0) > 0.5 for r in self.history[:-1]):
-                self.log(f"note: the MoE layers dropped {100 * rec['dropped_fraction']:.0f}% of "
-                         "their token assignments this epoch (tokens past an expert's capacity "
-                         "skip it); raise model_args.capacity_factor, or set "
-                         "model_args.drop_tokens=False")
+            earlier = [r.get("dropped_fraction") or 0 for r in self.history[:-1]]
+            if (rec["dropped_fraction"] or 0) > 0.5 and max(earlier, default=0) <= 0.5:
+                self.log(self._heavy_drop_note(rec["dropped_fraction"]))
             if partial:
                 self.log(self._partial_note(steps))
             elif stopped and self.epoch < cfg.epochs:
@@ -475,9 +493,8 @@ class Trainer:
                          f"on from its checkpoint")
             if stopped:
                 break
-            requests = all_reduce_(torch.tensor([float(self.stops.requested)], device=self.device))
-            if float(requests[0]) > 0:  # asked during the evaluation or the checkpoint
-                raise KeyboardInterrupt
+            if self.epoch < cfg.epochs:  # asked during the evaluation or the checkpoint?
+                self._stop_if_asked()
         if summary is None and self.history:
             summary = self._summary()
         if self.is_main and summary is not None:
@@ -503,6 +520,13 @@ class Trainer:
         if self.cfg.plots:
             report.plot_curves(os.path.join(d, "curves.png"), self.history)
             report.plot_expert_load(os.path.join(d, "expert_load.png"), self.history)
+
+
+def _to_devnull(stream) -> None:
+    """Point ``stream``'s file descriptor at /dev/null (its reader went away)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, stream.fileno())
+    os.close(devnull)
 
 
 def train(cfg: TrainConfig, run_dir: Optional[str] = None, resume: Optional[str] = None) -> dict:

@@ -10,6 +10,7 @@ after each epoch's evaluation) and, when any rank has one, every rank raises
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 
@@ -26,11 +27,16 @@ class StopRequests:
         if self.requested:  # asked twice: stop now, wherever that is
             raise KeyboardInterrupt
         self.requested = True
+        if os.environ.get("RANK", "0") == "0":  # one line per job, not per rank
+            with contextlib.suppress(OSError):  # stderr may be gone (a closed pipe)
+                os.write(2, f"\nmoesaic: {signal.Signals(signum).name}: stopping after this "
+                            "step (send it again to stop at once)\n".encode())
 
     @contextlib.contextmanager
     def deferred(self):
         """SIGINT and SIGTERM only note a request inside this block (main thread only: other
         threads cannot install handlers, and keep the handlers they had)."""
+        self.requested = False
         if threading.current_thread() is not threading.main_thread():
             yield
             return
