@@ -149,6 +149,21 @@ def test_drop_policy_benchmark_runs_and_compares_with_position():
     assert "commit" in proc.stdout and "validation over 1 batches" in proc.stdout
 
 
+def test_routing_benchmark_runs_and_prints_ratios():
+    """benchmarks/routing.py on tiny sizes: a row per (E, K) with every policy's ratio."""
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "routing.py"),
+                           "--tokens", "256", "--d-model", "16", "--experts", "4",
+                           "--top-k", "1", "2", "--seq-len", "32", "--repeats", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("  4 ")]
+    assert [r[1] for r in rows] == ["1", "2"]
+    assert all(len([w for w in r if w.endswith("x)")]) == 4 for r in rows)
+    assert "commit" in proc.stdout and "T=256" in proc.stdout
+
+
 def test_char_lm_drop_policy_and_capacity_options():
     out = _load("char_lm").main(["--steps", "2", "--batch", "4", "--seq-len", "16", "--top-k",
                                  "2", "--drop-policy", "position", "--capacity-factor", "0.5",
