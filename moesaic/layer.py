@@ -237,7 +237,7 @@ class MoE(nn.Module):
             counts_KE = torch.cat([counts_KE, seq_1E])
         counts_WKE = count_sum.gather(counts_KE)
         sizes_W = counts_WKE[:, 0].sum(-1)
-        if causal:  # the one host read: every rank's tokens (and sequence length)
+        if causal:  # the one host read: every rank's tokens (and whether it has positions)
             sizes, seq_lens = torch.stack([sizes_W, counts_WKE[:, K, 0]]).tolist()
             flat = [r for r, n in enumerate(seq_lens) if n < 0]
             if flat:  # every rank raises here, none waits in the next gather
@@ -252,19 +252,11 @@ class MoE(nn.Module):
             sizes = sizes_W.tolist()
         counts_WKE = counts_WKE[:, :K]
         ranked, by_position = None, None
-        if causal:
+        if causal:  # every rank's [position, K experts] rows, O(T * K) per rank
             if position_T is None:
                 position_T = torch.arange(plan.num_tokens, device=plan.expert_TK.device) % seq_len
-            if max(seq_lens) == 1:  # every rank one position: its counts are the choice counts
-                counts_WSKE = counts_WKE[:, None]
-            else:
-                local_SKE = routing.position_counts(plan.expert_TK, position_T, seq_len, E)
-                counts_WSJ = count_sum.gather_rows(local_SKE.view(seq_len, K * E),
-                                                   max(seq_lens))
-                counts_WSKE = counts_WSJ.view(len(sizes), max(seq_lens), K, E)
-                longest = max((n for n, t in zip(seq_lens, sizes) if t > 0), default=1)
-                counts_WSKE = counts_WSKE[:, :longest]  # budgets over ranks with tokens
-            by_position = (counts_WSKE, position_T)
+            cols_TJ = torch.cat([position_T[:, None], plan.expert_TK.long()], 1)
+            by_position = count_sum.gather_rows(cols_TJ, max(sizes))
         if c.drop_policy == "score":  # every rank's token priorities and choices (float32
             priority_T = routing.first_choice_prob(  # holds both exactly)
                 routing.ranking_scores(probs_TE, logits_TE, c.score_func), plan.expert_TK)

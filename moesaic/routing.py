@@ -306,32 +306,6 @@ def causal_allowance(demand_SE: Tensor, capacity: int) -> Tensor:
     return torch.diff(kept_SE, dim=0, prepend=kept_SE.new_zeros(1, kept_SE.shape[1]))
 
 
-def cap_causally(plan: RoutingPlan, position_T: Tensor, counts_WSKE: Tensor, rank: int,
-                 capacity: int, keep_capacity: bool = True) -> RoutingPlan:
-    """A dropless plan ranked in :func:`causal_order` with its drops: at position s, an
-    expert keeps the first :func:`causal_allowance` of the position's assignments, ranked by
-    choice, then sequence. ``counts_WSKE``: every rank's :func:`position_counts` (one rank in
-    one process; under capacity_scope="global" the lower ranks' sequences come first), this
-    rank's at ``rank``. The kept plan's ``capacity`` is C (at most C rows per expert), or None
-    with ``keep_capacity=False`` (rows ragged, as a dropless plan's)."""
-    _, S, K, E = counts_WSKE.shape
-    demand_SKE = counts_WSKE.sum(0)
-    expert_TK = plan.expert_TK
-    pos_TK = position_T[:, None].expand_as(expert_TK)
-    choice_TK = torch.arange(K, device=expert_TK.device).expand_as(expert_TK)
-    local_GE = counts_WSKE[rank].reshape(S * K, E)
-    before_GE = torch.cumsum(local_GE, 0) - local_GE  # local assignments ranked earlier
-    start_E = torch.cumsum(plan.counts_E, 0) - plan.counts_E
-    group_TK = pos_TK * K + choice_TK
-    earlier_SKE = (torch.cumsum(demand_SKE, 1) - demand_SKE  # earlier choices at the position
-                   + counts_WSKE[:rank].sum(0))  # and lower ranks' sequences
-    rank_TK = (plan.dest_TK - start_E[expert_TK] - before_GE[group_TK, expert_TK]
-               + earlier_SKE[pos_TK, choice_TK, expert_TK])
-    allowed_SE = causal_allowance(demand_SKE.sum(1), capacity)
-    keep_TK = rank_TK < allowed_SE[pos_TK, expert_TK]
-    return kept_rows(plan, keep_TK, capacity if keep_capacity else None)
-
-
 def assignment_slots(topk_idx_TK: Tensor, priority_T: Optional[Tensor], num_experts: int):
     """Rank assignments choice-major (then by token priority) and give each its expert slot.
 
@@ -402,24 +376,32 @@ def causal_capped(plan: RoutingPlan, seq_len: Optional[int], capacity: int,
                   position_T: Optional[Tensor] = None) -> RoutingPlan:
     """A dropless plan ranked in :func:`causal_order`, capped by the causal rule on this batch
     alone (sequences of ``seq_len``, None: one; or the tokens at ``position_T``, all below
-    ``seq_len``): the drops of :func:`cap_causally` with one rank, in O(T * K) memory.
-
-    Within an expert the plan's rows are in causal order, so positions do not decrease along
-    them: the rows of one (expert, position) run form a group, ``through`` counts the expert's
-    rows up to the group's end, and :func:`causal_allowance`'s closed form becomes a cumulative
-    minimum over the expert's groups (each expert's groups offset below the previous
-    expert's, so one cummin restarts at every expert)."""
-    T, E, N = plan.num_tokens, plan.counts_E.shape[0], plan.row_token_N.numel()
-    device = plan.row_token_N.device
-    if N == 0:
-        return kept_rows(plan, torch.zeros_like(plan.expert_TK, dtype=torch.bool), capacity)
+    ``seq_len``), in O(T * K) memory."""
+    T, E = plan.num_tokens, plan.counts_E.shape[0]
     S = seq_len or max(T, 1)
     pos_N = (plan.row_token_N % S if position_T is None
-             else position_T.to(device).index_select(0, plan.row_token_N))
-    expert_N = torch.repeat_interleave(torch.arange(E, device=device), plan.counts_E)
-    start_E = torch.cumsum(plan.counts_E, 0) - plan.counts_E
-    slot_N = torch.arange(N, device=device) - start_E.index_select(0, expert_N)
-    first_N = torch.ones(N, dtype=torch.bool, device=device)
+             else position_T.to(plan.row_token_N.device).index_select(0, plan.row_token_N))
+    expert_N = torch.repeat_interleave(torch.arange(E, device=pos_N.device), plan.counts_E)
+    keep_N = _causal_keep(expert_N, pos_N, plan.counts_E, S, capacity)
+    return kept_rows(plan, keep_N.index_select(0, plan.dest_TK.reshape(-1)).view_as(
+        plan.dest_TK), capacity)
+
+
+def _causal_keep(expert_N: Tensor, pos_N: Tensor, counts_E: Tensor, S: int,
+                 capacity: int) -> Tensor:
+    """[N] bool: which of N assignments, listed expert-major and in causal order within each
+    expert (so positions never decrease along an expert's rows), the causal rule keeps.
+
+    The rows of one (expert, position) run form a group; ``through`` counts the expert's rows
+    up to the group's end, and :func:`causal_allowance`'s closed form becomes a cumulative
+    minimum over the expert's groups (each expert's groups offset below the previous expert's,
+    so one cummin restarts at every expert)."""
+    N = expert_N.numel()
+    if N == 0:
+        return torch.zeros(0, dtype=torch.bool, device=expert_N.device)
+    start_E = torch.cumsum(counts_E, 0) - counts_E
+    slot_N = torch.arange(N, device=expert_N.device) - start_E.index_select(0, expert_N)
+    first_N = torch.ones(N, dtype=torch.bool, device=expert_N.device)
     first_N[1:] = (expert_N[1:] != expert_N[:-1]) | (pos_N[1:] != pos_N[:-1])
     group_N = torch.cumsum(first_N, 0) - 1
     head_G = first_N.nonzero().squeeze(1)  # each group's first row
@@ -431,13 +413,29 @@ def causal_capped(plan: RoutingPlan, seq_len: Optional[int], capacity: int,
     low_G = torch.cummin(budget_G - through_G - expert_G * big, 0).values + expert_G * big
     kept_G = through_G + torch.clamp(low_G, max=0)  # kept up to the group's position
     before_G = torch.zeros_like(kept_G)
-    same_G = expert_G[1:] == expert_G[:-1]
-    before_G[1:] = torch.where(same_G, kept_G[:-1], 0)  # kept at the expert's earlier positions
-    allowed_G = kept_G - before_G
+    before_G[1:] = torch.where(expert_G[1:] == expert_G[:-1], kept_G[:-1], 0)
+    allowed_G = kept_G - before_G  # this position's share, unused earlier shares included
     rank_N = slot_N - slot_N.index_select(0, head_G).index_select(0, group_N)
-    keep_N = rank_N < allowed_G.index_select(0, group_N)
-    return kept_rows(plan, keep_N.index_select(0, plan.dest_TK.reshape(-1)).view_as(
-        plan.dest_TK), capacity)
+    return rank_N < allowed_G.index_select(0, group_N)
+
+
+def _causal_keep_globally(plan: RoutingPlan, cols_WMJ: Tensor, sizes: list[int], rank: int,
+                          capacity: int) -> Tensor:
+    """[T, K] bool: this rank's kept assignments when one process ranks every rank's tokens
+    causally, rank 0's first: ``cols_WMJ`` holds every rank's rows of [position, K expert
+    ids], padded to one length (O(global T * K), never a per-position count)."""
+    K, E = plan.expert_TK.shape[1], plan.counts_E.shape[0]
+    real_WM = _real_rows(sizes, cols_WMJ.shape[1], cols_WMJ.device)
+    cols_GJ = cols_WMJ[real_WM]
+    pos_G, expert_GK = cols_GJ[:, 0], cols_GJ[:, 1:]
+    S = int(pos_G.max()) + 1 if pos_G.numel() else 1
+    order_A = causal_order(pos_G.numel(), K, S, pos_G.device, pos_G)
+    perm_A, _, counts_E = assignment_slots(expert_GK.reshape(-1, 1), order_A, E)
+    keep_N = _causal_keep(expert_GK.reshape(-1).index_select(0, perm_A),
+                          pos_G.index_select(0, perm_A // K), counts_E, S, capacity)
+    keep_A = torch.zeros_like(keep_N).index_copy_(0, perm_A, keep_N)
+    start = sum(sizes[:rank]) * K
+    return keep_A[start:start + plan.num_tokens * K].view(plan.num_tokens, K)
 
 
 def choice_counts(expert_TK: Tensor, num_experts: int) -> Tensor:
@@ -450,7 +448,7 @@ def choice_counts(expert_TK: Tensor, num_experts: int) -> Tensor:
 def cap_globally(plan: RoutingPlan, counts_WKE: Tensor, rank: int, capacity_factor: float,
                  min_capacity: int, ranked: Optional[tuple[Tensor, Tensor]] = None,
                  sizes: Optional[list[int]] = None,
-                 causal: Optional[tuple[Tensor, Tensor]] = None) -> tuple[RoutingPlan, int]:
+                 causal: Optional[Tensor] = None) -> tuple[RoutingPlan, int]:
     """Drop a dropless plan's assignments as one process would on the ranks' batches laid end to
     end (rank 0's tokens first): ``counts_WKE`` holds every rank's :func:`choice_counts`. The
     capacity is that of the global token count. Returns the capped plan (``capacity`` None: its
@@ -462,22 +460,19 @@ def cap_globally(plan: RoutingPlan, counts_WKE: Tensor, rank: int, capacity_fact
     choice k. Score priority ranks tokens by their first choice's ranking score: ``ranked =
     (priority_WM, expert_WMK)`` holds every rank's :func:`first_choice_prob` and choices, each
     rank's T rows padded to one length (padding rows are never counted). Causal priority
-    (``drop_policy="causal"``, whose dropless plan ranks in :func:`causal_order`) takes
-    ``causal = (counts_WSKE, position_T)``: every rank's assignments per sequence position,
-    choice and expert (:func:`position_counts`), each rank's S padded to one length, and each
-    local token's position; one process ranks position s of every rank (choice by choice, rank
+    (``drop_policy="causal"``) takes ``causal``: every rank's rows of [position, K expert ids],
+    padded to one length; one process ranks position s of every rank (choice by choice, rank
     0's sequences first) before position s + 1, each position's drops from its share of the
-    global capacity (:func:`cap_causally`). ``sizes``, every rank's token count, is
-    read from ``counts_WKE`` when not given (a host read)."""
+    global capacity, S the largest position + 1. ``sizes``, every rank's token count, is read
+    from ``counts_WKE`` when not given (a host read)."""
     _, K, E = counts_WKE.shape
     T = plan.num_tokens
     if sizes is None:
         sizes = counts_WKE[:, 0].sum(-1).tolist()
     capacity = token_choice_capacity(sum(sizes), E, K, capacity_factor, min_capacity)
     if causal is not None:
-        counts_WSKE, position_T = causal
-        return cap_causally(plan, position_T, counts_WSKE, rank, capacity,
-                            keep_capacity=False), capacity
+        keep_TK = _causal_keep_globally(plan, causal, sizes, rank, capacity)
+        return kept_rows(plan, keep_TK, None), capacity
     if ranked is None:
         slot_TK = _position_slots(plan, counts_WKE, rank)
     else:
@@ -515,17 +510,6 @@ def _position_slots(plan: RoutingPlan, counts_WKE: Tensor, rank: int) -> Tensor:
     start_E = torch.cumsum(plan.counts_E, 0) - plan.counts_E
     choice_TK = torch.arange(K, device=dest_TK.device).expand(plan.num_tokens, K)
     return dest_TK - start_E[expert_TK] + offset_KE.to(dest_TK.device)[choice_TK, expert_TK]
-
-
-def position_counts(expert_TK: Tensor, position_T: Tensor, seq_len: int,
-                    num_experts: int) -> Tensor:
-    """[S, K, E] int64: assignments of the tokens at each sequence position, per choice, to
-    each expert."""
-    K = expert_TK.shape[1]
-    group_TK = position_T[:, None] * K + torch.arange(K, device=expert_TK.device)
-    pair_TK = group_TK * num_experts + expert_TK
-    return torch.bincount(pair_TK.reshape(-1), minlength=seq_len * K * num_experts).view(
-        seq_len, K, num_experts)
 
 
 def _real_rows(sizes: list[int], M: int, device) -> Tensor:
