@@ -7,18 +7,27 @@ import torch
 from moesaic import routing
 
 
-def _kept_by_the_rule(expert_TK, seq_len, capacity, num_experts):
+def _kept_at_positions(expert_TK, position_T, capacity, num_experts):
+    """The rule for tokens at any positions (packed or masked sequences): position by
+    position, choice by choice, tokens of equal position in token order."""
     T, K = expert_TK.shape
+    S = int(position_T.max()) + 1 if T else 1
     kept, keep_TK = [0] * num_experts, torch.zeros(T, K, dtype=torch.bool)
-    for s in range(seq_len):
-        budget = min(capacity, -(-capacity * (s + 1) // seq_len))
+    for s in range(S):
+        budget = min(capacity, -(-capacity * (s + 1) // S))
         for k in range(K):
-            for b in range(T // seq_len):
-                t, e = b * seq_len + s, int(expert_TK[b * seq_len + s, k])
+            for t in (position_T == s).nonzero().flatten().tolist():
+                e = int(expert_TK[t, k])
                 if kept[e] < budget:
                     kept[e] += 1
                     keep_TK[t, k] = True
     return keep_TK
+
+
+def _kept_by_the_rule(expert_TK, seq_len, capacity, num_experts):
+    """The rule on batch-first sequences of ``seq_len``: their tokens' positions."""
+    position_T = torch.arange(expert_TK.shape[0]) % seq_len
+    return _kept_at_positions(expert_TK, position_T, capacity, num_experts)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -51,23 +60,6 @@ def test_allowance_spends_at_most_the_capacity_and_carries_what_is_unused():
 def test_seq_len_must_divide_the_tokens():
     with pytest.raises(ValueError, match=r"seq_len \(4\) must be positive and divide the 10 "):
         routing.causal_order(10, 2, 4, "cpu")
-
-
-def _kept_at_positions(expert_TK, position_T, capacity, num_experts):
-    """The rule for tokens at any positions (packed or masked sequences): position by
-    position, choice by choice, tokens of equal position in token order."""
-    T, K = expert_TK.shape
-    S = int(position_T.max()) + 1 if T else 1
-    kept, keep_TK = [0] * num_experts, torch.zeros(T, K, dtype=torch.bool)
-    for s in range(S):
-        budget = min(capacity, -(-capacity * (s + 1) // S))
-        for k in range(K):
-            for t in (position_T == s).nonzero().flatten().tolist():
-                e = int(expert_TK[t, k])
-                if kept[e] < budget:
-                    kept[e] += 1
-                    keep_TK[t, k] = True
-    return keep_TK
 
 
 @pytest.mark.parametrize("seed", range(3))
