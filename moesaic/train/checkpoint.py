@@ -39,6 +39,10 @@ class CheckpointError(RuntimeError):
     pass
 
 
+class ModelMismatch(CheckpointError):
+    """The checkpoint's tensors do not fit the model built (other model or model_args)."""
+
+
 def _to_storable(tensors: dict) -> tuple[dict, dict]:
     """CPU, contiguous, one copy per shared tensor: (tensors, {alias: stored name})."""
     out, aliases, seen = {}, {}, {}
@@ -474,12 +478,12 @@ def _load_into(ckpt: str, model: nn.Module, weights: dict) -> None:
     try:
         load_full_state_dict(model, weights)
     except (KeyError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {ckpt} does not fit this model (a different model or "
+        raise ModelMismatch(f"checkpoint {ckpt} does not fit this model (a different model or "
                               f"model_args?): {str(e)[:500]}") from e
     except RuntimeError as e:  # load_state_dict's size mismatch and missing or unexpected keys
         if "Error(s) in loading state_dict" not in str(e):
             raise
-        raise CheckpointError(f"checkpoint {ckpt} does not fit this model (a different model or "
+        raise ModelMismatch(f"checkpoint {ckpt} does not fit this model (a different model or "
                               f"model_args?): {str(e)[:500]}") from e
 
 

@@ -7,8 +7,9 @@ smoothing, mixup/cutmix) + the MoE aux loss -> backward (gradients accumulated l
 synchronised by ``moesaic.parallelize`` after the last); then one all-reduce of the step's
 loss and accuracy (every rank sees a non-finite loss at once and all stop before the step is
 applied, and every rank stops there when any was sent Ctrl-C or SIGTERM,
-:mod:`moesaic.train.stops`) -> EP-aware clipping -> AdamW -> warmup/cosine scheduler. Each epoch ends with an
-evaluation at the eval capacity factor, metrics, plots and, when due, a checkpoint.
+:mod:`moesaic.train.stops`) -> EP-aware clipping -> AdamW -> warmup/cosine scheduler. Each
+epoch ends with an evaluation at the eval capacity factor, metrics, plots and, when due, a
+checkpoint.
 
 Randomness depends on (seed, step, image) only: augmentation draws for the whole global batch
 and keeps this slice, mixing pairs images 2j and 2j + 1 of the global batch, and dropout,
@@ -45,7 +46,6 @@ from . import checkpoint, report, rundir
 from .augment import Augmenter, Draws
 from .config import ConfigError, TrainConfig
 from .data import epoch_order, load_dataset, rank_batch, steps_per_epoch
-from .stops import StopRequests
 from .dist import all_reduce_, grad_scaler, on_every_rank
 from .evaluate import autocast, evaluate
 from .init_from import find_init, load_init, model_changes, setting_changes
@@ -53,6 +53,7 @@ from .meters import RoutingMeter
 from .optim import WarmupCosine, make_optimizer
 from .setup import (build_model, check_kernels, device_for, init_for_restarts, launcher,
                     maybe_fault, precision_for, record_model_module, set_threads, start_processes)
+from .stops import StopRequests
 
 BAR_EVERY = 10  # steps between progress-bar updates (each reads the device's running sums)
 
@@ -186,12 +187,11 @@ class Trainer:
     def _load(self, ckpt: str) -> None:
         try:
             state = checkpoint.load(ckpt, self.model, self.opt, self.rank, self.world)
-        except checkpoint.CheckpointError as e:  # name what this run changed, if anything
+        except checkpoint.ModelMismatch as e:  # name what this run changed, if anything
             changed = None
-            if "does not fit this model" in str(e):
-                with contextlib.suppress(Exception):  # the first error stands on its own
-                    changed = model_changes(checkpoint.read_state(ckpt).get("config", {}),
-                                            self.cfg.to_dict())
+            with contextlib.suppress(Exception):  # the first error stands on its own
+                changed = model_changes(checkpoint.read_state(ckpt).get("config", {}),
+                                        self.cfg.to_dict())
             if not changed:
                 raise
             raise checkpoint.CheckpointError(
