@@ -291,21 +291,6 @@ def causal_order(num_tokens: int, top_k: int, seq_len: Optional[int], device,
             .view(num_tokens // seq_len, seq_len, top_k).permute(1, 2, 0).reshape(-1))
 
 
-def causal_allowance(demand_SE: Tensor, capacity: int) -> Tensor:
-    """[S, E]: how many of each position's assignments to each expert causal priority keeps,
-    given every position's demand: position s may fill an expert up to its share of the
-    capacity so far, budget(s) = min(C, ceil(C * (s + 1) / S)), what earlier positions left
-    unused carrying over; so kept(s) = min(budget(s), kept(s - 1) + demand(s)), in closed form
-    demand(<= s) + min(0, min over j <= s of budget(j) - demand(<= j))."""
-    S = demand_SE.shape[0]
-    s_S = torch.arange(1, S + 1, device=demand_SE.device)
-    budget_S = torch.clamp((capacity * s_S + S - 1) // S, max=capacity)
-    through_SE = torch.cumsum(demand_SE, 0)
-    kept_SE = through_SE + torch.clamp(torch.cummin(budget_S[:, None] - through_SE, 0).values,
-                                       max=0)
-    return torch.diff(kept_SE, dim=0, prepend=kept_SE.new_zeros(1, kept_SE.shape[1]))
-
-
 def assignment_slots(topk_idx_TK: Tensor, priority_T: Optional[Tensor], num_experts: int):
     """Rank assignments choice-major (then by token priority) and give each its expert slot.
 
@@ -382,20 +367,23 @@ def causal_capped(plan: RoutingPlan, seq_len: Optional[int], capacity: int,
     pos_N = (plan.row_token_N % S if position_T is None
              else position_T.to(plan.row_token_N.device).index_select(0, plan.row_token_N))
     expert_N = torch.repeat_interleave(torch.arange(E, device=pos_N.device), plan.counts_E)
-    keep_N = _causal_keep(expert_N, pos_N, plan.counts_E, S, capacity)
+    keep_N = causal_keep(expert_N, pos_N, plan.counts_E, S, capacity)
     return kept_rows(plan, keep_N.index_select(0, plan.dest_TK.reshape(-1)).view_as(
         plan.dest_TK), capacity)
 
 
-def _causal_keep(expert_N: Tensor, pos_N: Tensor, counts_E: Tensor, S: int,
+def causal_keep(expert_N: Tensor, pos_N: Tensor, counts_E: Tensor, S: int,
                  capacity: int) -> Tensor:
     """[N] bool: which of N assignments, listed expert-major and in causal order within each
     expert (so positions never decrease along an expert's rows), the causal rule keeps.
 
-    The rows of one (expert, position) run form a group; ``through`` counts the expert's rows
-    up to the group's end, and :func:`causal_allowance`'s closed form becomes a cumulative
-    minimum over the expert's groups (each expert's groups offset below the previous expert's,
-    so one cummin restarts at every expert)."""
+    Position s may fill an expert up to its share of the capacity so far, budget(s) =
+    min(C, ceil(C * (s + 1) / S)), what earlier positions left unused carrying over: kept(s) =
+    min(budget(s), kept(s - 1) + demand(s)), in closed form through(s) + min(0, min over
+    j <= s of budget(j) - through(j)), through(s) the expert's assignments at positions <= s.
+    The rows of one (expert, position) run form a group, so that minimum is a cumulative one
+    over the expert's groups (each expert's groups offset below the previous expert's, so one
+    cummin restarts at every expert)."""
     N = expert_N.numel()
     if N == 0:
         return torch.zeros(0, dtype=torch.bool, device=expert_N.device)
@@ -431,7 +419,7 @@ def _causal_keep_globally(plan: RoutingPlan, cols_WMJ: Tensor, sizes: list[int],
     S = int(pos_G.max()) + 1 if pos_G.numel() else 1
     order_A = causal_order(pos_G.numel(), K, S, pos_G.device, pos_G)
     perm_A, _, counts_E = assignment_slots(expert_GK.reshape(-1, 1), order_A, E)
-    keep_N = _causal_keep(expert_GK.reshape(-1).index_select(0, perm_A),
+    keep_N = causal_keep(expert_GK.reshape(-1).index_select(0, perm_A),
                           pos_G.index_select(0, perm_A // K), counts_E, S, capacity)
     keep_A = torch.zeros_like(keep_N).index_copy_(0, perm_A, keep_N)
     start = sum(sizes[:rank]) * K

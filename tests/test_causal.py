@@ -50,11 +50,22 @@ def test_causal_drops_follow_the_rule(seed):
 
 
 def test_allowance_spends_at_most_the_capacity_and_carries_what_is_unused():
+    """Demand per position [0, 4, 4, 4] for expert 0 and [5, 5, 5, 5] for expert 1, C = 8 over
+    S = 4 (shares 2, 4, 6, 8): the kept rows of each (expert, position) run."""
     demand_SE = torch.tensor([[0, 5], [4, 5], [4, 5], [4, 5]])
-    allowed_SE = routing.causal_allowance(demand_SE, 8)  # shares 2, 4, 6, 8
-    assert allowed_SE[:, 0].tolist() == [0, 4, 2, 2]  # position 0 left its 2 to position 1
-    assert allowed_SE[:, 1].tolist() == [2, 2, 2, 2]
-    assert bool((allowed_SE <= demand_SE).all()) and allowed_SE.sum(0).tolist() == [8, 8]
+    expert_N = torch.repeat_interleave(torch.tensor([0, 1]), demand_SE.sum(0))
+    pos_N = torch.cat([torch.repeat_interleave(torch.arange(4), demand_SE[:, e])
+                       for e in range(2)])
+    keep_N = routing.causal_keep(expert_N, pos_N, demand_SE.sum(0), 4, 8)
+    kept_SE = torch.zeros(4, 2, dtype=torch.long).index_put_(
+        (pos_N[keep_N], expert_N[keep_N]), torch.tensor(1), accumulate=True)
+    assert kept_SE[:, 0].tolist() == [0, 4, 2, 2]  # position 0 left its 2 to position 1
+    assert kept_SE[:, 1].tolist() == [2, 2, 2, 2]
+    assert bool((kept_SE <= demand_SE).all()) and kept_SE.sum(0).tolist() == [8, 8]
+    group_N = pos_N * 2 + expert_N  # each run keeps its first rows
+    for g in group_N.unique():
+        kept = keep_N[group_N == g]
+        assert torch.equal(kept, kept.sort(descending=True).values)
 
 
 def test_seq_len_must_divide_the_tokens():
