@@ -237,9 +237,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             setattr(c, n, tuple(float(_plain(x)) for x in v))  # numpy scalars as plain floats
             big += [n] if max(abs(x) for x in v) > 1 else []
         else:
-            _check(False, f"{n} must be None or {channels} finite number"
-                   f"{'s' if channels > 1 else ''}{' > 0' if low == 0 else ''} (one per channel "
-                   f"of {c.dataset}), got {v!r}")
+            problems.append(f"{n} must be None or {channels} finite number"
+                            f"{'s' if channels > 1 else ''}{' > 0' if low == 0 else ''} (one "
+                            f"per channel of {c.dataset}), got {v!r}")
     if big:
         warnings.warn(f"{' and '.join(big)} above 1: pixels are scaled to [0, 1] before "
                       "normalisation (0-255 statistics would squash the inputs)", stacklevel=2)
