@@ -91,8 +91,8 @@ class CountSum:
     """A layer's routing counts over every rank: summed per expert (``balance_scope="global"``,
     one all-reduce of E int64 per training forward) or gathered per rank, choice and expert
     (``capacity_scope="global"``, one all-gather of K * E int64, and with score priority one of
-    each rank's priorities and choices, with causal priority on sequences one of S * E counts
-    per position; under expert choice the token counts and every token's ranking scores).
+    each rank's priorities and choices, with causal priority one of each token's position and
+    choices; under expert choice the token counts and every token's ranking scores).
     Installed by ``parallelize``; the layer calls it without knowing the group. Not counted in
     :class:`CommStats` (which counts the all-to-alls, as the gradient all-reduces are not)."""
 
@@ -123,7 +123,7 @@ class CountSum:
 
     def gather_rows(self, rows_TJ: Tensor, length: int) -> Tensor:
         """[W, length, J]: every rank's rows, in rank order, each padded with zeros to
-        ``length`` (``capacity_scope="global"``: score priorities, causal per-position counts,
+        ``length`` (``capacity_scope="global"``: score priorities, causal positions and choices,
         expert-choice scores)."""
         padded = rows_TJ.new_zeros(length, rows_TJ.shape[1])
         padded[:rows_TJ.shape[0]] = rows_TJ.detach()
