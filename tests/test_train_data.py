@@ -74,6 +74,10 @@ def test_cifar_pickles_load_from_data_or_folder(tmp_path, monkeypatch):
     assert te.labels_N.shape == (40,) and tr.num_classes == 10
     tr2, _ = load_cifar10(d)  # pointing at the folder itself
     assert torch.equal(tr.images_NCHW, tr2.images_NCHW)
+    from moesaic.train.data import SHAPES  # what --print-config builds without reading data
+    assert SHAPES["cifar10"] == (tuple(tr.shape), tr.num_classes)
+    tr100, _ = load_dataset("cifar100", write_cifar100(str(tmp_path)))
+    assert SHAPES["cifar100"] == (tuple(tr100.shape), tr100.num_classes)
 
 
 def test_normalisation_override_reaches_both_sets(tmp_path):
