@@ -205,7 +205,8 @@ class MoE(nn.Module):
                 self.load_counts += counts_E.detach()
             dist_TE = routing.score_distribution(probs_TE, c.score_func)
             if c.balance_scope == "sequence":
-                balance = routing.sequence_balance_loss(dist_TE, plan.expert_TK, num_seqs)
+                seq_T = None if position_T is None else routing.sequence_ids(position_T)
+                balance = routing.sequence_balance_loss(dist_TE, plan.expert_TK, num_seqs, seq_T)
             elif c.balance_scope == "global" and self.training and self.count_sum is not None:
                 total_E = (self.count_sum(counts_E) if counts_WKE is None
                            else counts_WKE.sum((0, 1)))  # the capacity's gather has them
@@ -282,9 +283,10 @@ class MoE(nn.Module):
     def forward(self, x: Tensor, return_stats: bool = False, positions: Optional[Tensor] = None):
         """``(y, aux_loss)``, or ``(y, aux_loss, stats)`` with ``return_stats=True``.
         ``positions`` (integers, shape ``x.shape[:-1]``): each token's position in its
-        sequence, for ``drop_policy="causal"`` on packed or masked sequences (other policies
-        ignore it); without it a [..., S, D] input is sequences of S and a [T, D] one is one
-        sequence."""
+        sequence, for packed or masked sequences: ``drop_policy="causal"`` ranks by it, and
+        ``balance_scope="sequence"`` starts a sequence wherever it does not increase (other
+        options ignore it); without it a [..., S, D] input is sequences of S and a [T, D] one
+        is one sequence."""
         c = self.config
         if torch.jit.is_tracing() or torch.compiler.is_exporting():
             how = "torch.jit.trace" if torch.jit.is_tracing() else "torch.export"
@@ -304,9 +306,9 @@ class MoE(nn.Module):
         seq_len = x.shape[-2] if x.dim() >= 3 else None
         position_T = None
         if positions is not None:
-            capped_causally = (c.drop_policy == "causal" and c.drop_tokens
-                               and c.router == "token_choice")
-            position_T, seq_len = _positions(positions, x, capped_causally, seq_len)
+            position_T = _positions(positions, x)
+            if c.drop_policy == "causal" and c.drop_tokens and c.router == "token_choice":
+                seq_len = _longest(position_T)  # causal budgets count over S positions
         keys_T = None
         if self.training and keyed.active() and (c.noise_policy or c.hidden_dropout > 0):
             keys_T = keyed.row_keys(x_TD.shape[0], x.device)
@@ -344,10 +346,8 @@ class MoE(nn.Module):
 MoeModule = MoE
 
 
-def _positions(positions, x: Tensor, read: bool,
-               seq_len: Optional[int]) -> tuple[Optional[Tensor], Optional[int]]:
-    """(position_T, longest sequence) from ``forward``'s ``positions``, checked; read (one host
-    read: the largest position) only when the drop policy uses them."""
+def _positions(positions, x: Tensor) -> Tensor:
+    """``forward``'s ``positions``, checked, as [T] int64 on the input's device."""
     if not (isinstance(positions, Tensor) and not positions.is_floating_point()
             and not positions.is_complex() and positions.dtype != torch.bool):
         what = f"a {positions.dtype} tensor" if isinstance(positions, Tensor) else \
@@ -356,15 +356,17 @@ def _positions(positions, x: Tensor, read: bool,
     if tuple(positions.shape) != tuple(x.shape[:-1]):
         raise ValueError(f"positions must have the input's shape without its last dim, "
                          f"{tuple(x.shape[:-1])}, got {tuple(positions.shape)}")
-    if not read:
-        return None, seq_len
-    position_T = positions.reshape(-1).to(device=x.device, dtype=torch.long)
+    return positions.reshape(-1).to(device=x.device, dtype=torch.long)
+
+
+def _longest(position_T: Tensor) -> int:
+    """The largest position + 1 (one host read), refusing a negative position."""
     if position_T.numel() == 0:
-        return position_T, 1
+        return 1
     low, high = torch.stack([position_T.min(), position_T.max()]).tolist()
     if low < 0:
         raise ValueError(f"positions must be >= 0, got {low}")
-    return position_T, high + 1
+    return high + 1
 
 
 def _row_keys(plan: routing.RoutingPlan, keys_T: Optional[Tensor], device) -> Tensor:

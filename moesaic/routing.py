@@ -566,15 +566,35 @@ def balance_loss(probs_TE: Tensor, counts_E: Tensor) -> Tensor:
     return E * torch.sum(f_E * probs_TE.sum(0) / max(T, 1))
 
 
-def sequence_balance_loss(probs_TE: Tensor, expert_TK: Tensor, num_seqs: int) -> Tensor:
+def sequence_ids(position_T: Tensor) -> Tensor:
+    """[T] each token's sequence, numbered from 0: a new sequence starts wherever the position
+    does not increase (packed sequences, or a padded batch's real tokens, x[mask], keep each
+    sequence's tokens together and in order)."""
+    new_T = torch.ones_like(position_T, dtype=torch.bool)
+    new_T[1:] = position_T[1:] <= position_T[:-1]
+    return torch.cumsum(new_T, 0) - 1
+
+
+def sequence_balance_loss(probs_TE: Tensor, expert_TK: Tensor, num_seqs: int,
+                          seq_T: Optional[Tensor] = None) -> Tensor:
     """The mean over sequences of :func:`balance_loss` taken within each (DeepSeek-V3's
-    sequence-wise balance loss): the T tokens are ``num_seqs`` sequences of T / num_seqs."""
+    sequence-wise balance loss): the T tokens are ``num_seqs`` sequences of T / num_seqs, or
+    the sequences ``seq_T`` numbers (:func:`sequence_ids`; any lengths)."""
     T, E = probs_TE.shape
     if T == 0:  # an empty batch (e.g. a rank's last evaluation shard): no sequences
         return probs_TE.new_zeros(())
+    K = expert_TK.shape[1]
+    if seq_T is not None:
+        len_Q = torch.bincount(seq_T)
+        Q = len_Q.numel()
+        counts_QE = torch.bincount(seq_T.repeat_interleave(K) * E + expert_TK.reshape(-1).long(),
+                                   minlength=Q * E).view(Q, E)
+        f_QE = counts_QE.to(probs_TE.dtype) / (K * len_Q[:, None]).clamp(min=1)
+        p_QE = probs_TE.new_zeros(Q, E).index_add_(0, seq_T, probs_TE)
+        p_QE = p_QE / len_Q[:, None].clamp(min=1)
+        return E * (f_QE * p_QE).sum(1)[len_Q > 0].mean()
     if num_seqs < 1 or T % num_seqs:
         raise ValueError(f"{T} tokens do not split into num_seqs ({num_seqs}) equal sequences")
-    K = expert_TK.shape[1]
     seq_A = torch.arange(T, device=probs_TE.device).div(T // num_seqs, rounding_mode="floor")
     seq_A = seq_A.repeat_interleave(K)
     counts_QE = torch.bincount(seq_A * E + expert_TK.reshape(-1).long(),

@@ -181,6 +181,25 @@ def test_positions_rank_packed_and_masked_sequences_causally():
         assert not torch.allclose(y[~early], y_later[~early])
 
 
+def test_sequence_balance_on_packed_sequences_is_the_mean_over_them():
+    """balance_scope="sequence" with ``positions``: a sequence starts where the position does
+    not increase, so a padded batch's real tokens (x[mask], positions[mask]) or packed ones
+    give the mean of each sequence's own loss, whatever the lengths."""
+    layer = make(top_k=2, drop_tokens=False, balance_scope="sequence")
+    lengths = [6, 2, 4]
+    mask = torch.arange(6) < torch.tensor(lengths)[:, None]
+    x = torch.randn(3, 6, D)
+    positions = torch.arange(6).expand(3, 6)
+    assert routing.sequence_ids(positions[mask]).tolist() == [0] * 6 + [1] * 2 + [2] * 4
+    def balance(*args, **kw):
+        return layer(*args, **kw, return_stats=True)[2].balance_loss
+
+    packed = balance(x[mask], positions=positions[mask])
+    alone = [balance(x[q:q + 1, :n]) for q, n in enumerate(lengths)]
+    torch.testing.assert_close(packed, torch.stack(alone).mean())
+    torch.testing.assert_close(balance(x, positions=positions), balance(x))  # equal lengths
+
+
 def test_positions_are_checked():
     layer = make(top_k=2, drop_policy="causal")
     x = torch.randn(2, 5, D)
