@@ -58,6 +58,7 @@ import torch  # noqa: E402
 
 import moesaic  # noqa: E402
 from moesaic import experts as experts_mod  # noqa: E402
+from moesaic import routing  # noqa: E402
 from moesaic.ops import TorchOps  # noqa: E402
 from moesaic.routing import token_choice_capacity  # noqa: E402
 
@@ -199,6 +200,30 @@ def check_routing(run, tops, device, gen, T, E):
                   exact=bool(torch.equal(p0.dest_TK, p1.dest_TK)
                              and torch.equal(p0.row_token_N, p1.row_token_N)))
             check(run, name + " probs", rel_err(pr1, pr0), 1e-5)
+    check_causal_cap(run, device, gen, T, E)
+
+
+def check_causal_cap(run, device, gen, T, E):
+    """The causal cap's bookkeeping on the device against the same on the CPU, from one
+    dropless plan: sequences of 64, and shuffled packed positions."""
+    for K in (1, 2):
+        logits = torch.randn(T, E, device=device, generator=gen)
+        capacity = token_choice_capacity(T, E, K, 0.75, 0)
+        lengths = torch.randint(1, 128, (T,), device=device, generator=gen)
+        lengths = lengths[:int(torch.searchsorted(torch.cumsum(lengths, 0), T)) + 1]
+        packed = torch.cat([torch.arange(int(n), device=device) for n in lengths])[:T]
+        packed = packed[torch.randperm(T, device=device, generator=gen)]
+        for seq_len, positions in ((64 if T % 64 == 0 else None, None),
+                                   (int(packed.max()) + 1, packed)):
+            plans = [routing.token_choice(logits.to(where), K, capacity, "causal", K >= 2,
+                                          seq_len=seq_len, position_T=None if positions is None
+                                          else positions.to(where))[0]
+                     for where in (device, "cpu")]
+            same = all(torch.equal(getattr(plans[0], f).cpu(), getattr(plans[1], f))
+                       for f in ("dest_TK", "row_token_N", "counts_E"))
+            what = "packed positions" if positions is not None else f"sequences of {seq_len}"
+            check(run, f"causal cap on the device = CPU, T={T} E={E} K={K}, {what}",
+                  0.0 if same else 1.0, 0.0, exact=same)
 
 
 def check_rows(run, tops, device, gen, T, E, D, dtype):

@@ -586,6 +586,7 @@ def test_gpu_benchmark_dry_run(tmp_path):
     result = json.loads(out.read_text())
     assert not result["errors"], result["errors"]
     assert all(c["ok"] for c in result["checks"]), result["checks"]
+    assert sum("causal cap on the device = CPU" in c["name"] for c in result["checks"]) == 8
     ops = {(r["op"], r["kernels"]) for r in result["timings"]}
     for op in ("routing", "dispatch", "combine", "combine_bwd"):
         assert {(op, "torch"), (op, "triton")} <= ops
