@@ -770,6 +770,7 @@ def test_progress_bar_draws_on_a_terminal_that_reports_no_size(tmp_path):
     os.close(master)
     assert proc.wait(timeout=120) == 0
     assert b"epoch 1/1:" in shown and b"0/3" in shown, shown[-500:]
+    assert b"eval:" in shown, shown[-500:]  # the evaluation has its bar too
 
 
 def test_a_model_the_config_file_registers_evaluates_and_resumes_from_its_run(

@@ -24,6 +24,7 @@ from .augment import normalize
 from .data import eval_batches, load_dataset
 from .dist import all_reduce_
 from .meters import RoutingMeter
+from .progress import bar
 
 
 def autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
@@ -34,30 +35,39 @@ def autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
 
 @torch.no_grad()
 def evaluate(model, test_set, eval_batch_size: int, rank: int, world: int, device,
-             amp_dtype: Optional[torch.dtype], meter: Optional[RoutingMeter] = None):
+             amp_dtype: Optional[torch.dtype], meter: Optional[RoutingMeter] = None,
+             progress: bool = False):
     """(loss, accuracy) over the whole test set, identical on every rank; ``meter`` (optional)
-    sums the MoE layers' routing statistics of this rank's batches."""
+    sums the MoE layers' routing statistics of this rank's batches; ``progress`` draws a bar
+    on a terminal."""
     was_training = model.training
     model.eval()
-    mean, std = test_set.mean, test_set.std
     sums_3 = torch.zeros(3, device=device, dtype=torch.float64)
-    for idx_b in eval_batches(len(test_set), -(-eval_batch_size // world), rank, world):
-        idx_b = idx_b.to(device)
-        x_bCHW = normalize(test_set.images_NCHW[idx_b].float() / 255, mean, std)
-        labels_b = test_set.labels_N[idx_b]
-        with autocast(device, amp_dtype):
-            if meter is None:
-                logits_bL, _ = model(x_bCHW)
-            else:
-                logits_bL, _, stats = model(x_bCHW, return_stats=True)
-                meter.step(stats)
-        logits_bL = logits_bL.float()
-        loss_b = F.cross_entropy(logits_bL, labels_b, reduction="none")
-        sums_3 += torch.stack([loss_b.sum(), (logits_bL.argmax(-1) == labels_b).sum(),
-                               torch.tensor(labels_b.numel(), device=device)]).double()
+    batches = eval_batches(len(test_set), -(-eval_batch_size // world), rank, world)
+    with bar(len(batches), "eval", "batch", progress) as shown:
+        for idx_b in batches:
+            _eval_batch(model, test_set, idx_b, device, amp_dtype, meter, sums_3)
+            shown.update()
     all_reduce_(sums_3)
     model.train(was_training)
     return float(sums_3[0] / sums_3[2]), float(sums_3[1] / sums_3[2])
+
+
+def _eval_batch(model, test_set, idx_b, device, amp_dtype, meter, sums_3) -> None:
+    """Add one batch's [loss, correct, images] to ``sums_3`` (and its routing to ``meter``)."""
+    idx_b = idx_b.to(device)
+    x_bCHW = normalize(test_set.images_NCHW[idx_b].float() / 255, test_set.mean, test_set.std)
+    labels_b = test_set.labels_N[idx_b]
+    with autocast(device, amp_dtype):
+        if meter is None:
+            logits_bL, _ = model(x_bCHW)
+        else:
+            logits_bL, _, stats = model(x_bCHW, return_stats=True)
+            meter.step(stats)
+    logits_bL = logits_bL.float()
+    loss_b = F.cross_entropy(logits_bL, labels_b, reduction="none")
+    sums_3 += torch.stack([loss_b.sum(), (logits_bL.argmax(-1) == labels_b).sum(),
+                           torch.tensor(labels_b.numel(), device=device)]).double()
 
 
 def find_checkpoint(path: str, best: bool) -> str:
@@ -102,7 +112,8 @@ def evaluate_checkpoint(cfg, ckpt: str) -> dict:
     state = checkpoint.load(ckpt, model)
     meter = RoutingMeter()
     loss, acc = evaluate(model, test_set.to(device), cfg.eval_batch_size, ctx.rank,
-                         ctx.world_size, device, amp_dtype, meter)
+                         ctx.world_size, device, amp_dtype, meter,
+                         progress=ctx.is_main and cfg.progress)
     names = [n for n, m in model.named_modules() if isinstance(m, MoE)]
     return {"checkpoint": ckpt, "epoch": int(state["epoch"]), "eval_loss": loss,
             "eval_accuracy": acc, "moe": meter.result(names)}

@@ -42,7 +42,7 @@ from ..keyed import draw_sample_keys, sample_keys
 from ..layer import MoE
 from ..parallel import clip_grad_norm_, equal_batches, moe_set_seed, no_sync, parallelize
 from ..parallel.layout import mix_seed
-from . import checkpoint, report, rundir
+from . import checkpoint, progress, report, rundir
 from .augment import Augmenter, Draws
 from .config import ConfigError, TrainConfig
 from .data import epoch_order, load_dataset, rank_batch, steps_per_epoch
@@ -60,14 +60,6 @@ BAR_EVERY = 10  # steps between progress-bar updates (each reads the device's ru
 
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite; the run stopped before applying that step."""
-
-
-def _terminal_columns(stream) -> int:
-    """The terminal's width, 0 when it reports none (a pty opened without a size)."""
-    try:
-        return os.get_terminal_size(stream.fileno()).columns
-    except (OSError, ValueError, AttributeError):
-        return 0
 
 
 class TrainingInterrupted(RuntimeError):
@@ -339,24 +331,18 @@ class Trainer:
     def evaluate(self) -> tuple[float, float]:
         """(loss, accuracy) on the test set (see :func:`moesaic.train.evaluate.evaluate`)."""
         return evaluate(self.model, self.test_set, self.cfg.eval_batch_size, self.rank,
-                        self.world, self.device, self.amp_dtype)
+                        self.world, self.device, self.amp_dtype,
+                        progress=self.is_main and self.cfg.progress)
 
     def train_epoch(self):
         """One epoch of steps. Loss/accuracy sums and routing statistics stay on the device; the
         progress bar reads them every ``BAR_EVERY`` steps and at the end of the epoch."""
         cfg = self.cfg
-        from tqdm import tqdm
-
         order_N = epoch_order(len(self.train_set), self.epoch, cfg.seed).to(self.device)
         self.routing.reset()
         totals_5 = torch.zeros(5, dtype=torch.float64, device=self.device)
-        shown = (self.is_main and cfg.progress and sys.stderr is not None
-                 and sys.stderr.isatty())
-        sized = shown and _terminal_columns(sys.stderr) > 0  # a pty without a size: 80 x 24
-        bar = tqdm(total=self.spe, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", leave=False,
-                   dynamic_ncols=sized, ncols=None if sized else 80,
-                   nrows=None if sized else 24, unit="step", mininterval=0.5,
-                   disable=not shown)
+        bar = progress.bar(self.spe, f"epoch {self.epoch + 1}/{cfg.epochs}", "step",
+                           self.is_main and cfg.progress)
         shown_5, shown_steps = torch.zeros(5, dtype=torch.float64), 0
         t0, stopped, steps = time.perf_counter(), False, 0
         with bar:  # closed on an interrupt too, so the error line starts a line of its own
