@@ -232,15 +232,15 @@ class MoE(nn.Module):
         K, E = c.top_k, c.num_experts
         counts_KE = routing.choice_counts(plan.expert_TK, E)
         causal = c.drop_policy == "causal"
-        if causal:  # a row more: the rank's sequence length (-1: a [T, D] input)
+        if causal:  # a row more, a mark: -1 for a [T, D] input without positions
             seq_1E = counts_KE.new_zeros(1, E)
             seq_1E[0, 0] = -1 if seq_len is None else seq_len
             counts_KE = torch.cat([counts_KE, seq_1E])
         counts_WKE = count_sum.gather(counts_KE)
         sizes_W = counts_WKE[:, 0].sum(-1)
         if causal:  # the one host read: every rank's tokens (and whether it has positions)
-            sizes, seq_lens = torch.stack([sizes_W, counts_WKE[:, K, 0]]).tolist()
-            flat = [r for r, n in enumerate(seq_lens) if n < 0]
+            sizes, marks = torch.stack([sizes_W, counts_WKE[:, K, 0]]).tolist()
+            flat = [r for r, n in enumerate(marks) if n < 0]
             if flat:  # every rank raises here, none waits in the next gather
                 mine = (f"[T, D] of {plan.num_tokens} tokens" if seq_len is None
                         else f"S={seq_len}")

@@ -234,7 +234,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             continue
         if len(v) == channels and all(isinstance(x, numbers.Real) and not isinstance(x, bool)
                                       and math.isfinite(x) and x > low for x in v):
-            setattr(c, n, tuple(float(_plain(x)) for x in v))  # numpy scalars as plain floats
+            setattr(c, n, tuple(float(x) for x in v))  # ints as floats (_coerce made them plain)
             big += [n] if max(abs(x) for x in v) > 1 else []
         else:
             problems.append(f"{n} must be None or {channels} finite number"
