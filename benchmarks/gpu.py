@@ -190,24 +190,33 @@ def check_routing(run, tops, device, gen, T, E):
                                                 score_func, groups, seq_len)
             p1, pr1, c1 = tops.token_choice(logits, K, capacity, policy, K >= 2, bias,
                                             score_func, groups, seq_len)
-            same_counts = torch.equal(c0, c1)
-            dest_mismatch = float((p0.dest_TK != p1.dest_TK).float().mean())
-            # ULP-level softmax differences may reorder near-ties, so allow a tiny fraction.
             name = f"routing T={T} E={E} K={K} capacity={capacity} {policy}"
             name += (" biased" if biased else "") + ("" if score_func == "softmax" else " sigmoid")
             name += f" groups {groups[1]} of {groups[0]}" if groups else ""
-            check(run, name + " dest mismatch", dest_mismatch + (0 if same_counts else 1), 1e-3,
-                  exact=bool(torch.equal(p0.dest_TK, p1.dest_TK)
-                             and torch.equal(p0.row_token_N, p1.row_token_N)))
+            exact = bool(torch.equal(p0.dest_TK, p1.dest_TK)
+                         and torch.equal(p0.row_token_N, p1.row_token_N))
+            # ULP-level differences of the two softmaxes may flip a near-tie: a token then
+            # chooses another expert, which shifts the slots of later assignments of both
+            # experts, so the slots are only compared where every choice agrees (there a
+            # near-tie of two tokens' scores may still swap their slots).
+            flipped = float((p0.expert_TK != p1.expert_TK).any(1).float().mean())
+            if flipped:
+                check(run, name + " tokens with another choice", flipped, 1e-3, exact=exact)
+            else:
+                dest_mismatch = float((p0.dest_TK != p1.dest_TK).float().mean())
+                check(run, name + " dest mismatch", dest_mismatch + (0 if torch.equal(c0, c1)
+                                                                     else 1), 1e-3, exact=exact)
             check(run, name + " probs", rel_err(pr1, pr0), 1e-5)
     check_causal_cap(run, device, gen, T, E)
 
 
 def check_causal_cap(run, device, gen, T, E):
     """The causal cap's bookkeeping on the device against the same on the CPU, from one
-    dropless plan: sequences of 64, and shuffled packed positions."""
+    dropless plan: sequences of 64, and shuffled packed positions. Each token's logits are a
+    permutation of 0, 0.25, 0.5, ... so no rounding difference of the two softmaxes can change
+    a choice: the plans must be equal."""
     for K in (1, 2):
-        logits = torch.randn(T, E, device=device, generator=gen)
+        logits = torch.rand(T, E, device=device, generator=gen).argsort(1).float() * 0.25
         capacity = token_choice_capacity(T, E, K, 0.75, 0)
         lengths = torch.randint(1, 128, (T,), device=device, generator=gen)
         lengths = lengths[:int(torch.searchsorted(torch.cumsum(lengths, 0), T)) + 1]
@@ -600,10 +609,14 @@ def targets(data: dict) -> dict:
 
 
 def fallbacks() -> dict:
-    """Whether this process has given up a grouped_mm form (then "auto" times bmm or a loop)."""
+    """Whether this process has given up a grouped_mm form (then "auto" times bmm or a loop)
+    or a Triton kernel of the expert path (then "triton" times the PyTorch epilogue or dropout,
+    as "torch" does)."""
     from moesaic import grouped_cuda
     return {"grouped_mm_failed": grouped_cuda._grouped_mm_failed,
-            "grouped_wgrad_failed": grouped_cuda._grouped_wgrad_failed}
+            "grouped_wgrad_failed": grouped_cuda._grouped_wgrad_failed,
+            "epilogue_failed": grouped_cuda._epilogue_failed,
+            "dropout_kernel_failed": grouped_cuda._dropout_kernel_failed}
 
 
 def summarize(run: Run) -> None:
@@ -764,17 +777,16 @@ def main():
     run.section("matmul rate", matmul_rate, run, device, mm_n, rate_warmup, rate_iters)
     # 3. timings
     dtype = torch.bfloat16
-    for D in Ds:
-        for E in Es:
-            for K in Ks:
-                if run.elapsed() > args.budget_s:
-                    run.data["errors"].append({"section": f"timings D={D} E={E} K={K}",
-                                               "error": "skipped: time budget spent"})
-                    continue
-                run.section(f"rows D={D} E={E} K={K}", time_rows, run, tops, device, T, D, E, K,
-                            dtype, warmup, iters)
-                run.section(f"layer D={D} E={E} K={K}", time_layer, run, device, T, D, E, K,
-                            dtype, layer_warmup, layer_iters, variants)
+    # most experts and widest first: the E=64 speedup target is the one a short run must reach
+    for D, E, K in sorted(itertools.product(Ds, Es, Ks), key=lambda c: (-c[1], -c[0], c[2])):
+        if run.elapsed() > args.budget_s:
+            run.data["errors"].append({"section": f"timings D={D} E={E} K={K}",
+                                       "error": "skipped: time budget spent"})
+            continue
+        run.section(f"rows D={D} E={E} K={K}", time_rows, run, tops, device, T, D, E, K,
+                    dtype, warmup, iters)
+        run.section(f"layer D={D} E={E} K={K}", time_layer, run, device, T, D, E, K,
+                    dtype, layer_warmup, layer_iters, variants)
     # 4. block sizes of the row kernels (data for tuning; the library's choice is marked *)
     for D in Ds:
         if run.elapsed() > args.budget_s:
