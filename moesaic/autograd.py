@@ -1,5 +1,6 @@
 """``first_order``: the backward of a Function whose gradient is not itself differentiable;
-``in_backward``: whether a forward runs inside a backward (a checkpoint's recomputation).
+``in_backward``: whether a forward runs inside a backward (a checkpoint's recomputation);
+``fresh``: a Function's output that torch.compile differentiates correctly.
 
 torch's ``once_differentiable`` errors only when a later backward happens to run through its
 error node; a second derivative taken with ``inputs=`` or ``autograd.grad`` can skip that node
@@ -31,3 +32,14 @@ def first_order(backward):
         return backward(ctx, *grads)
 
     return wrapped
+
+
+def fresh(out_ND: torch.Tensor) -> torch.Tensor:
+    """A custom Function's output, copied while torch.compile traces the forward.
+
+    torch 2.11's dynamo gives zero gradients through a ``torch.autograd.Function`` whose
+    forward returns a tensor it wrote in place (``add_``, ``index_add_``, ``out=``, a Triton
+    kernel's output), with every backend, ``"eager"`` included; torch 2.13 does not. Returning a
+    copy avoids it there; in eager mode (and so on the hot path) this returns ``out_ND`` itself.
+    """
+    return out_ND.clone() if torch.compiler.is_compiling() else out_ND

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .autograd import fresh
 from .routing import RoutingPlan
 
 
@@ -100,9 +101,10 @@ class _Combine(torch.autograd.Function):
                 dest_TK: Optional[Tensor], weight_TK: Optional[Tensor]):
         ctx.save_for_backward(y_ND, weight_N, row_token_N)
         if dest_TK is not None:
-            return gather_sum(y_ND, dest_TK, weight_TK)
+            return fresh(gather_sum(y_ND, dest_TK, weight_TK))
         out_TD = y_ND.new_zeros(num_tokens, y_ND.shape[1])
-        return out_TD.index_add_(0, row_token_N, y_ND * weight_N.to(y_ND.dtype).unsqueeze(1))
+        return fresh(out_TD.index_add_(0, row_token_N, y_ND * weight_N.to(y_ND.dtype)
+                                       .unsqueeze(1)))
 
     @staticmethod
     def backward(ctx, grad_TD: Tensor):

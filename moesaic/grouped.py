@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .autograd import first_order
+from .autograd import first_order, fresh
 from .hidden_dropout import drop_
 
 
@@ -101,7 +101,7 @@ class _GroupedFFN(torch.autograd.Function):
         ctx.counts, ctx.activation, ctx.p = counts, activation, p
         ctx.has_b1, ctx.has_b2 = b1_EF is not None, b2_ED is not None
         ctx.save_for_backward(x_ND, w1_EDF, w2_EFD, w3_EDF, keys_N, *h_chunks, *u_chunks)
-        return y_ND
+        return fresh(y_ND)
 
     @staticmethod
     @first_order

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .autograd import first_order
+from .autograd import first_order, fresh
 from .grouped import _act, _act_backward_, _bounds, grouped_ffn
 from .hidden_dropout import drop_
 
@@ -119,7 +119,7 @@ class _HiddenDrop(torch.autograd.Function):
     def forward(ctx, a_MF, keys_M, p, use_triton):
         ctx.p, ctx.use_triton = p, use_triton
         ctx.save_for_backward(keys_M)
-        return _hidden_drop_(a_MF.clone(), keys_M, p, use_triton)
+        return fresh(_hidden_drop_(a_MF.clone(), keys_M, p, use_triton))
 
     @staticmethod
     @first_order
@@ -162,7 +162,7 @@ class _GroupedMMFFN(torch.autograd.Function):
         ctx.activation, ctx.p, ctx.triton = activation, p, fused is not None
         ctx.has_b1, ctx.has_b2 = b1_EF is not None, b2_ED is not None
         ctx.save_for_backward(x_ND, h_NF, u_NF, counts_E, offs_E, w1_EDF, w2_EFD, w3_EDF, keys_N)
-        return y_ND
+        return fresh(y_ND)
 
     @staticmethod
     @first_order

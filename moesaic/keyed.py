@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .autograd import in_backward
+from .autograd import fresh, in_backward
 from .hash32 import BITS, GOLDEN, mix_, mix_int, outside_compile, row_col_hash
 
 _local = threading.local()
@@ -263,7 +263,7 @@ class _KeyedDrop(torch.autograd.Function):
     def forward(ctx, x_RW, keys_R, p, use_triton):
         ctx.p, ctx.use_triton = p, use_triton
         ctx.save_for_backward(keys_R)
-        return _drop(x_RW, keys_R, p, use_triton)
+        return fresh(_drop(x_RW, keys_R, p, use_triton))
 
     @staticmethod
     def backward(ctx, grad_RW):

@@ -4,6 +4,7 @@ Legend: T tokens, D model dim, FF ffn dim, E experts, K top-k.
 """
 import contextlib
 import copy
+import importlib.util
 import shutil
 import math
 import types
@@ -908,3 +909,42 @@ def test_float64_gradcheck_with_a_step_above_float32_routing():
     want = torch.autograd.grad(reference_forward(layer, x)[0].square().sum(), inputs)
     for g, w in zip(grads, want):
         torch.testing.assert_close(g, w, rtol=0, atol=1e-10)
+
+
+def test_fresh_copies_a_functions_output_only_while_compiling():
+    """torch 2.11's dynamo gave zero gradients through a Function returning a tensor written in
+    place (the compile tests above failed there); every Function of the layer returns its output
+    through ``fresh``, which copies it under torch.compile and is free in eager mode."""
+    from moesaic.autograd import fresh
+    t = torch.randn(3, 4)
+    assert fresh(t) is t
+    out = torch.compile(lambda a: fresh(a * 1), backend="eager")(t)
+    assert torch.equal(out, t) and out.data_ptr() != t.data_ptr()
+
+
+def test_every_function_returns_through_fresh():
+    """Each custom Function's forward returns its output through ``fresh`` (see above), but
+    dispatch's permute, whose output is a new tensor from an out-of-place gather."""
+    import ast
+    import inspect
+    import moesaic.grouped_cuda
+    import moesaic.parallel.comm
+    modules = [moesaic.dispatch, moesaic.grouped, moesaic.grouped_cuda, moesaic.keyed,
+               moesaic.parallel.comm]
+    if importlib.util.find_spec("triton") is not None:
+        import moesaic.kernels.route
+        import moesaic.kernels.rows
+        modules += [moesaic.kernels.route, moesaic.kernels.rows]
+    found = []
+    for mod in modules:
+        for node in ast.walk(ast.parse(inspect.getsource(mod))):
+            if isinstance(node, ast.ClassDef) and any(
+                    ast.unparse(b).endswith("autograd.Function") for b in node.bases):
+                forward = next(f for f in node.body if getattr(f, "name", "") == "forward")
+                returns = [ast.unparse(r.value) for r in ast.walk(forward)
+                           if isinstance(r, ast.Return)]
+                found.append(node.name)
+                if node.name != "_Permute":
+                    assert returns and all("fresh(" in r for r in returns), (mod.__name__,
+                                                                             node.name, returns)
+    assert len(found) >= 8, found

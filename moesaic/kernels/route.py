@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..autograd import first_order
+from ..autograd import first_order, fresh
 from ..routing import (TINY, RoutingPlan, causal_capped, causal_order, first_choice_prob,
                        ranking_scores)
 
@@ -184,7 +184,7 @@ class _SoftmaxTopK(torch.autograd.Function):
         ctx.sigmoid = sigmoid
         ctx.save_for_backward(probs_TE)
         ctx.mark_non_differentiable(idx_TK, hist)
-        return probs_TE, idx_TK, hist
+        return fresh(probs_TE), idx_TK, hist
 
     @staticmethod
     @first_order

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..autograd import first_order
+from ..autograd import first_order, fresh
 
 @triton.jit
 def _scatter_rows_kernel(x_ptr, dest_ptr, w_ptr, out_ptr, D,
@@ -129,7 +129,7 @@ class Permute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD: Tensor, dest_TK: Tensor, num_rows: int):
         ctx.save_for_backward(dest_TK)
-        return scatter_rows(x_TD.contiguous(), dest_TK, None, num_rows)
+        return fresh(scatter_rows(x_TD.contiguous(), dest_TK, None, num_rows))
 
     @staticmethod
     @first_order
@@ -146,7 +146,7 @@ class Combine(torch.autograd.Function):
         y_ND = y_ND.contiguous()
         weight_TK = weight_TK.contiguous().float()
         ctx.save_for_backward(y_ND, weight_TK, dest_TK)
-        return gather_sum(y_ND, dest_TK, weight_TK)
+        return fresh(gather_sum(y_ND, dest_TK, weight_TK))
 
     @staticmethod
     @first_order

@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..autograd import fresh
+
 
 class CommError(RuntimeError):
     """A collective failed: a peer rank died, raised, or did not answer within the timeout."""
@@ -150,7 +152,8 @@ class _AllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_ND, out_splits, in_splits, group_ref, ranks, stats, what):
         ctx.args = (out_splits, in_splits, group_ref, ranks, stats, what)
-        return exchange(x_ND, out_splits, in_splits, group_ref.get(), ranks, stats, what)
+        return fresh(exchange(x_ND, out_splits, in_splits, group_ref.get(), ranks, stats,
+                              what))
 
     @staticmethod
     def backward(ctx, grad_MD):
