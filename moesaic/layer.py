@@ -54,6 +54,14 @@ def _dense_input(x_TD: Tensor, mlp: DenseMLP, autocast_on: bool) -> Tensor:
     return x_TD if autocast_on else x_TD.to(mlp.fc1.weight.dtype)
 
 
+def _clear_load_counts(layer: "MoE", incompatible_keys) -> None:
+    """Zero counts on the router's device after a state dict is loaded: the counts are not
+    saved, so after ``to_empty`` they would hold whatever memory was there, and after a meta
+    build loaded with ``assign=True`` they would stay on the meta device (where adding to them
+    does nothing, so the biases would never move)."""
+    layer.load_counts = torch.zeros_like(layer.load_counts, device=layer.router.weight.device)
+
+
 class MoE(nn.Module):
     """Mixture-of-Experts feed-forward: ``y, aux_loss = layer(x)`` for x of shape [..., d_model].
 
@@ -134,6 +142,7 @@ class MoE(nn.Module):
         if cfg.bias_update_rate > 0:  # assignments since the last moesaic.update_expert_biases
             self.register_buffer("load_counts", torch.zeros(num_experts, dtype=torch.int64),
                                  persistent=False)
+            self.register_load_state_dict_post_hook(_clear_load_counts)
         self.experts = Experts(d_model, d_ff, self.layout.global_ids, activation, bias,
                                layer_seed=next_layer_seed(), hidden_dropout=cfg.hidden_dropout)
         self.experts.triton_epilogue = kernels != "torch"  # "torch": no Triton anywhere

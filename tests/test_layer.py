@@ -705,6 +705,34 @@ def test_meta_device_build_then_reset_parameters_gives_the_eager_weights(kw):
         assert not layer.load_counts.any()
 
 
+@pytest.mark.parametrize("how", ["assign", "to_empty"])
+def test_loading_a_deferred_build_clears_the_balancing_counts(how):
+    """The counts of auxiliary-loss-free balancing are not saved: loading a state dict into a
+    meta build (``assign=True``) or after ``to_empty`` zeroes them on the router's device, so
+    the biases move as in the eagerly built layer (on meta they stayed at zero; after to_empty
+    the first step moved them by uninitialised memory)."""
+    kw = dict(top_k=2, bias_update_rate=0.01)
+    eager = make(**kw)
+    sd = copy.deepcopy(eager.state_dict())
+    with torch.device("meta"):
+        layer = moesaic.MoE(D, FF, E, **kw)
+    if how == "assign":
+        layer.load_state_dict(sd, assign=True)
+    else:
+        layer.to_empty(device="cpu")
+        layer.load_counts.fill_(12345)
+        layer.load_state_dict(sd)
+    assert layer.load_counts.device.type == "cpu" and not layer.load_counts.any()
+    torch.manual_seed(5)
+    xs = [torch.randn(16, D) for _ in range(3)]
+    for m in (eager, layer):
+        for x in xs:
+            m(x)
+            moesaic.update_expert_biases(m)
+    assert layer.router.expert_bias.abs().sum() > 0
+    assert torch.equal(layer.router.expert_bias, eager.router.expert_bias)
+
+
 def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     pytest.importorskip("triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
