@@ -305,6 +305,13 @@ class MoE(nn.Module):
                 "batch's constants (torch.export refuses them). Run the layer eagerly or under "
                 "torch.compile (docs/architecture.md)")
         if not (isinstance(x, Tensor) and x.is_floating_point()):
+            from torch.fx import Proxy
+            if isinstance(x, Proxy):
+                raise RuntimeError(
+                    "moesaic.MoE does not support torch.fx symbolic tracing: routing takes its "
+                    "per-expert row counts from the data. Trace with the layer as a leaf module "
+                    "(torch.fx.Tracer.is_leaf_module; torchvision's create_feature_extractor: "
+                    "tracer_kwargs={'leaf_modules': [moesaic.MoE]})")
             what = f"a {x.dtype} tensor" if isinstance(x, Tensor) else f"a {type(x).__name__}"
             raise TypeError(f"MoE input must be a floating-point torch.Tensor, got {what}")
         if x.dim() == 0 or x.shape[-1] != c.d_model:

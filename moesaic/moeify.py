@@ -1,8 +1,8 @@
 """MoE layers in a model written without them: swap its MLP modules for MoE feed-forwards.
 
 ``moeify_(model, num_experts=8, top_k=2)`` replaces every MLP module (one with ``fc1`` and
-``fc2`` linear layers, as timm's ``Mlp`` and this library's MLPs have; ``where`` picks others)
-by a :class:`MoEFeedForward` holding a :class:`moesaic.MoE` of the same width, by default
+``fc2`` linear layers, as timm's ``Mlp`` and this library's MLPs have; ``names`` maps other
+layouts, e.g. nanoGPT's ``c_fc`` / ``c_proj``, and ``where`` picks modules) by a :class:`MoEFeedForward` holding a :class:`moesaic.MoE` of the same width, by default
 upcycled from it (:mod:`moesaic.upcycle`). The model's own code keeps calling ``mlp(x)`` and
 gets a tensor back, so the MoE's auxiliary loss cannot travel in the return value: in training
 each :class:`MoEFeedForward` adds its calls' aux losses to ``aux_loss`` (as fairseq's MoE layer
@@ -18,6 +18,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from .autograd import in_backward
@@ -50,10 +51,11 @@ class MoEFeedForward(nn.Module):
             return y
         if not torch.is_grad_enabled():
             if any(p.requires_grad for p in self.moe.parameters()):
-                _warn_once("a MoEFeedForward ran in training with gradients off (reentrant "
-                           "activation checkpointing?): its aux loss cannot train the router "
-                           "and is not collected; use torch.utils.checkpoint with "
-                           "use_reentrant=False")
+                _warn_once("a MoEFeedForward ran in training mode with gradients off "
+                           "(torch.no_grad(), or reentrant activation checkpointing): its aux "
+                           "loss cannot train the router and is not kept. A forward that does "
+                           "not train can run under model.eval(); checkpointing should use "
+                           "torch.utils.checkpoint with use_reentrant=False")
             return y
         if self.aux_loss is not None and self._backpropagated:
             _warn_once("a MoEFeedForward's aux loss was not collected before the backward of "
@@ -89,18 +91,81 @@ def _warn_once(msg: str) -> None:
         warnings.warn(msg, stacklevel=3)
 
 
-def _activation(name: str, m: nn.Module, given: Optional[str]) -> str:
+_ROLES = ("fc1", "fc2", "fc3", "act")  # what the experts take over from an MLP module
+_PROBE_AT = torch.linspace(-6.0, 6.0, 97)
+
+
+def _probe(act: nn.Module) -> Optional[str]:
+    """Which of gelu (exact), relu and silu the module ``act`` computes, found by calling it on
+    points of [-6, 6] (so any module counts: nn.GELU, a library's own GELU class, ...)."""
+    refs = {"gelu": F.gelu(_PROBE_AT), "relu": F.relu(_PROBE_AT), "silu": F.silu(_PROBE_AT)}
+    try:
+        with torch.no_grad():
+            y = act(_PROBE_AT.clone())
+    except Exception:  # a module that is not a function of one tensor: not an activation
+        return None
+    if not isinstance(y, Tensor) or y.shape != _PROBE_AT.shape:
+        return None
+    y = y.detach().float().cpu()
+    return next((n for n, ref in refs.items() if torch.allclose(y, ref, rtol=0, atol=1e-6)),
+                None)
+
+
+class _Parts:
+    """An MLP module's linear layers and activation module, found under ``names``."""
+
+    def __init__(self, m: nn.Module, names: dict):
+        self.names = names
+        self.fc1, self.fc2 = (getattr(m, names[r], None) for r in ("fc1", "fc2"))
+        fc3 = getattr(m, names["fc3"], None)
+        self.fc3 = fc3 if isinstance(fc3, nn.Linear) else None
+        linears = {names["fc1"], names["fc2"], names["fc3"]}
+        act = getattr(m, names["act"], None)
+        self.act_name = names["act"]
+        if not isinstance(act, nn.Module):  # nanoGPT's ``self.gelu``: its one parameterless child
+            loose = [(n, c) for n, c in m.named_children()
+                     if n not in linears and not _passive(c) and not any(True for _ in
+                                                                         c.parameters())]
+            if len(loose) == 1:
+                self.act_name, act = loose[0]
+        self.act = act if isinstance(act, nn.Module) else None
+        self.extra = [f"{n} ({type(c).__name__})" for n, c in m.named_children()
+                      if n not in linears and c is not self.act and not _passive(c)]
+        self.extra += [f"{n} (a parameter)" for n, _ in m.named_parameters(recurse=False)]
+
+    def has_linears(self) -> bool:
+        return isinstance(self.fc1, nn.Linear) and isinstance(self.fc2, nn.Linear)
+
+
+def _passive(c: nn.Module) -> bool:
+    return isinstance(c, (nn.modules.dropout._DropoutNd, nn.Identity))
+
+
+def _activation(name: str, m: nn.Module, parts: _Parts, given: Optional[str],
+                upcycle: bool) -> str:
     """The MLP's activation: ``given``, else read from the module (``activation`` as this
-    library's MLPs keep it, or an ``act`` module as timm's ``Mlp`` holds); checked against
-    what the module shows."""
+    library's MLPs keep it, or its activation module, whatever its class, by evaluating it);
+    checked against what the module shows. Upcycling refuses an activation module that does
+    not compute the experts' function."""
     own = getattr(m, "activation", None)
-    act = getattr(m, "act", None)
-    seen = (own if isinstance(own, str) and own in ACTIVATIONS else
-            "gelu" if isinstance(act, nn.GELU) and act.approximate == "none" else
-            "relu" if isinstance(act, nn.ReLU) else None)
-    gated = isinstance(getattr(m, "fc3", None), nn.Linear)
-    if gated and seen is None:
-        seen = "swiglu"
+    own = own if isinstance(own, str) and own in ACTIVATIONS else None
+    gated = parts.fc3 is not None
+    probed = None if parts.act is None else _probe(parts.act)
+    probed = {"silu": "swiglu" if gated else None, "gelu": "gelu", "relu": "relu"}.get(probed)
+    where_act = f"{name}.{parts.act_name}"
+    if parts.act is not None and probed is None and (upcycle or given is None):
+        if upcycle:
+            raise ValueError(f"moeify_: {where_act} is {parts.act!r}, which the experts do not "
+                             f"compute (they take one of {ACTIVATIONS}, GELU exact, silu for "
+                             "swiglu): the upcycled layer would not compute the MLP; pass "
+                             "upcycle=False to train new experts with activation=, or where= "
+                             "to leave it out")
+        raise ValueError(f"moeify_: cannot tell the activation of {name} ({type(m).__name__}); "
+                         f"pass activation= (one of {ACTIVATIONS})")
+    if own is not None and probed is not None and own != probed:
+        raise ValueError(f"moeify_: {name} says activation={own!r} but {where_act} computes "
+                         f"{probed!r}")
+    seen = own or probed or ("swiglu" if gated else None)
     if given is not None and seen is not None and given != seen:
         raise ValueError(f"moeify_: {name} applies {seen!r} but activation={given!r} was given")
     found = given or seen
@@ -108,53 +173,49 @@ def _activation(name: str, m: nn.Module, given: Optional[str]) -> str:
         raise ValueError(f"moeify_: cannot tell the activation of {name} ({type(m).__name__}); "
                          f"pass activation= (one of {ACTIVATIONS})")
     if gated != (found == "swiglu"):
-        raise ValueError(f"moeify_: {name} has {'an' if gated else 'no'} fc3 (the gated up "
-                         f"projection) but its activation is {found!r}")
+        raise ValueError(f"moeify_: {name} has {'an' if gated else 'no'} "
+                         f"{parts.names['fc3']} (the gated up projection) but its activation "
+                         f"is {found!r}")
     return found
 
 
-_PARTS = ("fc1", "fc2", "fc3", "act")  # what the experts take over from an MLP module
+def _check_parts(name: str, m: nn.Module, parts: _Parts) -> None:
+    """Refuse an MLP holding more than the experts compute: a submodule besides the linear
+    layers, the activation, dropouts and Identity (timm's ``Mlp(norm_layer=...)`` has a norm),
+    or a parameter of its own."""
+    if parts.extra:
+        listed = " / ".join(parts.names[r] for r in ("fc1", "fc2", "fc3"))
+        raise ValueError(f"moeify_: {name} ({type(m).__name__}) holds {', '.join(parts.extra)} "
+                         f"besides {listed}, its activation, dropouts and Identity, which its "
+                         "MoE experts would not compute: pass where= to leave it out (names= "
+                         "maps other names of the linear layers and the activation)")
 
 
-def _check_parts(name: str, m: nn.Module, upcycle: bool) -> None:
-    """Refuse an MLP holding more than the experts compute: a submodule besides fc1 / fc2 /
-    fc3 / act / dropouts / Identity (timm's ``Mlp(norm_layer=...)`` has a norm), a parameter of
-    its own, or, when upcycling, an ``act`` module whose function the experts do not have."""
-    extra = [f"{n} ({type(c).__name__})" for n, c in m.named_children()
-             if n not in _PARTS and not isinstance(c, (nn.modules.dropout._DropoutNd,
-                                                       nn.Identity))]
-    extra += [f"{n} (a parameter)" for n, p in m.named_parameters(recurse=False)]
-    if extra:
-        raise ValueError(f"moeify_: {name} ({type(m).__name__}) holds {', '.join(extra)} "
-                         "besides fc1 / fc2 / fc3 / act, dropouts and Identity, which its MoE "
-                         "experts would not compute: "
-                         "pass where= to leave it out")
-    act = getattr(m, "act", None)
-    known = (not isinstance(act, nn.Module) or type(act) is nn.ReLU
-             or type(act) is nn.GELU and act.approximate == "none"
-             or type(act) is nn.SiLU and isinstance(getattr(m, "fc3", None), nn.Linear))
-    if upcycle and not known:
-        raise ValueError(f"moeify_: {name}.act is {act!r}, which the experts do not compute "
-                         f"(they take one of {ACTIVATIONS}, GELU exact): the upcycled layer "
-                         "would not compute the MLP; pass upcycle=False to train new experts "
-                         "with activation=, or where= to leave it out")
-
-
-def _is_mlp(name: str, module: nn.Module) -> bool:
-    return (isinstance(getattr(module, "fc1", None), nn.Linear)
-            and isinstance(getattr(module, "fc2", None), nn.Linear))
+def _names(names: Optional[dict]) -> dict:
+    given = dict(names or {})
+    stray = sorted(set(given) - set(_ROLES))
+    if stray:
+        raise ValueError(f"moeify_: names has keys {stray}; its keys are {list(_ROLES)} (the "
+                         "attribute names of the up, down and gated up projections and of "
+                         "the activation module)")
+    return {**{r: r for r in _ROLES}, **given}
 
 
 def moeify_(model: nn.Module, num_experts: int, *,
-            where: Callable[[str, nn.Module], bool] = _is_mlp, upcycle: bool = True,
-            activation: Optional[str] = None, **moe_kwargs) -> list[str]:
+            where: Optional[Callable[[str, nn.Module], bool]] = None, upcycle: bool = True,
+            activation: Optional[str] = None, names: Optional[dict] = None,
+            **moe_kwargs) -> list[str]:
     """Replace each MLP module of ``model`` that ``where(name, module)`` selects (default: every
     module with ``fc1`` and ``fc2`` linear layers outside MoE layers; inside a selected module
     nothing more is selected) by a :class:`MoEFeedForward`: ``num_experts`` experts of its
     width (D = fc1.in_features, F = fc1.out_features, biases if fc1 or fc2 has one), its activation
-    (read from the module: an ``activation`` string as this library's MLPs hold, or timm's
-    ``act`` GELU / ReLU, swiglu where it has ``fc3``; else give ``activation=``) and
-    ``moe_kwargs`` for :class:`moesaic.MoE`. ``upcycle`` copies each MLP into its experts. The
+    (read from the module: an ``activation`` string as this library's MLPs hold, or its
+    activation module, ``act`` or its only parameterless child, evaluated to tell gelu from
+    relu; swiglu where it has ``fc3``, the gated up projection, with fc1 under the silu; else
+    give ``activation=``) and ``moe_kwargs`` for :class:`moesaic.MoE`. ``names`` maps these
+    roles to a model's own attribute names: nanoGPT's MLP is ``names={"fc1": "c_fc", "fc2":
+    "c_proj"}``, a Llama MLP ``{"fc1": "gate_proj", "fc3": "up_proj", "fc2": "down_proj",
+    "act": "act_fn"}``. ``upcycle`` copies each MLP into its experts. The
     new layers take the MLP's device, dtype and train/eval mode; its dropout is not carried
     over (give ``dropout`` / ``hidden_dropout``). A selected module holding more than the
     experts compute (a norm, a parameter, a nested module; an ``act`` of another function when
@@ -163,6 +224,14 @@ def moeify_(model: nn.Module, num_experts: int, *,
     Returns the replaced modules' names."""
     from .parallel.model import grad_synced
 
+    names = _names(names)
+    for key in ("d_model", "d_ff", "num_experts"):
+        if key in moe_kwargs:
+            raise TypeError(f"moeify_: {key} comes from each MLP (or the num_experts argument),"
+                            f" not from the keyword arguments for moesaic.MoE")
+    bias = moe_kwargs.pop("bias", None)
+    if where is None:
+        where = lambda n, m: _Parts(m, names).has_linears()  # noqa: E731
     inside_moe = {id(s) for m in model.modules() if isinstance(m, (MoE, MoEFeedForward))
                   for s in m.modules()}
     chosen = []
@@ -176,37 +245,51 @@ def moeify_(model: nn.Module, num_experts: int, *,
                    "and moeify_ replaces dense MLPs only, never the MLPs inside MoE layers; "
                    if held else "")
         raise ValueError(f"moeify_: no module of {type(model).__name__} was selected ({already}"
-                         "the default selects modules with fc1 and fc2 nn.Linear layers; pass "
-                         "where=)")
-    acts = {}
+                         f"the default selects modules with {names['fc1']} and {names['fc2']} "
+                         "nn.Linear layers; pass names= for other attribute names (nanoGPT: "
+                         "names={'fc1': 'c_fc', 'fc2': 'c_proj'}) or where=)")
+    if upcycle and moe_kwargs.get("num_shared_experts"):
+        raise ValueError("moeify_: upcycling copies each MLP into the routed experts and has "
+                         "nothing to start shared experts from: pass upcycle=False with "
+                         "num_shared_experts")
+    acts, found = {}, {}
     for name, m in chosen:
-        if not _is_mlp(name, m):
-            raise ValueError(f"moeify_: {name} ({type(m).__name__}) has no fc1 and fc2 "
-                             "nn.Linear layers to size the experts by")
-        if m.fc2.in_features != m.fc1.out_features or m.fc2.out_features != m.fc1.in_features:
-            raise ValueError(f"moeify_: {name} is not a D -> F -> D MLP: fc1 "
-                             f"{m.fc1.in_features} -> {m.fc1.out_features}, fc2 "
-                             f"{m.fc2.in_features} -> {m.fc2.out_features}")
+        parts = found[id(m)] = _Parts(m, names)
+        fc1, fc2 = parts.fc1, parts.fc2
+        if not parts.has_linears():
+            raise ValueError(f"moeify_: {name} ({type(m).__name__}) has no {names['fc1']} and "
+                             f"{names['fc2']} nn.Linear layers to size the experts by (names= "
+                             "maps other attribute names)")
+        if fc2.in_features != fc1.out_features or fc2.out_features != fc1.in_features:
+            raise ValueError(f"moeify_: {name} is not a D -> F -> D MLP: {names['fc1']} "
+                             f"{fc1.in_features} -> {fc1.out_features}, {names['fc2']} "
+                             f"{fc2.in_features} -> {fc2.out_features}")
         if any(grad_synced(p) for p in m.parameters()):
             raise ValueError(f"moeify_: {name} belongs to a model that moesaic.parallelize "
                              "already synchronises over ranks: moeify before parallelize")
-        if upcycle and m.fc1.weight.is_meta:
+        if upcycle and fc1.weight.is_meta:
             raise ValueError(f"moeify_: {name} is on the meta device, with no weights to "
                              "upcycle from: pass upcycle=False (or materialise it first)")
-        _check_parts(name, m, upcycle)
-        acts[id(m)] = _activation(name, m, activation)
+        _check_parts(name, m, parts)
+        acts[id(m)] = _activation(name, m, parts, activation, upcycle)
+        has_bias = (fc1.bias is not None or fc2.bias is not None) and acts[id(m)] != "swiglu"
+        if upcycle and bias is not None and bias != has_bias:
+            raise ValueError(f"moeify_: bias={bias} was given but {name}'s linear layers have "
+                             f"{'biases' if has_bias else 'none'}, which upcycling copies: "
+                             "leave bias out, or pass upcycle=False")
     built: dict[int, MoEFeedForward] = {}  # a module shared by several names: one MoE
     for name, m in chosen:
         if id(m) in built:
             continue
-        fc1, fc2, act = m.fc1, m.fc2, acts[id(m)]
+        parts, act = found[id(m)], acts[id(m)]
+        fc1, fc2 = parts.fc1, parts.fc2
+        has_bias = (fc1.bias is not None or fc2.bias is not None) and act != "swiglu"
         with torch.device(fc1.weight.device):
             moe = MoE(fc1.in_features, fc1.out_features, num_experts, activation=act,
-                      bias=(fc1.bias is not None or fc2.bias is not None) and act != "swiglu",
-                      **moe_kwargs)
+                      bias=has_bias if bias is None else bias, **moe_kwargs)
         moe.to(dtype=fc1.weight.dtype)
         if upcycle:
-            upcycle_layer_(moe, fc1, fc2, m.fc3 if act == "swiglu" else None)
+            upcycle_layer_(moe, fc1, fc2, parts.fc3 if act == "swiglu" else None)
         built[id(m)] = MoEFeedForward(moe).train(m.training)  # the mode it replaces
     for name, m in chosen:
         parent, _, attr = name.rpartition(".")
@@ -217,11 +300,20 @@ def moeify_(model: nn.Module, num_experts: int, *,
 def collect_aux_loss(model: nn.Module) -> Tensor:
     """The sum of the aux losses ``model``'s MoE feed-forwards gathered since the last call (a
     zero scalar when none did), which it clears: add it to the loss once per training step."""
-    losses = []
+    losses, wrapped, bare = [], set(), []
     for m in model.modules():
-        if isinstance(m, MoEFeedForward) and m.aux_loss is not None:
-            losses.append(m.aux_loss.float())
-            m.aux_loss = None
+        if isinstance(m, MoEFeedForward):
+            wrapped.add(id(m.moe))
+            if m.aux_loss is not None:
+                losses.append(m.aux_loss.float())
+                m.aux_loss = None
+        elif isinstance(m, MoE):
+            bare.append(m)
+    if any(id(m) not in wrapped for m in bare):
+        _warn_once("collect_aux_loss collects from moesaic.MoEFeedForward modules only, and "
+                   "this model holds moesaic.MoE layers outside them: those return their aux "
+                   "loss from each call (y, aux = layer(x)), which the model must add to its "
+                   "loss itself (or wrap each layer in moesaic.MoEFeedForward)")
     if not losses:
         p = next(model.parameters(), None)
         return torch.zeros((), device=None if p is None else p.device)

@@ -914,6 +914,16 @@ def test_tracing_and_export_are_refused_with_a_reason():
         torch.jit.trace(lambda t: layer(t)[0], x)
     with pytest.raises(RuntimeError, match="does not support torch.export"):
         torch.export.export(layer, (x,))
+    net = nn.Sequential(nn.Linear(D, D), layer)
+    with pytest.raises(RuntimeError, match="does not support torch.fx symbolic tracing.*leaf"):
+        torch.fx.symbolic_trace(net)
+
+    class LeafTracer(torch.fx.Tracer):
+        def is_leaf_module(self, m, name):
+            return isinstance(m, moesaic.MoE) or super().is_leaf_module(m, name)
+
+    graph = torch.fx.GraphModule(net, LeafTracer().trace(net))  # the named way out works
+    torch.testing.assert_close(graph(x)[0], net(x)[0])
 
 
 @pytest.mark.parametrize("kw, message", [
@@ -976,3 +986,18 @@ def test_every_function_returns_through_fresh():
                     assert returns and all("fresh(" in r for r in returns), (mod.__name__,
                                                                              node.name, returns)
     assert len(found) >= 8, found
+
+
+def test_clip_grad_norm_takes_torchs_keywords():
+    """error_if_nonfinite and foreach as in torch.nn.utils.clip_grad_norm_."""
+    layer, ref, x = make(), make(), torch.randn(12, D)
+    grads_of(layer, x, layer_fn)
+    grads_of(ref, x, layer_fn)
+    n = moesaic.clip_grad_norm_(layer, 0.1, foreach=False)
+    n_ref = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.1)
+    torch.testing.assert_close(n, n_ref)
+    for p, q in zip(layer.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+    layer.experts.w1.grad[0, 0, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="total norm of order 2.0 of the gradients is nan"):
+        moesaic.clip_grad_norm_(layer, 0.1, error_if_nonfinite=True)

@@ -58,6 +58,84 @@ def test_upcycled_moeified_model_computes_the_dense_model(make):
     assert moesaic.collect_aux_loss(model) == 0  # eval keeps no aux losses
 
 
+class GptMlp(nn.Module):
+    """nanoGPT's MLP: c_fc, an nn.GELU named gelu, c_proj, dropout."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.c_fc, self.gelu = nn.Linear(d, 4 * d), nn.GELU()
+        self.c_proj, self.dropout = nn.Linear(4 * d, d), nn.Dropout(0.0)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class SiLUActivation(nn.Module):
+    """An activation class of another library (not nn.SiLU): told apart by evaluating it."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(x)
+
+
+class LlamaMlp(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(d, 3 * d, bias=False), nn.Linear(d, 3 * d,
+                                                                                   bias=False)
+        self.down_proj, self.act_fn = nn.Linear(3 * d, d, bias=False), SiLUActivation()
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+@pytest.mark.parametrize("make, names", [
+    (lambda: GptMlp(D), {"fc1": "c_fc", "fc2": "c_proj"}),
+    (lambda: LlamaMlp(D), {"fc1": "gate_proj", "fc3": "up_proj", "fc2": "down_proj",
+                           "act": "act_fn"})])
+def test_names_map_other_mlp_layouts_and_their_activations_are_evaluated(make, names):
+    """nanoGPT's and a Llama-style MLP: ``names`` maps the roles, the activation module is found
+    (by name, or as the only parameterless child) and identified by evaluating it; the upcycled
+    model computes the dense one."""
+    model = net([make(), make()])
+    x = torch.randn(2, 5, D)
+    ref = model.eval()(x)
+    with pytest.raises(ValueError, match=r"no module of Sequential was selected .*pass names="):
+        moesaic.moeify_(copy.deepcopy(model), 4)
+    assert moesaic.moeify_(model, 4, top_k=2, drop_tokens=False, names=names) == ["0.mlp",
+                                                                                   "1.mlp"]
+    expected = "swiglu" if "fc3" in names else "gelu"
+    assert model[0].mlp.moe.config.activation == expected
+    torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"names has keys \['up'\]"):
+        moesaic.moeify_(net([make()]), 4, names={"up": "c_fc"})
+
+
+def test_moeify_keyword_conflicts_are_clear():
+    tanh_named = GptMlp(D)
+    tanh_named.gelu = nn.GELU(approximate="tanh")
+    with pytest.raises(ValueError, match=r"0.mlp.gelu is GELU\(approximate='tanh'\), which the"):
+        moesaic.moeify_(net([tanh_named]), 4, names={"fc1": "c_fc", "fc2": "c_proj"})
+    odd = Mlp(D, 32)
+    odd.activation = "relu"  # a stale string beside a GELU module
+    with pytest.raises(ValueError, match=r"0.mlp says activation='relu' but 0.mlp.act computes "
+                                         r"'gelu'"):
+        moesaic.moeify_(net([odd]), 4)
+    with pytest.raises(ValueError, match=r"bias=False was given but 0.mlp's linear layers have "
+                                         r"biases, which upcycling copies"):
+        moesaic.moeify_(net([Mlp(D, 32)]), 4, bias=False)
+    model = net([Mlp(D, 32)])
+    moesaic.moeify_(model, 4, bias=False, upcycle=False)
+    assert model[0].mlp.moe.experts.b1 is None
+    with pytest.raises(TypeError, match=r"d_ff comes from each MLP"):
+        moesaic.moeify_(net([Mlp(D, 32)]), 4, d_ff=64)
+    with pytest.raises(ValueError, match=r"nothing to start shared experts from: pass "
+                                         r"upcycle=False"):
+        moesaic.moeify_(net([Mlp(D, 32)]), 4, num_shared_experts=1)
+    model = net([Mlp(D, 32)])
+    moesaic.moeify_(model, 4, num_shared_experts=1, upcycle=False)
+    assert model[0].mlp.moe.shared is not None
+
+
 def test_upcycle_fills_a_model_moeified_without_weights_from_the_dense_state_dict():
     """moeify_(upcycle=False), then upcycle_ from the dense model's state dict (the path of
     `moesaic train --set init_from=<dense run> --set upcycle=True` for a moeified model): the
@@ -132,7 +210,7 @@ def test_pending_aux_losses_never_grow_and_misuse_is_told():
     torch.testing.assert_close(aux.detach(), model[0].mlp.last_stats.balance_loss)  # one call's
     copy.deepcopy(model)  # the pending loss is not copied
     model[0].mlp.aux_loss = None
-    with pytest.warns(UserWarning, match="gradients off .reentrant"):
+    with pytest.warns(UserWarning, match=r"gradients off \(torch.no_grad\(\), or reentrant"):
         with torch.no_grad():
             model(x)
     assert model[0].mlp.aux_loss is None
@@ -214,7 +292,7 @@ def test_moeifying_again_says_the_model_already_holds_moe_layers():
     moesaic.moeify_(model, 4)
     with pytest.raises(ValueError, match=r"no module of Sequential was selected \(it already "
                                          r"holds 2 moesaic.MoE layers, and moeify_ replaces "
-                                         r"dense MLPs only.*; pass where=\)"):
+                                         r"dense MLPs only.*or where=\)"):
         moesaic.moeify_(model, 4)
     shared = Mlp(D, 32)
     one = net([shared, shared])  # one module under two names: one MoE layer
@@ -287,3 +365,25 @@ def test_a_moeified_model_trains_with_moesaic_train(tmp_path, capsys, monkeypatc
     rec = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert rec["train_aux"] > 0 and len(rec["moe"]) == 2
     assert "MoE layers: 2" in capsys.readouterr().out
+
+
+def test_collect_aux_loss_says_when_bare_moe_layers_return_theirs():
+    class Hand(nn.Module):  # the layer used directly, its aux loss taken from the call
+        def __init__(self):
+            super().__init__()
+            self.moe = moesaic.MoE(D, 32, 4)
+
+        def forward(self, x):
+            return self.moe(x)[0]
+
+    moesaic.moeify.__dict__["_warned"].clear()
+    model = Hand()
+    model(torch.randn(3, D))
+    with pytest.warns(UserWarning, match=r"holds moesaic.MoE layers outside them: those return "
+                                         r"their aux loss from each call"):
+        assert moesaic.collect_aux_loss(model) == 0
+    moeified = net([Mlp(D, 32)])
+    moesaic.moeify_(moeified, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        moesaic.collect_aux_loss(moeified)  # the MoE inside a MoEFeedForward: no warning

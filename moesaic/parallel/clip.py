@@ -7,6 +7,7 @@ Every global expert is held by edp_size ranks (one per ep group), so each rank a
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -18,9 +19,12 @@ from .comm import run_collective
 from .layout import get_context
 
 
-def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -> Tensor:
+def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0,
+                    error_if_nonfinite: bool = False, foreach: Optional[bool] = None) -> Tensor:
     """Scale all gradients so their global ``norm_type``-norm is at most ``max_norm``; returns
-    the norm before clipping (float32 scalar, identical on every rank)."""
+    the norm before clipping (float32 scalar, identical on every rank). As
+    ``torch.nn.utils.clip_grad_norm_``: ``error_if_nonfinite`` raises on a NaN or infinite norm
+    (one host sync), ``foreach=False`` scales tensor by tensor."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"clip_grad_norm_ takes the model (an nn.Module), got a "
                         f"{type(model).__name__}: it needs the MoE layers to count each expert "
@@ -58,11 +62,21 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -
         run_collective("gradient-norm all-reduce", range(ctx.world_size), dist.all_reduce,
                        expert_t, op=op)
     total = torch.maximum(shared_t, expert_t) if inf else (shared_t + expert_t) ** (1 / norm_type)
+    if error_if_nonfinite and not torch.isfinite(total):
+        raise RuntimeError(f"The total norm of order {norm_type} of the gradients is "
+                           f"{float(total)}, so it cannot be clipped; pass "
+                           "error_if_nonfinite=False to clip anyway (the gradients then "
+                           "become NaN or zero)")
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
     grads = shared + [g for g, _ in weighted]
     by_dtype = {}
     for g in grads:
         by_dtype.setdefault((g.device, g.dtype), []).append(g)
     for (dev, dtype), gs in by_dtype.items():
-        torch._foreach_mul_(gs, coef.to(device=dev, dtype=dtype))
+        c = coef.to(device=dev, dtype=dtype)
+        if foreach is False:
+            for g in gs:
+                g.mul_(c)
+        else:
+            torch._foreach_mul_(gs, c)
     return total
