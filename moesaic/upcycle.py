@@ -141,12 +141,24 @@ def _listed(items: list[str], limit: int = 12) -> str:
     return ", ".join(items[:limit]) + more
 
 
+def _renaming(names: Optional[dict]):
+    """fc1.weight -> c_fc.weight etc. for ``names={"fc1": "c_fc", ...}``."""
+    names = dict(names or {})
+    stray = sorted(set(names) - {"fc1", "fc2", "fc3", "act"})
+    if stray:
+        raise ValueError(f"upcycle_: names has keys {stray}; its keys are fc1, fc2 and fc3 (the "
+                         "attribute names of the up, down and gated up projections)")
+    return lambda key: names.get(key.split(".")[0], key.split(".")[0]) + "." + key.split(".")[1]
+
+
 @torch.no_grad()
-def upcycle_(model: nn.Module, dense_state_dict: dict, keep: tuple = ()) -> list[str]:
+def upcycle_(model: nn.Module, dense_state_dict: dict, keep: tuple = (),
+             names: Optional[dict] = None) -> list[str]:
     """Initialise ``model`` from a dense model's state dict by sparse upcycling.
 
     Each MoE layer reached as NAME takes the dense MLP stored as NAME.fc1.*, NAME.fc2.* (and
-    NAME.fc3.weight for swiglu) into all its experts and its residual MLP (the layer of a
+    NAME.fc3.weight for swiglu; ``names`` maps fc1 / fc2 / fc3 to other attribute names, as in
+    :func:`moesaic.moeify_`) into all its experts and its residual MLP (the layer of a
     :func:`moesaic.moeify_` feed-forward, NAME.moe, the MLP it replaced, NAME.*); its router, mixing
     coefficient and selection biases keep their values. Every other entry of ``model`` must be
     in ``dense_state_dict`` with its shape, except those named in ``keep`` (left as they are,
@@ -155,6 +167,7 @@ def upcycle_(model: nn.Module, dense_state_dict: dict, keep: tuple = ()) -> list
     Works on a model under any expert-parallel layout, on every rank, without communication.
     Returns the names of the upcycled layers (a layer shared by several names once per name)."""
     dense = dense_state_dict
+    renamed = _renaming(names)
     if isinstance(keep, str):
         raise TypeError(f"keep must be a tuple of state-dict keys, got the string {keep!r}")
     prefixes = moe_prefixes(model)
@@ -186,7 +199,7 @@ def upcycle_(model: nn.Module, dense_state_dict: dict, keep: tuple = ()) -> list
     done, layers = [], {}
     for prefix, layer in prefixes.items():
         name = prefix[:-1] or "<model>"
-        names = {s: _dense_prefix(model, prefix) + s for s in DENSE_MLP}
+        names = {s: _dense_prefix(model, prefix) + renamed(s) for s in DENSE_MLP}
         absent = [names[s] for s in ("fc1.weight", "fc2.weight") if names[s] not in dense]
         if absent:
             missing.append(f"{' and '.join(absent)} (the dense MLP for the MoE layer {name})")

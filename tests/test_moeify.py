@@ -108,6 +108,11 @@ def test_names_map_other_mlp_layouts_and_their_activations_are_evaluated(make, n
     torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"names has keys \['up'\]"):
         moesaic.moeify_(net([make()]), 4, names={"up": "c_fc"})
+    later = net([make(), make()])  # new experts first, then upcycle_ from the state dict
+    dense_sd, ref = copy.deepcopy(later.state_dict()), later.eval()(x)
+    moesaic.moeify_(later, 4, top_k=2, drop_tokens=False, names=names, upcycle=False)
+    assert moesaic.upcycle_(later, dense_sd, names=names) == ["0.mlp.moe", "1.mlp.moe"]
+    torch.testing.assert_close(later(x), ref, rtol=1e-5, atol=1e-6)
 
 
 def test_moeify_keyword_conflicts_are_clear():
