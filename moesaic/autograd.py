@@ -34,12 +34,16 @@ def first_order(backward):
     return wrapped
 
 
-def fresh(out_ND: torch.Tensor) -> torch.Tensor:
-    """A custom Function's output, copied while torch.compile traces the forward.
+_COPY_UNDER_COMPILE = tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 13)
+
+
+def fresh(out: torch.Tensor) -> torch.Tensor:
+    """A custom Function's output, copied while torch.compile traces the forward on torch
+    older than 2.13.
 
     torch 2.11's dynamo gives zero gradients through a ``torch.autograd.Function`` whose
     forward returns a tensor it wrote in place (``add_``, ``index_add_``, ``out=``, a Triton
-    kernel's output), with every backend, ``"eager"`` included; torch 2.13 does not. Returning a
-    copy avoids it there; in eager mode (and so on the hot path) this returns ``out_ND`` itself.
+    kernel's output), with every backend, ``"eager"`` included; torch 2.13 does not, so there
+    (and in eager mode on any version) this returns ``out`` itself.
     """
-    return out_ND.clone() if torch.compiler.is_compiling() else out_ND
+    return out.clone() if _COPY_UNDER_COMPILE and torch.compiler.is_compiling() else out

@@ -55,11 +55,15 @@ def _dense_input(x_TD: Tensor, mlp: DenseMLP, autocast_on: bool) -> Tensor:
 
 
 def _clear_load_counts(layer: "MoE", incompatible_keys) -> None:
-    """Zero counts on the router's device after a state dict is loaded: the counts are not
-    saved, so after ``to_empty`` they would hold whatever memory was there, and after a meta
-    build loaded with ``assign=True`` they would stay on the meta device (where adding to them
-    does nothing, so the biases would never move)."""
-    layer.load_counts = torch.zeros_like(layer.load_counts, device=layer.router.weight.device)
+    """Zero counts on the router's device after any state dict load that reaches the layer:
+    the counts are not saved, so after ``to_empty`` they would hold whatever memory was there,
+    and after a meta build loaded with ``assign=True`` they would stay on the meta device (where
+    adding to them does nothing, so the biases would never move)."""
+    device = layer.router.weight.device
+    if layer.load_counts.device == device:
+        layer.load_counts.zero_()
+    else:
+        layer.load_counts = torch.zeros_like(layer.load_counts, device=device)
 
 
 class MoE(nn.Module):
@@ -309,9 +313,10 @@ class MoE(nn.Module):
             if isinstance(x, Proxy):
                 raise RuntimeError(
                     "moesaic.MoE does not support torch.fx symbolic tracing: routing takes its "
-                    "per-expert row counts from the data. Trace with the layer as a leaf module "
-                    "(torch.fx.Tracer.is_leaf_module; torchvision's create_feature_extractor: "
-                    "tracer_kwargs={'leaf_modules': [moesaic.MoE]})")
+                    "per-expert row counts from the data. Trace with moesaic.MoE and "
+                    "moesaic.MoEFeedForward as leaf modules (torch.fx.Tracer.is_leaf_module; "
+                    "torchvision's create_feature_extractor: tracer_kwargs={'leaf_modules': "
+                    "[moesaic.MoE, moesaic.MoEFeedForward]})")
             what = f"a {x.dtype} tensor" if isinstance(x, Tensor) else f"a {type(x).__name__}"
             raise TypeError(f"MoE input must be a floating-point torch.Tensor, got {what}")
         if x.dim() == 0 or x.shape[-1] != c.d_model:

@@ -2,7 +2,8 @@
 
 ``moeify_(model, num_experts=8, top_k=2)`` replaces every MLP module (one with ``fc1`` and
 ``fc2`` linear layers, as timm's ``Mlp`` and this library's MLPs have; ``names`` maps other
-layouts, e.g. nanoGPT's ``c_fc`` / ``c_proj``, and ``where`` picks modules) by a :class:`MoEFeedForward` holding a :class:`moesaic.MoE` of the same width, by default
+layouts, e.g. nanoGPT's ``c_fc`` / ``c_proj``, and ``where`` picks modules) by a
+:class:`MoEFeedForward` holding a :class:`moesaic.MoE` of the same width, by default
 upcycled from it (:mod:`moesaic.upcycle`). The model's own code keeps calling ``mlp(x)`` and
 gets a tensor back, so the MoE's auxiliary loss cannot travel in the return value: in training
 each :class:`MoEFeedForward` adds its calls' aux losses to ``aux_loss`` (as fairseq's MoE layer
@@ -92,49 +93,70 @@ def _warn_once(msg: str) -> None:
 
 
 _ROLES = ("fc1", "fc2", "fc3", "act")  # what the experts take over from an MLP module
-_PROBE_AT = torch.linspace(-6.0, 6.0, 97)
+_PROBE_X = torch.cat([torch.linspace(-6.0, 6.0, 97), torch.tensor([-1e4, -100.0, -20.0, 20.0,
+                                                                   100.0, 1e4])])
 
 
-def _probe(act: nn.Module) -> Optional[str]:
-    """Which of gelu (exact), relu and silu the module ``act`` computes, found by calling it on
-    points of [-6, 6] (so any module counts: nn.GELU, a library's own GELU class, ...)."""
-    refs = {"gelu": F.gelu(_PROBE_AT), "relu": F.relu(_PROBE_AT), "silu": F.silu(_PROBE_AT)}
+def _probe(act: nn.Module, device: torch.device) -> Optional[str]:
+    """Which of gelu (exact), relu and silu the module ``act`` computes: torch's own classes by
+    type, any other class by calling its forward (no hooks) on points of [-6, 6] and far out
+    to +-1e4, where look-alikes (ReLU6, a clamped GELU) part from the real function."""
+    if type(act) is nn.ReLU or type(act) is nn.SiLU:
+        return "relu" if type(act) is nn.ReLU else "silu"
+    if type(act) is nn.GELU:
+        return "gelu" if act.approximate == "none" else None
+    x = _PROBE_X.to(device)
     try:
-        with torch.no_grad():
-            y = act(_PROBE_AT.clone())
+        with torch.no_grad(), torch.device(device):
+            y = act.forward(x.clone())
     except Exception:  # a module that is not a function of one tensor: not an activation
         return None
-    if not isinstance(y, Tensor) or y.shape != _PROBE_AT.shape:
+    if not isinstance(y, Tensor) or y.shape != x.shape:
         return None
     y = y.detach().float().cpu()
-    return next((n for n, ref in refs.items() if torch.allclose(y, ref, rtol=0, atol=1e-6)),
+    refs = {"gelu": F.gelu(_PROBE_X), "relu": F.relu(_PROBE_X), "silu": F.silu(_PROBE_X)}
+    return next((n for n, ref in refs.items() if torch.allclose(y, ref, rtol=1e-5, atol=1e-6)),
                 None)
 
 
 class _Parts:
-    """An MLP module's linear layers and activation module, found under ``names``."""
+    """An MLP module's linear layers (found at once) and activation module (``resolve``)."""
 
     def __init__(self, m: nn.Module, names: dict):
-        self.names = names
+        self.m, self.names = m, names
         self.fc1, self.fc2 = (getattr(m, names[r], None) for r in ("fc1", "fc2"))
         fc3 = getattr(m, names["fc3"], None)
         self.fc3 = fc3 if isinstance(fc3, nn.Linear) else None
-        linears = {names["fc1"], names["fc2"], names["fc3"]}
-        act = getattr(m, names["act"], None)
-        self.act_name = names["act"]
-        if not isinstance(act, nn.Module):  # nanoGPT's ``self.gelu``: its one parameterless child
-            loose = [(n, c) for n, c in m.named_children()
-                     if n not in linears and not _passive(c) and not any(True for _ in
-                                                                         c.parameters())]
-            if len(loose) == 1:
-                self.act_name, act = loose[0]
-        self.act = act if isinstance(act, nn.Module) else None
-        self.extra = [f"{n} ({type(c).__name__})" for n, c in m.named_children()
-                      if n not in linears and c is not self.act and not _passive(c)]
-        self.extra += [f"{n} (a parameter)" for n, _ in m.named_parameters(recurse=False)]
 
     def has_linears(self) -> bool:
         return isinstance(self.fc1, nn.Linear) and isinstance(self.fc2, nn.Linear)
+
+    def resolve(self, name: str) -> "_Parts":
+        """Find the activation module (``names["act"]``, else an only parameterless child that
+        evaluates to gelu, relu or silu), what it computes (``probed``) and what else the module
+        holds (``extra``)."""
+        m, names = self.m, self.names
+        linears = {names["fc1"], names["fc2"], names["fc3"]}
+        device = self.fc1.weight.device
+        device = torch.device("cpu") if device.type == "meta" else device
+        act = getattr(m, names["act"], None)
+        self.act_name, self.act, self.probed = names["act"], None, None
+        if isinstance(act, nn.Module):
+            self.act, self.probed = act, _probe(act, device)
+        elif names["act"] != "act":
+            raise ValueError(f"moeify_: {name} ({type(m).__name__}) has no module "
+                             f"{names['act']!r}, which names= gives as its activation")
+        else:  # nanoGPT's ``self.gelu``: its only parameterless child, if it is an activation
+            loose = [(n, c) for n, c in m.named_children()
+                     if n not in linears and not _passive(c) and next(c.parameters(), None) is None]
+            if len(loose) == 1:  # one of torch's activation classes, or one that evaluates as
+                probed = _probe(loose[0][1], device)  # gelu, relu or silu
+                if probed is not None or type(loose[0][1]).__module__ == nn.ReLU.__module__:
+                    (self.act_name, self.act), self.probed = loose[0], probed
+        self.extra = [f"{n} ({type(c).__name__})" for n, c in m.named_children()
+                      if n not in linears and c is not self.act and not _passive(c)]
+        self.extra += [f"{n} (a parameter)" for n, _ in m.named_parameters(recurse=False)]
+        return self
 
 
 def _passive(c: nn.Module) -> bool:
@@ -150,10 +172,10 @@ def _activation(name: str, m: nn.Module, parts: _Parts, given: Optional[str],
     own = getattr(m, "activation", None)
     own = own if isinstance(own, str) and own in ACTIVATIONS else None
     gated = parts.fc3 is not None
-    probed = None if parts.act is None else _probe(parts.act)
-    probed = {"silu": "swiglu" if gated else None, "gelu": "gelu", "relu": "relu"}.get(probed)
+    probed = {"silu": "swiglu" if gated else None, "gelu": "gelu", "relu": "relu"}.get(
+        parts.probed)
     where_act = f"{name}.{parts.act_name}"
-    if parts.act is not None and probed is None and (upcycle or given is None):
+    if parts.act is not None and probed is None and (upcycle or (given or own) is None):
         if upcycle:
             raise ValueError(f"moeify_: {where_act} is {parts.act!r}, which the experts do not "
                              f"compute (they take one of {ACTIVATIONS}, GELU exact, silu for "
@@ -225,13 +247,14 @@ def moeify_(model: nn.Module, num_experts: int, *,
     from .parallel.model import grad_synced
 
     names = _names(names)
-    for key in ("d_model", "d_ff", "num_experts"):
+    for key in ("d_model", "d_ff"):
         if key in moe_kwargs:
-            raise TypeError(f"moeify_: {key} comes from each MLP (or the num_experts argument),"
-                            f" not from the keyword arguments for moesaic.MoE")
+            raise TypeError(f"moeify_: {key} comes from each MLP, not from the keyword "
+                            "arguments for moesaic.MoE")
     bias = moe_kwargs.pop("bias", None)
     if where is None:
-        where = lambda n, m: _Parts(m, names).has_linears()  # noqa: E731
+        def where(n: str, m: nn.Module) -> bool:
+            return _Parts(m, names).has_linears()
     inside_moe = {id(s) for m in model.modules() if isinstance(m, (MoE, MoEFeedForward))
                   for s in m.modules()}
     chosen = []
@@ -270,23 +293,23 @@ def moeify_(model: nn.Module, num_experts: int, *,
         if upcycle and fc1.weight.is_meta:
             raise ValueError(f"moeify_: {name} is on the meta device, with no weights to "
                              "upcycle from: pass upcycle=False (or materialise it first)")
-        _check_parts(name, m, parts)
-        acts[id(m)] = _activation(name, m, parts, activation, upcycle)
-        has_bias = (fc1.bias is not None or fc2.bias is not None) and acts[id(m)] != "swiglu"
-        if upcycle and bias is not None and bias != has_bias:
-            raise ValueError(f"moeify_: bias={bias} was given but {name}'s linear layers have "
-                             f"{'biases' if has_bias else 'none'}, which upcycling copies: "
-                             "leave bias out, or pass upcycle=False")
+        _check_parts(name, m, parts.resolve(name))
+        act = acts[id(m)] = _activation(name, m, parts, activation, upcycle)
+        # swiglu experts have no biases (the upcycle refuses a gated MLP with them)
+        parts.bias = (fc1.bias is not None or fc2.bias is not None) and act != "swiglu"
+        if upcycle and bias is not None and bias != parts.bias:
+            raise ValueError(f"moeify_: bias={bias} was given but the experts upcycled from "
+                             f"{name} have {'biases' if parts.bias else 'none'}: leave bias "
+                             "out, or pass upcycle=False")
     built: dict[int, MoEFeedForward] = {}  # a module shared by several names: one MoE
     for name, m in chosen:
         if id(m) in built:
             continue
         parts, act = found[id(m)], acts[id(m)]
         fc1, fc2 = parts.fc1, parts.fc2
-        has_bias = (fc1.bias is not None or fc2.bias is not None) and act != "swiglu"
         with torch.device(fc1.weight.device):
             moe = MoE(fc1.in_features, fc1.out_features, num_experts, activation=act,
-                      bias=has_bias if bias is None else bias, **moe_kwargs)
+                      bias=parts.bias if bias is None else bias, **moe_kwargs)
         moe.to(dtype=fc1.weight.dtype)
         if upcycle:
             upcycle_layer_(moe, fc1, fc2, parts.fc3 if act == "swiglu" else None)

@@ -920,10 +920,15 @@ def test_tracing_and_export_are_refused_with_a_reason():
 
     class LeafTracer(torch.fx.Tracer):
         def is_leaf_module(self, m, name):
-            return isinstance(m, moesaic.MoE) or super().is_leaf_module(m, name)
+            return (isinstance(m, (moesaic.MoE, moesaic.MoEFeedForward))
+                    or super().is_leaf_module(m, name))
 
     graph = torch.fx.GraphModule(net, LeafTracer().trace(net))  # the named way out works
     torch.testing.assert_close(graph(x)[0], net(x)[0])
+    mlp = nn.Sequential(nn.Linear(D, D), moesaic.DenseMLP(D, 2 * D))
+    moesaic.moeify_(mlp, 4)  # a moeified model: its MoEFeedForward is the leaf to name
+    graph = torch.fx.GraphModule(mlp, LeafTracer().trace(mlp))
+    torch.testing.assert_close(graph.eval()(x), mlp.eval()(x))
 
 
 @pytest.mark.parametrize("kw, message", [
@@ -949,15 +954,21 @@ def test_float64_gradcheck_with_a_step_above_float32_routing():
         torch.testing.assert_close(g, w, rtol=0, atol=1e-10)
 
 
-def test_fresh_copies_a_functions_output_only_while_compiling():
+def test_fresh_copies_a_functions_output_only_while_compiling(monkeypatch):
     """torch 2.11's dynamo gave zero gradients through a Function returning a tensor written in
     place (the compile tests above failed there); every Function of the layer returns its output
-    through ``fresh``, which copies it under torch.compile and is free in eager mode."""
-    from moesaic.autograd import fresh
+    through ``fresh``, which on torch < 2.13 copies it under torch.compile. The copying path,
+    forced here, gives the eager outputs and gradients; in eager mode it is free."""
+    from moesaic import autograd
     t = torch.randn(3, 4)
-    assert fresh(t) is t
-    out = torch.compile(lambda a: fresh(a * 1), backend="eager")(t)
-    assert torch.equal(out, t) and out.data_ptr() != t.data_ptr()
+    assert autograd.fresh(t) is t
+    monkeypatch.setattr(autograd, "_COPY_UNDER_COMPILE", True)
+    assert autograd.fresh(t) is t
+    torch._dynamo.reset()
+    layer = make(top_k=2, drop_tokens=False)
+    x = torch.randn(40, D)
+    compiled = torch.compile(layer, backend="aot_eager")
+    assert_same(grads_of(layer, x, layer_fn), grads_of(layer, x, lambda m, x: compiled(x)))
 
 
 def test_every_function_returns_through_fresh():
@@ -985,7 +996,7 @@ def test_every_function_returns_through_fresh():
                 if node.name != "_Permute":
                     assert returns and all("fresh(" in r for r in returns), (mod.__name__,
                                                                              node.name, returns)
-    assert len(found) >= 8, found
+    assert len(found) >= (10 if importlib.util.find_spec("triton") else 7), found
 
 
 def test_clip_grad_norm_takes_torchs_keywords():

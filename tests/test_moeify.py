@@ -125,8 +125,8 @@ def test_moeify_keyword_conflicts_are_clear():
     with pytest.raises(ValueError, match=r"0.mlp says activation='relu' but 0.mlp.act computes "
                                          r"'gelu'"):
         moesaic.moeify_(net([odd]), 4)
-    with pytest.raises(ValueError, match=r"bias=False was given but 0.mlp's linear layers have "
-                                         r"biases, which upcycling copies"):
+    with pytest.raises(ValueError, match=r"bias=False was given but the experts upcycled from "
+                                         r"0.mlp have biases"):
         moesaic.moeify_(net([Mlp(D, 32)]), 4, bias=False)
     model = net([Mlp(D, 32)])
     moesaic.moeify_(model, 4, bias=False, upcycle=False)
@@ -392,3 +392,40 @@ def test_collect_aux_loss_says_when_bare_moe_layers_return_theirs():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         moesaic.collect_aux_loss(moeified)  # the MoE inside a MoEFeedForward: no warning
+
+
+class ClampedGelu(nn.Module):
+    def forward(self, x):
+        return torch.nn.functional.gelu(x).clamp(max=6.5)
+
+
+@pytest.mark.parametrize("act", [nn.ReLU6(), nn.Hardtanh(0.0, 6.0), nn.LeakyReLU(1e-9),
+                                 ClampedGelu()])
+def test_look_alike_activations_are_not_upcycled_as_the_real_one(act):
+    """Equal to relu or gelu on [-6, 6], not beyond: evaluated out to +-1e4, they are refused
+    (the upcycled experts would not compute the MLP)."""
+    mlp = Mlp(D, 32)
+    mlp.act = act
+    with pytest.raises(ValueError, match=r"0.mlp.act is .*which the experts do not compute"):
+        moesaic.moeify_(net([mlp]), 4)
+    gpt = GptMlp(D)
+    gpt.gelu = act  # the only parameterless child: one of torch's activations, or not taken
+    with pytest.raises(ValueError, match=r"0.mlp.gelu is .*which the experts do not compute"
+                                         r"|holds gelu \(ClampedGelu\) besides c_fc"):
+        moesaic.moeify_(net([gpt]), 4, names={"fc1": "c_fc", "fc2": "c_proj"})
+
+
+def test_a_parameterless_child_that_is_no_activation_is_not_dropped():
+    gpt = GptMlp(D)
+    gpt.gelu = nn.LayerNorm(4 * D, elementwise_affine=False)
+    with pytest.raises(ValueError, match=r"0.mlp \(GptMlp\) holds gelu \(LayerNorm\) besides"):
+        moesaic.moeify_(net([gpt]), 4, names={"fc1": "c_fc", "fc2": "c_proj"}, upcycle=False,
+                        activation="gelu")
+    with pytest.raises(ValueError, match=r"has no module 'act_fn', which names= gives"):
+        moesaic.moeify_(net([GptMlp(D)]), 4, names={"fc1": "c_fc", "fc2": "c_proj",
+                                                     "act": "act_fn"})
+    own = DenseMLP(D, 32, "relu")
+    own.act = nn.Tanh()  # its string says relu; new experts may take it
+    model = net([own])
+    moesaic.moeify_(model, 4, upcycle=False)
+    assert model[0].mlp.moe.config.activation == "relu"
