@@ -697,3 +697,42 @@ def test_deduplicated_dispatch_through_the_kernels():
     import _dist_workers as workers
 
     assert run_ranks(workers.dedup_with_kernels, 2, timeout=240) == [True, True]
+
+
+def test_gpu_routing_check_tells_rounding_from_bugs():
+    """benchmarks/_plans.py (gpu.py's routing check): a choice flipped at a near-tie passes,
+    with the slots it shifts; a wrong expert, a wrong slot or kept count elsewhere fails."""
+    import dataclasses
+    import importlib.util as iu
+    spec = iu.spec_from_file_location("_plans", ROOT / "benchmarks" / "_plans.py")
+    plans = iu.module_from_spec(spec)
+    spec.loader.exec_module(plans)
+    T, E, K = 64, 8, 2
+    logits = torch.randn(T, E, generator=torch.Generator().manual_seed(0))
+    cap = routing.token_choice_capacity(T, E, K, 1.0, 4)
+    route = lambda lg: TorchOps.token_choice(lg, K, cap, "position", True)  # noqa: E731
+    p0, pr0, _ = route(logits)
+    same = plans.compare_plans(p0, route(logits)[0], [pr0, logits])
+    assert same == {"flipped": 0.0, "unexplained": 0, "slot_mismatch": 0.0, "counts_equal": True}
+    order = logits[5].argsort(descending=True)  # token 5's second and third experts tie up
+    tied, near = logits.clone(), logits.clone()  # to rounding: one plan takes each
+    tied[5, order[2]] = tied[5, order[1]] - 1e-7
+    near[5, order[2]] = near[5, order[1]] + 1e-7
+    t0, tpr0, _ = route(tied)
+    flipped = plans.compare_plans(t0, route(near)[0], [tpr0, tied])
+    assert flipped["flipped"] == 1 / T and flipped["unexplained"] == 0
+    assert flipped["slot_mismatch"] == 0.0 and flipped["counts_equal"]
+    wrong = logits.clone()  # token 5 sent to its worst expert: no near-tie explains it
+    wrong[5, order[-1]] = 10.0
+    assert plans.compare_plans(p0, route(wrong)[0], [pr0, logits])["unexplained"] == 1
+    dest = p0.dest_TK.clone()  # two kept assignments of one expert swap slots
+    e = int(p0.expert_TK[0, 0])
+    a, b = (p0.expert_TK == e).logical_and(dest >= 0).nonzero()[:2].tolist()
+    dest[a[0], a[1]], dest[b[0], b[1]] = dest[b[0], b[1]], dest[a[0], a[1]]
+    swapped = plans.compare_plans(p0, dataclasses.replace(p0, dest_TK=dest), [pr0, logits])
+    assert swapped["slot_mismatch"] > 0 and swapped["unexplained"] == 0
+    counts = p0.counts_E.clone()
+    counts[e] -= 1
+    counts[(e + 1) % E] += 1
+    moved = plans.compare_plans(p0, dataclasses.replace(p0, counts_E=counts), [pr0, logits])
+    assert not moved["counts_equal"]
