@@ -206,7 +206,8 @@ def _check_parts(name: str, m: nn.Module, parts: _Parts) -> None:
     layers, the activation, dropouts and Identity (timm's ``Mlp(norm_layer=...)`` has a norm),
     or a parameter of its own."""
     if parts.extra:
-        listed = " / ".join(parts.names[r] for r in ("fc1", "fc2", "fc3"))
+        roles = ("fc1", "fc2", "fc3") if parts.fc3 is not None else ("fc1", "fc2")
+        listed = " / ".join(parts.names[r] for r in roles)
         raise ValueError(f"moeify_: {name} ({type(m).__name__}) holds {', '.join(parts.extra)} "
                          f"besides {listed}, its activation, dropouts and Identity, which its "
                          "MoE experts would not compute: pass where= to leave it out (names= "
