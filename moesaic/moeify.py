@@ -26,7 +26,7 @@ from .autograd import in_backward
 from .config import ACTIVATIONS
 from .layer import MoE
 from .routing import RoutingStats
-from .upcycle import upcycle_layer_
+from .upcycle import mlp_names, upcycle_layer_
 
 __all__ = ["MoEFeedForward", "moeify_", "collect_aux_loss", "WithAuxLoss"]
 
@@ -92,7 +92,6 @@ def _warn_once(msg: str) -> None:
         warnings.warn(msg, stacklevel=3)
 
 
-_ROLES = ("fc1", "fc2", "fc3", "act")  # what the experts take over from an MLP module
 _PROBE_X = torch.cat([torch.linspace(-6.0, 6.0, 97), torch.tensor([-1e4, -100.0, -20.0, 20.0,
                                                                    100.0, 1e4])])
 
@@ -214,16 +213,6 @@ def _check_parts(name: str, m: nn.Module, parts: _Parts) -> None:
                          "maps other names of the linear layers and the activation)")
 
 
-def _names(names: Optional[dict]) -> dict:
-    given = dict(names or {})
-    stray = sorted(set(given) - set(_ROLES))
-    if stray:
-        raise ValueError(f"moeify_: names has keys {stray}; its keys are {list(_ROLES)} (the "
-                         "attribute names of the up, down and gated up projections and of "
-                         "the activation module)")
-    return {**{r: r for r in _ROLES}, **given}
-
-
 def moeify_(model: nn.Module, num_experts: int, *,
             where: Optional[Callable[[str, nn.Module], bool]] = None, upcycle: bool = True,
             activation: Optional[str] = None, names: Optional[dict] = None,
@@ -247,7 +236,7 @@ def moeify_(model: nn.Module, num_experts: int, *,
     Returns the replaced modules' names."""
     from .parallel.model import grad_synced
 
-    names = _names(names)
+    names = mlp_names(names, "moeify_")
     for key in ("d_model", "d_ff"):
         if key in moe_kwargs:
             raise TypeError(f"moeify_: {key} comes from each MLP, not from the keyword "

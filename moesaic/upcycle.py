@@ -141,14 +141,19 @@ def _listed(items: list[str], limit: int = 12) -> str:
     return ", ".join(items[:limit]) + more
 
 
-def _renaming(names: Optional[dict]):
-    """fc1.weight -> c_fc.weight etc. for ``names={"fc1": "c_fc", ...}``."""
-    names = dict(names or {})
-    stray = sorted(set(names) - {"fc1", "fc2", "fc3", "act"})
+MLP_ROLES = ("fc1", "fc2", "fc3", "act")  # a dense MLP's parts, which the experts take over
+
+
+def mlp_names(names: Optional[dict], caller: str) -> dict:
+    """Each role's attribute name in a dense MLP: ``names`` (e.g. nanoGPT's ``{"fc1": "c_fc",
+    "fc2": "c_proj"}``) over the defaults fc1, fc2, fc3 (the gated up projection) and act."""
+    given = dict(names or {})
+    stray = sorted(set(given) - set(MLP_ROLES))
     if stray:
-        raise ValueError(f"upcycle_: names has keys {stray}; its keys are fc1, fc2 and fc3 (the "
-                         "attribute names of the up, down and gated up projections)")
-    return lambda key: names.get(key.split(".")[0], key.split(".")[0]) + "." + key.split(".")[1]
+        raise ValueError(f"{caller}: names has keys {stray}; its keys are {list(MLP_ROLES)} "
+                         "(the attribute names of the up, down and gated up projections and "
+                         "of the activation module)")
+    return {**{r: r for r in MLP_ROLES}, **given}
 
 
 @torch.no_grad()
@@ -167,7 +172,7 @@ def upcycle_(model: nn.Module, dense_state_dict: dict, keep: tuple = (),
     Works on a model under any expert-parallel layout, on every rank, without communication.
     Returns the names of the upcycled layers (a layer shared by several names once per name)."""
     dense = dense_state_dict
-    renamed = _renaming(names)
+    names = mlp_names(names, "upcycle_")
     if isinstance(keep, str):
         raise TypeError(f"keep must be a tuple of state-dict keys, got the string {keep!r}")
     prefixes = moe_prefixes(model)
@@ -199,14 +204,15 @@ def upcycle_(model: nn.Module, dense_state_dict: dict, keep: tuple = (),
     done, layers = [], {}
     for prefix, layer in prefixes.items():
         name = prefix[:-1] or "<model>"
-        names = {s: _dense_prefix(model, prefix) + renamed(s) for s in DENSE_MLP}
-        absent = [names[s] for s in ("fc1.weight", "fc2.weight") if names[s] not in dense]
+        keys = {s: _dense_prefix(model, prefix) + names[s.split(".")[0]] + s[s.index("."):]
+                for s in DENSE_MLP}
+        absent = [keys[s] for s in ("fc1.weight", "fc2.weight") if keys[s] not in dense]
         if absent:
             missing.append(f"{' and '.join(absent)} (the dense MLP for the MoE layer {name})")
             continue
-        got = [dense.get(names[s]) for s in DENSE_MLP]
+        got = [dense.get(keys[s]) for s in DENSE_MLP]
         _ffn_tensors(layer, name, *got)  # every layer checked before any is written
-        used.update(n for n in names.values() if n in dense)
+        used.update(n for n in keys.values() if n in dense)
         first = layers.setdefault(id(layer), (prefix, got))
         for s, a, b in zip(DENSE_MLP, first[1], got):
             if (a is None) != (b is None) or (a is not None and not torch.equal(a, b)):
